@@ -1,0 +1,52 @@
+"""QEMU's AioContext and its companions, and (later) the iothread process.
+
+The building blocks a loop thread needs: ``AioContext`` (fd handlers, event
+notifiers, bottom halves, timers, ``poll(blocking)``, adaptive busy polling),
+its thread pool, and coroutines that run on it without asyncio.
+"""
+
+from __future__ import annotations
+
+from ._aio import AioContext as AioContext
+from ._aio import AioContextStats as AioContextStats
+from ._aio import get_current_aio_context as get_current_aio_context
+from ._bh import BottomHalf as BottomHalf
+from ._clock import Clock as Clock
+from ._clock import ClockType as ClockType
+from ._clock import ManualClock as ManualClock
+from ._clock import MonotonicClock as MonotonicClock
+from ._clock import WallClock as WallClock
+from ._coroutine import Coroutine as Coroutine
+from ._coroutine import Future as Future
+from ._coroutine import current_coroutine as current_coroutine
+from ._coroutine import reschedule as reschedule
+from ._coroutine import sleep_ns as sleep_ns
+from ._notifier import EventNotifier as EventNotifier
+from ._polling import PollParams as PollParams
+from ._threadpool import RequestState as RequestState
+from ._threadpool import ThreadPool as ThreadPool
+from ._threadpool import ThreadPoolRequest as ThreadPoolRequest
+from ._timers import Timer as Timer
+
+__all__ = [
+    "AioContext",
+    "AioContextStats",
+    "BottomHalf",
+    "Clock",
+    "ClockType",
+    "Coroutine",
+    "EventNotifier",
+    "Future",
+    "ManualClock",
+    "MonotonicClock",
+    "PollParams",
+    "RequestState",
+    "ThreadPool",
+    "ThreadPoolRequest",
+    "Timer",
+    "WallClock",
+    "current_coroutine",
+    "get_current_aio_context",
+    "reschedule",
+    "sleep_ns",
+]

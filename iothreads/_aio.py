@@ -1,0 +1,902 @@
+"""AioContext: the event loop every iothread (and the main loop) runs.
+
+Theory of operation
+-------------------
+An AioContext owns fd handlers, bottom halves (BHs), timers, a thread pool and
+an eventfd (its *notifier*).  One thread, its *home thread*, runs it by calling
+``poll(blocking)`` in a loop; every callback runs there.  Other threads talk to
+it only through calls documented "any thread": scheduling or deleting a BH,
+``notify()``, ``set_fd_handler``, arming timers, scheduling coroutines.  Each of
+those publishes its change and then calls ``notify()``.
+
+One ``poll`` runs QEMU 10.0's ``aio_poll`` phases, in this order:
+
+1. timeout: 0 when not blocking or when a BH is runnable; else the earliest
+   timer deadline (10 ms when only idle BHs wait); -1 means forever.
+2. busy polling: when enabled and every handler can be polled in user space,
+   call the ``io_poll`` functions in a loop for up to the adaptive window.
+3. announce the intent to block (``notify_me``) and re-check ``notified``.
+4. wait in epoll (skipped when the timeout is 0 and nothing could be missed).
+5. accept the notification (``notified = False``).
+6. run the BHs carved off so far.
+7. dispatch the ready fd handlers (and adapt each one's polling window).
+8. fire due timers.
+
+``poll`` returns whether progress was made: a BH, a handler or a timer ran.
+Waking up for a ``notify()`` alone, draining the context's own notifier and
+running idle BHs are not progress.
+
+The notify_me / notified protocol (QEMU ``aio_notify``), which makes a wake-up
+cost a syscall only when the home thread may be asleep::
+
+    notify():   notified = True;  if notify_me: notifier.set()
+    poll():     notify_me += 2;   if notified: timeout = 0;  wait(timeout)
+                notify_me -= 2;   notified = False;  run BHs, handlers, timers
+
+For an event E published before ``notify()``: either the home thread had not
+yet raised ``notify_me`` when ``notify()`` read it, and then it sees
+``notified`` afterwards and does not sleep; or it had, and the eventfd write
+ends its sleep.  Either way E is seen before the next sleep.  The eventfd may
+stay readable after the accept; its handler drains it like any other fd.
+(Python's GIL orders these plain attribute reads and writes as QEMU's memory
+barriers do.)
+
+Handlers are level-triggered and replaced copy-on-write: changing an fd's
+handler makes a new node and marks the old one deleted, so a dispatch in
+progress skips it.  A handler may thus add or remove any handler, its own
+included, while being dispatched.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+from protocol import BottomHalfLeakError, StateError, ThreadContractError
+
+from ._bh import BottomHalf, BottomHalfQueue, callable_name
+from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType, ManualClock, MonotonicClock, WallClock
+from ._fdmon import EVENT_IN, EVENT_OUT, EVENT_READ_MASK, EVENT_WRITE_MASK, EpollMonitor
+from ._notifier import EventNotifier
+from ._polling import PollParams, adjust_poll_ns
+from ._timers import Timer, TimerList
+
+if TYPE_CHECKING:
+    from ._coroutine import Coroutine
+    from ._threadpool import ThreadPool
+
+__all__ = ["AioContext", "AioContextStats", "get_current_aio_context"]
+
+log = logging.getLogger("iothreads")
+
+IOHandler: TypeAlias = Callable[[], object]
+PollFn: TypeAlias = Callable[[], bool]
+ExceptionHandler: TypeAlias = Callable[["AioContext", Exception, str], None]
+
+_NO_PROGRESS_NS = -1
+_tls = threading.local()
+
+
+def get_current_aio_context() -> AioContext | None:
+    """The context whose ``poll`` is running in the calling thread, if any."""
+    return getattr(_tls, "ctx", None)
+
+
+def _soonest(a: int, b: int) -> int:
+    """QEMU's qemu_soonest_timeout: -1 means "no timeout"."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return a if a < b else b
+
+
+class _Handler:
+    """One registered fd (QEMU's AioHandler).  Replaced, never mutated, on change."""
+
+    __slots__ = (
+        "fd", "events", "io_read", "io_write", "io_poll", "io_poll_ready",
+        "io_poll_begin", "io_poll_end", "deleted", "polling", "poll_ns", "is_notifier",
+        "dispatch_count", "dispatch_ns",
+    )
+
+    def __init__(
+        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
+        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
+        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, is_notifier: bool,
+    ) -> None:
+        self.fd = fd
+        self.events = (EVENT_IN if io_read else 0) | (EVENT_OUT if io_write else 0)
+        self.io_read = io_read
+        self.io_write = io_write
+        self.io_poll = io_poll
+        self.io_poll_ready = io_poll_ready
+        self.io_poll_begin = io_poll_begin
+        self.io_poll_end = io_poll_end
+        self.deleted = False
+        self.polling = False  # in the context's list of busy-polled handlers
+        self.poll_ns = 0  # this handler's adaptive polling window
+        self.is_notifier = is_notifier
+        self.dispatch_count = 0
+        self.dispatch_ns = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AioContextStats:
+    """Counters of one AioContext since it was created."""
+
+    iterations: int
+    """Calls to ``poll``."""
+    waits: int
+    """Calls into epoll (blocking or not)."""
+    bh_calls: int
+    """Bottom-half callbacks run."""
+    fd_dispatches: int
+    """fd handler callbacks run (the context's own notifier excluded)."""
+    timers_fired: int
+    busy_poll_runs: int
+    """Times the loop busy-polled before (maybe) sleeping."""
+    busy_poll_hits: int
+    """Of those, times an ``io_poll`` found work, so the loop did not sleep."""
+    notifier_writes: int
+    """``notify()`` calls that had to write the eventfd (the home thread might be asleep)."""
+    notifies: int
+    """All ``notify()`` calls."""
+    handlers: int
+    """fd handlers registered now (the context's own notifier included)."""
+
+
+class AioContext:
+    """An event loop of QEMU's kind; see the module docstring.
+
+    :param clock: one clock for every clock type (``iothreads.testing.FakeClock``
+        makes timers deterministic), or a mapping from ``ClockType`` to clock
+        for some of them.  By default REALTIME is ``time.monotonic_ns``, HOST is
+        ``time.time_ns`` and VIRTUAL is a ``ManualClock`` of this context
+        (``ctx.virtual_clock``) that moves only when advanced.
+    :param name: shown in reprs, logs and leak errors.
+
+    The creating thread is the home thread until ``set_home_thread`` moves it.
+    """
+
+    def __init__(
+        self,
+        clock: Clock | Mapping[ClockType, Clock] | None = None,
+        *,
+        name: str | None = None,
+    ) -> None:
+        self.name = name or f"aio-{id(self):x}"
+        self._home = threading.get_ident()
+        self._closed = False
+        self._exception_handler: ExceptionHandler | None = None
+
+        # notify_me / notified (module docstring).  notify_me bit 0 belongs to
+        # a GSource adapter (the main loop); bits 1.. count blocking polls.
+        self._notify_me = 0
+        self._notified = False
+        self._notifier = EventNotifier()
+        self._notifies = 0
+        self._notifier_writes = 0
+
+        # fd handlers
+        self._fdmon = EpollMonitor()
+        self._handler_lock = threading.Lock()
+        self._handlers: dict[int, _Handler] = {}
+        self._poll_disable_cnt = 0  # handlers without io_poll
+        self._poll_handlers: list[_Handler] = []  # handlers being busy-polled
+        self._poll_started = False
+        self._poll_params = PollParams()
+        self.aio_max_batch = 0
+
+        self._bhs = BottomHalfQueue(self)
+
+        # timers
+        clocks = self._resolve_clocks(clock)
+        self.virtual_clock = clocks[ClockType.VIRTUAL]
+        self._manual_clocks = {id(c): c for c in clocks.values() if isinstance(c, ManualClock)}
+        for manual in self._manual_clocks.values():
+            manual.subscribe(self.notify)
+        self._timer_lists = [TimerList(ct, clocks[ct], self.notify) for ct in ClockType]
+
+        # thread pool (created on first use) and coroutines
+        self._thread_pool: ThreadPool | None = None
+        self._thread_pool_min = 0
+        self._thread_pool_max = 64
+        self._co_queue: list[Coroutine[Any]] = []
+        self._co_lock = threading.Lock()
+        self._co_schedule_bh = self._bhs.new(self._co_schedule_bh_cb, "co_schedule_bh")
+
+        # counters
+        self._iterations = 0
+        self._waits = 0
+        self._fd_dispatches = 0
+        self._timers_fired = 0
+        self._busy_poll_runs = 0
+        self._busy_poll_hits = 0
+
+        self._set_handler(
+            self._notifier.fileno(), self._notifier_read, None, self._notifier_poll,
+            self._notifier_poll_ready, None, None, is_notifier=True,
+        )
+
+    @staticmethod
+    def _resolve_clocks(clock: Clock | Mapping[ClockType, Clock] | None) -> dict[ClockType, Clock]:
+        clocks: dict[ClockType, Clock] = {
+            ClockType.REALTIME: MonotonicClock(),
+            ClockType.HOST: WallClock(),
+            ClockType.VIRTUAL: ManualClock(),
+        }
+        if isinstance(clock, Mapping):
+            for ct, c in clock.items():
+                clocks[ClockType(ct)] = c
+        elif clock is not None:
+            if not isinstance(clock, Clock):
+                raise TypeError(f"clock must have now_ns(), not {type(clock).__name__}")
+            clocks = {ct: clock for ct in ClockType}
+        return clocks
+
+    # ------------------------------------------------------------------
+    # Threads
+    # ------------------------------------------------------------------
+
+    def set_home_thread(self) -> None:
+        """Make the calling thread the home thread (QEMU's
+        ``qemu_set_current_aio_context``), e.g. in a thread that will run
+        this context.  Not while another thread is inside ``poll``."""
+        self._check_open()
+        self._home = threading.get_ident()
+
+    @property
+    def in_home_thread(self) -> bool:
+        return threading.get_ident() == self._home
+
+    def _assert_home(self, what: str) -> None:
+        if threading.get_ident() != self._home:
+            raise ThreadContractError(
+                f"{what} must be called from the home thread of AioContext {self.name!r}"
+            )
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateError(f"AioContext {self.name!r} is closed")
+
+    # ------------------------------------------------------------------
+    # Errors raised by callbacks
+    # ------------------------------------------------------------------
+
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
+        """Choose what happens when a callback raises.
+
+        ``handler(ctx, exc, where)`` is called in the home thread; ``where``
+        names the callback.  If it raises, the exception leaves ``poll``.  The
+        default (``None``) logs the error with its traceback on the
+        ``iothreads`` logger and carries on, so one faulty callback does not
+        stop the loop.
+        """
+        self._exception_handler = handler
+
+    def report_exception(self, exc: Exception, where: str) -> None:
+        """Hand a callback's exception to the exception handler.  Home thread."""
+        handler = self._exception_handler
+        if handler is None:
+            log.error("AioContext %s: %s raised %r", self.name, where, exc, exc_info=exc)
+        else:
+            handler(self, exc, where)
+
+    # ------------------------------------------------------------------
+    # notify (any thread)
+    # ------------------------------------------------------------------
+
+    def notify(self) -> None:
+        """Make the home thread look at the context's state soon.  Any thread.
+
+        Writes the eventfd only when the home thread is, or may be about to
+        be, blocked (``notify_me != 0``); otherwise setting ``notified`` is
+        enough, because the home thread checks it before it sleeps.
+        """
+        self._notifies += 1
+        self._notified = True
+        if self._notify_me:
+            self._notifier_writes += 1
+            self._notifier.set()
+
+    def _notifier_read(self) -> None:
+        self._notifier.test_and_clear()
+
+    def _notifier_poll(self) -> bool:
+        return self._notified
+
+    def _notifier_poll_ready(self) -> None:
+        pass
+
+    @property
+    def notifier(self) -> EventNotifier:
+        """The context's own eventfd (readable after a ``notify()`` that had to wake it)."""
+        return self._notifier
+
+    # ------------------------------------------------------------------
+    # fd handlers (any thread)
+    # ------------------------------------------------------------------
+
+    def set_fd_handler(
+        self,
+        fd: int,
+        io_read: IOHandler | None = None,
+        io_write: IOHandler | None = None,
+        io_poll: PollFn | None = None,
+        *,
+        io_poll_ready: IOHandler | None = None,
+        io_poll_begin: IOHandler | None = None,
+        io_poll_end: IOHandler | None = None,
+    ) -> None:
+        """Register, replace or (with every handler ``None``) remove ``fd``'s handlers.
+
+        Any thread.  ``io_read()`` runs when the fd is readable (or hung up or in
+        error), ``io_write()`` when writable; both are level-triggered.
+        ``io_poll()`` is the user-space readiness check used by busy polling:
+        it must be cheap and return True when there is work, which
+        ``io_poll_ready()`` (default: ``io_read``) then handles.  A handler
+        without ``io_poll`` turns busy polling off for the whole context.
+        ``io_poll_begin``/``io_poll_end`` bracket a busy-polling phase (e.g. to
+        suppress and re-enable notifications); ``end`` is not guaranteed to
+        follow ``begin`` if the handler is removed meanwhile.
+        """
+        if not isinstance(fd, int) or isinstance(fd, bool) or fd < 0:
+            raise ValueError(f"fd must be a non-negative integer, not {fd!r}")
+        self._check_open()
+        if fd == self._notifier.fileno():
+            raise ValueError("the context's own notifier fd cannot be replaced")
+        if io_poll is not None and io_poll_ready is None:
+            io_poll_ready = io_read
+        if io_poll_ready is None:
+            io_poll = None  # polling only makes sense with something to run
+        self._set_handler(fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin,
+                          io_poll_end, is_notifier=False)
+
+    def set_event_notifier(
+        self,
+        notifier: EventNotifier,
+        handler: Callable[[EventNotifier], object] | None,
+        io_poll: PollFn | None = None,
+    ) -> None:
+        """Call ``handler(notifier)`` whenever ``notifier`` is set; ``None`` removes.
+
+        Any thread.  The handler is expected to ``test_and_clear()`` the
+        notifier (level-triggered, like every fd handler).
+        """
+        if handler is None:
+            self.set_fd_handler(notifier.fileno())
+        else:
+            self.set_fd_handler(notifier.fileno(), lambda: handler(notifier), io_poll=io_poll)
+
+    def _set_handler(
+        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
+        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
+        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, *, is_notifier: bool,
+    ) -> None:
+        removing = io_read is None and io_write is None and io_poll is None
+        with self._handler_lock:
+            old = self._handlers.get(fd)
+            if removing:
+                if old is None:
+                    return
+                new = None
+                del self._handlers[fd]
+            else:
+                new = _Handler(fd, io_read, io_write, io_poll, io_poll_ready,
+                               io_poll_begin, io_poll_end, is_notifier)
+                if old is not None:
+                    new.dispatch_count = old.dispatch_count
+                    new.dispatch_ns = old.dispatch_ns
+                self._handlers[fd] = new
+            self._poll_disable_cnt += (new is not None and new.io_poll is None) - (
+                old is not None and old.io_poll is None
+            )
+            self._fdmon.update(fd, old.events if old else 0, new.events if new else 0)
+            if old is not None:
+                old.deleted = True
+                if old.polling:
+                    old.polling = False
+                    self._poll_handlers = [h for h in self._poll_handlers if h is not old]
+        self.notify()
+
+    def has_fd_handler(self, fd: int) -> bool:
+        """Whether ``fd`` has a handler in this context.  Any thread."""
+        return fd in self._handlers
+
+    # ------------------------------------------------------------------
+    # Bottom halves
+    # ------------------------------------------------------------------
+
+    def bh_new(self, cb: Callable[[], object], name: str | None = None) -> BottomHalf:
+        """A new, unscheduled bottom half running ``cb()``.  Any thread.
+
+        Delete it with ``bh.delete()`` when done: ``close()`` raises
+        ``BottomHalfLeakError`` naming every BH still alive.
+        """
+        self._check_open()
+        return self._bhs.new(cb, name)
+
+    def bh_schedule_oneshot(self, cb: Callable[[], object], name: str | None = None) -> None:
+        """Run ``cb()`` once at the next ``poll``.  Any thread.
+
+        QEMU's recommended way to run a function in another thread's loop.
+        """
+        self._check_open()
+        self._bhs.schedule_oneshot(cb, name)
+
+    # ------------------------------------------------------------------
+    # Timers
+    # ------------------------------------------------------------------
+
+    def timer_new(self, clock_type: ClockType, scale: int, cb: Callable[[], object],
+                  name: str | None = None) -> Timer:
+        """A new, unarmed timer on ``clock_type`` counting in ``scale`` ns units."""
+        self._check_open()
+        return self._timer_lists[ClockType(clock_type)].new_timer(scale, cb, name)
+
+    def timer_new_ns(self, clock_type: ClockType, cb: Callable[[], object],
+                     name: str | None = None) -> Timer:
+        """A timer whose ``mod`` takes absolute nanoseconds.  Any thread."""
+        return self.timer_new(clock_type, SCALE_NS, cb, name)
+
+    def timer_new_us(self, clock_type: ClockType, cb: Callable[[], object],
+                     name: str | None = None) -> Timer:
+        """A timer whose ``mod`` takes absolute microseconds.  Any thread."""
+        return self.timer_new(clock_type, SCALE_US, cb, name)
+
+    def timer_new_ms(self, clock_type: ClockType, cb: Callable[[], object],
+                     name: str | None = None) -> Timer:
+        """A timer whose ``mod`` takes absolute milliseconds.  Any thread."""
+        return self.timer_new(clock_type, SCALE_MS, cb, name)
+
+    def clock_now_ns(self, clock_type: ClockType) -> int:
+        """Read the context's clock of ``clock_type``.  Any thread."""
+        return self._timer_lists[ClockType(clock_type)].clock.now_ns()
+
+    def timers_deadline_ns(self) -> int:
+        """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
+        deadline = -1
+        for tl in self._timer_lists:
+            d = tl.deadline_ns()
+            if d == 0:
+                return 0
+            deadline = _soonest(deadline, d)
+        return deadline
+
+    def _run_timers(self) -> bool:
+        fired = 0
+        for tl in self._timer_lists:
+            if tl._heap:
+                fired += tl.run(self.report_exception)
+        if fired:
+            self._timers_fired += fired
+            return True
+        return False
+
+    # ------------------------------------------------------------------
+    # Busy polling parameters (any thread)
+    # ------------------------------------------------------------------
+
+    def set_poll_params(self, max_ns: int, grow: int, shrink: int) -> None:
+        """Set ``poll_max_ns``, ``poll_grow`` and ``poll_shrink`` at once.  Any thread.
+
+        ``max_ns == 0`` disables busy polling.  Every handler's window
+        restarts from 0, and a sleeping home thread is woken to apply them.
+        """
+        params = PollParams(max_ns, grow, shrink)
+        self._poll_params = params
+        for h in list(self._handlers.values()):
+            h.poll_ns = 0
+        self.notify()
+
+    @property
+    def poll_params(self) -> PollParams:
+        return self._poll_params
+
+    @property
+    def poll_max_ns(self) -> int:
+        return self._poll_params.max_ns
+
+    @poll_max_ns.setter
+    def poll_max_ns(self, value: int) -> None:
+        p = self._poll_params
+        self.set_poll_params(value, p.grow, p.shrink)
+
+    @property
+    def poll_grow(self) -> int:
+        return self._poll_params.grow
+
+    @poll_grow.setter
+    def poll_grow(self, value: int) -> None:
+        p = self._poll_params
+        self.set_poll_params(p.max_ns, value, p.shrink)
+
+    @property
+    def poll_shrink(self) -> int:
+        return self._poll_params.shrink
+
+    @poll_shrink.setter
+    def poll_shrink(self, value: int) -> None:
+        p = self._poll_params
+        self.set_poll_params(p.max_ns, p.grow, value)
+
+    def set_aio_params(self, max_batch: int) -> None:
+        """Set ``aio_max_batch`` (0: the engine's default).  Any thread."""
+        if not isinstance(max_batch, int) or isinstance(max_batch, bool) or max_batch < 0:
+            raise ValueError(f"aio-max-batch must be an integer >= 0, not {max_batch!r}")
+        self.aio_max_batch = max_batch
+        self.notify()
+
+    # ------------------------------------------------------------------
+    # The loop
+    # ------------------------------------------------------------------
+
+    def poll(self, blocking: bool) -> bool:
+        """Run one iteration; return whether progress was made.  Home thread only.
+
+        With ``blocking``, sleep until a BH, an fd handler, a timer or a
+        ``notify()`` gives it something to do; such a call returns False only
+        when woken by ``notify()`` alone.  Polls may nest: a callback may call
+        ``poll`` again.
+        """
+        if threading.get_ident() != self._home:
+            self._assert_home("AioContext.poll")
+        if self._closed:
+            self._check_open()
+        self._iterations += 1
+        outer_ctx = getattr(_tls, "ctx", None)
+        _tls.ctx = self
+        ready: list[tuple[_Handler, int, bool]] = []
+        params = self._poll_params
+        try:
+            # -- 1. timeout -------------------------------------------------
+            start_ns = time.monotonic_ns() if params.max_ns else 0
+            timeout_ns = self._compute_timeout_ns() if blocking else 0
+
+            # -- 2. busy polling in user space -----------------------------
+            progress = False
+            polled_all = False
+            if self._poll_handlers:
+                progress, timeout_ns, polled_all = self._try_poll_mode(ready, timeout_ns, params)
+
+            # -- 3. announce the intent to block ---------------------------
+            use_notify_me = timeout_ns != 0
+            if use_notify_me:
+                self._notify_me += 2
+                if self._notified:
+                    timeout_ns = 0
+
+            # -- 4. wait ---------------------------------------------------
+            if timeout_ns or self._must_wait(polled_all):
+                if self._poll_started and self._poll_set_started(ready, False):
+                    timeout_ns = 0
+                    progress = True
+                self._waits += 1
+                handlers = self._handlers
+                for fd, revents in self._fdmon.wait(timeout_ns):
+                    node = handlers.get(fd)
+                    if node is not None:
+                        ready.append((node, revents, False))
+            if use_notify_me:
+                self._notify_me -= 2
+
+            # -- 5. accept the notification --------------------------------
+            self._notified = False
+            block_ns = time.monotonic_ns() - start_ns if params.max_ns else 0
+
+            # -- 6. bottom halves ------------------------------------------
+            if self._bhs.poll():
+                progress = True
+
+            # -- 7. fd handlers --------------------------------------------
+            if ready and self._dispatch_ready_handlers(ready, block_ns, params):
+                progress = True
+
+            # -- 8. timers -------------------------------------------------
+            if self._run_timers():
+                progress = True
+        finally:
+            _tls.ctx = outer_ctx
+        return progress
+
+    def _compute_timeout_ns(self) -> int:
+        """QEMU's aio_compute_timeout: 0 if a BH is runnable, else the timer deadline."""
+        timeout = self._bhs.compute_timeout_ns()
+        if timeout == 0:
+            return 0
+        deadline = self.timers_deadline_ns()
+        if deadline == 0:
+            return 0
+        return _soonest(timeout, deadline)
+
+    def _must_wait(self, polled_all: bool) -> bool:
+        """Whether a zero-timeout poll still has to ask epoll.
+
+        QEMU skips the syscall whenever every handler has ``io_poll``; we
+        skip it only when no fd can be missed: the context's own notifier is
+        the only handler (its state is ``notified``), or busy polling just
+        checked every handler.
+        """
+        if self._poll_disable_cnt:
+            return True
+        if len(self._handlers) == 1:
+            return False
+        return not polled_all
+
+    def _dispatch_ready_handlers(
+        self, ready: list[tuple[_Handler, int, bool]], block_ns: int, params: PollParams
+    ) -> bool:
+        progress = False
+        for node, revents, poll_ready in ready:
+            if node.deleted:
+                continue
+            # Start busy-polling a handler once it has been ready: activity
+            # is likely to continue.
+            if node.io_poll is not None and not node.polling:
+                self._poll_add(node)
+            t0 = time.perf_counter_ns()
+            notifier = node.is_notifier
+            if poll_ready and not revents and node.io_poll_ready is not None:
+                # Out of the poll list while it runs, in case it polls again
+                # before clearing its condition (nested poll).
+                self._poll_remove(node)
+                try:
+                    node.io_poll_ready()
+                except Exception as exc:
+                    self.report_exception(exc, f"io_poll_ready of fd {node.fd}")
+                if not node.deleted:
+                    self._poll_add(node)
+                if not notifier:
+                    progress = True
+            else:
+                if revents & EVENT_READ_MASK and node.io_read is not None:
+                    try:
+                        node.io_read()
+                    except Exception as exc:
+                        self.report_exception(exc, f"io_read of fd {node.fd}")
+                    if not notifier:
+                        progress = True
+                if revents & EVENT_WRITE_MASK and node.io_write is not None and not node.deleted:
+                    try:
+                        node.io_write()
+                    except Exception as exc:
+                        self.report_exception(exc, f"io_write of fd {node.fd}")
+                    progress = True
+            if not notifier:
+                node.dispatch_count += 1
+                node.dispatch_ns += time.perf_counter_ns() - t0
+                self._fd_dispatches += 1
+            if params.max_ns and node.polling:
+                node.poll_ns = adjust_poll_ns(node.poll_ns, block_ns, params)
+        return progress
+
+    # ------------------------------------------------------------------
+    # Busy polling (home thread)
+    # ------------------------------------------------------------------
+
+    def _poll_add(self, node: _Handler) -> None:
+        with self._handler_lock:
+            if node.deleted or node.polling:
+                return
+            node.polling = True
+            self._poll_handlers = [*self._poll_handlers, node]
+        if self._poll_started and node.io_poll_begin is not None:
+            node.io_poll_begin()
+
+    def _poll_remove(self, node: _Handler) -> None:
+        with self._handler_lock:
+            if node.polling:
+                node.polling = False
+                self._poll_handlers = [h for h in self._poll_handlers if h is not node]
+
+    def _poll_set_started(self, ready: list[tuple[_Handler, int, bool]], started: bool) -> bool:
+        """Enter or leave poll mode; on leaving, poll once more in case an
+        event raced with ``io_poll_end``.  Returns progress."""
+        if started == self._poll_started:
+            return False
+        self._poll_started = started
+        progress = False
+        for node in self._poll_handlers:
+            if node.deleted:
+                continue
+            hook = node.io_poll_begin if started else node.io_poll_end
+            if hook is not None:
+                hook()
+            if not started and node.io_poll is not None and node.io_poll():
+                ready.append((node, 0, True))
+                if not node.is_notifier:
+                    progress = True
+        return progress
+
+    def _try_poll_mode(
+        self, ready: list[tuple[_Handler, int, bool]], timeout_ns: int, params: PollParams
+    ) -> tuple[bool, int, bool]:
+        """Busy-poll for up to the largest window.  Returns (progress, timeout, polled_all)."""
+        if not params.max_ns or self._poll_disable_cnt:
+            return False, timeout_ns, False
+        handlers = self._poll_handlers
+        max_ns = _soonest(timeout_ns, max(h.poll_ns for h in handlers))
+        if not max_ns:
+            return False, timeout_ns, False
+        self._poll_set_started(ready, True)
+        self._busy_poll_runs += 1
+        progress = False
+        start_ns = time.monotonic_ns()
+        while True:
+            for node in handlers:
+                if not node.deleted and node.io_poll is not None and node.io_poll():
+                    ready.append((node, 0, True))
+                    timeout_ns = 0
+                    if not node.is_notifier:
+                        progress = True
+            elapsed_ns = time.monotonic_ns() - start_ns
+            max_ns = _soonest(timeout_ns, max_ns)
+            if elapsed_ns >= max_ns or self._poll_disable_cnt:
+                break
+            handlers = self._poll_handlers
+        if progress:
+            self._busy_poll_hits += 1
+        if timeout_ns > 0:
+            timeout_ns -= min(timeout_ns, elapsed_ns)
+        polled = sum(1 for h in handlers if not h.is_notifier)
+        polled_all = polled >= len(self._handlers) - 1
+        return progress, timeout_ns, polled_all
+
+    # ------------------------------------------------------------------
+    # Coroutine scheduling (details in _coroutine.py)
+    # ------------------------------------------------------------------
+
+    def _co_schedule(self, co: Coroutine[Any]) -> None:
+        with self._co_lock:
+            self._co_queue.append(co)
+        self._co_schedule_bh.schedule()
+
+    def _co_schedule_bh_cb(self) -> None:
+        with self._co_lock:
+            queue, self._co_queue = self._co_queue, []
+        for co in queue:  # FIFO, as QEMU's co_schedule_bh_cb
+            co._enter_scheduled(self)
+
+    def spawn(self, coro: Any, name: str | None = None) -> Coroutine[Any]:
+        """Run the ``async def`` coroutine object ``coro`` on this context.  Any thread.
+
+        It starts at the next ``poll``; the returned handle can be awaited by
+        other coroutines, queried, or given done-callbacks.
+        """
+        from ._coroutine import Coroutine
+
+        self._check_open()
+        co: Coroutine[Any] = Coroutine(coro, name)
+        co._ctx = self
+        co._mark_scheduled(self)
+        self._co_schedule(co)
+        return co
+
+    # ------------------------------------------------------------------
+    # Thread pool
+    # ------------------------------------------------------------------
+
+    @property
+    def thread_pool(self) -> ThreadPool:
+        """The context's thread pool, created on first use."""
+        pool = self._thread_pool
+        if pool is None:
+            self._check_open()
+            from ._threadpool import ThreadPool
+
+            pool = self._thread_pool = ThreadPool(self, self._thread_pool_min, self._thread_pool_max)
+        return pool
+
+    def set_thread_pool_params(self, min_threads: int, max_threads: int) -> None:
+        """Set ``thread_pool_min`` / ``thread_pool_max`` (QEMU defaults 0 and 64)."""
+        for label, value in (("thread-pool-min", min_threads), ("thread-pool-max", max_threads)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{label} must be an integer >= 0, not {value!r}")
+        if max_threads < 1 or min_threads > max_threads:
+            raise ValueError(
+                f"need 0 <= thread-pool-min <= thread-pool-max and thread-pool-max >= 1, "
+                f"got {min_threads} and {max_threads}"
+            )
+        self._thread_pool_min = min_threads
+        self._thread_pool_max = max_threads
+        if self._thread_pool is not None:
+            self._thread_pool.update_params(min_threads, max_threads)
+
+    @property
+    def thread_pool_min(self) -> int:
+        return self._thread_pool_min
+
+    @property
+    def thread_pool_max(self) -> int:
+        return self._thread_pool_max
+
+    # ------------------------------------------------------------------
+    # Introspection and teardown
+    # ------------------------------------------------------------------
+
+    def stats(self) -> AioContextStats:
+        """A snapshot of the context's counters.  Any thread."""
+        return AioContextStats(
+            iterations=self._iterations,
+            waits=self._waits,
+            bh_calls=self._bhs.calls,
+            fd_dispatches=self._fd_dispatches,
+            timers_fired=self._timers_fired,
+            busy_poll_runs=self._busy_poll_runs,
+            busy_poll_hits=self._busy_poll_hits,
+            notifier_writes=self._notifier_writes,
+            notifies=self._notifies,
+            handlers=len(self._handlers),
+        )
+
+    def describe_handlers(self) -> list[dict[str, object]]:
+        """Each registered fd: its callbacks, polling window and dispatch counts."""
+        return [
+            {
+                "fd": h.fd,
+                "what": "notifier" if h.is_notifier else "handler",
+                "io_read": callable_name(h.io_read) if h.io_read else None,
+                "io_write": callable_name(h.io_write) if h.io_write else None,
+                "io_poll": callable_name(h.io_poll) if h.io_poll else None,
+                "poll_ns": h.poll_ns,
+                "dispatch_count": h.dispatch_count,
+                "dispatch_ns": h.dispatch_ns,
+            }
+            for h in list(self._handlers.values())
+        ]
+
+    def fileno(self) -> int:
+        """The epoll fd: readable when any of the context's fds is ready."""
+        return self._fdmon.fileno()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Release the context: thread pool workers, fds, clock subscriptions.
+
+        Home thread only; idempotent.  Raises ``BottomHalfLeakError`` naming
+        every bottom half that was never deleted (and every oneshot still
+        queued), after releasing everything else.
+        """
+        if self._closed:
+            return
+        self._assert_home("AioContext.close")
+        if self._thread_pool is not None:
+            self._thread_pool.close()
+            self._thread_pool = None
+        self._co_schedule_bh.delete()
+        with self._co_lock:
+            abandoned, self._co_queue = self._co_queue, []
+        for co in abandoned:
+            co._abandon()
+        leaked = self._bhs.leaked()
+        self._closed = True
+        self._bhs.free_all()
+        for manual in self._manual_clocks.values():
+            manual.unsubscribe(self.notify)
+        with self._handler_lock:
+            for node in self._handlers.values():
+                node.deleted = True
+            self._handlers.clear()
+            self._poll_handlers = []
+        self._fdmon.close()
+        self._notifier.close()
+        if leaked:
+            raise BottomHalfLeakError([bh.name for bh in leaked])
+
+    def __enter__(self) -> AioContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"{len(self._handlers)} fds"
+        return f"<AioContext {self.name!r} {state}>"

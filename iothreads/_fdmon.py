@@ -1,0 +1,87 @@
+"""fd monitoring: an epoll instance behind a small interface (QEMU's fdmon).
+
+QEMU starts with ``poll()`` and upgrades to epoll past 64 fds; we use epoll
+from the start: it has no fd-number limit (``select`` stops at 1024), its cost
+does not grow with the number of idle fds, and Python's ``select.epoll`` is a
+thin wrapper.  Registration is level-triggered, so a handler that does not
+consume all input is called again on the next poll, as QEMU documents for
+``qemu_set_fd_handler``.
+
+``wait`` is the only blocking call of an AioContext.  Timeouts are integer
+nanoseconds until here, where they become the milliseconds epoll takes,
+rounded up so that we wait *at least* as long as asked, and capped at a day.
+"""
+
+from __future__ import annotations
+
+import select
+
+__all__ = ["EpollMonitor", "EVENT_IN", "EVENT_OUT", "EVENT_READ_MASK", "EVENT_WRITE_MASK"]
+
+EVENT_IN = select.EPOLLIN
+EVENT_OUT = select.EPOLLOUT
+EVENT_PRI = select.EPOLLPRI
+EVENT_ERR = select.EPOLLERR
+EVENT_HUP = select.EPOLLHUP
+# What makes io_read / io_write run (QEMU: G_IO_IN|G_IO_HUP|G_IO_ERR and G_IO_OUT|G_IO_ERR).
+EVENT_READ_MASK = EVENT_IN | EVENT_HUP | EVENT_ERR
+EVENT_WRITE_MASK = EVENT_OUT | EVENT_ERR
+
+MAX_TIMEOUT_NS = 24 * 3600 * 1_000_000_000
+_NS_PER_MS = 1_000_000
+
+
+def timeout_ns_to_seconds(timeout_ns: int) -> float:
+    """-1 stays -1 (forever); anything else is rounded up to whole ms."""
+    if timeout_ns < 0:
+        return -1.0
+    timeout_ns = min(timeout_ns, MAX_TIMEOUT_NS)
+    return -(-timeout_ns // _NS_PER_MS) / 1000.0
+
+
+class EpollMonitor:
+    """One epoll instance.  ``update`` is safe from any thread; ``wait`` is
+    called by the owning context's home thread."""
+
+    __slots__ = ("_epoll", "_max_events")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._max_events = 128
+
+    def fileno(self) -> int:
+        """The epoll fd: readable when any registered fd is ready."""
+        return self._epoll.fileno()
+
+    def update(self, fd: int, old_events: int, new_events: int) -> None:
+        """Register, modify or remove ``fd`` (``new_events == 0`` removes)."""
+        ep = self._epoll
+        if not new_events:
+            if old_events:
+                try:
+                    ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass  # the fd was closed before its handler was removed
+        elif old_events:
+            try:
+                ep.modify(fd, new_events)
+            except FileNotFoundError:
+                ep.register(fd, new_events)
+        else:
+            try:
+                ep.register(fd, new_events)
+            except FileExistsError:
+                ep.modify(fd, new_events)
+
+    def wait(self, timeout_ns: int) -> list[tuple[int, int]]:
+        """Block up to ``timeout_ns`` (-1: forever); return ``(fd, events)`` pairs."""
+        if timeout_ns == 0:
+            return self._epoll.poll(0, self._max_events)
+        return self._epoll.poll(timeout_ns_to_seconds(timeout_ns), self._max_events)
+
+    def close(self) -> None:
+        self._epoll.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._epoll.closed

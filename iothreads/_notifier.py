@@ -1,0 +1,78 @@
+"""EventNotifier: QEMU's eventfd wrapper (``util/event_notifier-posix.c``).
+
+An eventfd is an 8-byte counter the kernel keeps for us: a write adds to it and
+makes the fd readable; a read returns the sum and resets it.  That makes it the
+cheapest "wake up" primitive Linux has, and the one every AioContext owns.
+"""
+
+from __future__ import annotations
+
+import os
+
+from protocol import StateError
+
+__all__ = ["EventNotifier"]
+
+
+class EventNotifier:
+    """A non-blocking, close-on-exec eventfd.
+
+    ``set()`` and ``test_and_clear()`` are safe from any thread.  ``set()`` on
+    a notifier that is already set is cheap and never blocks (a full counter is
+    as good as a set one).
+    """
+
+    __slots__ = ("_fd",)
+
+    def __init__(self, active: bool = False) -> None:
+        self._fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if active:
+            self.set()
+
+    def fileno(self) -> int:
+        """The fd to poll for readability."""
+        if self._fd < 0:
+            raise StateError("EventNotifier is closed")
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._fd < 0
+
+    def set(self) -> None:
+        """Make the notifier readable (any thread)."""
+        try:
+            os.eventfd_write(self._fd, 1)
+        except BlockingIOError:
+            pass  # the counter is saturated: a read is pending anyway
+        except OSError:
+            if self._fd >= 0:
+                raise
+            raise StateError("EventNotifier is closed") from None
+
+    def test_and_clear(self) -> bool:
+        """Reset the notifier; return whether it was set (any thread)."""
+        try:
+            os.eventfd_read(self._fd)
+        except BlockingIOError:
+            return False
+        except OSError:
+            if self._fd >= 0:
+                raise
+            raise StateError("EventNotifier is closed") from None
+        return True
+
+    def close(self) -> None:
+        """Close the eventfd.  Idempotent."""
+        fd, self._fd = self._fd, -1
+        if fd >= 0:
+            os.close(fd)
+
+    def __enter__(self) -> EventNotifier:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"EventNotifier(fd={self._fd})"

@@ -1,0 +1,178 @@
+"""Timers: one sorted timer list per clock type (QEMU's ``QEMUTimerList``).
+
+Theory of operation
+-------------------
+Each list is a binary heap of ``[expire_ns, seq, timer]`` entries with lazy
+deletion: re-arming or deleting a timer blanks its old entry (``timer`` set to
+``None``) instead of searching the heap, and blank entries are dropped when
+they reach the top.  ``seq`` grows with every arming, so timers with equal
+deadlines fire in the order they were armed (QEMU inserts after every timer
+with ``expire_time <= new``: the same stable order).
+
+``mod`` and ``delete`` may be called from any thread; a short lock guards the
+heap.  When an arming makes a timer the new head of its list, the owning
+context is notified so that a blocked poll recomputes its timeout.
+
+``run`` reads the clock once and fires every timer due at that instant, in
+order, each with the lock released.  A callback that re-arms its timer for a
+time ``<=`` that instant runs again in the same pass, as in QEMU.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from collections.abc import Callable
+from ._clock import Clock, ClockType, ManualClock
+
+__all__ = ["Timer", "TimerList"]
+
+
+class Timer:
+    """A timer of one AioContext and one clock type.
+
+    Created with ``ctx.timer_new_ns/us/ms(clock_type, cb)``.  Expiry times given
+    to ``mod`` are absolute, in the timer's scale, on its clock.  The callback
+    runs in the context's home thread with no arguments.
+    """
+
+    __slots__ = ("_list", "_cb", "scale", "_entry", "name")
+
+    def __init__(self, timer_list: TimerList, scale: int, cb: Callable[[], object], name: str) -> None:
+        self._list = timer_list
+        self._cb = cb
+        self.scale = scale
+        self._entry: list[object] | None = None
+        self.name = name
+
+    @property
+    def clock_type(self) -> ClockType:
+        return self._list.clock_type
+
+    @property
+    def pending(self) -> bool:
+        """Whether the timer is armed and has not fired yet."""
+        return self._entry is not None
+
+    @property
+    def expire_time_ns(self) -> int:
+        """The armed expiry in nanoseconds, or -1 when not pending."""
+        entry = self._entry
+        return -1 if entry is None else entry[0]  # type: ignore[return-value]
+
+    def now(self) -> int:
+        """The timer's clock, read in the timer's scale."""
+        return self._list.clock.now_ns() // self.scale
+
+    def mod(self, expire: int) -> None:
+        """Arm (or re-arm) the timer to fire at ``expire`` (timer scale).  Any thread."""
+        self._list.mod_ns(self, max(expire * self.scale, 0))
+
+    def mod_ns(self, expire_ns: int) -> None:
+        """Arm the timer at an absolute time in nanoseconds.  Any thread."""
+        self._list.mod_ns(self, max(expire_ns, 0))
+
+    def mod_anticipate(self, expire: int) -> None:
+        """Like ``mod``, but only ever moves an armed deadline earlier.  Any thread."""
+        self._list.mod_ns(self, max(expire * self.scale, 0), anticipate=True)
+
+    def delete(self) -> None:
+        """Disarm the timer.  Idempotent; allowed from its own callback.  Any thread."""
+        self._list.delete(self)
+
+    def __repr__(self) -> str:
+        state = f"expire_ns={self.expire_time_ns}" if self.pending else "idle"
+        return f"<Timer {self.name!r} {self.clock_type.name} {state}>"
+
+
+class TimerList:
+    """The timers of one clock type in one context."""
+
+    def __init__(self, clock_type: ClockType, clock: Clock, notify: Callable[[], None]) -> None:
+        self.clock_type = clock_type
+        self.clock = clock
+        self.manual = isinstance(clock, ManualClock)
+        self._notify = notify
+        self._heap: list[list[object]] = []
+        self._lock = threading.Lock()
+        self._seq = itertools.count()
+
+    def new_timer(self, scale: int, cb: Callable[[], object], name: str | None) -> Timer:
+        if scale <= 0:
+            raise ValueError(f"invalid timer scale {scale}")
+        return Timer(self, scale, cb, name or getattr(cb, "__qualname__", repr(cb)))
+
+    def _prune(self) -> None:
+        heap = self._heap
+        while heap and heap[0][2] is None:
+            heapq.heappop(heap)
+
+    def mod_ns(self, timer: Timer, expire_ns: int, anticipate: bool = False) -> None:
+        with self._lock:
+            old = timer._entry
+            if old is not None:
+                if anticipate and old[0] <= expire_ns:  # type: ignore[operator]
+                    return
+                old[2] = None
+            entry: list[object] = [expire_ns, next(self._seq), timer]
+            timer._entry = entry
+            heapq.heappush(self._heap, entry)
+            self._prune()
+            became_head = self._heap[0] is entry
+        if became_head:
+            self._notify()
+
+    def delete(self, timer: Timer) -> None:
+        with self._lock:
+            entry = timer._entry
+            if entry is not None:
+                entry[2] = None
+                timer._entry = None
+                self._prune()
+
+    def deadline_ns(self) -> int:
+        """Nanoseconds until the earliest timer is due; -1 if none; 0 if due.
+
+        On a manual clock a future deadline reads as -1: nothing will move the
+        clock while the loop sleeps, and advancing it notifies the context.
+        """
+        heap = self._heap
+        if not heap:
+            return -1
+        with self._lock:
+            self._prune()
+            if not heap:
+                return -1
+            expire_ns: int = heap[0][0]  # type: ignore[assignment]
+        delta = expire_ns - self.clock.now_ns()
+        if delta <= 0:
+            return 0
+        return -1 if self.manual else delta
+
+    def run(self, report: Callable[[Exception, str], None]) -> int:
+        """Fire every timer due now.  Home thread only.  Returns how many fired."""
+        heap = self._heap
+        if not heap:
+            return 0
+        now_ns = self.clock.now_ns()
+        lock = self._lock
+        fired = 0
+        while True:
+            with lock:
+                while heap and heap[0][2] is None:
+                    heapq.heappop(heap)
+                if not heap or heap[0][0] > now_ns:  # type: ignore[operator]
+                    return fired
+                entry = heapq.heappop(heap)
+                timer: Timer = entry[2]  # type: ignore[assignment]
+                timer._entry = None
+            fired += 1
+            try:
+                timer._cb()
+            except Exception as exc:  # reported; the loop goes on
+                report(exc, f"timer {timer.name!r}")
+
+    def pending_timers(self) -> list[Timer]:
+        with self._lock:
+            return [e[2] for e in sorted(self._heap) if e[2] is not None]  # type: ignore[misc]

@@ -1,0 +1,67 @@
+"""The project's exception tree.
+
+Every error this project raises on purpose derives from one root, so a caller
+can catch "anything the framework refused" with a single ``except``::
+
+    EvloopError
+     +-- StateError              an operation is not valid in the object's state
+     |    +-- BottomHalfLeakError   a context closed with bottom halves not deleted
+     |    +-- CoroutineStateError   a coroutine scheduled twice, or awaited wrongly
+     +-- ThreadContractError     a "home thread only" call made from another thread
+
+Errors that have a builtin category also derive from it (``StateError`` is a
+``RuntimeError``), so code written against the builtins keeps working.
+
+This module lives in ``protocol``, the leaf package, so that ``iothreads`` and
+``mainloop`` can both raise and catch the same classes.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BottomHalfLeakError",
+    "CoroutineStateError",
+    "EvloopError",
+    "StateError",
+    "ThreadContractError",
+]
+
+
+class EvloopError(Exception):
+    """Root of every error raised on purpose by this project."""
+
+
+class StateError(EvloopError, RuntimeError):
+    """The object is not in a state that allows the operation.
+
+    Examples: scheduling a bottom half that was already deleted, asking a
+    thread-pool request for its result before it finished, using a closed
+    context.
+    """
+
+
+class BottomHalfLeakError(StateError):
+    """An AioContext was closed while bottom halves it owns were still live.
+
+    QEMU aborts in this case ("BH 'name' leaked, aborting..."); we raise, after
+    releasing the context's file descriptors and threads.
+
+    :ivar names: the names of the leaked bottom halves, sorted.
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = sorted(names)
+        super().__init__(
+            f"{len(self.names)} bottom half(s) leaked at close: " + ", ".join(self.names)
+        )
+
+
+class CoroutineStateError(StateError):
+    """A coroutine was scheduled while already scheduled, or resumed wrongly.
+
+    QEMU aborts with "Co-routine was already scheduled in '...'".
+    """
+
+
+class ThreadContractError(EvloopError, RuntimeError):
+    """A function documented as "home thread only" was called from another thread."""
