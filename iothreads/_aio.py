@@ -381,14 +381,17 @@ class AioContext:
         removing = io_read is None and io_write is None and io_poll is None
         with self._handler_lock:
             old = self._handlers.get(fd)
-            if removing:
-                if old is None:
-                    return
-                new = None
+            if removing and old is None:
+                return
+            new = None if removing else _Handler(
+                fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin, io_poll_end,
+                is_notifier,
+            )
+            # epoll first: if it refuses the fd (closed, not pollable), nothing changed.
+            self._fdmon.update(fd, old.events if old else 0, new.events if new else 0)
+            if new is None:
                 del self._handlers[fd]
             else:
-                new = _Handler(fd, io_read, io_write, io_poll, io_poll_ready,
-                               io_poll_begin, io_poll_end, is_notifier)
                 if old is not None:
                     new.dispatch_count = old.dispatch_count
                     new.dispatch_ns = old.dispatch_ns
@@ -396,7 +399,6 @@ class AioContext:
             self._poll_disable_cnt += (new is not None and new.io_poll is None) - (
                 old is not None and old.io_poll is None
             )
-            self._fdmon.update(fd, old.events if old else 0, new.events if new else 0)
             if old is not None:
                 old.deleted = True
                 if old.polling:
@@ -650,7 +652,7 @@ class AioContext:
                 except Exception as exc:
                     self.report_exception(exc, f"io_poll_ready of fd {node.fd}")
                 if not node.deleted:
-                    self._poll_add(node)
+                    self._poll_add(node, begin=False)
                 if not notifier:
                     progress = True
             else:
@@ -679,13 +681,13 @@ class AioContext:
     # Busy polling (home thread)
     # ------------------------------------------------------------------
 
-    def _poll_add(self, node: _Handler) -> None:
+    def _poll_add(self, node: _Handler, begin: bool = True) -> None:
         with self._handler_lock:
             if node.deleted or node.polling:
                 return
             node.polling = True
             self._poll_handlers = [*self._poll_handlers, node]
-        if self._poll_started and node.io_poll_begin is not None:
+        if begin and self._poll_started and node.io_poll_begin is not None:
             node.io_poll_begin()
 
     def _poll_remove(self, node: _Handler) -> None:

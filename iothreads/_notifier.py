@@ -41,25 +41,23 @@ class EventNotifier:
 
     def set(self) -> None:
         """Make the notifier readable (any thread)."""
+        fd = self._fd
+        if fd < 0:
+            raise StateError("EventNotifier is closed")
         try:
-            os.eventfd_write(self._fd, 1)
+            os.eventfd_write(fd, 1)
         except BlockingIOError:
             pass  # the counter is saturated: a read is pending anyway
-        except OSError:
-            if self._fd >= 0:
-                raise
-            raise StateError("EventNotifier is closed") from None
 
     def test_and_clear(self) -> bool:
         """Reset the notifier; return whether it was set (any thread)."""
+        fd = self._fd
+        if fd < 0:
+            raise StateError("EventNotifier is closed")
         try:
-            os.eventfd_read(self._fd)
+            os.eventfd_read(fd)
         except BlockingIOError:
             return False
-        except OSError:
-            if self._fd >= 0:
-                raise
-            raise StateError("EventNotifier is closed") from None
         return True
 
     def close(self) -> None:
