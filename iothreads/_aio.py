@@ -58,11 +58,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from protocol import BottomHalfLeakError, StateError, ThreadContractError
 
-from ._bh import BottomHalf, BottomHalfQueue, callable_name
+from ._bh import BottomHalf, BottomHalfQueue
 from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType, ManualClock, MonotonicClock, WallClock
-from ._fdmon import EVENT_IN, EVENT_OUT, EVENT_READ_MASK, EVENT_WRITE_MASK, EpollMonitor
+from ._handlers import FdHandlers, IOHandler, PollFn, Ready, soonest_timeout
 from ._notifier import EventNotifier
-from ._polling import PollParams, adjust_poll_ns
+from ._polling import PollParams
 from ._timers import Timer, TimerList
 
 if TYPE_CHECKING:
@@ -73,8 +73,6 @@ __all__ = ["AioContext", "AioContextStats", "get_current_aio_context"]
 
 log = logging.getLogger("iothreads")
 
-IOHandler: TypeAlias = Callable[[], object]
-PollFn: TypeAlias = Callable[[], bool]
 ExceptionHandler: TypeAlias = Callable[["AioContext", Exception, str], None]
 
 _NO_PROGRESS_NS = -1
@@ -84,45 +82,6 @@ _tls = threading.local()
 def get_current_aio_context() -> AioContext | None:
     """The context whose ``poll`` is running in the calling thread, if any."""
     return getattr(_tls, "ctx", None)
-
-
-def _soonest(a: int, b: int) -> int:
-    """QEMU's qemu_soonest_timeout: -1 means "no timeout"."""
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    return a if a < b else b
-
-
-class _Handler:
-    """One registered fd (QEMU's AioHandler).  Replaced, never mutated, on change."""
-
-    __slots__ = (
-        "fd", "events", "io_read", "io_write", "io_poll", "io_poll_ready",
-        "io_poll_begin", "io_poll_end", "deleted", "polling", "poll_ns", "is_notifier",
-        "dispatch_count", "dispatch_ns",
-    )
-
-    def __init__(
-        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
-        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
-        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, is_notifier: bool,
-    ) -> None:
-        self.fd = fd
-        self.events = (EVENT_IN if io_read else 0) | (EVENT_OUT if io_write else 0)
-        self.io_read = io_read
-        self.io_write = io_write
-        self.io_poll = io_poll
-        self.io_poll_ready = io_poll_ready
-        self.io_poll_begin = io_poll_begin
-        self.io_poll_end = io_poll_end
-        self.deleted = False
-        self.polling = False  # in the context's list of busy-polled handlers
-        self.poll_ns = 0  # this handler's adaptive polling window
-        self.is_notifier = is_notifier
-        self.dispatch_count = 0
-        self.dispatch_ns = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,12 +142,7 @@ class AioContext:
         self._notifier_writes = 0
 
         # fd handlers
-        self._fdmon = EpollMonitor()
-        self._handler_lock = threading.Lock()
-        self._handlers: dict[int, _Handler] = {}
-        self._poll_disable_cnt = 0  # handlers without io_poll
-        self._poll_handlers: list[_Handler] = []  # handlers being busy-polled
-        self._poll_started = False
+        self._fds = FdHandlers(self)
         self._poll_params = PollParams()
         self.aio_max_batch = 0
 
@@ -213,12 +167,9 @@ class AioContext:
         # counters
         self._iterations = 0
         self._waits = 0
-        self._fd_dispatches = 0
         self._timers_fired = 0
-        self._busy_poll_runs = 0
-        self._busy_poll_hits = 0
 
-        self._set_handler(
+        self._fds.set(
             self._notifier.fileno(), self._notifier_read, None, self._notifier_poll,
             self._notifier_poll_ready, None, None, is_notifier=True,
         )
@@ -354,8 +305,9 @@ class AioContext:
             io_poll_ready = io_read
         if io_poll_ready is None:
             io_poll = None  # polling only makes sense with something to run
-        self._set_handler(fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin,
-                          io_poll_end, is_notifier=False)
+        if self._fds.set(fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin,
+                         io_poll_end, is_notifier=False):
+            self.notify()  # a blocked poll must see the new fd set
 
     def set_event_notifier(
         self,
@@ -373,42 +325,9 @@ class AioContext:
         else:
             self.set_fd_handler(notifier.fileno(), lambda: handler(notifier), io_poll=io_poll)
 
-    def _set_handler(
-        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
-        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
-        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, *, is_notifier: bool,
-    ) -> None:
-        removing = io_read is None and io_write is None and io_poll is None
-        with self._handler_lock:
-            old = self._handlers.get(fd)
-            if removing and old is None:
-                return
-            new = None if removing else _Handler(
-                fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin, io_poll_end,
-                is_notifier,
-            )
-            # epoll first: if it refuses the fd (closed, not pollable), nothing changed.
-            self._fdmon.update(fd, old.events if old else 0, new.events if new else 0)
-            if new is None:
-                del self._handlers[fd]
-            else:
-                if old is not None:
-                    new.dispatch_count = old.dispatch_count
-                    new.dispatch_ns = old.dispatch_ns
-                self._handlers[fd] = new
-            self._poll_disable_cnt += (new is not None and new.io_poll is None) - (
-                old is not None and old.io_poll is None
-            )
-            if old is not None:
-                old.deleted = True
-                if old.polling:
-                    old.polling = False
-                    self._poll_handlers = [h for h in self._poll_handlers if h is not old]
-        self.notify()
-
     def has_fd_handler(self, fd: int) -> bool:
         """Whether ``fd`` has a handler in this context.  Any thread."""
-        return fd in self._handlers
+        return fd in self._fds.nodes
 
     # ------------------------------------------------------------------
     # Bottom halves
@@ -467,7 +386,7 @@ class AioContext:
             d = tl.deadline_ns()
             if d == 0:
                 return 0
-            deadline = _soonest(deadline, d)
+            deadline = soonest_timeout(deadline, d)
         return deadline
 
     def _run_timers(self) -> bool:
@@ -492,8 +411,7 @@ class AioContext:
         """
         params = PollParams(max_ns, grow, shrink)
         self._poll_params = params
-        for h in list(self._handlers.values()):
-            h.poll_ns = 0
+        self._fds.reset_poll_windows()
         self.notify()
 
     @property
@@ -553,7 +471,8 @@ class AioContext:
         self._iterations += 1
         outer_ctx = getattr(_tls, "ctx", None)
         _tls.ctx = self
-        ready: list[tuple[_Handler, int, bool]] = []
+        ready: Ready = []
+        fds = self._fds
         params = self._poll_params
         try:
             # -- 1. timeout -------------------------------------------------
@@ -563,8 +482,8 @@ class AioContext:
             # -- 2. busy polling in user space -----------------------------
             progress = False
             polled_all = False
-            if self._poll_handlers:
-                progress, timeout_ns, polled_all = self._try_poll_mode(ready, timeout_ns, params)
+            if fds.poll_list:
+                progress, timeout_ns, polled_all = fds.try_poll_mode(ready, timeout_ns, params)
 
             # -- 3. announce the intent to block ---------------------------
             use_notify_me = timeout_ns != 0
@@ -574,16 +493,12 @@ class AioContext:
                     timeout_ns = 0
 
             # -- 4. wait ---------------------------------------------------
-            if timeout_ns or self._must_wait(polled_all):
-                if self._poll_started and self._poll_set_started(ready, False):
+            if timeout_ns or fds.must_wait(polled_all):
+                if fds.poll_started and fds.set_poll_started(ready, False):
                     timeout_ns = 0
                     progress = True
                 self._waits += 1
-                handlers = self._handlers
-                for fd, revents in self._fdmon.wait(timeout_ns):
-                    node = handlers.get(fd)
-                    if node is not None:
-                        ready.append((node, revents, False))
+                fds.wait(ready, timeout_ns)
             if use_notify_me:
                 self._notify_me -= 2
 
@@ -596,7 +511,7 @@ class AioContext:
                 progress = True
 
             # -- 7. fd handlers --------------------------------------------
-            if ready and self._dispatch_ready_handlers(ready, block_ns, params):
+            if ready and fds.dispatch(ready, block_ns, params):
                 progress = True
 
             # -- 8. timers -------------------------------------------------
@@ -614,140 +529,7 @@ class AioContext:
         deadline = self.timers_deadline_ns()
         if deadline == 0:
             return 0
-        return _soonest(timeout, deadline)
-
-    def _must_wait(self, polled_all: bool) -> bool:
-        """Whether a zero-timeout poll still has to ask epoll.
-
-        QEMU skips the syscall whenever every handler has ``io_poll``; we
-        skip it only when no fd can be missed: the context's own notifier is
-        the only handler (its state is ``notified``), or busy polling just
-        checked every handler.
-        """
-        if self._poll_disable_cnt:
-            return True
-        if len(self._handlers) == 1:
-            return False
-        return not polled_all
-
-    def _dispatch_ready_handlers(
-        self, ready: list[tuple[_Handler, int, bool]], block_ns: int, params: PollParams
-    ) -> bool:
-        progress = False
-        for node, revents, poll_ready in ready:
-            if node.deleted:
-                continue
-            # Start busy-polling a handler once it has been ready: activity
-            # is likely to continue.
-            if node.io_poll is not None and not node.polling:
-                self._poll_add(node)
-            t0 = time.perf_counter_ns()
-            notifier = node.is_notifier
-            if poll_ready and not revents and node.io_poll_ready is not None:
-                # Out of the poll list while it runs, in case it polls again
-                # before clearing its condition (nested poll).
-                self._poll_remove(node)
-                try:
-                    node.io_poll_ready()
-                except Exception as exc:
-                    self.report_exception(exc, f"io_poll_ready of fd {node.fd}")
-                if not node.deleted:
-                    self._poll_add(node, begin=False)
-                if not notifier:
-                    progress = True
-            else:
-                if revents & EVENT_READ_MASK and node.io_read is not None:
-                    try:
-                        node.io_read()
-                    except Exception as exc:
-                        self.report_exception(exc, f"io_read of fd {node.fd}")
-                    if not notifier:
-                        progress = True
-                if revents & EVENT_WRITE_MASK and node.io_write is not None and not node.deleted:
-                    try:
-                        node.io_write()
-                    except Exception as exc:
-                        self.report_exception(exc, f"io_write of fd {node.fd}")
-                    progress = True
-            if not notifier:
-                node.dispatch_count += 1
-                node.dispatch_ns += time.perf_counter_ns() - t0
-                self._fd_dispatches += 1
-            if params.max_ns and node.polling:
-                node.poll_ns = adjust_poll_ns(node.poll_ns, block_ns, params)
-        return progress
-
-    # ------------------------------------------------------------------
-    # Busy polling (home thread)
-    # ------------------------------------------------------------------
-
-    def _poll_add(self, node: _Handler, begin: bool = True) -> None:
-        with self._handler_lock:
-            if node.deleted or node.polling:
-                return
-            node.polling = True
-            self._poll_handlers = [*self._poll_handlers, node]
-        if begin and self._poll_started and node.io_poll_begin is not None:
-            node.io_poll_begin()
-
-    def _poll_remove(self, node: _Handler) -> None:
-        with self._handler_lock:
-            if node.polling:
-                node.polling = False
-                self._poll_handlers = [h for h in self._poll_handlers if h is not node]
-
-    def _poll_set_started(self, ready: list[tuple[_Handler, int, bool]], started: bool) -> bool:
-        """Enter or leave poll mode; on leaving, poll once more in case an
-        event raced with ``io_poll_end``.  Returns progress."""
-        if started == self._poll_started:
-            return False
-        self._poll_started = started
-        progress = False
-        for node in self._poll_handlers:
-            if node.deleted:
-                continue
-            hook = node.io_poll_begin if started else node.io_poll_end
-            if hook is not None:
-                hook()
-            if not started and node.io_poll is not None and node.io_poll():
-                ready.append((node, 0, True))
-                if not node.is_notifier:
-                    progress = True
-        return progress
-
-    def _try_poll_mode(
-        self, ready: list[tuple[_Handler, int, bool]], timeout_ns: int, params: PollParams
-    ) -> tuple[bool, int, bool]:
-        """Busy-poll for up to the largest window.  Returns (progress, timeout, polled_all)."""
-        if not params.max_ns or self._poll_disable_cnt:
-            return False, timeout_ns, False
-        handlers = self._poll_handlers
-        max_ns = _soonest(timeout_ns, max(h.poll_ns for h in handlers))
-        if not max_ns:
-            return False, timeout_ns, False
-        self._poll_set_started(ready, True)
-        self._busy_poll_runs += 1
-        progress = False
-        start_ns = time.monotonic_ns()
-        while True:
-            for node in handlers:
-                if not node.deleted and node.io_poll is not None and node.io_poll():
-                    ready.append((node, 0, True))
-                    timeout_ns = 0
-                    if not node.is_notifier:
-                        progress = True
-            elapsed_ns = time.monotonic_ns() - start_ns
-            max_ns = _soonest(timeout_ns, max_ns)
-            if elapsed_ns >= max_ns or self._poll_disable_cnt:
-                break
-            handlers = self._poll_handlers
-        if progress:
-            self._busy_poll_hits += 1
-        if timeout_ns > 0:
-            timeout_ns -= min(timeout_ns, elapsed_ns)
-        polled = sum(1 for h in handlers if not h.is_notifier)
-        polled_all = polled >= len(self._handlers) - 1
-        return progress, timeout_ns, polled_all
+        return soonest_timeout(timeout, deadline)
 
     # ------------------------------------------------------------------
     # Coroutine scheduling (details in _coroutine.py)
@@ -827,34 +609,22 @@ class AioContext:
             iterations=self._iterations,
             waits=self._waits,
             bh_calls=self._bhs.calls,
-            fd_dispatches=self._fd_dispatches,
+            fd_dispatches=self._fds.dispatches,
             timers_fired=self._timers_fired,
-            busy_poll_runs=self._busy_poll_runs,
-            busy_poll_hits=self._busy_poll_hits,
+            busy_poll_runs=self._fds.busy_poll_runs,
+            busy_poll_hits=self._fds.busy_poll_hits,
             notifier_writes=self._notifier_writes,
             notifies=self._notifies,
-            handlers=len(self._handlers),
+            handlers=len(self._fds.nodes),
         )
 
     def describe_handlers(self) -> list[dict[str, object]]:
         """Each registered fd: its callbacks, polling window and dispatch counts."""
-        return [
-            {
-                "fd": h.fd,
-                "what": "notifier" if h.is_notifier else "handler",
-                "io_read": callable_name(h.io_read) if h.io_read else None,
-                "io_write": callable_name(h.io_write) if h.io_write else None,
-                "io_poll": callable_name(h.io_poll) if h.io_poll else None,
-                "poll_ns": h.poll_ns,
-                "dispatch_count": h.dispatch_count,
-                "dispatch_ns": h.dispatch_ns,
-            }
-            for h in list(self._handlers.values())
-        ]
+        return self._fds.describe()
 
     def fileno(self) -> int:
         """The epoll fd: readable when any of the context's fds is ready."""
-        return self._fdmon.fileno()
+        return self._fds.fdmon.fileno()
 
     @property
     def closed(self) -> bool:
@@ -883,12 +653,7 @@ class AioContext:
         self._bhs.free_all()
         for manual in self._manual_clocks.values():
             manual.unsubscribe(self.notify)
-        with self._handler_lock:
-            for node in self._handlers.values():
-                node.deleted = True
-            self._handlers.clear()
-            self._poll_handlers = []
-        self._fdmon.close()
+        self._fds.close()
         self._notifier.close()
         if leaked:
             raise BottomHalfLeakError([bh.name for bh in leaked])
@@ -900,5 +665,5 @@ class AioContext:
         self.close()
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else f"{len(self._handlers)} fds"
+        state = "closed" if self._closed else f"{len(self._fds.nodes)} fds"
         return f"<AioContext {self.name!r} {state}>"

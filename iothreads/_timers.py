@@ -24,6 +24,7 @@ import heapq
 import itertools
 import threading
 from collections.abc import Callable
+from ._bh import callable_name
 from ._clock import Clock, ClockType, ManualClock
 
 __all__ = ["Timer", "TimerList"]
@@ -101,7 +102,7 @@ class TimerList:
     def new_timer(self, scale: int, cb: Callable[[], object], name: str | None) -> Timer:
         if scale <= 0:
             raise ValueError(f"invalid timer scale {scale}")
-        return Timer(self, scale, cb, name or getattr(cb, "__qualname__", repr(cb)))
+        return Timer(self, scale, cb, name or callable_name(cb))
 
     def _prune(self) -> None:
         heap = self._heap

@@ -1,0 +1,305 @@
+"""The fd handlers of an AioContext: registration, dispatch and busy polling.
+
+Theory of operation
+-------------------
+Each registered fd has one live ``Handler`` node (QEMU's AioHandler).  A
+change never mutates a node: ``set`` builds a new one and marks the old one
+``deleted``, so a dispatch walking a ready list that still holds the old node
+skips it.  That is what lets a handler add or remove any handler, its own
+included, while it is being dispatched.  ``set`` may be called from any
+thread; a short lock keeps the table and epoll in step.
+
+Busy polling (QEMU's poll mode): a handler with ``io_poll`` joins the *poll
+list* the first time it is dispatched ("activity is likely to continue").
+Before blocking, when busy polling is enabled and no handler lacks ``io_poll``,
+the loop calls every ``io_poll`` in the list until one reports work or the
+largest window (``Handler.poll_ns``, adapted after each dispatch by the rule
+in ``_polling.py``) runs out.  A handler found ready this way is dispatched
+through ``io_poll_ready`` without any syscall.  Leaving poll mode calls
+``io_poll_end`` and then ``io_poll`` once more, in case an event raced with
+the end.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
+
+from ._bh import callable_name
+from ._fdmon import EVENT_IN, EVENT_OUT, EVENT_READ_MASK, EVENT_WRITE_MASK, EpollMonitor
+from ._polling import PollParams, adjust_poll_ns
+
+if TYPE_CHECKING:
+    from ._aio import AioContext
+
+__all__ = ["FdHandlers", "Handler", "soonest_timeout"]
+
+IOHandler: TypeAlias = Callable[[], object]
+PollFn: TypeAlias = Callable[[], bool]
+# (node, epoll events or 0, found by io_poll)
+Ready: TypeAlias = "list[tuple[Handler, int, bool]]"
+
+
+def soonest_timeout(a: int, b: int) -> int:
+    """QEMU's qemu_soonest_timeout: the smaller timeout, where -1 means none."""
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return a if a < b else b
+
+
+class Handler:
+    """One registered fd.  Replaced, never mutated, when its callbacks change."""
+
+    __slots__ = (
+        "fd", "events", "io_read", "io_write", "io_poll", "io_poll_ready",
+        "io_poll_begin", "io_poll_end", "deleted", "polling", "poll_ns", "is_notifier",
+        "dispatch_count", "dispatch_ns",
+    )
+
+    def __init__(
+        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
+        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
+        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, is_notifier: bool,
+    ) -> None:
+        self.fd = fd
+        self.events = (EVENT_IN if io_read else 0) | (EVENT_OUT if io_write else 0)
+        self.io_read = io_read
+        self.io_write = io_write
+        self.io_poll = io_poll
+        self.io_poll_ready = io_poll_ready
+        self.io_poll_begin = io_poll_begin
+        self.io_poll_end = io_poll_end
+        self.deleted = False
+        self.polling = False  # in the poll list
+        self.poll_ns = 0  # this handler's adaptive polling window
+        self.is_notifier = is_notifier  # the context's own eventfd
+        self.dispatch_count = 0
+        self.dispatch_ns = 0
+
+
+class FdHandlers:
+    """The handler table, the epoll instance and the poll list of one context."""
+
+    def __init__(self, ctx: AioContext) -> None:
+        self._ctx = ctx
+        self._lock = threading.Lock()
+        self.fdmon = EpollMonitor()
+        self.nodes: dict[int, Handler] = {}
+        self.poll_disable_cnt = 0  # handlers without io_poll
+        self.poll_list: list[Handler] = []  # copied on write: safe to iterate
+        self.poll_started = False
+        self.dispatches = 0
+        self.busy_poll_runs = 0
+        self.busy_poll_hits = 0
+
+    # -- registration (any thread) ----------------------------------------
+
+    def set(
+        self, fd: int, io_read: IOHandler | None, io_write: IOHandler | None,
+        io_poll: PollFn | None, io_poll_ready: IOHandler | None,
+        io_poll_begin: IOHandler | None, io_poll_end: IOHandler | None, is_notifier: bool,
+    ) -> bool:
+        """Register, replace or remove; return whether anything changed."""
+        removing = io_read is None and io_write is None and io_poll is None
+        with self._lock:
+            old = self.nodes.get(fd)
+            if removing and old is None:
+                return False
+            new = None if removing else Handler(
+                fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin, io_poll_end,
+                is_notifier,
+            )
+            # epoll first: if it refuses the fd (closed, not pollable), nothing changed.
+            self.fdmon.update(fd, old.events if old else 0, new.events if new else 0)
+            if new is None:
+                del self.nodes[fd]
+            else:
+                if old is not None:
+                    new.dispatch_count = old.dispatch_count
+                    new.dispatch_ns = old.dispatch_ns
+                self.nodes[fd] = new
+            self.poll_disable_cnt += (new is not None and new.io_poll is None) - (
+                old is not None and old.io_poll is None
+            )
+            if old is not None:
+                old.deleted = True
+                if old.polling:
+                    old.polling = False
+                    self.poll_list = [h for h in self.poll_list if h is not old]
+        return True
+
+    def reset_poll_windows(self) -> None:
+        for node in list(self.nodes.values()):
+            node.poll_ns = 0
+
+    # -- waiting (home thread) -------------------------------------------
+
+    def wait(self, ready: Ready, timeout_ns: int) -> None:
+        """Block in epoll; append the ready handlers to ``ready``."""
+        nodes = self.nodes
+        for fd, revents in self.fdmon.wait(timeout_ns):
+            node = nodes.get(fd)
+            if node is not None:
+                ready.append((node, revents, False))
+
+    def must_wait(self, polled_all: bool) -> bool:
+        """Whether a zero-timeout poll still has to ask epoll.
+
+        QEMU skips the syscall whenever every handler has ``io_poll``; we
+        skip it only when no fd can be missed: the context's own notifier is
+        the only handler (its state is ``notified``, checked anyway), or busy
+        polling just checked every handler.
+        """
+        if self.poll_disable_cnt:
+            return True
+        if len(self.nodes) == 1:
+            return False
+        return not polled_all
+
+    # -- dispatch (home thread) --------------------------------------------
+
+    def dispatch(self, ready: Ready, block_ns: int, params: PollParams) -> bool:
+        """Run the handlers of the ready fds; return progress."""
+        report = self._ctx.report_exception
+        progress = False
+        for node, revents, poll_ready in ready:
+            if node.deleted:
+                continue
+            if node.io_poll is not None and not node.polling:
+                self._poll_add(node, begin=True)
+            t0 = time.perf_counter_ns()
+            notifier = node.is_notifier
+            if poll_ready and not revents and node.io_poll_ready is not None:
+                # Out of the poll list while it runs, in case it polls the
+                # context again before clearing its condition.
+                self._poll_remove(node)
+                try:
+                    node.io_poll_ready()
+                except Exception as exc:
+                    report(exc, f"io_poll_ready of fd {node.fd}")
+                if not node.deleted:
+                    self._poll_add(node, begin=False)
+                if not notifier:
+                    progress = True
+            else:
+                if revents & EVENT_READ_MASK and node.io_read is not None:
+                    try:
+                        node.io_read()
+                    except Exception as exc:
+                        report(exc, f"io_read of fd {node.fd}")
+                    if not notifier:
+                        progress = True
+                if revents & EVENT_WRITE_MASK and node.io_write is not None and not node.deleted:
+                    try:
+                        node.io_write()
+                    except Exception as exc:
+                        report(exc, f"io_write of fd {node.fd}")
+                    progress = True
+            if not notifier:
+                node.dispatch_count += 1
+                node.dispatch_ns += time.perf_counter_ns() - t0
+                self.dispatches += 1
+            if params.max_ns and node.polling:
+                node.poll_ns = adjust_poll_ns(node.poll_ns, block_ns, params)
+        return progress
+
+    # -- busy polling (home thread) ----------------------------------------
+
+    def _poll_add(self, node: Handler, begin: bool) -> None:
+        with self._lock:
+            if node.deleted or node.polling:
+                return
+            node.polling = True
+            self.poll_list = [*self.poll_list, node]
+        if begin and self.poll_started and node.io_poll_begin is not None:
+            node.io_poll_begin()
+
+    def _poll_remove(self, node: Handler) -> None:
+        with self._lock:
+            if node.polling:
+                node.polling = False
+                self.poll_list = [h for h in self.poll_list if h is not node]
+
+    def set_poll_started(self, ready: Ready, started: bool) -> bool:
+        """Enter or leave poll mode; on leaving, poll once more in case an
+        event raced with ``io_poll_end``.  Returns progress."""
+        if started == self.poll_started:
+            return False
+        self.poll_started = started
+        progress = False
+        for node in self.poll_list:
+            if node.deleted:
+                continue
+            hook = node.io_poll_begin if started else node.io_poll_end
+            if hook is not None:
+                hook()
+            if not started and node.io_poll is not None and node.io_poll():
+                ready.append((node, 0, True))
+                if not node.is_notifier:
+                    progress = True
+        return progress
+
+    def try_poll_mode(self, ready: Ready, timeout_ns: int, params: PollParams) -> tuple[bool, int, bool]:
+        """Busy-poll for up to the largest window.
+
+        Returns ``(progress, timeout_ns, polled_all)``: the timeout becomes 0
+        when work was found, and shrinks by the time spent otherwise, so the
+        poll still ends at the same absolute time.
+        """
+        handlers = self.poll_list
+        if not params.max_ns or self.poll_disable_cnt or not handlers:
+            return False, timeout_ns, False
+        max_ns = soonest_timeout(timeout_ns, max(h.poll_ns for h in handlers))
+        if not max_ns:
+            return False, timeout_ns, False
+        self.set_poll_started(ready, True)
+        self.busy_poll_runs += 1
+        progress = False
+        start_ns = time.monotonic_ns()
+        while True:
+            for node in handlers:
+                if not node.deleted and node.io_poll is not None and node.io_poll():
+                    ready.append((node, 0, True))
+                    timeout_ns = 0
+                    if not node.is_notifier:
+                        progress = True
+            elapsed_ns = time.monotonic_ns() - start_ns
+            max_ns = soonest_timeout(timeout_ns, max_ns)
+            if elapsed_ns >= max_ns or self.poll_disable_cnt:
+                break
+            handlers = self.poll_list
+        if progress:
+            self.busy_poll_hits += 1
+        if timeout_ns > 0:
+            timeout_ns -= min(timeout_ns, elapsed_ns)
+        polled = sum(1 for h in handlers if not h.is_notifier)
+        return progress, timeout_ns, polled >= len(self.nodes) - 1
+
+    # -- introspection and teardown ----------------------------------------
+
+    def describe(self) -> list[dict[str, object]]:
+        return [
+            {
+                "fd": h.fd,
+                "what": "notifier" if h.is_notifier else "handler",
+                "io_read": callable_name(h.io_read) if h.io_read else None,
+                "io_write": callable_name(h.io_write) if h.io_write else None,
+                "io_poll": callable_name(h.io_poll) if h.io_poll else None,
+                "poll_ns": h.poll_ns,
+                "dispatch_count": h.dispatch_count,
+                "dispatch_ns": h.dispatch_ns,
+            }
+            for h in list(self.nodes.values())
+        ]
+
+    def close(self) -> None:
+        with self._lock:
+            for node in self.nodes.values():
+                node.deleted = True
+            self.nodes.clear()
+            self.poll_list = []
+        self.fdmon.close()
