@@ -155,6 +155,7 @@ class AioContext:
         for manual in self._manual_clocks.values():
             manual.subscribe(self.notify)
         self._timer_lists = [TimerList(ct, clocks[ct], self.notify) for ct in ClockType]
+        self._timer_heaps = [tl._heap for tl in self._timer_lists]  # for a cheap "any timer?"
 
         # thread pool (created on first use) and coroutines
         self._thread_pool: ThreadPool | None = None
@@ -493,7 +494,11 @@ class AioContext:
                     timeout_ns = 0
 
             # -- 4. wait ---------------------------------------------------
-            if timeout_ns or fds.must_wait(polled_all):
+            # With a zero timeout, epoll is skipped when no fd can be missed:
+            # the notifier is the only fd (its state is `notified`), or busy
+            # polling just checked every handler.  (QEMU skips it whenever no
+            # handler lacks io_poll, which can leave an unpolled fd unseen.)
+            if timeout_ns or fds.poll_disable_cnt or (len(fds.nodes) > 1 and not polled_all):
                 if fds.poll_started and fds.set_poll_started(ready, False):
                     timeout_ns = 0
                     progress = True
@@ -515,7 +520,7 @@ class AioContext:
                 progress = True
 
             # -- 8. timers -------------------------------------------------
-            if self._run_timers():
+            if any(self._timer_heaps) and self._run_timers():
                 progress = True
         finally:
             _tls.ctx = outer_ctx

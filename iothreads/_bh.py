@@ -150,13 +150,18 @@ class BottomHalfQueue:
     # -- any thread ------------------------------------------------------
 
     def enqueue(self, bh: BottomHalf, new_flags: int) -> None:
-        with self.lock:
-            old = bh._flags
-            if old & BH_FREED:
-                raise StateError(f"bottom half {bh.name!r} was already deleted")
+        lock = self.lock
+        lock.acquire()
+        old = bh._flags
+        if not old & (BH_PENDING | BH_FREED):
             bh._flags = old | BH_PENDING | new_flags
-            if not old & BH_PENDING:
-                self._queue.append(bh)
+            self._queue.append(bh)
+        elif old & BH_FREED:
+            lock.release()
+            raise StateError(f"bottom half {bh.name!r} was already deleted")
+        else:
+            bh._flags = old | new_flags
+        lock.release()
         self.ctx.notify()
 
     # -- home thread -------------------------------------------------------
@@ -191,10 +196,11 @@ class BottomHalfQueue:
         """Run the BHs enqueued so far.  Home thread only.  Returns progress."""
         lock = self.lock
         slices = self._slices
-        with lock:
-            carved = self._queue
-            if carved:
-                self._queue = []
+        lock.acquire()
+        carved = self._queue
+        if carved:
+            self._queue = []
+        lock.release()
         if carved:
             slices.append(deque(carved))
         elif not slices:
@@ -202,7 +208,6 @@ class BottomHalfQueue:
 
         progress = False
         calls = 0
-        live = self._live
         try:
             while slices:
                 chunk = slices[0]
@@ -210,12 +215,10 @@ class BottomHalfQueue:
                     slices.popleft()
                     continue
                 bh = chunk.popleft()
-                with lock:
-                    flags = bh._flags
-                    bh._flags = flags & _CLEAR_ON_DEQUEUE
-                    if flags & (BH_DELETED | BH_ONESHOT) and not flags & _RUNNABLE == BH_SCHEDULED:
-                        bh._flags |= BH_FREED
-                        live.pop(id(bh), None)
+                lock.acquire()
+                flags = bh._flags
+                bh._flags = flags & _CLEAR_ON_DEQUEUE
+                lock.release()
                 if flags & _RUNNABLE == BH_SCHEDULED:
                     if not flags & BH_IDLE:
                         progress = True
@@ -224,12 +227,18 @@ class BottomHalfQueue:
                         bh._cb()
                     except Exception as exc:  # reported; the loop goes on
                         self.ctx.report_exception(exc, f"bottom half {bh.name!r}")
-                    finally:
-                        if flags & BH_ONESHOT:
-                            bh._flags |= BH_FREED
+                    if flags & BH_ONESHOT:
+                        bh._flags = BH_FREED  # private: nobody else holds it
+                elif flags & (BH_DELETED | BH_ONESHOT):
+                    self._free(bh)
         finally:
             self.calls += calls
         return progress
+
+    def _free(self, bh: BottomHalf) -> None:
+        with self.lock:
+            bh._flags |= BH_FREED
+            self._live.pop(id(bh), None)
 
     def leaked(self) -> list[BottomHalf]:
         """BHs never deleted, and oneshots still queued: what close refuses."""

@@ -113,8 +113,8 @@ class FdHandlers:
                 fd, io_read, io_write, io_poll, io_poll_ready, io_poll_begin, io_poll_end,
                 is_notifier,
             )
-            # epoll first: if it refuses the fd (closed, not pollable), nothing changed.
-            self.fdmon.update(fd, old.events if old else 0, new.events if new else 0)
+            # Publish the node before epoll can report the fd, so a poll
+            # running in the home thread never sees an fd it cannot map.
             if new is None:
                 del self.nodes[fd]
             else:
@@ -122,6 +122,15 @@ class FdHandlers:
                     new.dispatch_count = old.dispatch_count
                     new.dispatch_ns = old.dispatch_ns
                 self.nodes[fd] = new
+            try:
+                self.fdmon.update(fd, old.events if old else 0, new.events if new else 0)
+            except BaseException:
+                # epoll refused the fd (closed, not pollable): nothing changed.
+                if old is None:
+                    self.nodes.pop(fd, None)
+                else:
+                    self.nodes[fd] = old
+                raise
             self.poll_disable_cnt += (new is not None and new.io_poll is None) - (
                 old is not None and old.io_poll is None
             )
@@ -145,20 +154,6 @@ class FdHandlers:
             node = nodes.get(fd)
             if node is not None:
                 ready.append((node, revents, False))
-
-    def must_wait(self, polled_all: bool) -> bool:
-        """Whether a zero-timeout poll still has to ask epoll.
-
-        QEMU skips the syscall whenever every handler has ``io_poll``; we
-        skip it only when no fd can be missed: the context's own notifier is
-        the only handler (its state is ``notified``, checked anyway), or busy
-        polling just checked every handler.
-        """
-        if self.poll_disable_cnt:
-            return True
-        if len(self.nodes) == 1:
-            return False
-        return not polled_all
 
     # -- dispatch (home thread) --------------------------------------------
 
