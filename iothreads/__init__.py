@@ -27,6 +27,7 @@ from ._threadpool import RequestState as RequestState
 from ._threadpool import ThreadPool as ThreadPool
 from ._threadpool import ThreadPoolRequest as ThreadPoolRequest
 from ._timers import Timer as Timer
+from ._timers import TimerListGroup as TimerListGroup
 
 __all__ = [
     "AioContext",
@@ -44,6 +45,7 @@ __all__ = [
     "ThreadPool",
     "ThreadPoolRequest",
     "Timer",
+    "TimerListGroup",
     "WallClock",
     "current_coroutine",
     "get_current_aio_context",

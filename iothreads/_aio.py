@@ -59,11 +59,11 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 from protocol import BottomHalfLeakError, StateError, ThreadContractError
 
 from ._bh import BottomHalf, BottomHalfQueue
-from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType, ManualClock, MonotonicClock, WallClock
+from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType
 from ._handlers import FdHandlers, IOHandler, PollFn, Ready, soonest_timeout
 from ._notifier import EventNotifier
 from ._polling import PollParams
-from ._timers import Timer, TimerList
+from ._timers import Timer, TimerListGroup
 
 if TYPE_CHECKING:
     from ._coroutine import Coroutine
@@ -149,13 +149,9 @@ class AioContext:
         self._bhs = BottomHalfQueue(self)
 
         # timers
-        clocks = self._resolve_clocks(clock)
-        self.virtual_clock = clocks[ClockType.VIRTUAL]
-        self._manual_clocks = {id(c): c for c in clocks.values() if isinstance(c, ManualClock)}
-        for manual in self._manual_clocks.values():
-            manual.subscribe(self.notify)
-        self._timer_lists = [TimerList(ct, clocks[ct], self.notify) for ct in ClockType]
-        self._timer_heaps = [tl._heap for tl in self._timer_lists]  # for a cheap "any timer?"
+        self._timers = TimerListGroup(self.notify, clock)
+        self._timer_heaps = self._timers.heaps
+        self.virtual_clock = self._timers.clocks[ClockType.VIRTUAL]
 
         # thread pool (created on first use) and coroutines
         self._thread_pool: ThreadPool | None = None
@@ -168,28 +164,11 @@ class AioContext:
         # counters
         self._iterations = 0
         self._waits = 0
-        self._timers_fired = 0
 
         self._fds.set(
             self._notifier.fileno(), self._notifier_read, None, self._notifier_poll,
             self._notifier_poll_ready, None, None, is_notifier=True,
         )
-
-    @staticmethod
-    def _resolve_clocks(clock: Clock | Mapping[ClockType, Clock] | None) -> dict[ClockType, Clock]:
-        clocks: dict[ClockType, Clock] = {
-            ClockType.REALTIME: MonotonicClock(),
-            ClockType.HOST: WallClock(),
-            ClockType.VIRTUAL: ManualClock(),
-        }
-        if isinstance(clock, Mapping):
-            for ct, c in clock.items():
-                clocks[ClockType(ct)] = c
-        elif clock is not None:
-            if not isinstance(clock, Clock):
-                raise TypeError(f"clock must have now_ns(), not {type(clock).__name__}")
-            clocks = {ct: clock for ct in ClockType}
-        return clocks
 
     # ------------------------------------------------------------------
     # Threads
@@ -359,7 +338,7 @@ class AioContext:
                   name: str | None = None) -> Timer:
         """A new, unarmed timer on ``clock_type`` counting in ``scale`` ns units."""
         self._check_open()
-        return self._timer_lists[ClockType(clock_type)].new_timer(scale, cb, name)
+        return self._timers.timer_new(clock_type, scale, cb, name)
 
     def timer_new_ns(self, clock_type: ClockType, cb: Callable[[], object],
                      name: str | None = None) -> Timer:
@@ -378,27 +357,11 @@ class AioContext:
 
     def clock_now_ns(self, clock_type: ClockType) -> int:
         """Read the context's clock of ``clock_type``.  Any thread."""
-        return self._timer_lists[ClockType(clock_type)].clock.now_ns()
+        return self._timers.now_ns(clock_type)
 
     def timers_deadline_ns(self) -> int:
         """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
-        deadline = -1
-        for tl in self._timer_lists:
-            d = tl.deadline_ns()
-            if d == 0:
-                return 0
-            deadline = soonest_timeout(deadline, d)
-        return deadline
-
-    def _run_timers(self) -> bool:
-        fired = 0
-        for tl in self._timer_lists:
-            if tl._heap:
-                fired += tl.run(self.report_exception)
-        if fired:
-            self._timers_fired += fired
-            return True
-        return False
+        return self._timers.deadline_ns()
 
     # ------------------------------------------------------------------
     # Busy polling parameters (any thread)
@@ -520,7 +483,7 @@ class AioContext:
                 progress = True
 
             # -- 8. timers -------------------------------------------------
-            if any(self._timer_heaps) and self._run_timers():
+            if any(self._timer_heaps) and self._timers.run(self.report_exception):
                 progress = True
         finally:
             _tls.ctx = outer_ctx
@@ -615,7 +578,7 @@ class AioContext:
             waits=self._waits,
             bh_calls=self._bhs.calls,
             fd_dispatches=self._fds.dispatches,
-            timers_fired=self._timers_fired,
+            timers_fired=self._timers.fired,
             busy_poll_runs=self._fds.busy_poll_runs,
             busy_poll_hits=self._fds.busy_poll_hits,
             notifier_writes=self._notifier_writes,
@@ -656,8 +619,7 @@ class AioContext:
         leaked = self._bhs.leaked()
         self._closed = True
         self._bhs.free_all()
-        for manual in self._manual_clocks.values():
-            manual.unsubscribe(self.notify)
+        self._timers.close()
         self._fds.close()
         self._notifier.close()
         if leaked:

@@ -23,11 +23,11 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from ._bh import callable_name
-from ._clock import Clock, ClockType, ManualClock
+from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType, ManualClock, MonotonicClock, WallClock
 
-__all__ = ["Timer", "TimerList"]
+__all__ = ["Timer", "TimerList", "TimerListGroup"]
 
 
 class Timer:
@@ -177,3 +177,92 @@ class TimerList:
     def pending_timers(self) -> list[Timer]:
         with self._lock:
             return [e[2] for e in sorted(self._heap) if e[2] is not None]  # type: ignore[misc]
+
+
+ClockSpec = Clock | Mapping[ClockType, Clock] | None
+
+
+def resolve_clocks(clock: ClockSpec) -> dict[ClockType, Clock]:
+    """One clock per type: the defaults, overridden by ``clock``."""
+    clocks: dict[ClockType, Clock] = {
+        ClockType.REALTIME: MonotonicClock(),
+        ClockType.HOST: WallClock(),
+        ClockType.VIRTUAL: ManualClock(),
+    }
+    if isinstance(clock, Mapping):
+        for ct, c in clock.items():
+            clocks[ClockType(ct)] = c
+    elif clock is not None:
+        if not isinstance(clock, Clock):
+            raise TypeError(f"clock must have now_ns(), not {type(clock).__name__}")
+        clocks = {ct: clock for ct in ClockType}
+    return clocks
+
+
+class TimerListGroup:
+    """One timer list per clock type (QEMU's ``QEMUTimerListGroup``).
+
+    Every AioContext owns one; the main loop owns another (QEMU's
+    ``main_loop_tlg``).  ``notify()`` is called (from whichever thread armed
+    the timer) when a timer becomes the earliest of its list, and whenever a
+    manual clock of the group is advanced.
+
+    :param clock: as for ``AioContext``: one clock for every type, a mapping
+        for some types, or ``None`` for the defaults (REALTIME monotonic,
+        HOST wall clock, VIRTUAL a ``ManualClock`` of the group's own).
+    """
+
+    def __init__(self, notify: Callable[[], None], clock: ClockSpec = None) -> None:
+        clocks = resolve_clocks(clock)
+        self.clocks = clocks
+        self._notify = notify
+        self._manual = {id(c): c for c in clocks.values() if isinstance(c, ManualClock)}
+        for manual in self._manual.values():
+            manual.subscribe(notify)
+        self.lists = [TimerList(ct, clocks[ct], notify) for ct in ClockType]
+        self.heaps = [tl._heap for tl in self.lists]  # for a cheap "any timer armed?"
+        self.fired = 0
+
+    def timer_new(self, clock_type: ClockType, scale: int, cb: Callable[[], object],
+                  name: str | None = None) -> Timer:
+        return self.lists[ClockType(clock_type)].new_timer(scale, cb, name)
+
+    def timer_new_ns(self, clock_type: ClockType, cb: Callable[[], object], name: str | None = None) -> Timer:
+        return self.timer_new(clock_type, SCALE_NS, cb, name)
+
+    def timer_new_us(self, clock_type: ClockType, cb: Callable[[], object], name: str | None = None) -> Timer:
+        return self.timer_new(clock_type, SCALE_US, cb, name)
+
+    def timer_new_ms(self, clock_type: ClockType, cb: Callable[[], object], name: str | None = None) -> Timer:
+        return self.timer_new(clock_type, SCALE_MS, cb, name)
+
+    def now_ns(self, clock_type: ClockType) -> int:
+        return self.clocks[ClockType(clock_type)].now_ns()
+
+    def deadline_ns(self) -> int:
+        """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
+        deadline = -1
+        for tl in self.lists:
+            d = tl.deadline_ns()
+            if d == 0:
+                return 0
+            if d > 0 and (deadline < 0 or d < deadline):
+                deadline = d
+        return deadline
+
+    def run(self, report: Callable[[Exception, str], None]) -> bool:
+        """Fire every due timer, clock types in QEMU's order.  Returns progress."""
+        fired = 0
+        for tl in self.lists:
+            if tl._heap:
+                fired += tl.run(report)
+        self.fired += fired
+        return fired > 0
+
+    def pending_timers(self) -> list[Timer]:
+        return [t for tl in self.lists for t in tl.pending_timers()]
+
+    def close(self) -> None:
+        """Stop listening to manual clocks."""
+        for manual in self._manual.values():
+            manual.unsubscribe(self._notify)

@@ -358,11 +358,11 @@ def test_idle_threads_above_min_exit(
 ) -> None:
     """Idle workers above thread_pool_min exit after the idle timeout (10 s in
     QEMU, shortened here); those up to min stay."""
-    monkeypatch.setattr(threadpool_mod, "IDLE_TIMEOUT_S", 0.05)
     ctx.set_thread_pool_params(1, 4)
     pool = ctx.thread_pool
 
-    # Occupy four workers at once, then release them.
+    # Occupy four workers at once (with the real 10 s timeout, so that none
+    # exits meanwhile), then shorten the timeout and release them.
     reqs = []
     for i in range(4):
         reqs.append(pool.submit(long_jobs.long_cb, i))
@@ -371,6 +371,7 @@ def test_idle_threads_above_min_exit(
     assert pool.stats()["threads"] == 4
     workers = worker_threads(ctx)
     assert len(workers) == 4
+    monkeypatch.setattr(threadpool_mod, "IDLE_TIMEOUT_S", 0.05)
     long_jobs.gate.set()
     poll_until(ctx, lambda: all(r.done() for r in reqs))
 
@@ -398,8 +399,9 @@ def test_close_joins_workers(long_jobs: LongJobs) -> None:
     """AioContext.close() stops and joins every worker (thread_pool_free_aio)."""
     ctx = AioContext(name="close-joins")
     try:
-        ctx.set_thread_pool_params(2, 6)
+        ctx.set_thread_pool_params(2, 4)
         pool = ctx.thread_pool
+        assert len(worker_threads(ctx)) == 2
         reqs = []
         for i in range(4):
             reqs.append(pool.submit(long_jobs.long_cb, i))
@@ -408,7 +410,9 @@ def test_close_joins_workers(long_jobs: LongJobs) -> None:
         long_jobs.gate.set()
         poll_until(ctx, lambda: all(r.done() for r in reqs))
         workers = worker_threads(ctx)
-        assert len(workers) == 4  # above min, but the idle timeout is 10 s
+        # Four jobs ran at once and max is 4: exactly four workers, two of
+        # them above min, all still there (the idle timeout is 10 s).
+        assert len(workers) == 4
     finally:
         long_jobs.gate.set()
         ctx.close()

@@ -1,0 +1,115 @@
+"""The BQL: the "Big QEMU Lock" of the main-loop process.
+
+One process-wide, non-recursive lock.  The main loop holds it for its whole
+iteration except around the single blocking poll, so every main-loop
+callback (sources, the two AioContexts' bottom halves, fd handlers and
+timers, main-loop timers) runs with it held.  Other threads (QEMU's vCPU
+threads) take it to touch global state; the iothreads never do: that is their
+point.
+
+Counters show what the lock costs: acquisitions, how many had to wait, the
+total time spent waiting, and the total and longest hold.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from protocol import StateError
+
+__all__ = ["BQLStats", "bql", "bql_lock", "bql_locked", "bql_stats", "bql_unlock"]
+
+
+@dataclass(frozen=True, slots=True)
+class BQLStats:
+    acquisitions: int
+    contended: int
+    """Acquisitions that found the lock held and had to wait."""
+    wait_ns: int
+    """Total time spent waiting for the lock."""
+    hold_ns: int
+    """Total time the lock was held (completed holds)."""
+    longest_hold_ns: int
+
+
+class _BigLock:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._owner = 0
+        self._acquired_at = 0
+        self.acquisitions = 0
+        self.contended = 0
+        self.wait_ns = 0
+        self.hold_ns = 0
+        self.longest_hold_ns = 0
+
+    def lock(self) -> None:
+        me = threading.get_ident()
+        if self._owner == me:
+            raise StateError("bql_lock(): the BQL is already held by this thread (it is not recursive)")
+        lock = self._lock
+        if lock.acquire(blocking=False):
+            now = time.monotonic_ns()
+        else:
+            t0 = time.monotonic_ns()
+            lock.acquire()
+            now = time.monotonic_ns()
+            self.contended += 1
+            self.wait_ns += now - t0
+        self._owner = me
+        self._acquired_at = now
+        self.acquisitions += 1
+
+    def unlock(self) -> None:
+        if self._owner != threading.get_ident():
+            raise StateError("bql_unlock(): the BQL is not held by this thread")
+        held = time.monotonic_ns() - self._acquired_at
+        self.hold_ns += held
+        if held > self.longest_hold_ns:
+            self.longest_hold_ns = held
+        self._owner = 0
+        self._lock.release()
+
+    def locked(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def stats(self) -> BQLStats:
+        return BQLStats(self.acquisitions, self.contended, self.wait_ns, self.hold_ns, self.longest_hold_ns)
+
+
+_BQL = _BigLock()
+
+
+def bql_lock() -> None:
+    """Take the BQL; waits while another thread holds it.  Raises
+    ``StateError`` if the calling thread already holds it."""
+    _BQL.lock()
+
+
+def bql_unlock() -> None:
+    """Release the BQL.  Raises ``StateError`` unless the calling thread holds it."""
+    _BQL.unlock()
+
+
+def bql_locked() -> bool:
+    """Whether the calling thread holds the BQL."""
+    return _BQL.locked()
+
+
+@contextmanager
+def bql() -> Iterator[None]:
+    """``with bql():`` holds the BQL for the block (QEMU's ``BQL_LOCK_GUARD``)."""
+    _BQL.lock()
+    try:
+        yield
+    finally:
+        _BQL.unlock()
+
+
+def bql_stats() -> BQLStats:
+    """A snapshot of the BQL's counters since the process started."""
+    return _BQL.stats()
