@@ -21,11 +21,14 @@ from ._coroutine import Future as Future
 from ._coroutine import current_coroutine as current_coroutine
 from ._coroutine import reschedule as reschedule
 from ._coroutine import sleep_ns as sleep_ns
+from ._fdmon import EpollMonitor as EpollMonitor
+from ._fdmon import timeout_ns_to_seconds as timeout_ns_to_seconds
 from ._notifier import EventNotifier as EventNotifier
 from ._polling import PollParams as PollParams
 from ._threadpool import RequestState as RequestState
 from ._threadpool import ThreadPool as ThreadPool
 from ._threadpool import ThreadPoolRequest as ThreadPoolRequest
+from ._timers import ClockSpec as ClockSpec
 from ._timers import Timer as Timer
 from ._timers import TimerListGroup as TimerListGroup
 
@@ -34,8 +37,10 @@ __all__ = [
     "AioContextStats",
     "BottomHalf",
     "Clock",
+    "ClockSpec",
     "ClockType",
     "Coroutine",
+    "EpollMonitor",
     "EventNotifier",
     "Future",
     "ManualClock",
@@ -51,4 +56,5 @@ __all__ = [
     "get_current_aio_context",
     "reschedule",
     "sleep_ns",
+    "timeout_ns_to_seconds",
 ]

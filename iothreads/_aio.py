@@ -500,6 +500,55 @@ class AioContext:
         return soonest_timeout(timeout, deadline)
 
     # ------------------------------------------------------------------
+    # The context as a glib-style source (QEMU's aio_ctx_prepare/check/dispatch)
+    # ------------------------------------------------------------------
+
+    def set_fd_listener(self, listener: Callable[[int, int, str], None] | None) -> None:
+        """Call ``listener(fd, events, role)`` for every fd handler now and on
+        every change (``events == 0``: removed).  Any thread.
+
+        This is how a main-loop source keeps the fds of this context in its
+        own poll set (QEMU's ``g_source_add_poll`` in ``aio_set_fd_handler``).
+        ``role`` says what the fd is, for live views.
+        """
+        self._fds.set_listener(listener)
+
+    def gsource_prepare(self) -> int:
+        """Before the main loop polls: announce it (``notify_me`` bit 0) and
+        return the timeout in ns (0: ready now, -1: none).  Home thread."""
+        self._notify_me |= 1
+        if self._fds.poll_started:
+            self._fds.set_poll_started([], False)  # no busy polling under a glib-style loop
+        return self._compute_timeout_ns()
+
+    def gsource_check(self, fds_pending: bool) -> bool:
+        """After the poll: whether to dispatch.  ``fds_pending`` says whether
+        any of the context's fds polled ready.  Home thread."""
+        self._notify_me &= ~1
+        self._notified = False
+        return fds_pending or self._bhs.any_scheduled() or self._timers.deadline_ns() == 0
+
+    def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
+        """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,
+        as ``aio_dispatch`` does.  Home thread.  Returns progress."""
+        if threading.get_ident() != self._home:
+            self._assert_home("AioContext.gsource_dispatch")
+        outer_ctx = getattr(_tls, "ctx", None)
+        _tls.ctx = self
+        try:
+            progress = self._bhs.poll()
+            if ready_fds:
+                nodes = self._fds.nodes
+                ready: Ready = [(nodes[fd], ev, False) for fd, ev in ready_fds if fd in nodes]
+                if self._fds.dispatch(ready, 0, self._poll_params):
+                    progress = True
+            if any(self._timer_heaps) and self._timers.run(self.report_exception):
+                progress = True
+        finally:
+            _tls.ctx = outer_ctx
+        return progress
+
+    # ------------------------------------------------------------------
     # Coroutine scheduling (details in _coroutine.py)
     # ------------------------------------------------------------------
 

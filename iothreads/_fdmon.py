@@ -43,15 +43,32 @@ class EpollMonitor:
     """One epoll instance.  ``update`` is safe from any thread; ``wait`` is
     called by the owning context's home thread."""
 
-    __slots__ = ("_epoll", "_max_events")
+    __slots__ = ("_epoll",)
 
     def __init__(self) -> None:
         self._epoll = select.epoll()
-        self._max_events = 128
 
     def fileno(self) -> int:
         """The epoll fd: readable when any registered fd is ready."""
         return self._epoll.fileno()
+
+    def register(self, fd: int, events: int) -> None:
+        """Start watching ``fd`` (``events`` may be 0: errors and hang-ups only)."""
+        self._epoll.register(fd, events)
+
+    def modify(self, fd: int, events: int) -> None:
+        """Change the events watched on a registered ``fd``."""
+        try:
+            self._epoll.modify(fd, events)
+        except FileNotFoundError:
+            self._epoll.register(fd, events)
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd``; an fd closed meanwhile is not an error."""
+        try:
+            self._epoll.unregister(fd)
+        except (OSError, ValueError):
+            pass
 
     def update(self, fd: int, old_events: int, new_events: int) -> None:
         """Register, modify or remove ``fd`` (``new_events == 0`` removes)."""
@@ -73,11 +90,11 @@ class EpollMonitor:
             except FileExistsError:
                 ep.modify(fd, new_events)
 
-    def wait(self, timeout_ns: int) -> list[tuple[int, int]]:
+    def wait(self, timeout_ns: int, max_events: int = 128) -> list[tuple[int, int]]:
         """Block up to ``timeout_ns`` (-1: forever); return ``(fd, events)`` pairs."""
         if timeout_ns == 0:
-            return self._epoll.poll(0, self._max_events)
-        return self._epoll.poll(timeout_ns_to_seconds(timeout_ns), self._max_events)
+            return self._epoll.poll(0, max_events)
+        return self._epoll.poll(timeout_ns_to_seconds(timeout_ns), max_events)
 
     def close(self) -> None:
         self._epoll.close()

@@ -95,6 +95,7 @@ class FdHandlers:
         self.dispatches = 0
         self.busy_poll_runs = 0
         self.busy_poll_hits = 0
+        self._listener: Callable[[int, int, str], None] | None = None
 
     # -- registration (any thread) ----------------------------------------
 
@@ -131,6 +132,9 @@ class FdHandlers:
                 else:
                     self.nodes[fd] = old
                 raise
+            listener = self._listener
+            if listener is not None:
+                listener(fd, new.events if new else 0, self._role(new) if new else "")
             self.poll_disable_cnt += (new is not None and new.io_poll is None) - (
                 old is not None and old.io_poll is None
             )
@@ -140,6 +144,25 @@ class FdHandlers:
                     old.polling = False
                     self.poll_list = [h for h in self.poll_list if h is not old]
         return True
+
+    def _role(self, node: Handler) -> str:
+        if node.is_notifier:
+            return f"notifier eventfd of AioContext {self._ctx.name!r}"
+        cbs = [f"{k}={callable_name(cb)}" for k, cb in (("io_read", node.io_read),
+               ("io_write", node.io_write)) if cb is not None]
+        return f"fd handler of AioContext {self._ctx.name!r} ({', '.join(cbs)})"
+
+    def set_listener(self, listener: Callable[[int, int, str], None] | None) -> None:
+        with self._lock:
+            old = self._listener
+            self._listener = listener
+            current = [(fd, n.events, self._role(n)) for fd, n in self.nodes.items()]
+            if old is not None:
+                for fd, _, _ in current:
+                    old(fd, 0, "")
+            if listener is not None:
+                for fd, events, role in current:
+                    listener(fd, events, role)
 
     def reset_poll_windows(self) -> None:
         for node in list(self.nodes.values()):

@@ -271,6 +271,11 @@ class BottomHalfTimerMachine(RuleBasedStateMachine):
     def poll(self) -> None:
         self._check_poll(blocking=False)
 
+    @rule(delta=ADVANCE)
+    def advance_and_poll(self, delta: int) -> None:
+        self.advance(delta)
+        self._check_poll(blocking=False)
+
     def _progress_certain(self) -> bool:
         return (
             bool(self.m_oneshots)

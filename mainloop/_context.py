@@ -1,0 +1,531 @@
+"""MainContext: a glib-style main context (``GMainContext``).
+
+Theory of operation
+-------------------
+One iteration has glib's steps, each a method so that a main loop can put
+work between them (QEMU's ``main_loop_wait`` releases the BQL around the
+poll):
+
+1. ``prepare()``: walk the sources that take part in every iteration (those
+   with a ``prepare`` or ``check`` hook, or a ready time) in priority order;
+   collect "ready now" and the smallest timeout.  Once a source is ready, no
+   source of a numerically higher priority is asked.
+2. ``query(max_priority)``: the timeout and the number of polled fds; clears
+   the "fd set changed" flag.
+3. ``poll(timeout_ns)``: the only blocking call: epoll, whose interest set is
+   kept up to date incrementally as sources add and remove fds, so idle fd
+   watches cost nothing per iteration.  Ready fds get ``revents``.
+4. ``check(max_priority)``: if the fd set changed since ``query``, dispatch
+   nothing (the next iteration re-queries).  Otherwise find the ready
+   sources: ready from ``prepare``, by their ``check`` hook, by an auto fd
+   (``add_unix_fd``) that polled ready, or by their ready time.  Only the
+   highest ready priority is kept.
+5. ``dispatch()``: run them; a source whose ``dispatch`` returns False is
+   destroyed.
+
+Any thread may attach and destroy sources, add and remove their fds, and
+change ready times; each such change from a thread that does not own the
+context writes the context's wakeup eventfd, so a blocked poll notices.
+Iterating requires owning the context (``acquire``, recursive, one thread at a
+time), as in glib.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeAlias
+
+from iothreads import EpollMonitor, EventNotifier
+from protocol import StateError
+
+from ._source import (
+    IO_ERR,
+    IO_HUP,
+    IO_IN,
+    IO_NVAL,
+    IO_OUT,
+    IO_PRI,
+    PRIORITY_DEFAULT,
+    PRIORITY_DEFAULT_IDLE,
+    PollFD,
+    Source,
+)
+
+if TYPE_CHECKING:
+    from ._view import MainLoopView
+
+__all__ = ["MainContext"]
+
+log = logging.getLogger("mainloop")
+
+ExceptionHandler: TypeAlias = Callable[["MainContext", Exception, str], None]
+
+MAX_PRIORITY = 2**31 - 1  # glib's G_MAXINT: "no source is ready"
+_ALWAYS = IO_ERR | IO_HUP | IO_NVAL
+_POLLABLE = IO_IN | IO_PRI | IO_OUT
+
+
+def _soonest(a: int, b: int) -> int:
+    if a < 0:
+        return b
+    if b < 0:
+        return a
+    return a if a < b else b
+
+
+class MainContext:
+    """A set of sources to poll and dispatch; see the module docstring."""
+
+    def __init__(self, name: str = "main") -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._epoll = EpollMonitor()
+        self._wakeup = EventNotifier()
+        self._records: dict[int, list[PollFD]] = {}  # fd -> poll records (copied on write)
+        self._sources: dict[int, Source] = {}
+        self._next_id = 1
+        self._watched: list[Source] = []  # sorted (priority, id); copied on write
+        self._poll_changed = False
+        self._owner = 0
+        self._owner_depth = 0
+        self._touched: list[PollFD] = []
+        self._pending: list[Source] = []
+        self._timeout_ns = -1
+        self._exception_handler: ExceptionHandler | None = None
+        self._closed = False
+        self.iterations = 0
+        self._wakeup_pfd = PollFD(
+            self._wakeup.fileno(), IO_IN, None, False, f"wakeup eventfd of MainContext {name!r}"
+        )
+        self._add_pollfd(self._wakeup_pfd)
+
+    # ------------------------------------------------------------------
+    # Ownership and wake-ups
+    # ------------------------------------------------------------------
+
+    def acquire(self) -> bool:
+        """Become the owner (recursive); False if another thread owns it."""
+        me = threading.get_ident()
+        with self._lock:
+            if self._owner not in (0, me):
+                return False
+            self._owner = me
+            self._owner_depth += 1
+        return True
+
+    def release(self) -> None:
+        """Undo one ``acquire``."""
+        with self._lock:
+            if self._owner != threading.get_ident():
+                raise StateError(f"MainContext {self.name!r} is not owned by this thread")
+            self._owner_depth -= 1
+            if not self._owner_depth:
+                self._owner = 0
+
+    def is_owner(self) -> bool:
+        return self._owner == threading.get_ident()
+
+    def _assert_owner(self, what: str) -> None:
+        if self._owner != threading.get_ident():
+            raise StateError(f"{what}: acquire MainContext {self.name!r} first")
+
+    def wakeup(self) -> None:
+        """Make a poll in progress return (any thread)."""
+        self._wakeup.set()
+
+    def _wake_if_foreign(self) -> None:
+        if self._owner != threading.get_ident():
+            self._wakeup.set()
+
+    @property
+    def wakeup_fd(self) -> int:
+        """The context's own wakeup eventfd (glib's GWakeup)."""
+        return self._wakeup.fileno()
+
+    # ------------------------------------------------------------------
+    # Sources (any thread)
+    # ------------------------------------------------------------------
+
+    def attach(self, source: Source) -> int:
+        """Attach ``source``; return its id.  Any thread; wakes the context."""
+        with self._lock:
+            if self._closed:
+                raise StateError(f"MainContext {self.name!r} is closed")
+            if source.context is not None or source.destroyed:
+                raise StateError(f"source {source.name!r} is already attached or destroyed")
+            source.id = self._next_id
+            self._next_id += 1
+            source.context = self
+            self._sources[source.id] = source
+            try:
+                for pfd in source.pollfds:
+                    self._add_pollfd_locked(pfd)
+            except BaseException:
+                for pfd in source.pollfds:
+                    self._remove_pollfd_locked(pfd)
+                del self._sources[source.id]
+                source.context = None
+                raise
+            self._update_watched_locked(source)
+        source._on_attach()
+        self._wake_if_foreign()
+        return source.id
+
+    def find_source_by_id(self, source_id: int) -> Source | None:
+        return self._sources.get(source_id)
+
+    def source_remove(self, source_id: int) -> bool:
+        """Destroy the source with this id; False if there is none."""
+        source = self._sources.get(source_id)
+        if source is None:
+            return False
+        source.destroy()
+        return True
+
+    def sources(self) -> list[Source]:
+        """The attached sources, by priority then id."""
+        return sorted(self._sources.values(), key=lambda s: (s.priority, s.id))
+
+    def _destroy(self, source: Source) -> None:
+        with self._lock:
+            if source._destroyed:
+                return
+            source._destroyed = True
+            self._sources.pop(source.id, None)
+            if source in self._watched:
+                self._watched = [s for s in self._watched if s is not source]
+            for pfd in source.pollfds:
+                self._remove_pollfd_locked(pfd)
+        self._wake_if_foreign()
+        try:
+            source.finalize()
+        except Exception as exc:
+            self.report_exception(exc, f"finalize of source {source.name!r}")
+
+    def _update_watched_locked(self, source: Source) -> None:
+        watch = not source._destroyed and (source.has_prepare_or_check or source.ready_time_ns >= 0)
+        present = source in self._watched
+        if watch and not present:
+            self._watched = sorted([*self._watched, source], key=lambda s: (s.priority, s.id))
+        elif present and not watch:
+            self._watched = [s for s in self._watched if s is not source]
+
+    def _ready_time_changed(self, source: Source) -> None:
+        with self._lock:
+            if source.context is not self:
+                return
+            self._update_watched_locked(source)
+        self._wake_if_foreign()
+
+    # -- the standard sources, glib's way (any thread) ---------------------
+
+    def io_add_watch(self, fd: int, conditions: int, callback: Callable[[int, int], bool],
+                     priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
+        """``callback(fd, condition) -> bool`` when ``fd`` meets ``conditions``
+        (``IO_IN | IO_OUT | IO_PRI | IO_HUP | IO_ERR``); return the source id."""
+        from ._sources import FdWatchSource
+
+        return self.attach(FdWatchSource(fd, conditions, callback, name, priority))
+
+    def timeout_add(self, interval_ms: int, callback: Callable[[], bool],
+                    priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
+        """``callback() -> bool`` every ``interval_ms`` while it returns True."""
+        from ._sources import TimeoutSource
+
+        return self.attach(TimeoutSource(interval_ms * 1_000_000, callback, name, priority))
+
+    def timeout_add_seconds(self, interval_s: int, callback: Callable[[], bool],
+                            priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
+        """``callback() -> bool`` every ``interval_s`` seconds while it returns True."""
+        from ._sources import TimeoutSource
+
+        return self.attach(TimeoutSource(interval_s * 1_000_000_000, callback, name, priority))
+
+    def idle_add(self, callback: Callable[[], bool], priority: int = PRIORITY_DEFAULT_IDLE,
+                 name: str | None = None) -> int:
+        """``callback() -> bool`` whenever nothing of higher priority is ready."""
+        from ._sources import IdleSource
+
+        return self.attach(IdleSource(callback, name, priority))
+
+    def signal_add(self, signals: list[int], callback: Callable[[int], bool],
+                   priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
+        """``callback(signum) -> bool`` for each of ``signals``, through a signalfd."""
+        from ._sources import SignalSource
+
+        return self.attach(SignalSource(signals, callback, name, priority))
+
+    def child_watch_add(self, pid: int, callback: Callable[[int, int], object],
+                        priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
+        """``callback(pid, wait_status)`` once child ``pid`` exits (it is reaped)."""
+        from ._sources import ChildWatchSource
+
+        return self.attach(ChildWatchSource(pid, callback, name, priority))
+
+    # ------------------------------------------------------------------
+    # Poll fds (any thread)
+    # ------------------------------------------------------------------
+
+    def _add_pollfd(self, pfd: PollFD) -> None:
+        with self._lock:
+            self._add_pollfd_locked(pfd)
+        self._wake_if_foreign()
+
+    def _remove_pollfd(self, pfd: PollFD) -> None:
+        with self._lock:
+            self._remove_pollfd_locked(pfd)
+        self._wake_if_foreign()
+
+    def _mask(self, records: list[PollFD]) -> int:
+        mask = 0
+        for r in records:
+            mask |= r.events
+        return mask & _POLLABLE
+
+    def _add_pollfd_locked(self, pfd: PollFD) -> None:
+        old = self._records.get(pfd.fd, [])
+        new = [*old, pfd]
+        old_mask, new_mask = self._mask(old), self._mask(new)
+        if not old:
+            self._epoll.register(pfd.fd, new_mask)
+        elif new_mask != old_mask:
+            self._epoll.modify(pfd.fd, new_mask)
+        self._records[pfd.fd] = new
+        self._poll_changed = True
+
+    def _remove_pollfd_locked(self, pfd: PollFD) -> None:
+        old = self._records.get(pfd.fd)
+        if not old or pfd not in old:
+            return
+        new = [r for r in old if r is not pfd]
+        if new:
+            self._records[pfd.fd] = new
+            if self._mask(new) != self._mask(old):
+                self._epoll.modify(pfd.fd, self._mask(new))
+        else:
+            del self._records[pfd.fd]
+            self._epoll.unregister(pfd.fd)
+        pfd.revents = 0
+        self._poll_changed = True
+
+    # ------------------------------------------------------------------
+    # One iteration, step by step (owner only)
+    # ------------------------------------------------------------------
+
+    def prepare(self) -> tuple[bool, int]:
+        """Step 1: return ``(any ready, max_priority)`` and compute the timeout."""
+        self._assert_owner("MainContext.prepare")
+        self._pending = []
+        now_ns = time.monotonic_ns()
+        timeout_ns = -1
+        max_priority = MAX_PRIORITY
+        for src in self._watched:
+            if src._destroyed:
+                continue
+            if max_priority != MAX_PRIORITY and src.priority > max_priority:
+                break
+            ready = src._ready
+            t = -1
+            if not ready and type(src).prepare is not Source.prepare:
+                try:
+                    ready, t = src.prepare()
+                except Exception as exc:
+                    self.report_exception(exc, f"prepare of source {src.name!r}")
+                    ready, t = False, -1
+            rt = src.ready_time_ns
+            if not ready and rt >= 0:
+                if rt <= now_ns:
+                    ready = True
+                else:
+                    t = _soonest(t, rt - now_ns)
+            if ready:
+                src._ready = True
+                if max_priority == MAX_PRIORITY:
+                    max_priority = src.priority
+            else:
+                timeout_ns = _soonest(timeout_ns, t)
+        self._timeout_ns = 0 if max_priority != MAX_PRIORITY else timeout_ns
+        return max_priority != MAX_PRIORITY, max_priority
+
+    def query(self, max_priority: int) -> tuple[int, int]:
+        """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
+        self._assert_owner("MainContext.query")
+        self._poll_changed = False
+        return self._timeout_ns, len(self._records)
+
+    def poll(self, timeout_ns: int) -> int:
+        """Step 3: wait up to ``timeout_ns`` (-1: forever) for fds; return how many
+        fds polled ready.  The only blocking call; needs no lock held."""
+        for pfd in self._touched:
+            pfd.revents = 0
+            if pfd.source is not None:
+                pfd.source._fired = []
+        touched: list[PollFD] = []
+        records = self._records
+        events = self._epoll.wait(timeout_ns, max(len(records), 1))
+        for fd, ev in events:
+            for pfd in records.get(fd, ()):
+                revents = ev & (pfd.events | _ALWAYS)
+                if revents:
+                    pfd.revents = revents
+                    touched.append(pfd)
+                    src = pfd.source
+                    if src is not None:
+                        if not src._fired:
+                            src._fired = [pfd]
+                        else:
+                            src._fired.append(pfd)
+        self._touched = touched
+        return len(events)
+
+    def check(self, max_priority: int) -> bool:
+        """Step 4: choose the sources to dispatch; return whether there are any."""
+        self._assert_owner("MainContext.check")
+        if self._wakeup_pfd.revents:
+            self._wakeup.test_and_clear()
+        if self._poll_changed:
+            return False  # the fd set changed since query: re-query first
+        candidates = list(self._watched)
+        seen = set(map(id, candidates))
+        for pfd in self._touched:
+            src = pfd.source
+            if src is not None and pfd.auto and id(src) not in seen:
+                seen.add(id(src))
+                candidates.append(src)
+        if len(candidates) > 1:
+            candidates.sort(key=lambda s: (s.priority, s.id))
+        now_ns = -1
+        pending: list[Source] = []
+        for src in candidates:
+            if src._destroyed:
+                continue
+            if pending and src.priority > max_priority:
+                break
+            if not src._ready:
+                ready = False
+                if type(src).check is not Source.check:
+                    try:
+                        ready = src.check()
+                    except Exception as exc:
+                        self.report_exception(exc, f"check of source {src.name!r}")
+                if not ready and src._fired:
+                    ready = any(p.auto for p in src._fired)
+                if not ready and src.ready_time_ns >= 0:
+                    if now_ns < 0:
+                        now_ns = time.monotonic_ns()
+                    ready = src.ready_time_ns <= now_ns
+                if ready:
+                    src._ready = True
+            if src._ready:
+                pending.append(src)
+                max_priority = src.priority
+        self._pending = pending
+        return bool(pending)
+
+    def dispatch(self) -> bool:
+        """Step 5: dispatch what ``check`` chose; return whether anything ran."""
+        self._assert_owner("MainContext.dispatch")
+        pending, self._pending = self._pending, []
+        ran = False
+        for src in pending:
+            if src._destroyed:
+                continue
+            src._ready = False
+            ran = True
+            try:
+                keep = src._run_dispatch()
+            except Exception as exc:
+                self.report_exception(exc, f"dispatch of source {src.name!r}")
+                keep = True
+            if not keep:
+                src.destroy()
+        return ran
+
+    def iteration(self, may_block: bool) -> bool:
+        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
+        if not self.acquire():
+            raise StateError(f"MainContext {self.name!r} is owned by another thread")
+        try:
+            self.iterations += 1
+            ready, max_priority = self.prepare()
+            timeout_ns, _ = self.query(max_priority)
+            if ready or not may_block:
+                timeout_ns = 0
+            self.poll(timeout_ns)
+            if self.check(max_priority):
+                return self.dispatch()
+            return False
+        finally:
+            self.release()
+
+    def pending(self) -> bool:
+        """Whether a source is ready right now (glib's g_main_context_pending)."""
+        if not self.acquire():
+            return False
+        try:
+            _, max_priority = self.prepare()
+            self.query(max_priority)
+            self.poll(0)
+            ready = self.check(max_priority)
+            for src in self._pending:
+                src._ready = True  # keep them ready for the next iteration
+            self._pending = []
+            return ready
+        finally:
+            self.release()
+
+    # ------------------------------------------------------------------
+    # Errors, introspection, teardown
+    # ------------------------------------------------------------------
+
+    def set_exception_handler(self, handler: ExceptionHandler | None) -> None:
+        """``handler(context, exc, where)`` for exceptions raised by source hooks;
+        ``None`` (the default) logs them on the ``mainloop`` logger."""
+        self._exception_handler = handler
+
+    def report_exception(self, exc: Exception, where: str) -> None:
+        handler = self._exception_handler
+        if handler is None:
+            log.error("MainContext %s: %s raised %r", self.name, where, exc, exc_info=exc)
+        else:
+            handler(self, exc, where)
+
+    def pollfds(self) -> list[PollFD]:
+        """Every polled fd record, by fd."""
+        records = self._records
+        return [pfd for fd in sorted(records) for pfd in records[fd]]
+
+    def describe(self) -> MainLoopView:
+        """A snapshot of the sources and polled fds (the live view)."""
+        from ._view import MainLoopView
+
+        return MainLoopView.of(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """Destroy every source and release the fds.  Idempotent."""
+        if self._closed:
+            return
+        for src in self.sources():
+            src.destroy()
+        with self._lock:
+            self._closed = True
+            self._records.clear()
+        self._epoll.close()
+        self._wakeup.close()
+
+    def __enter__(self) -> MainContext:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<MainContext {self.name!r} {len(self._sources)} sources, {len(self._records)} fds>"
+
