@@ -6,30 +6,33 @@ Each metric is the cost of one turn of a loop mechanism, measured as a rate
 (higher is better), with the same Python callback on both sides so that only
 the loop machinery differs:
 
-bh
+bh schedule+dispatch
     Bottom-half schedule + dispatch: a BH whose callback schedules itself
     again; the home thread loops ``ctx.poll(True)`` until N callbacks ran.
     Baseline: a ``loop.call_soon`` chain.  The price of deferring work to
     "soon", which coroutines, the thread pool and completions all pay.
-timer
+timer re-arm due now
     A REALTIME timer whose callback re-arms itself due now
     (``t.mod_ns(ctx.clock_now_ns(REALTIME))``).  Baseline: a
     ``loop.call_later(0, ...)`` chain.  The timer heap and deadline
     computation on every poll.
-wakeup
+cross-thread wake-up
     Cross-thread round trip: the home thread sleeps in ``ctx.poll(True)``;
     another thread schedules a pre-created BH and blocks on a
     ``queue.SimpleQueue`` that the BH answers.  Baseline:
     ``loop.call_soon_threadsafe`` with the same answer.  The notify / eventfd
     wake-up path that every request from another thread takes.  Both threads
     may run on any CPU, on every side.
-fd
+fd ping-pong
     fd readiness dispatch: one socketpair (a, b), a reader on each end that
     reads one byte and sends one back, ping-ponging inside one loop; counts
     round trips.  Ours with ``ctx.set_fd_handler(fd, io_read=...)``, baseline
     ``loop.add_reader``.  The epoll wait + handler dispatch path of all I/O.
 
-Every measurement builds a fresh context or event loop and closes it.
+Every measurement builds a fresh context or event loop and closes it.  Each
+row is the median of several repeats, ours and each baseline interleaved (see
+``_common.py``); the uvloop rows appear when uvloop is importable.
+``--quick`` shortens and reduces the repeats (well under 30 s).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
@@ -49,12 +53,15 @@ from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, w
 
 from iothreads import AioContext, ClockType  # noqa: E402
 
-try:
-    import uvloop
-except ImportError:
-    uvloop = None
-
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
+
+
+def _uvloop() -> LoopFactory | None:
+    try:
+        import uvloop
+    except ImportError:
+        return None
+    return uvloop.new_event_loop
 
 
 # -- (a) bottom halves ----------------------------------------------------------
@@ -203,63 +210,64 @@ def wakeup_loop(new_loop: LoopFactory, n: int) -> float:
 
 # -- (d) fd readiness -------------------------------------------------------------
 
-def _ping_pong(n: int, stop: Callable[[], object]) -> tuple[socket.socket, socket.socket,
-                                                           Callable[[], None], Callable[[], None],
-                                                           Callable[[], int]]:
-    """A socketpair and its two readers; ``rounds()`` counts completed round trips."""
-    a, b = socket.socketpair()
-    a.setblocking(False)
-    b.setblocking(False)
-    count = 0
+class _PingPong:
+    """A socketpair (a, b) whose readers bounce one byte back and forth."""
 
-    def on_a() -> None:
-        nonlocal count
-        a.recv(1)
-        count += 1
-        if count < n:
-            a.send(b"x")
+    def __init__(self, n: int, done: Callable[[], object]) -> None:
+        self.a, self.b = socket.socketpair()
+        self.a.setblocking(False)
+        self.b.setblocking(False)
+        self.n = n
+        self.done = done
+        self.rounds = 0
+
+    def on_a(self) -> None:
+        self.a.recv(1)
+        self.rounds += 1
+        if self.rounds < self.n:
+            self.a.send(b"x")
         else:
-            stop()
+            self.done()
 
-    def on_b() -> None:
-        b.recv(1)
-        b.send(b"x")
+    def on_b(self) -> None:
+        self.b.recv(1)
+        self.b.send(b"x")
 
-    return a, b, on_a, on_b, lambda: count
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
 
 
 def fd_ours(n: int) -> float:
     ctx = AioContext()
-    a, b, on_a, on_b, rounds = _ping_pong(n, lambda: None)
-    ctx.set_fd_handler(a.fileno(), io_read=on_a)
-    ctx.set_fd_handler(b.fileno(), io_read=on_b)
+    pp = _PingPong(n, lambda: None)
+    ctx.set_fd_handler(pp.a.fileno(), io_read=pp.on_a)
+    ctx.set_fd_handler(pp.b.fileno(), io_read=pp.on_b)
     t0 = time.perf_counter()
-    b.send(b"x")
-    while rounds() < n:
+    pp.b.send(b"x")
+    while pp.rounds < n:
         ctx.poll(True)
     elapsed = time.perf_counter() - t0
-    ctx.set_fd_handler(a.fileno())
-    ctx.set_fd_handler(b.fileno())
+    ctx.set_fd_handler(pp.a.fileno())
+    ctx.set_fd_handler(pp.b.fileno())
     ctx.close()
-    a.close()
-    b.close()
+    pp.close()
     return n / elapsed
 
 
 def fd_loop(new_loop: LoopFactory, n: int) -> float:
     loop = new_loop()
-    a, b, on_a, on_b, _ = _ping_pong(n, loop.stop)
-    loop.add_reader(a.fileno(), on_a)
-    loop.add_reader(b.fileno(), on_b)
+    pp = _PingPong(n, loop.stop)
+    loop.add_reader(pp.a.fileno(), pp.on_a)
+    loop.add_reader(pp.b.fileno(), pp.on_b)
     t0 = time.perf_counter()
-    b.send(b"x")
+    pp.b.send(b"x")
     loop.run_forever()
     elapsed = time.perf_counter() - t0
-    loop.remove_reader(a.fileno())
-    loop.remove_reader(b.fileno())
+    loop.remove_reader(pp.a.fileno())
+    loop.remove_reader(pp.b.fileno())
     loop.close()
-    a.close()
-    b.close()
+    pp.close()
     return n / elapsed
 
 
@@ -275,14 +283,15 @@ METRICS: list[tuple[str, str, Callable[[int], float], Callable[[LoopFactory, int
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args("Event-loop micro-benchmarks: AioContext against asyncio (and uvloop).")
     repeats, scale = (7, 5) if args.quick else (11, 1)
     loops: dict[str, LoopFactory] = {"asyncio": asyncio.new_event_loop}
     print(cpu_note())
     print("cross-thread wake-up: home and client threads are not pinned; both may "
           "run on any of those CPUs, for ours and every baseline alike")
+    uvloop = _uvloop()
     if uvloop is not None:
-        loops["uvloop"] = uvloop.new_event_loop
+        loops["uvloop"] = uvloop
     else:
         print("uvloop is not importable: its rows are skipped")
     print(f"median of {repeats} interleaved repeats (after 1 warm-up), "
@@ -290,9 +299,8 @@ def main() -> None:
 
     rows: list[Row] = []
     for metric, unit, ours, baseline, n in METRICS:
-        n //= scale
-        sides: list[tuple[str, Callable[[], float]]] = [("ours", lambda ours=ours, n=n: ours(n))]
-        sides += [(name, lambda f=f, b=baseline, n=n: b(f, n)) for name, f in loops.items()]
+        sides: list[tuple[str, Callable[[], float]]] = [("ours", partial(ours, n // scale))]
+        sides += [(name, partial(baseline, new_loop, n // scale)) for name, new_loop in loops.items()]
         rows += rows_for(metric, unit, "higher", measure(sides, repeats))
     print_table(rows)
     if args.json:

@@ -1,0 +1,295 @@
+"""MainContext on glib's contract: priorities, prepare/check/dispatch,
+ready times, poll fds, destroy during dispatch, cross-thread attach."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import pytest
+
+from mainloop import (
+    IO_HUP,
+    IO_IN,
+    IO_OUT,
+    PRIORITY_DEFAULT,
+    PRIORITY_HIGH,
+    PRIORITY_LOW,
+    SOURCE_REMOVE,
+    IdleSource,
+    MainContext,
+    Source,
+)
+from protocol import StateError
+
+BOUND_S = 30.0
+
+
+class Recorder(Source):
+    """A source whose hooks are scripted and recorded."""
+
+    def __init__(self, log: list[str], name: str, priority: int = PRIORITY_DEFAULT,
+                 ready: bool = False, timeout_ns: int = -1, check_result: bool = False,
+                 keep: bool = True) -> None:
+        super().__init__(name, priority)
+        self.log = log
+        self.ready = ready
+        self.timeout_ns = timeout_ns
+        self.check_result = check_result
+        self.keep = keep
+        self.finalized = 0
+
+    def prepare(self) -> tuple[bool, int]:
+        self.log.append(f"prepare {self.name}")
+        return self.ready, self.timeout_ns
+
+    def check(self) -> bool:
+        self.log.append(f"check {self.name}")
+        return self.check_result
+
+    def dispatch(self) -> bool:
+        self.log.append(f"dispatch {self.name}")
+        return self.keep
+
+    def finalize(self) -> None:
+        self.finalized += 1
+
+
+def iterate_until(ctx: MainContext, cond: object) -> None:
+    end = time.monotonic() + BOUND_S
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, "timed out"
+        ctx.iteration(True)
+
+
+def test_only_the_highest_ready_priority_is_dispatched(context: MainContext) -> None:
+    log: list[str] = []
+    low = Recorder(log, "low", PRIORITY_LOW, ready=True)
+    high_a = Recorder(log, "high-a", PRIORITY_HIGH, ready=True)
+    high_b = Recorder(log, "high-b", PRIORITY_HIGH, ready=True)
+    for s in (low, high_a, high_b):
+        context.attach(s)
+    assert context.iteration(False)
+    assert [e for e in log if e.startswith("dispatch")] == ["dispatch high-a", "dispatch high-b"]
+    # Once a high-priority source is ready, lower ones are not even prepared.
+    assert "prepare low" not in log
+    high_a.destroy()
+    high_b.destroy()
+    log.clear()
+    assert context.iteration(False)
+    assert log[-1] == "dispatch low"
+
+
+def test_prepare_timeout_bounds_the_poll_and_check_decides(context: MainContext) -> None:
+    log: list[str] = []
+    src = Recorder(log, "timed", timeout_ns=5_000_000, check_result=False)
+    context.attach(src)
+    assert context.acquire()
+    try:
+        ready, max_priority = context.prepare()
+        assert not ready
+        timeout_ns, n_fds = context.query(max_priority)
+        assert timeout_ns == 5_000_000
+        assert n_fds == 1  # the context's own wakeup fd
+        context.poll(0)
+        assert context.check(max_priority) is False
+    finally:
+        context.release()
+    src.check_result = True
+    t0 = time.monotonic_ns()
+    assert context.iteration(True)  # returns because the timeout bounds the poll
+    assert time.monotonic_ns() - t0 >= 5_000_000
+    assert log[-3:] == ["prepare timed", "check timed", "dispatch timed"]
+
+
+def test_dispatch_returning_false_destroys_and_finalizes_once(context: MainContext) -> None:
+    log: list[str] = []
+    src = Recorder(log, "once", ready=True, keep=False)
+    sid = context.attach(src)
+    assert context.find_source_by_id(sid) is src
+    assert context.iteration(False)
+    assert src.destroyed and src.finalized == 1
+    assert context.find_source_by_id(sid) is None
+    assert context.iteration(False) is False
+    src.destroy()
+    assert src.finalized == 1
+    with pytest.raises(StateError):
+        context.attach(src)
+
+
+def test_destroy_during_dispatch(context: MainContext) -> None:
+    log: list[str] = []
+    victim = Recorder(log, "victim", ready=True)
+
+    class Killer(Recorder):
+        def dispatch(self) -> bool:
+            victim.destroy()
+            self.destroy()  # destroying oneself inside dispatch is fine too
+            return super().dispatch()
+
+    killer = Killer(log, "killer", ready=True)
+    context.attach(killer)
+    context.attach(victim)
+    assert context.iteration(False)
+    assert "dispatch victim" not in log and "dispatch killer" in log
+    assert victim.finalized == 1 and killer.finalized == 1
+    assert context.sources() == []
+
+
+def test_source_ids_and_source_remove(context: MainContext) -> None:
+    ids = [context.idle_add(lambda: True) for _ in range(3)]
+    assert len(set(ids)) == 3 and all(i > 0 for i in ids)
+    assert context.source_remove(ids[1])
+    assert not context.source_remove(ids[1])
+    assert [s.id for s in context.sources()] == [ids[0], ids[2]]
+
+
+def test_attach_from_another_thread_wakes_a_blocked_iteration(context: MainContext) -> None:
+    ran = threading.Event()
+    context.iteration(False)
+    t = threading.Thread(target=context.idle_add, args=(lambda: (ran.set(), SOURCE_REMOVE)[1],))
+    t.start()
+    iterate_until(context, ran.is_set)
+    t.join()
+
+
+def test_fd_set_change_after_query_makes_check_dispatch_nothing(context: MainContext) -> None:
+    a, b = socket.socketpair()
+    got: list[int] = []
+    b.send(b"x")
+    assert context.acquire()
+    try:
+        ready, max_priority = context.prepare()
+        context.query(max_priority)
+        # Between query and check, a source adds an fd (from any thread).
+        t = threading.Thread(target=context.io_add_watch,
+                             args=(a.fileno(), IO_IN, lambda fd, cond: bool(got.append(cond))))
+        t.start()
+        t.join()
+        context.poll(0)
+        assert context.check(max_priority) is False  # re-query first
+    finally:
+        context.release()
+    assert context.iteration(False)  # the next iteration sees the new fd
+    assert got == [IO_IN]
+    a.close()
+    b.close()
+
+
+def test_ready_time(context: MainContext) -> None:
+    class Timed(Source):
+        def __init__(self) -> None:
+            super().__init__("timed")
+            self.runs = 0
+
+        def dispatch(self) -> bool:
+            self.runs += 1
+            self.set_ready_time(-1)
+            return True
+
+    src = Timed()
+    context.attach(src)
+    assert context.iteration(False) is False
+    src.set_ready_time(time.monotonic_ns() + 2_000_000)
+    assert context.acquire()
+    try:
+        _, maxp = context.prepare()
+        timeout_ns, _ = context.query(maxp)
+        assert 0 < timeout_ns <= 2_000_000
+    finally:
+        context.release()
+    iterate_until(context, lambda: src.runs == 1)
+    assert context.iteration(False) is False
+
+
+def test_add_poll_is_for_check_to_read(context: MainContext) -> None:
+    a, b = socket.socketpair()
+    seen: list[int] = []
+
+    class Watcher(Source):
+        def check(self) -> bool:
+            seen.extend(p.revents for p in self.pending_pollfds())
+            return False  # never ready: the fd alone must not make it ready
+
+        def dispatch(self) -> bool:
+            raise AssertionError("must not be dispatched")
+
+    w = Watcher("watcher")
+    w.add_poll(a.fileno(), IO_IN, "test fd")
+    context.attach(w)
+    b.send(b"x")
+    assert context.iteration(False) is False
+    assert seen == [IO_IN]
+    a.close()
+    b.close()
+
+
+def test_io_watch_conditions(context: MainContext) -> None:
+    a, b = socket.socketpair()
+    conds: list[tuple[str, int]] = []
+    context.io_add_watch(a.fileno(), IO_OUT, lambda fd, c: bool(conds.append(("out", c))) or SOURCE_REMOVE)
+    assert context.iteration(False)
+    assert conds == [("out", IO_OUT)]
+    context.io_add_watch(a.fileno(), IO_IN, lambda fd, c: bool(conds.append(("in", c))) or SOURCE_REMOVE)
+    b.close()
+    assert context.iteration(False)
+    assert conds[1][0] == "in" and conds[1][1] & IO_HUP
+    a.close()
+
+
+def test_two_watches_on_one_fd(context: MainContext) -> None:
+    a, b = socket.socketpair()
+    hits: list[str] = []
+    context.io_add_watch(a.fileno(), IO_IN, lambda fd, c: bool(hits.append("first")) or True)
+    second = context.io_add_watch(a.fileno(), IO_IN, lambda fd, c: bool(hits.append("second")) or True)
+    b.send(b"x")
+    assert context.iteration(False)
+    assert sorted(hits) == ["first", "second"]
+    context.source_remove(second)
+    hits.clear()
+    assert context.iteration(False)
+    assert hits == ["first"]  # the fd stays polled for the remaining watch
+    context.close()
+    a.close()
+    b.close()
+
+
+def test_a_raising_dispatch_is_reported_and_the_source_kept() -> None:
+    errors: list[str] = []
+    with MainContext("lenient") as ctx:
+        ctx.set_exception_handler(lambda c, exc, where: errors.append(f"{where}: {exc}"))
+
+        def boom() -> bool:
+            raise ValueError("oops")
+
+        sid = ctx.idle_add(boom, name="boomer")
+        assert ctx.iteration(False)
+        assert errors == ["dispatch of source 'boomer': oops"]
+        assert ctx.find_source_by_id(sid) is not None
+
+
+def test_iteration_needs_ownership(context: MainContext) -> None:
+    assert context.acquire()
+    result: list[object] = []
+
+    def other() -> None:
+        try:
+            context.iteration(False)
+        except StateError as exc:
+            result.append(exc)
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    context.release()
+    assert isinstance(result[0], StateError)
+
+
+def test_idle_and_timeout_sources(context: MainContext) -> None:
+    runs: list[str] = []
+    context.attach(IdleSource(lambda: bool(runs.append("idle")) or len(runs) < 2))
+    context.timeout_add(1, lambda: bool(runs.append("timeout")) or SOURCE_REMOVE, priority=PRIORITY_HIGH)
+    iterate_until(context, lambda: runs.count("idle") == 2 and "timeout" in runs)
+    assert runs.count("timeout") == 1
+    assert context.sources() == []

@@ -1,0 +1,85 @@
+"""Signals through a signalfd, child watches through a pidfd, and the live view."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+
+from mainloop import IO_IN, MainContext, MainLoop, SignalSource, bql
+
+BOUND_S = 30.0
+
+
+def iterate_until(ctx: MainContext, cond: object) -> None:
+    end = time.monotonic() + BOUND_S
+    while not cond():  # type: ignore[operator]
+        assert time.monotonic() < end, "timed out"
+        ctx.iteration(True)
+
+
+def test_signal_arrives_as_a_dispatch(context: MainContext) -> None:
+    got: list[int] = []
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    src = SignalSource([signal.SIGUSR1, signal.SIGUSR2], lambda s: bool(got.append(s)) or True)
+    context.attach(src)
+    assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    # Thread-directed, so no other thread of the test process can take it.
+    # Unblocked, SIGUSR1's default action would kill the process.
+    me = threading.get_ident()
+    signal.pthread_kill(me, signal.SIGUSR1)
+    signal.pthread_kill(me, signal.SIGUSR2)
+    iterate_until(context, lambda: len(got) == 2)
+    assert sorted(got) == [signal.SIGUSR1, signal.SIGUSR2]
+    src.destroy()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_child_watch_reaps_and_reports_the_status(context: MainContext) -> None:
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "raise SystemExit(3)"], os.environ)
+    statuses: list[tuple[int, int]] = []
+    context.child_watch_add(pid, lambda p, status: statuses.append((p, os.waitstatus_to_exitcode(status))))
+    iterate_until(context, lambda: statuses)
+    assert statuses == [(pid, 3)]
+    assert context.sources() == []  # a child watch is done once the child is reaped
+
+
+def test_child_killed_by_a_signal(context: MainContext) -> None:
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "import signal; signal.pause()"], os.environ)
+    statuses: list[int] = []
+    context.child_watch_add(pid, lambda p, status: statuses.append(os.waitstatus_to_exitcode(status)))
+    os.kill(pid, signal.SIGKILL)
+    iterate_until(context, lambda: statuses)
+    assert statuses == [-signal.SIGKILL]
+
+
+def test_live_view_of_a_default_main_loop(loop: MainLoop) -> None:
+    """The structure the source document analyses: the context's wakeup fd,
+    the two AioContexts' eventfds, the signalfd, and a listening socket."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    loop.context.io_add_watch(srv.fileno(), IO_IN, lambda fd, c: True, name="listener")
+    loop.context.attach(SignalSource([signal.SIGUSR1], lambda s: True))
+    with bql():
+        loop.main_loop_wait(True)
+    view = loop.context.describe()
+    kinds = {s.name: s.kind for s in view.sources}
+    assert kinds == {"aio-context": "aio-context", "io-handler": "aio-context",
+                     "listener": "fd-watch", "signals SIGUSR1": "signal"}
+    roles = [f.role for f in view.fds]
+    assert len(view.fds) == 5
+    assert roles[0] == "wakeup eventfd of MainContext 'test'"
+    assert "notifier eventfd of AioContext 'qemu_aio_context'" in roles
+    assert "notifier eventfd of AioContext 'iohandler_ctx'" in roles
+    assert "signalfd (SIGUSR1)" in roles
+    port = srv.getsockname()[1]
+    [listener] = [f for f in view.fds if f.source == "listener"]
+    assert listener.kind == f"TCP socket listening on 127.0.0.1:{port}"
+    text = str(view)
+    assert "qemu_aio_context" in text and "signalfd" in text and f"127.0.0.1:{port}" in text
+    assert view.as_dict()["context"] == "test"
+    srv.close()
