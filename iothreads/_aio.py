@@ -494,7 +494,9 @@ class AioContext:
         timeout = self._bhs.compute_timeout_ns()
         if timeout == 0:
             return 0
-        deadline = self.timers_deadline_ns()
+        if not any(self._timer_heaps):
+            return timeout
+        deadline = self._timers.deadline_ns()
         if deadline == 0:
             return 0
         return soonest_timeout(timeout, deadline)
@@ -513,20 +515,22 @@ class AioContext:
         """
         self._fds.set_listener(listener)
 
-    def gsource_prepare(self) -> int:
+    def gsource_prepare(self) -> tuple[bool, int]:
         """Before the main loop polls: announce it (``notify_me`` bit 0) and
-        return the timeout in ns (0: ready now, -1: none).  Home thread."""
+        return ``(ready, timeout_ns)`` (-1: no timeout).  Home thread."""
         self._notify_me |= 1
         if self._fds.poll_started:
             self._fds.set_poll_started([], False)  # no busy polling under a glib-style loop
-        return self._compute_timeout_ns()
+        timeout_ns = self._compute_timeout_ns()
+        return timeout_ns == 0, timeout_ns
 
     def gsource_check(self, fds_pending: bool) -> bool:
         """After the poll: whether to dispatch.  ``fds_pending`` says whether
         any of the context's fds polled ready.  Home thread."""
         self._notify_me &= ~1
         self._notified = False
-        return fds_pending or self._bhs.any_scheduled() or self._timers.deadline_ns() == 0
+        return (fds_pending or self._bhs.any_scheduled()
+                or (any(self._timer_heaps) and self._timers.deadline_ns() == 0))
 
     def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
         """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,

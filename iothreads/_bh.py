@@ -168,6 +168,8 @@ class BottomHalfQueue:
 
     def compute_timeout_ns(self) -> int:
         """0 if a BH is runnable, 10 ms if only idle ones are, else -1."""
+        if not self._queue and not self._slices:
+            return -1
         timeout = -1
         for bh in self._queue:
             flags = bh._flags
@@ -186,6 +188,8 @@ class BottomHalfQueue:
 
     def any_scheduled(self) -> bool:
         """Whether any BH, idle ones included, is scheduled (GSource check)."""
+        if not self._queue and not self._slices:
+            return False
         return any(
             bh._flags & _RUNNABLE == BH_SCHEDULED
             for chunk in (self._queue, *self._slices)

@@ -241,6 +241,8 @@ class TimerListGroup:
 
     def deadline_ns(self) -> int:
         """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
+        if not any(self.heaps):
+            return -1
         deadline = -1
         for tl in self.lists:
             d = tl.deadline_ns()

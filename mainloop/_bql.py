@@ -81,35 +81,35 @@ class _BigLock:
         return BQLStats(self.acquisitions, self.contended, self.wait_ns, self.hold_ns, self.longest_hold_ns)
 
 
-_BQL = _BigLock()
+BQL = _BigLock()  # the process's one BQL
 
 
 def bql_lock() -> None:
     """Take the BQL; waits while another thread holds it.  Raises
     ``StateError`` if the calling thread already holds it."""
-    _BQL.lock()
+    BQL.lock()
 
 
 def bql_unlock() -> None:
     """Release the BQL.  Raises ``StateError`` unless the calling thread holds it."""
-    _BQL.unlock()
+    BQL.unlock()
 
 
 def bql_locked() -> bool:
     """Whether the calling thread holds the BQL."""
-    return _BQL.locked()
+    return BQL.locked()
 
 
 @contextmanager
 def bql() -> Iterator[None]:
     """``with bql():`` holds the BQL for the block (QEMU's ``BQL_LOCK_GUARD``)."""
-    _BQL.lock()
+    BQL.lock()
     try:
         yield
     finally:
-        _BQL.unlock()
+        BQL.unlock()
 
 
 def bql_stats() -> BQLStats:
     """A snapshot of the BQL's counters since the process started."""
-    return _BQL.stats()
+    return BQL.stats()

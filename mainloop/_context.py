@@ -68,6 +68,10 @@ _ALWAYS = IO_ERR | IO_HUP | IO_NVAL
 _POLLABLE = IO_IN | IO_PRI | IO_OUT
 
 
+def _source_order(source: Source) -> tuple[int, int]:
+    return source.priority, source.id
+
+
 def _soonest(a: int, b: int) -> int:
     if a < 0:
         return b
@@ -195,8 +199,9 @@ class MainContext:
                 return
             source._destroyed = True
             self._sources.pop(source.id, None)
-            if source in self._watched:
+            if source._watched:
                 self._watched = [s for s in self._watched if s is not source]
+                source._watched = False
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
         self._wake_if_foreign()
@@ -207,11 +212,11 @@ class MainContext:
 
     def _update_watched_locked(self, source: Source) -> None:
         watch = not source._destroyed and (source.has_prepare_or_check or source.ready_time_ns >= 0)
-        present = source in self._watched
-        if watch and not present:
+        if watch and not source._watched:
             self._watched = sorted([*self._watched, source], key=lambda s: (s.priority, s.id))
-        elif present and not watch:
+        elif source._watched and not watch:
             self._watched = [s for s in self._watched if s is not source]
+        source._watched = watch
 
     def _ready_time_changed(self, source: Source) -> None:
         with self._lock:
@@ -317,7 +322,8 @@ class MainContext:
 
     def prepare(self) -> tuple[bool, int]:
         """Step 1: return ``(any ready, max_priority)`` and compute the timeout."""
-        self._assert_owner("MainContext.prepare")
+        if self._owner != threading.get_ident():
+            self._assert_owner("MainContext.prepare")
         self._pending = []
         now_ns = time.monotonic_ns()
         timeout_ns = -1
@@ -329,7 +335,7 @@ class MainContext:
                 break
             ready = src._ready
             t = -1
-            if not ready and type(src).prepare is not Source.prepare:
+            if not ready and src._has_prepare:
                 try:
                     ready, t = src.prepare()
                 except Exception as exc:
@@ -352,7 +358,8 @@ class MainContext:
 
     def query(self, max_priority: int) -> tuple[int, int]:
         """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
-        self._assert_owner("MainContext.query")
+        if self._owner != threading.get_ident():
+            self._assert_owner("MainContext.query")
         self._poll_changed = False
         return self._timeout_ns, len(self._records)
 
@@ -383,30 +390,35 @@ class MainContext:
 
     def check(self, max_priority: int) -> bool:
         """Step 4: choose the sources to dispatch; return whether there are any."""
-        self._assert_owner("MainContext.check")
+        if self._owner != threading.get_ident():
+            self._assert_owner("MainContext.check")
         if self._wakeup_pfd.revents:
             self._wakeup.test_and_clear()
         if self._poll_changed:
             return False  # the fd set changed since query: re-query first
-        candidates = list(self._watched)
-        seen = set(map(id, candidates))
+        # Sources that are not watched every iteration (fd watches, signals,
+        # child watches) are ready exactly when one of their auto fds fired.
+        extra: list[Source] = []
+        limit = MAX_PRIORITY  # the best (lowest) priority known to be ready
         for pfd in self._touched:
             src = pfd.source
-            if src is not None and pfd.auto and id(src) not in seen:
-                seen.add(id(src))
-                candidates.append(src)
-        if len(candidates) > 1:
-            candidates.sort(key=lambda s: (s.priority, s.id))
+            if pfd.auto and src is not None and not src._watched and not src._destroyed \
+                    and src.priority <= max_priority and src not in extra:
+                extra.append(src)
+                if src.priority < limit:
+                    limit = src.priority
+        # The watched sources, in priority order, stop at the first priority
+        # worse than one already known to be ready: glib asks no lower source.
         now_ns = -1
-        pending: list[Source] = []
-        for src in candidates:
+        watched_ready: list[Source] = []
+        for src in self._watched:
             if src._destroyed:
                 continue
-            if pending and src.priority > max_priority:
+            if src.priority > limit or src.priority > max_priority and watched_ready:
                 break
             if not src._ready:
                 ready = False
-                if type(src).check is not Source.check:
+                if src._has_check:
                     try:
                         ready = src.check()
                     except Exception as exc:
@@ -420,14 +432,21 @@ class MainContext:
                 if ready:
                     src._ready = True
             if src._ready:
-                pending.append(src)
-                max_priority = src.priority
+                watched_ready.append(src)
+                limit = src.priority
+        # Dispatch every ready source at the best ready priority, in source order.
+        pending = [s for s in watched_ready if s.priority == limit]
+        if extra:
+            pending += [s for s in extra if s.priority == limit]
+            if len(pending) > 1:
+                pending.sort(key=_source_order)
         self._pending = pending
         return bool(pending)
 
     def dispatch(self) -> bool:
         """Step 5: dispatch what ``check`` chose; return whether anything ran."""
-        self._assert_owner("MainContext.dispatch")
+        if self._owner != threading.get_ident():
+            self._assert_owner("MainContext.dispatch")
         pending, self._pending = self._pending, []
         ran = False
         for src in pending:

@@ -33,19 +33,11 @@ from collections.abc import Callable
 from iothreads import AioContext, BottomHalf, ClockSpec, ClockType, Timer, TimerListGroup
 from protocol import StateError
 
-from ._bql import bql_lock, bql_locked, bql_unlock
+from ._bql import BQL
 from ._context import MainContext
 from ._sources import AioSource
 
 __all__ = ["MainLoop"]
-
-
-def _soonest(a: int, b: int) -> int:
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    return a if a < b else b
 
 
 class MainLoop:
@@ -101,32 +93,39 @@ class MainLoop:
 
     def main_loop_wait(self, nonblocking: bool = False) -> bool:
         """One iteration.  Requires the BQL; returns whether anything ran."""
-        if not bql_locked():
+        bql = BQL
+        if not bql.locked():
             raise StateError("main_loop_wait() requires the BQL")
         ctx = self.context
-        if not ctx.acquire():
+        acquired = not ctx.is_owner()  # run() owns the context for its whole run
+        if acquired and not ctx.acquire():
             raise StateError("the main context is owned by another thread")
         try:
             ctx.iterations += 1
             # -- 1. fill: fds and the soonest timeout --------------------------
-            timeout_ns = 0 if nonblocking else self.timers.deadline_ns()
+            timers = self.timers
+            timeout_ns = 0 if nonblocking else (timers.deadline_ns() if any(timers.heaps) else -1)
             ready, max_priority = ctx.prepare()
             sources_timeout_ns, _ = ctx.query(max_priority)
-            timeout_ns = 0 if ready else _soonest(timeout_ns, sources_timeout_ns)
+            if ready:
+                timeout_ns = 0
+            elif sources_timeout_ns >= 0 and (timeout_ns < 0 or sources_timeout_ns < timeout_ns):
+                timeout_ns = sources_timeout_ns
 
             # -- 2. poll with the BQL released ---------------------------------
-            bql_unlock()
+            bql.unlock()
             try:
                 self.waits += 1
                 ctx.poll(timeout_ns)
             finally:
-                bql_lock()
+                bql.lock()
 
             # -- 3. check and dispatch; then the main-loop timers --------------
             ran = ctx.check(max_priority) and ctx.dispatch()
         finally:
-            ctx.release()
-        if self.timers.run(self.aio_context.report_exception):
+            if acquired:
+                ctx.release()
+        if any(self.timers.heaps) and self.timers.run(self.aio_context.report_exception):
             ran = True
         return ran
 
@@ -134,17 +133,22 @@ class MainLoop:
         """Iterate until ``quit()``.  Takes the BQL if the caller does not hold it."""
         if threading.get_ident() != self._home:
             raise StateError("MainLoop.run() must be called in the thread that created the loop")
-        took = not bql_locked()
+        took = not BQL.locked()
         if took:
-            bql_lock()
+            BQL.lock()
+        if not self.context.acquire():
+            if took:
+                BQL.unlock()
+            raise StateError("the main context is owned by another thread")
         self._running = True
         try:
             while self._running:
                 self.main_loop_wait(False)
         finally:
             self._running = False
+            self.context.release()
             if took:
-                bql_unlock()
+                BQL.unlock()
 
     @property
     def running(self) -> bool:

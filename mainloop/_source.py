@@ -114,6 +114,10 @@ class Source:
         self.dispatch_ns = 0
         self._destroyed = False
         self._ready = False  # set by prepare/check, cleared after dispatch
+        self._watched = False  # in the context's per-iteration list
+        cls = type(self)
+        self._has_prepare = cls.prepare is not Source.prepare
+        self._has_check = cls.check is not Source.check
         self._fired: list[PollFD] = []  # poll fds with revents in this iteration
         self._lock = threading.Lock()
 
@@ -145,8 +149,7 @@ class Source:
 
     @property
     def has_prepare_or_check(self) -> bool:
-        cls = type(self)
-        return cls.prepare is not Source.prepare or cls.check is not Source.check
+        return self._has_prepare or self._has_check
 
     def pending_pollfds(self) -> list[PollFD]:
         """The poll fds that polled ready in this iteration (for ``check``/``dispatch``)."""

@@ -218,6 +218,8 @@ class AioSource(Source):
         super().__init__(name or ctx.name, priority)
         self.aio_context = ctx
         self._by_fd: dict[int, PollFD] = {}
+        self._gsource_prepare = ctx.gsource_prepare
+        self._gsource_check = ctx.gsource_check
 
     def _on_attach(self) -> None:
         self.aio_context.set_fd_listener(self._fd_changed)
@@ -230,11 +232,10 @@ class AioSource(Source):
             self._by_fd[fd] = self.add_poll(fd, events, role)
 
     def prepare(self) -> tuple[bool, int]:
-        timeout_ns = self.aio_context.gsource_prepare()
-        return timeout_ns == 0, timeout_ns
+        return self._gsource_prepare()
 
     def check(self) -> bool:
-        return self.aio_context.gsource_check(bool(self._fired))
+        return self._gsource_check(bool(self._fired))
 
     def dispatch(self) -> bool:
         self.aio_context.gsource_dispatch([(p.fd, p.revents) for p in self._fired])
