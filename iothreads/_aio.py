@@ -75,13 +75,15 @@ log = logging.getLogger("iothreads")
 
 ExceptionHandler: TypeAlias = Callable[["AioContext", Exception, str], None]
 
-_NO_PROGRESS_NS = -1
-_tls = threading.local()
+# thread ident -> the context whose poll runs in that thread.  A dict item
+# costs less than a threading.local attribute, on every poll; an entry leaves
+# with the outermost poll of its thread.
+_running: dict[int, AioContext] = {}
 
 
 def get_current_aio_context() -> AioContext | None:
     """The context whose ``poll`` is running in the calling thread, if any."""
-    return getattr(_tls, "ctx", None)
+    return _running.get(threading.get_ident())
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,20 +430,28 @@ class AioContext:
         when woken by ``notify()`` alone.  Polls may nest: a callback may call
         ``poll`` again.
         """
-        if threading.get_ident() != self._home:
+        ident = threading.get_ident()
+        if ident != self._home:
             self._assert_home("AioContext.poll")
         if self._closed:
             self._check_open()
         self._iterations += 1
-        outer_ctx = getattr(_tls, "ctx", None)
-        _tls.ctx = self
+        running = _running
+        outer_ctx = running.get(ident)
+        running[ident] = self
         ready: Ready = []
         fds = self._fds
         params = self._poll_params
         try:
             # -- 1. timeout -------------------------------------------------
             start_ns = time.monotonic_ns() if params.max_ns else 0
-            timeout_ns = self._compute_timeout_ns() if blocking else 0
+            bhs = self._bhs
+            if not blocking:
+                timeout_ns = 0
+            elif bhs._queue or bhs._slices or any(self._timer_heaps):
+                timeout_ns = self._compute_timeout_ns()
+            else:
+                timeout_ns = -1  # the common idle case, without a call
 
             # -- 2. busy polling in user space -----------------------------
             progress = False
@@ -475,7 +485,7 @@ class AioContext:
             block_ns = time.monotonic_ns() - start_ns if params.max_ns else 0
 
             # -- 6. bottom halves ------------------------------------------
-            if self._bhs.poll():
+            if (bhs._queue or bhs._slices) and bhs.poll():  # skip the call when idle
                 progress = True
 
             # -- 7. fd handlers --------------------------------------------
@@ -486,7 +496,10 @@ class AioContext:
             if any(self._timer_heaps) and self._timers.run(self.report_exception):
                 progress = True
         finally:
-            _tls.ctx = outer_ctx
+            if outer_ctx is None:
+                del running[ident]
+            else:
+                running[ident] = outer_ctx
         return progress
 
     def _compute_timeout_ns(self) -> int:
@@ -535,10 +548,12 @@ class AioContext:
     def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
         """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,
         as ``aio_dispatch`` does.  Home thread.  Returns progress."""
-        if threading.get_ident() != self._home:
+        ident = threading.get_ident()
+        if ident != self._home:
             self._assert_home("AioContext.gsource_dispatch")
-        outer_ctx = getattr(_tls, "ctx", None)
-        _tls.ctx = self
+        running = _running
+        outer_ctx = running.get(ident)
+        running[ident] = self
         try:
             progress = self._bhs.poll()
             if ready_fds:
@@ -549,7 +564,10 @@ class AioContext:
             if any(self._timer_heaps) and self._timers.run(self.report_exception):
                 progress = True
         finally:
-            _tls.ctx = outer_ctx
+            if outer_ctx is None:
+                del running[ident]
+            else:
+                running[ident] = outer_ctx
         return progress
 
     # ------------------------------------------------------------------

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from protocol import CoroutineStateError, StateError
 
-from ._aio import _tls, get_current_aio_context
+from ._aio import get_current_aio_context
 from ._clock import ClockType
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
 T = TypeVar("T")
 
 _schedule_lock = threading.Lock()
+_tls = threading.local()  # .co: the coroutine running in this thread
 _PENDING, _DONE = 0, 1
 
 

@@ -94,6 +94,8 @@ class EpollMonitor:
         """Block up to ``timeout_ns`` (-1: forever); return ``(fd, events)`` pairs."""
         if timeout_ns == 0:
             return self._epoll.poll(0, max_events)
+        if timeout_ns < 0:
+            return self._epoll.poll(-1, max_events)
         return self._epoll.poll(timeout_ns_to_seconds(timeout_ns), max_events)
 
     def close(self) -> None:

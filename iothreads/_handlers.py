@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 __all__ = ["FdHandlers", "Handler", "soonest_timeout"]
 
+_perf_counter_ns = time.perf_counter_ns
+
 IOHandler: TypeAlias = Callable[[], object]
 PollFn: TypeAlias = Callable[[], bool]
 # (node, epoll events or 0, found by io_poll)
@@ -182,14 +184,13 @@ class FdHandlers:
 
     def dispatch(self, ready: Ready, block_ns: int, params: PollParams) -> bool:
         """Run the handlers of the ready fds; return progress."""
-        report = self._ctx.report_exception
         progress = False
         for node, revents, poll_ready in ready:
             if node.deleted:
                 continue
             if node.io_poll is not None and not node.polling:
                 self._poll_add(node, begin=True)
-            t0 = time.perf_counter_ns()
+            t0 = _perf_counter_ns()
             notifier = node.is_notifier
             if poll_ready and not revents and node.io_poll_ready is not None:
                 # Out of the poll list while it runs, in case it polls the
@@ -198,7 +199,7 @@ class FdHandlers:
                 try:
                     node.io_poll_ready()
                 except Exception as exc:
-                    report(exc, f"io_poll_ready of fd {node.fd}")
+                    self._ctx.report_exception(exc, f"io_poll_ready of fd {node.fd}")
                 if not node.deleted:
                     self._poll_add(node, begin=False)
                 if not notifier:
@@ -208,18 +209,18 @@ class FdHandlers:
                     try:
                         node.io_read()
                     except Exception as exc:
-                        report(exc, f"io_read of fd {node.fd}")
+                        self._ctx.report_exception(exc, f"io_read of fd {node.fd}")
                     if not notifier:
                         progress = True
                 if revents & EVENT_WRITE_MASK and node.io_write is not None and not node.deleted:
                     try:
                         node.io_write()
                     except Exception as exc:
-                        report(exc, f"io_write of fd {node.fd}")
+                        self._ctx.report_exception(exc, f"io_write of fd {node.fd}")
                     progress = True
             if not notifier:
                 node.dispatch_count += 1
-                node.dispatch_ns += time.perf_counter_ns() - t0
+                node.dispatch_ns += _perf_counter_ns() - t0
                 self.dispatches += 1
             if params.max_ns and node.polling:
                 node.poll_ns = adjust_poll_ns(node.poll_ns, block_ns, params)

@@ -200,7 +200,7 @@ def wakeup_loop(new_loop: LoopFactory, n: int) -> float:
 
     result: list[float] = []
     client = threading.Thread(
-        target=_client, args=(lambda: loop.call_soon_threadsafe(cb), answers, n, result))
+        target=_client, args=(partial(loop.call_soon_threadsafe, cb), answers, n, result))
     client.start()
     loop.run_forever()
     client.join()
