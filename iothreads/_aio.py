@@ -534,16 +534,21 @@ class AioContext:
         self._notify_me |= 1
         if self._fds.poll_started:
             self._fds.set_poll_started([], False)  # no busy polling under a glib-style loop
+        bhs = self._bhs
+        if not bhs._queue and not bhs._slices and not any(self._timer_heaps):
+            return False, -1  # the idle case, without a call
         timeout_ns = self._compute_timeout_ns()
         return timeout_ns == 0, timeout_ns
 
-    def gsource_check(self, fds_pending: bool) -> bool:
-        """After the poll: whether to dispatch.  ``fds_pending`` says whether
-        any of the context's fds polled ready.  Home thread."""
+    def gsource_check(self, fds_pending: object) -> bool:
+        """After the poll: whether to dispatch.  ``fds_pending`` is truthy when
+        any of the context's fds polled ready (a source may pass its list of
+        ready fds itself).  Home thread."""
         self._notify_me &= ~1
         self._notified = False
-        return (fds_pending or self._bhs.any_scheduled()
-                or (any(self._timer_heaps) and self._timers.deadline_ns() == 0))
+        bhs = self._bhs
+        return bool(fds_pending or ((bhs._queue or bhs._slices) and bhs.any_scheduled())
+                    or (any(self._timer_heaps) and self._timers.deadline_ns() == 0))
 
     def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
         """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,

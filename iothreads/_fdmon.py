@@ -15,6 +15,7 @@ rounded up so that we wait *at least* as long as asked, and capped at a day.
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 
 __all__ = ["EpollMonitor", "EVENT_IN", "EVENT_OUT", "EVENT_READ_MASK", "EVENT_WRITE_MASK"]
 
@@ -89,6 +90,12 @@ class EpollMonitor:
                 ep.register(fd, new_events)
             except FileExistsError:
                 ep.modify(fd, new_events)
+
+    @property
+    def poll_seconds(self) -> Callable[[float, int], list[tuple[int, int]]]:
+        """The raw ``epoll.poll(timeout_s, max_events)``, for callers that
+        convert the timeout themselves (with ``timeout_ns_to_seconds``)."""
+        return self._epoll.poll
 
     def wait(self, timeout_ns: int, max_events: int = 128) -> list[tuple[int, int]]:
         """Block up to ``timeout_ns`` (-1: forever); return ``(fd, events)`` pairs."""

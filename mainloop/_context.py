@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
-from iothreads import EpollMonitor, EventNotifier
+from iothreads import EpollMonitor, EventNotifier, timeout_ns_to_seconds
 from protocol import StateError
 
 from ._source import (
@@ -68,6 +68,9 @@ _ALWAYS = IO_ERR | IO_HUP | IO_NVAL
 _POLLABLE = IO_IN | IO_PRI | IO_OUT
 
 
+_perf_counter_ns = time.perf_counter_ns
+
+
 def _source_order(source: Source) -> tuple[int, int]:
     return source.priority, source.id
 
@@ -87,6 +90,7 @@ class MainContext:
         self.name = name
         self._lock = threading.Lock()
         self._epoll = EpollMonitor()
+        self._epoll_poll = self._epoll.poll_seconds
         self._wakeup = EventNotifier()
         self._records: dict[int, list[PollFD]] = {}  # fd -> poll records (copied on write)
         self._sources: dict[int, Source] = {}
@@ -369,22 +373,19 @@ class MainContext:
         for pfd in self._touched:
             pfd.revents = 0
             if pfd.source is not None:
-                pfd.source._fired = []
+                pfd.source._fired.clear()
         touched: list[PollFD] = []
         records = self._records
-        events = self._epoll.wait(timeout_ns, max(len(records), 1))
+        events = self._epoll_poll(
+            0 if timeout_ns == 0 else timeout_ns_to_seconds(timeout_ns), len(records) or 1)
         for fd, ev in events:
             for pfd in records.get(fd, ()):
                 revents = ev & (pfd.events | _ALWAYS)
                 if revents:
                     pfd.revents = revents
                     touched.append(pfd)
-                    src = pfd.source
-                    if src is not None:
-                        if not src._fired:
-                            src._fired = [pfd]
-                        else:
-                            src._fired.append(pfd)
+                    if pfd.source is not None:
+                        pfd.source._fired.append(pfd)
         self._touched = touched
         return len(events)
 
@@ -454,18 +455,22 @@ class MainContext:
                 continue
             src._ready = False
             ran = True
+            t0 = _perf_counter_ns()
             try:
-                keep = src._run_dispatch()
+                keep = src.dispatch()
             except Exception as exc:
                 self.report_exception(exc, f"dispatch of source {src.name!r}")
                 keep = True
+            src.dispatch_count += 1
+            src.dispatch_ns += _perf_counter_ns() - t0
             if not keep:
                 src.destroy()
         return ran
 
     def iteration(self, may_block: bool) -> bool:
         """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
-        if not self.acquire():
+        acquired = self._owner != threading.get_ident()  # already owned: nothing to take
+        if acquired and not self.acquire():
             raise StateError(f"MainContext {self.name!r} is owned by another thread")
         try:
             self.iterations += 1
@@ -478,7 +483,8 @@ class MainContext:
                 return self.dispatch()
             return False
         finally:
-            self.release()
+            if acquired:
+                self.release()
 
     def pending(self) -> bool:
         """Whether a source is ready right now (glib's g_main_context_pending)."""

@@ -28,7 +28,6 @@ records ``revents`` for the source's own ``check`` to read (glib's
 from __future__ import annotations
 
 import threading
-import time
 from typing import TYPE_CHECKING
 
 from protocol import StateError
@@ -199,14 +198,6 @@ class Source:
         elif not self._destroyed:
             self._destroyed = True
             self.finalize()
-
-    def _run_dispatch(self) -> bool:
-        t0 = time.perf_counter_ns()
-        try:
-            return self.dispatch()
-        finally:
-            self.dispatch_count += 1
-            self.dispatch_ns += time.perf_counter_ns() - t0
 
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else f"id={self.id}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from functools import partial
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -218,8 +219,9 @@ class AioSource(Source):
         super().__init__(name or ctx.name, priority)
         self.aio_context = ctx
         self._by_fd: dict[int, PollFD] = {}
-        self._gsource_prepare = ctx.gsource_prepare
-        self._gsource_check = ctx.gsource_check
+        # The context's own methods serve as the hooks: no extra call per iteration.
+        self.prepare = ctx.gsource_prepare  # type: ignore[method-assign]
+        self.check = partial(ctx.gsource_check, self._fired)  # type: ignore[method-assign]
 
     def _on_attach(self) -> None:
         self.aio_context.set_fd_listener(self._fd_changed)
@@ -232,10 +234,10 @@ class AioSource(Source):
             self._by_fd[fd] = self.add_poll(fd, events, role)
 
     def prepare(self) -> tuple[bool, int]:
-        return self._gsource_prepare()
+        return self.aio_context.gsource_prepare()
 
     def check(self) -> bool:
-        return self._gsource_check(bool(self._fired))
+        return self.aio_context.gsource_check(self._fired)
 
     def dispatch(self) -> bool:
         self.aio_context.gsource_dispatch([(p.fd, p.revents) for p in self._fired])

@@ -7,11 +7,14 @@ back) runs through the main loop while N other fds are watched and never
 become ready (N = 1, 64, 1024), as a QEMU main loop watches many quiet
 sockets.  Rate: round trips per second, higher is better.
 
-ours
+ours, "via MainLoop"
     ``MainLoop.main_loop_wait`` in a loop, the real main-loop path: prepare
     and query (with QEMU's two AioContexts attached as sources), release the
     BQL, poll, retake the BQL, check and dispatch, main-loop timers.  The
     ping-pong ends and the idle fds are ``io_add_watch`` sources.
+ours, "via MainContext"
+    ``MainContext.iteration`` in a loop: glib's steps alone, without the BQL
+    and the two AioContext sources.
 asyncio (and uvloop when importable)
     ``loop.add_reader`` for the same ping-pong and the same idle fds.
 
@@ -35,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a check
 
 from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
 
-from mainloop import IO_IN, MainLoop, bql  # noqa: E402
+from mainloop import IO_IN, MainContext, MainLoop, bql  # noqa: E402
 
 LoopFactory = Callable[[], asyncio.AbstractEventLoop]
 
@@ -89,6 +92,26 @@ def ours(rounds: int, idle: int) -> float:
     return rounds / elapsed
 
 
+def ours_context(rounds: int, idle: int) -> float:
+    """The same through a bare MainContext: glib's steps without the BQL and
+    without the two AioContext sources."""
+    fx = Fixture(rounds, idle)
+    with MainContext("bench") as ctx:
+        ctx.io_add_watch(fx.a.fileno(), IO_IN, lambda fd, c: fx.on_a())
+        ctx.io_add_watch(fx.b.fileno(), IO_IN, lambda fd, c: fx.on_b())
+        for x, _ in fx.idle:
+            ctx.io_add_watch(x.fileno(), IO_IN, lambda fd, c: True)
+        ctx.acquire()
+        t0 = time.perf_counter()
+        fx.b.send(b"x")
+        while fx.done < rounds:
+            ctx.iteration(True)
+        elapsed = time.perf_counter() - t0
+        ctx.release()
+    fx.close()
+    return rounds / elapsed
+
+
 def baseline(new_loop: LoopFactory, rounds: int, idle: int) -> float:
     fx = Fixture(rounds, idle)
     loop = new_loop()
@@ -126,9 +149,19 @@ def main() -> None:
           f"{'--quick' if args.quick else 'full'} run\n", flush=True)
     rows: list[Row] = []
     for idle in (1, 64, 1024):
-        sides: list[tuple[str, Callable[[], float]]] = [("ours", partial(ours, rounds, idle))]
+        sides: list[tuple[str, Callable[[], float]]] = [
+            ("main loop", partial(ours, rounds, idle)),
+            ("main context", partial(ours_context, rounds, idle)),
+        ]
         sides += [(name, partial(baseline, f, rounds, idle)) for name, f in loops.items()]
-        rows += rows_for(f"ping-pong, {idle} idle fds", "round trips/s", "higher", measure(sides, repeats))
+        medians = measure(sides, repeats)
+        context_only = medians.pop("main context")
+        rows += rows_for(f"ping-pong via MainLoop, {idle} idle fds", "round trips/s", "higher",
+                         medians, ours="main loop")
+        medians["main context"] = context_only
+        del medians["main loop"]
+        rows += rows_for(f"ping-pong via MainContext, {idle} idle fds", "round trips/s", "higher",
+                         medians, ours="main context")
     print_table(rows)
     if args.json:
         write_json(rows, args.json)

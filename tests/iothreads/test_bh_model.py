@@ -249,13 +249,13 @@ class BottomHalfTimerMachine(RuleBasedStateMachine):
         fired: list[LogEntry] = []
         for ct in ClockType:  # timer lists run in enum order
             due = sorted(
-                (m for m in self.m_timers.values()
-                 if m.clock_type is ct and m.deadline is not None and m.deadline <= self.m_now),
-                key=lambda m: (m.deadline, m.seq),
+                (t for t in self.m_timers.values()
+                 if t.clock_type is ct and t.deadline is not None and t.deadline <= self.m_now),
+                key=lambda t: (t.deadline, t.seq),
             )
-            for m in due:
-                m.deadline = None
-                fired.append(("timer", m.name))
+            for t in due:
+                t.deadline = None
+                fired.append(("timer", t.name))
         return bh_calls, fired, progress or bool(fired)
 
     def _check_poll(self, blocking: bool) -> None:

@@ -394,7 +394,7 @@ def test_timer_schedule(fake_ctx: AioContext, fake_clock: FakeClock) -> None:
         assert not ctx.poll(False)
         assert n == 0
 
-        fake_clock.advance_ns(250_000_001)  # QEMU's g_usleep(1 s), in total
+        fake_clock.advance_ns(250_000_001)  # one second in total, as QEMU's test waits
         assert n == 0  # timers fire only from poll
 
         assert ctx.poll(False)
@@ -450,22 +450,30 @@ class ChainData:
     i: int = 0
     other: ChainData | None = None
     wakeup: Future[None] = field(default_factory=Future)
+    resumes: int = 0  # times the coroutine was entered
+    nested: int = 0  # times waking the other one ran it at once instead of queueing it
     depths: list[int] = field(default_factory=list)
 
 
 async def chain(data: ChainData) -> None:
     """QEMU's chain(): enter the other coroutine, then yield to it, ``max`` times."""
     await data.wakeup  # created but not entered yet
-    assert data.other is not None
+    data.resumes += 1
+    other = data.other
+    assert other is not None
     data.i = 0
     while data.i < data.max:
         if data.i in (0, data.max - 1):
             data.depths.append(_stack_depth())
         parked = data.wakeup = Future()
         # Queue up the other coroutine...
-        data.other.wakeup.set_result(None)
+        before = other.resumes
+        other.wakeup.set_result(None)
+        if other.resumes != before:
+            data.nested += 1
         # ...and give control to it.
         await parked
+        data.resumes += 1
         data.i += 1
 
 
@@ -491,6 +499,11 @@ def test_queue_chaining(ctx: AioContext) -> None:
     assert data_a.i == data_a.max
     assert data_b.i == data_b.max - 1
     assert not co_b.done()
+    # Each wake-up was queued behind the running coroutine, entered only once
+    # it yielded: both yielded and were re-entered every time.
+    assert data_a.nested == data_b.nested == 0
+    assert data_a.resumes == data_a.max + 1
+    assert data_b.resumes == data_b.max
     # The 25000th iteration runs at the same depth as the first one.
     assert len(data_a.depths) == 2
     assert data_a.depths[0] == data_a.depths[1]
@@ -502,6 +515,7 @@ def test_queue_chaining(ctx: AioContext) -> None:
     assert co_b.done()
     co_b.result()
     assert data_b.i == data_b.max
+    assert data_b.resumes == data_b.max + 1
     assert not ctx.poll(False)
 
 

@@ -215,6 +215,11 @@ class LongJobs:
             self.finished.add(i)
         return 0
 
+    def wait_started(self, n: int) -> None:
+        """Wait (bounded) until ``n`` jobs have started."""
+        with self.cond:
+            assert self.cond.wait_for(lambda: len(self.started) == n, WAIT_S), self.started
+
 
 @pytest.fixture
 def long_jobs() -> Iterator[LongJobs]:
@@ -321,8 +326,7 @@ def test_max_threads(ctx: AioContext, long_jobs: LongJobs) -> None:
     for i in range(6):
         reqs.append(pool.submit(job, i))
         if i < 2:  # let each of the first two occupy a worker before the next submit
-            with long_jobs.cond:
-                assert long_jobs.cond.wait_for(lambda: len(long_jobs.started) == i + 1, WAIT_S)
+            long_jobs.wait_started(i + 1)
     stats = pool.stats()
     assert stats["threads"] == 2
     assert stats["spawned_total"] == 2
@@ -366,8 +370,7 @@ def test_idle_threads_above_min_exit(
     reqs = []
     for i in range(4):
         reqs.append(pool.submit(long_jobs.long_cb, i))
-        with long_jobs.cond:
-            assert long_jobs.cond.wait_for(lambda: len(long_jobs.started) == i + 1, WAIT_S)
+        long_jobs.wait_started(i + 1)
     assert pool.stats()["threads"] == 4
     workers = worker_threads(ctx)
     assert len(workers) == 4
@@ -396,26 +399,39 @@ def test_idle_threads_above_min_exit(
 
 
 def test_close_joins_workers(long_jobs: LongJobs) -> None:
-    """AioContext.close() stops and joins every worker (thread_pool_free_aio)."""
+    """AioContext.close() stops and joins every worker (thread_pool_free_aio),
+    waiting for the jobs still running."""
     ctx = AioContext(name="close-joins")
+    closing = threading.Event()
+
+    def open_gate_once_closing() -> None:
+        assert closing.wait(WAIT_S)
+        long_jobs.gate.set()
+
+    opener = threading.Thread(target=open_gate_once_closing)
     try:
         ctx.set_thread_pool_params(2, 4)
         pool = ctx.thread_pool
-        assert len(worker_threads(ctx)) == 2
+        assert len(worker_threads(ctx)) == 2  # min, started up front
         reqs = []
         for i in range(4):
             reqs.append(pool.submit(long_jobs.long_cb, i))
-            with long_jobs.cond:
-                assert long_jobs.cond.wait_for(lambda: len(long_jobs.started) == i + 1, WAIT_S)
-        long_jobs.gate.set()
-        poll_until(ctx, lambda: all(r.done() for r in reqs))
+            long_jobs.wait_started(i + 1)
+        # Four jobs run at once and max is 4: exactly four workers, two of
+        # them above min, all busy.
         workers = worker_threads(ctx)
-        # Four jobs ran at once and max is 4: exactly four workers, two of
-        # them above min, all still there (the idle timeout is 10 s).
         assert len(workers) == 4
+        assert long_jobs.finished == set()
+
+        opener.start()
+        closing.set()
+        ctx.close()  # returns only once the four running jobs are done
+        assert long_jobs.finished == {0, 1, 2, 3}
     finally:
         long_jobs.gate.set()
         ctx.close()
+        if opener.ident is not None:
+            opener.join(WAIT_S)
     assert ctx.closed
     assert not any(t.is_alive() for t in workers)
     assert worker_threads(ctx) == []
