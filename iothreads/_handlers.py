@@ -28,15 +28,20 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeAlias
 
 from ._bh import callable_name
-from ._fdmon import EVENT_IN, EVENT_OUT, EVENT_READ_MASK, EVENT_WRITE_MASK, EpollMonitor
+from ._fdmon import (
+    EVENT_IN,
+    EVENT_OUT,
+    EVENT_READ_MASK,
+    EVENT_WRITE_MASK,
+    EpollMonitor,
+    timeout_ns_to_seconds,
+)
 from ._polling import PollParams, adjust_poll_ns
 
 if TYPE_CHECKING:
     from ._aio import AioContext
 
 __all__ = ["FdHandlers", "Handler", "soonest_timeout"]
-
-_perf_counter_ns = time.perf_counter_ns
 
 IOHandler: TypeAlias = Callable[[], object]
 PollFn: TypeAlias = Callable[[], bool]
@@ -59,7 +64,7 @@ class Handler:
     __slots__ = (
         "fd", "events", "io_read", "io_write", "io_poll", "io_poll_ready",
         "io_poll_begin", "io_poll_end", "deleted", "polling", "poll_ns", "is_notifier",
-        "dispatch_count", "dispatch_ns",
+        "dispatch_count",
     )
 
     def __init__(
@@ -80,7 +85,6 @@ class Handler:
         self.poll_ns = 0  # this handler's adaptive polling window
         self.is_notifier = is_notifier  # the context's own eventfd
         self.dispatch_count = 0
-        self.dispatch_ns = 0
 
 
 class FdHandlers:
@@ -90,6 +94,7 @@ class FdHandlers:
         self._ctx = ctx
         self._lock = threading.Lock()
         self.fdmon = EpollMonitor()
+        self._epoll_poll = self.fdmon.poll_seconds
         self.nodes: dict[int, Handler] = {}
         self.poll_disable_cnt = 0  # handlers without io_poll
         self.poll_list: list[Handler] = []  # copied on write: safe to iterate
@@ -123,7 +128,6 @@ class FdHandlers:
             else:
                 if old is not None:
                     new.dispatch_count = old.dispatch_count
-                    new.dispatch_ns = old.dispatch_ns
                 self.nodes[fd] = new
             try:
                 self.fdmon.update(fd, old.events if old else 0, new.events if new else 0)
@@ -175,7 +179,8 @@ class FdHandlers:
     def wait(self, ready: Ready, timeout_ns: int) -> None:
         """Block in epoll; append the ready handlers to ``ready``."""
         nodes = self.nodes
-        for fd, revents in self.fdmon.wait(timeout_ns):
+        seconds = -1.0 if timeout_ns < 0 else (0 if timeout_ns == 0 else timeout_ns_to_seconds(timeout_ns))
+        for fd, revents in self._epoll_poll(seconds, 128):
             node = nodes.get(fd)
             if node is not None:
                 ready.append((node, revents, False))
@@ -190,7 +195,6 @@ class FdHandlers:
                 continue
             if node.io_poll is not None and not node.polling:
                 self._poll_add(node, begin=True)
-            t0 = _perf_counter_ns()
             notifier = node.is_notifier
             if poll_ready and not revents and node.io_poll_ready is not None:
                 # Out of the poll list while it runs, in case it polls the
@@ -220,7 +224,6 @@ class FdHandlers:
                     progress = True
             if not notifier:
                 node.dispatch_count += 1
-                node.dispatch_ns += _perf_counter_ns() - t0
                 self.dispatches += 1
             if params.max_ns and node.polling:
                 node.poll_ns = adjust_poll_ns(node.poll_ns, block_ns, params)
@@ -310,7 +313,6 @@ class FdHandlers:
                 "io_poll": callable_name(h.io_poll) if h.io_poll else None,
                 "poll_ns": h.poll_ns,
                 "dispatch_count": h.dispatch_count,
-                "dispatch_ns": h.dispatch_ns,
             }
             for h in list(self.nodes.values())
         ]
