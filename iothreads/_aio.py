@@ -58,7 +58,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 from protocol import BottomHalfLeakError, StateError, ThreadContractError
 
-from ._bh import BottomHalf, BottomHalfQueue
+from ._bh import BH_DELETED, BH_IDLE, BH_SCHEDULED, BottomHalf, BottomHalfQueue
 from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType
 from ._handlers import FdHandlers, IOHandler, PollFn, Ready, soonest_timeout
 from ._notifier import EventNotifier
@@ -79,6 +79,9 @@ ExceptionHandler: TypeAlias = Callable[["AioContext", Exception, str], None]
 # costs less than a threading.local attribute, on every poll; an entry leaves
 # with the outermost poll of its thread.
 _running: dict[int, AioContext] = {}
+
+
+_BH_RUNNABLE_MASK = BH_SCHEDULED | BH_DELETED | BH_IDLE
 
 
 def get_current_aio_context() -> AioContext | None:
@@ -446,9 +449,12 @@ class AioContext:
             # -- 1. timeout -------------------------------------------------
             start_ns = time.monotonic_ns() if params.max_ns else 0
             bhs = self._bhs
+            queue = bhs._queue
             if not blocking:
                 timeout_ns = 0
-            elif bhs._queue or bhs._slices or any(self._timer_heaps):
+            elif queue and queue[0]._flags & _BH_RUNNABLE_MASK == BH_SCHEDULED:
+                timeout_ns = 0  # the first queued BH is runnable: no need to look further
+            elif queue or bhs._slices or any(self._timer_heaps):
                 timeout_ns = self._compute_timeout_ns()
             else:
                 timeout_ns = -1  # the common idle case, without a call
