@@ -329,36 +329,44 @@ class MainContext:
         if self._owner != threading.get_ident():
             self._assert_owner("MainContext.prepare")
         self._pending = []
-        now_ns = time.monotonic_ns()
+        now_ns = -1  # read the clock only for a source with a ready time
         timeout_ns = -1
         max_priority = MAX_PRIORITY
         for src in self._watched:
             if src._destroyed:
                 continue
-            if max_priority != MAX_PRIORITY and src.priority > max_priority:
-                break
-            ready = src._ready
-            t = -1
-            if not ready and src._has_prepare:
-                try:
-                    ready, t = src.prepare()
-                except Exception as exc:
-                    self.report_exception(exc, f"prepare of source {src.name!r}")
-                    ready, t = False, -1
-            rt = src.ready_time_ns
-            if not ready and rt >= 0:
-                if rt <= now_ns:
-                    ready = True
-                else:
-                    t = _soonest(t, rt - now_ns)
-            if ready:
-                src._ready = True
-                if max_priority == MAX_PRIORITY:
-                    max_priority = src.priority
+            if src.priority > max_priority:
+                break  # a source of a higher priority is ready
+            if src._ready:
+                ready = True
             else:
-                timeout_ns = _soonest(timeout_ns, t)
-        self._timeout_ns = 0 if max_priority != MAX_PRIORITY else timeout_ns
-        return max_priority != MAX_PRIORITY, max_priority
+                ready, t = False, -1
+                if src._has_prepare:
+                    try:
+                        ready, t = src.prepare()
+                    except Exception as exc:
+                        self.report_exception(exc, f"prepare of source {src.name!r}")
+                        ready, t = False, -1
+                rt = src.ready_time_ns
+                if not ready and rt >= 0:
+                    if now_ns < 0:
+                        now_ns = time.monotonic_ns()
+                    if rt <= now_ns:
+                        ready = True
+                    elif t < 0 or rt - now_ns < t:
+                        t = rt - now_ns
+                if not ready:
+                    if t >= 0 and (timeout_ns < 0 or t < timeout_ns):
+                        timeout_ns = t
+                    continue
+                src._ready = True
+            if max_priority == MAX_PRIORITY:
+                max_priority = src.priority
+        if max_priority != MAX_PRIORITY:
+            self._timeout_ns = 0
+            return True, max_priority
+        self._timeout_ns = timeout_ns
+        return False, max_priority
 
     def query(self, max_priority: int) -> tuple[int, int]:
         """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
@@ -436,11 +444,15 @@ class MainContext:
                 watched_ready.append(src)
                 limit = src.priority
         # Dispatch every ready source at the best ready priority, in source order.
-        pending = [s for s in watched_ready if s.priority == limit]
-        if extra:
-            pending += [s for s in extra if s.priority == limit]
-            if len(pending) > 1:
+        if watched_ready:
+            pending = [s for s in watched_ready if s.priority == limit]
+            if extra:
+                pending += [s for s in extra if s.priority == limit]
                 pending.sort(key=_source_order)
+        elif len(extra) == 1:
+            pending = extra
+        else:
+            pending = sorted((s for s in extra if s.priority == limit), key=_source_order)
         self._pending = pending
         return bool(pending)
 
