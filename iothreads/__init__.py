@@ -23,6 +23,7 @@ from ._coroutine import reschedule as reschedule
 from ._coroutine import sleep_ns as sleep_ns
 from ._fdmon import EpollMonitor as EpollMonitor
 from ._fdmon import timeout_ns_to_seconds as timeout_ns_to_seconds
+from ._handlers import soonest_timeout as soonest_timeout
 from ._notifier import EventNotifier as EventNotifier
 from ._polling import PollParams as PollParams
 from ._threadpool import RequestState as RequestState
@@ -56,5 +57,6 @@ __all__ = [
     "get_current_aio_context",
     "reschedule",
     "sleep_ns",
+    "soonest_timeout",
     "timeout_ns_to_seconds",
 ]

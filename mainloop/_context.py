@@ -75,14 +75,6 @@ def _source_order(source: Source) -> tuple[int, int]:
     return source.priority, source.id
 
 
-def _soonest(a: int, b: int) -> int:
-    if a < 0:
-        return b
-    if b < 0:
-        return a
-    return a if a < b else b
-
-
 class MainContext:
     """A set of sources to poll and dispatch; see the module docstring."""
 
