@@ -28,6 +28,7 @@ repeats, ours and baselines alternating in the same run.
 from __future__ import annotations
 
 import asyncio
+import resource
 import socket
 import sys
 import time
@@ -141,7 +142,17 @@ def baseline(new_loop: LoopFactory, rounds: int, idle: int) -> float:
     return rounds / elapsed
 
 
+def raise_fd_limit(needed: int) -> None:
+    """1024 idle socketpairs need more fds than the usual soft limit of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        if hard != resource.RLIM_INFINITY and hard < needed:
+            sys.exit(f"this benchmark needs {needed} file descriptors; the hard limit is {hard}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (needed, hard))
+
+
 def main() -> None:
+    raise_fd_limit(2 * 1024 + 256)
     args = parse_args("Main-loop fd dispatch with idle fds: MainLoop against asyncio (and uvloop).")
     repeats, rounds = (5, 4_000) if args.quick else (9, 20_000)
     loops: dict[str, LoopFactory] = {"asyncio": asyncio.new_event_loop}

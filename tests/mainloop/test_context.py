@@ -293,3 +293,78 @@ def test_idle_and_timeout_sources(context: MainContext) -> None:
     iterate_until(context, lambda: runs.count("idle") == 2 and "timeout" in runs)
     assert runs.count("timeout") == 1
     assert context.sources() == []
+
+
+def test_destroy_from_another_thread_wakes_the_context(context: MainContext) -> None:
+    log: list[str] = []
+    src = Recorder(log, "doomed")
+    context.attach(src)
+    context.iteration(False)
+    t = threading.Thread(target=src.destroy)
+    t.start()
+    iterate_until(context, lambda: src.destroyed)
+    t.join()
+    assert src.finalized == 1 and context.sources() == []
+
+
+def test_pending_keeps_ready_sources_for_the_next_iteration(context: MainContext) -> None:
+    runs: list[int] = []
+    context.idle_add(lambda: bool(runs.append(1)) or SOURCE_REMOVE)
+    assert context.pending() is True
+    assert runs == []
+    assert context.iteration(False) is True
+    assert runs == [1]
+    assert context.pending() is False
+
+
+def test_hook_errors_are_reported(context: MainContext) -> None:
+    errors: list[str] = []
+    context.set_exception_handler(lambda c, exc, where: errors.append(where))
+
+    class Faulty(Source):
+        def prepare(self) -> tuple[bool, int]:
+            raise RuntimeError("prepare")
+
+        def check(self) -> bool:
+            raise RuntimeError("check")
+
+        def dispatch(self) -> bool:
+            return True
+
+    context.attach(Faulty("faulty"))
+    assert context.iteration(False) is False
+    assert errors == ["prepare of source 'faulty'", "check of source 'faulty'"]
+
+
+def test_timeout_seconds_source_arms_in_seconds(context: MainContext) -> None:
+    sid = context.timeout_add_seconds(3, lambda: True)
+    src = context.find_source_by_id(sid)
+    assert src is not None
+    assert 2_900_000_000 < src.ready_time_ns - time.monotonic_ns() <= 3_000_000_000
+    assert context.iteration(False) is False
+
+
+def test_aio_source_sets_notify_me_bit_0_between_prepare_and_check() -> None:
+    from iothreads import AioContext
+    from mainloop import AioSource
+
+    with AioContext(name="gs") as aio, MainContext("m") as ctx:
+        ctx.attach(AioSource(aio))
+        assert ctx.acquire()
+        try:
+            _, maxp = ctx.prepare()
+            assert aio._notify_me & 1
+            ctx.query(maxp)
+            ctx.poll(0)
+            ctx.check(maxp)
+            assert not aio._notify_me & 1
+        finally:
+            ctx.release()
+        # While the main context sleeps, a cross-thread BH must wake it via
+        # the AioContext's eventfd.
+        ran = threading.Event()
+        ctx.iteration(False)
+        t = threading.Thread(target=aio.bh_schedule_oneshot, args=(ran.set,))
+        t.start()
+        iterate_until(ctx, ran.is_set)
+        t.join()
