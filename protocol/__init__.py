@@ -1,21 +1,64 @@
 """Wire formats, message types and the project's error tree.
 
+``encode(msg) -> frames`` and ``decode(frames) -> msg`` carry the messages of
+``_messages.py`` between the main loop, the iothreads and clients.
+
 ``protocol`` is the leaf package: it imports nothing from ``iothreads`` or
 ``mainloop``, and its core holds no sockets, threads or clocks.
 """
 
 from __future__ import annotations
 
+from ._codec import Limits as Limits
+from ._codec import decode as decode
+from ._codec import encode as encode
 from ._errors import BottomHalfLeakError as BottomHalfLeakError
 from ._errors import CoroutineStateError as CoroutineStateError
 from ._errors import EvloopError as EvloopError
+from ._errors import LocalProtocolError as LocalProtocolError
+from ._errors import ProtocolError as ProtocolError
+from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
+from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._messages import BlockCompletion as BlockCompletion
+from ._messages import BlockOp as BlockOp
+from ._messages import BlockRequest as BlockRequest
+from ._messages import ErrorReply as ErrorReply
+from ._messages import Event as Event
+from ._messages import Heartbeat as Heartbeat
+from ._messages import Hello as Hello
+from ._messages import Message as Message
+from ._messages import Query as Query
+from ._messages import QueryReply as QueryReply
+from ._messages import SetPollParams as SetPollParams
+from ._messages import Stop as Stop
+from ._messages import Welcome as Welcome
 
 __all__ = [
+    "BlockCompletion",
+    "BlockOp",
+    "BlockRequest",
     "BottomHalfLeakError",
     "CoroutineStateError",
+    "ErrorReply",
+    "Event",
     "EvloopError",
+    "Heartbeat",
+    "Hello",
+    "Limits",
+    "LocalProtocolError",
+    "Message",
+    "PROTOCOL_VERSION",
+    "ProtocolError",
+    "Query",
+    "QueryReply",
+    "RemoteProtocolError",
+    "SetPollParams",
     "StateError",
+    "Stop",
     "ThreadContractError",
+    "Welcome",
+    "decode",
+    "encode",
 ]

@@ -8,6 +8,9 @@ can catch "anything the framework refused" with a single ``except``::
      |    +-- BottomHalfLeakError   a context closed with bottom halves not deleted
      |    +-- CoroutineStateError   a coroutine scheduled twice, or awaited wrongly
      +-- ThreadContractError     a "home thread only" call made from another thread
+     +-- ProtocolError           a message broke the wire protocol
+          +-- LocalProtocolError    we were about to send something invalid
+          +-- RemoteProtocolError   a peer sent something invalid
 
 Errors that have a builtin category also derive from it (``StateError`` is a
 ``RuntimeError``), so code written against the builtins keeps working.
@@ -22,6 +25,9 @@ __all__ = [
     "BottomHalfLeakError",
     "CoroutineStateError",
     "EvloopError",
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
     "StateError",
     "ThreadContractError",
 ]
@@ -65,3 +71,22 @@ class CoroutineStateError(StateError):
 
 class ThreadContractError(EvloopError, RuntimeError):
     """A function documented as "home thread only" was called from another thread."""
+
+
+class ProtocolError(EvloopError):
+    """A message broke the wire protocol.  The text says what was wrong."""
+
+
+class LocalProtocolError(ProtocolError, ValueError):
+    """We were about to send a message the protocol does not allow."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """A peer sent bytes that are not a valid message.
+
+    :ivar raw: the first bytes of the offending frame, for logs (may be empty).
+    """
+
+    def __init__(self, message: str, raw: bytes = b"") -> None:
+        super().__init__(message)
+        self.raw = raw

@@ -1,0 +1,173 @@
+"""The wire envelope: messages to ZeroMQ frames and back, under strict limits.
+
+A message is a list of frames: first a msgpack header, then zero or one raw
+payload frame::
+
+    frame 0: msgpack([version, kind, {field: value, ...}])
+    frame 1: the payload (a block's data), only for kinds that carry one
+
+Decoding trusts nothing.  Sizes are checked before msgpack sees a byte, the
+unpacker runs with limits on every container and string, and the result is
+checked against the message's dataclass: known kind, supported version, no
+unknown or missing fields, exact field types.  Anything wrong raises
+``RemoteProtocolError`` saying what, and nothing else escapes: a loop that
+reads peers' frames catches one exception class.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import MISSING, dataclass, fields
+from typing import Any, Union
+
+import msgpack
+
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
+
+__all__ = ["Limits", "decode", "encode"]
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What a peer may send.  The defaults suit the control and data planes."""
+
+    max_header_bytes: int = 64 * 1024
+    max_payload_bytes: int = 64 * 1024 * 1024
+    max_str_len: int = 4096
+    max_container_len: int = 256
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames for ``msg``.  Raises ``LocalProtocolError`` for a message
+    that could not be decoded by the other side (e.g. a non-encodable value)."""
+    kind = type(msg).KIND
+    if MESSAGE_TYPES.get(kind) is not type(msg):
+        raise LocalProtocolError(f"{type(msg).__name__} is not a registered message type")
+    payload_name = type(msg).PAYLOAD
+    body = {f.name: getattr(msg, f.name) for f in fields(msg) if f.name != payload_name}
+    try:
+        header = msgpack.packb([PROTOCOL_VERSION, kind, body], use_bin_type=True)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise LocalProtocolError(f"cannot encode {kind}: {exc}") from exc
+    if payload_name is None:
+        return [header]
+    return [header, bytes(getattr(msg, payload_name))]
+
+
+def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
+    """The message in ``frames``; ``RemoteProtocolError`` if anything is off."""
+    if not frames:
+        raise RemoteProtocolError("empty message: no header frame")
+    header = frames[0]
+    if len(header) > limits.max_header_bytes:
+        raise RemoteProtocolError(
+            f"header frame of {len(header)} bytes exceeds the limit of {limits.max_header_bytes}"
+        )
+    try:
+        obj = msgpack.unpackb(
+            header, raw=False, strict_map_key=True, use_list=True,
+            max_str_len=limits.max_str_len, max_bin_len=limits.max_str_len,
+            max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
+            max_ext_len=0, ext_hook=_reject_ext,
+        )
+    except RemoteProtocolError:
+        raise
+    except Exception as exc:  # msgpack raises many kinds: all mean "garbage"
+        raise RemoteProtocolError(f"undecodable header: {type(exc).__name__}: {exc}",
+                                  raw=bytes(header[:64])) from None
+    if not isinstance(obj, list) or len(obj) != 3:
+        raise RemoteProtocolError("header must be [version, kind, fields]", raw=bytes(header[:64]))
+    version, kind, body = obj
+    if version != PROTOCOL_VERSION or type(version) is not int:
+        raise RemoteProtocolError(f"unsupported protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message kind {kind!r}")
+    if not isinstance(body, dict):
+        raise RemoteProtocolError(f"{kind}: fields must be a map, not {type(body).__name__}")
+    payload_name = cls.PAYLOAD
+    expected_frames = 1 if payload_name is None else 2
+    if len(frames) != expected_frames:
+        raise RemoteProtocolError(f"{kind}: expected {expected_frames} frame(s), got {len(frames)}")
+    kwargs = _check_fields(cls, kind, body, payload_name)
+    if payload_name is not None:
+        payload = frames[1]
+        if len(payload) > limits.max_payload_bytes:
+            raise RemoteProtocolError(
+                f"{kind}: payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
+            )
+        kwargs[payload_name] = bytes(payload)
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise RemoteProtocolError(f"{kind}: {exc}") from None
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
+
+
+def _check_fields(cls: type[Message], kind: str, body: dict[str, Any],
+                  payload_name: str | None) -> dict[str, Any]:
+    hints = _hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name != payload_name}
+    unknown = sorted(set(body) - set(known))
+    if unknown:
+        raise RemoteProtocolError(f"{kind}: unknown field(s) {', '.join(map(repr, unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, f in known.items():
+        if name not in body:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise RemoteProtocolError(f"{kind}: missing field {name!r}")
+            continue
+        value = body[name]
+        if not _matches(value, hints[name]):
+            raise RemoteProtocolError(
+                f"{kind}: field {name!r} has type {type(value).__name__}, expected {_type_name(hints[name])}"
+            )
+        kwargs[name] = tuple(value) if isinstance(value, list) else value
+    return kwargs
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type[Message]) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _matches(value: object, tp: Any) -> bool:
+    """Whether a decoded msgpack value fits the annotation ``tp`` exactly."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return any(_matches(value, arg) for arg in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is int:
+        return type(value) is int
+    if tp is float:
+        return type(value) in (float, int)
+    if tp in (str, bool, bytes):
+        return type(value) is tp
+    if origin is tuple:
+        item = typing.get_args(tp)[0]
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        return isinstance(value, dict) and all(
+            _matches(k, key_t) and _matches(v, val_t) for k, v in value.items()
+        )
+    return False
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")

@@ -1,0 +1,202 @@
+"""The messages the main loop and the iothreads exchange.
+
+Every message is a frozen, slotted dataclass with a wire ``KIND``.  Two
+planes share the same envelope (see ``_codec.py``):
+
+control plane (main loop <-> iothread, over the control channel)
+    ``Hello`` / ``Welcome`` (handshake: ids, pid, protocol version,
+    capabilities), ``SetPollParams``, ``Stop``, ``Query`` / ``QueryReply``,
+    ``Heartbeat``, ``Event``, ``ErrorReply``.
+data plane (client <-> iothread)
+    ``BlockRequest`` and ``BlockCompletion``.  Their block payload (the data
+    of a write, the data a read returns) never goes into msgpack: it travels
+    as a separate raw frame after the header.
+
+Field types are checked on decode, exactly: an ``int`` field takes an int
+(not a bool), a ``tuple[str, ...]`` takes a list of str, and so on.  Fields
+are plain data: str, int, float, bool, None, tuples and str-keyed dicts of
+those.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+__all__ = [
+    "PROTOCOL_VERSION",
+    "BlockCompletion",
+    "BlockOp",
+    "BlockRequest",
+    "ErrorReply",
+    "Event",
+    "Heartbeat",
+    "Hello",
+    "Message",
+    "Query",
+    "QueryReply",
+    "SetPollParams",
+    "Stop",
+    "Welcome",
+]
+
+PROTOCOL_VERSION = 1
+
+
+class BlockOp(enum.StrEnum):
+    """Block operations (QEMU's names where it has them)."""
+
+    READ = "read"
+    WRITE = "write"
+    FLUSH = "flush"
+    DISCARD = "discard"
+    WRITE_ZEROES = "write_zeroes"
+
+
+_BLOCK_OPS = frozenset(op.value for op in BlockOp)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every message.  ``KIND`` is the name on the wire;
+    ``PAYLOAD`` names the field that travels as a raw frame, if any."""
+
+    KIND: ClassVar[str] = ""
+    PAYLOAD: ClassVar[str | None] = None
+
+
+# -- control plane --------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message of an iothread: who it is and what it speaks."""
+
+    KIND: ClassVar[str] = "hello"
+    iothread_id: str
+    pid: int
+    version: int = PROTOCOL_VERSION
+    capabilities: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The main loop's answer to ``Hello``: the agreed version and capabilities."""
+
+    KIND: ClassVar[str] = "welcome"
+    version: int = PROTOCOL_VERSION
+    capabilities: tuple[str, ...] = ()
+    heartbeat_interval_ms: int = 1000
+
+
+@dataclass(frozen=True, slots=True)
+class SetPollParams(Message):
+    """Apply an iothread's poll-max-ns / poll-grow / poll-shrink / aio-max-batch."""
+
+    KIND: ClassVar[str] = "set-poll-params"
+    request_id: int
+    poll_max_ns: int
+    poll_grow: int
+    poll_shrink: int
+    aio_max_batch: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Stop(Message):
+    """Ask an iothread to stop its loop and exit."""
+
+    KIND: ClassVar[str] = "stop"
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Query(Message):
+    """Ask an iothread for its counters."""
+
+    KIND: ClassVar[str] = "query"
+    request_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class QueryReply(Message):
+    """An iothread's counters (loop iterations, dispatches, busy-poll hits, ...)."""
+
+    KIND: ClassVar[str] = "query-reply"
+    request_id: int
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat(Message):
+    """Liveness, both ways; ``sent_ns`` is the sender's monotonic clock."""
+
+    KIND: ClassVar[str] = "heartbeat"
+    seq: int
+    sent_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class Event(Message):
+    """Something happened that the other side should know (QMP-style event)."""
+
+    KIND: ClassVar[str] = "event"
+    name: str
+    data: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorReply(Message):
+    """A request failed: ``errno`` (0 if none applies), ``error_class`` (QMP's
+    classes: ``GenericError``, ...) and a message for humans."""
+
+    KIND: ClassVar[str] = "error"
+    request_id: int
+    error_class: str
+    message: str
+    errno: int = 0
+
+
+# -- data plane -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BlockRequest(Message):
+    """A block I/O request for node ``node``.  A write's data is ``data``,
+    sent as a raw frame."""
+
+    KIND: ClassVar[str] = "block-request"
+    PAYLOAD: ClassVar[str | None] = "data"
+    request_id: int
+    node: str
+    op: str
+    offset: int = 0
+    length: int = 0
+    flags: int = 0
+    data: bytes = b""
+
+    def __post_init__(self) -> None:
+        if self.op not in _BLOCK_OPS:
+            raise ValueError(f"unknown block op {self.op!r} (one of {', '.join(sorted(_BLOCK_OPS))})")
+        if self.offset < 0 or self.length < 0:
+            raise ValueError("offset and length must be >= 0")
+
+
+@dataclass(frozen=True, slots=True)
+class BlockCompletion(Message):
+    """The result of a ``BlockRequest``: ``status`` 0 or a negative errno, a
+    message on error, and a read's data as a raw frame."""
+
+    KIND: ClassVar[str] = "block-completion"
+    PAYLOAD: ClassVar[str | None] = "data"
+    request_id: int
+    status: int = 0
+    message: str = ""
+    data: bytes = b""
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {
+    cls.KIND: cls
+    for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event,
+                ErrorReply, BlockRequest, BlockCompletion)
+}

@@ -1,0 +1,176 @@
+"""The message codec: every message type round-trips; garbage, truncated,
+oversized or ill-typed input gives RemoteProtocolError and nothing else."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from protocol import (
+    PROTOCOL_VERSION,
+    BlockCompletion,
+    BlockOp,
+    BlockRequest,
+    ErrorReply,
+    Event,
+    Heartbeat,
+    Hello,
+    Limits,
+    LocalProtocolError,
+    Message,
+    ProtocolError,
+    Query,
+    QueryReply,
+    RemoteProtocolError,
+    SetPollParams,
+    Stop,
+    Welcome,
+    decode,
+    encode,
+)
+
+ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
+naturals = st.integers(min_value=0, max_value=2**63 - 1)
+text = st.text(max_size=40)
+names = st.lists(st.text(max_size=16), max_size=8).map(tuple)
+scalars = st.one_of(text, ints, st.floats(allow_nan=False), st.booleans(), st.none())
+
+MESSAGES: st.SearchStrategy[Message] = st.one_of(
+    st.builds(Hello, iothread_id=text, pid=ints, version=ints, capabilities=names),
+    st.builds(Welcome, version=ints, capabilities=names, heartbeat_interval_ms=ints),
+    st.builds(SetPollParams, request_id=ints, poll_max_ns=ints, poll_grow=ints, poll_shrink=ints,
+              aio_max_batch=ints),
+    st.builds(Stop, reason=text),
+    st.builds(Query, request_id=ints),
+    st.builds(QueryReply, request_id=ints, counters=st.dictionaries(text, ints, max_size=8)),
+    st.builds(Heartbeat, seq=ints, sent_ns=ints),
+    st.builds(Event, name=text, data=st.dictionaries(text, scalars, max_size=8)),
+    st.builds(ErrorReply, request_id=ints, error_class=text, message=text, errno=ints),
+    st.builds(BlockRequest, request_id=ints, node=text, op=st.sampled_from([o.value for o in BlockOp]),
+              offset=naturals, length=naturals, flags=ints, data=st.binary(max_size=4096)),
+    st.builds(BlockCompletion, request_id=ints, status=ints, message=text, data=st.binary(max_size=4096)),
+)
+
+
+@given(MESSAGES)
+def test_every_message_round_trips(msg: Message) -> None:
+    frames = encode(msg)
+    assert decode(frames) == msg
+    # The payload is a separate raw frame, never inside the msgpack header.
+    payload = type(msg).PAYLOAD
+    assert len(frames) == (1 if payload is None else 2)
+    if payload is not None:
+        assert frames[1] == getattr(msg, payload)
+        assert payload not in msgpack.unpackb(frames[0])[2]
+
+
+def test_all_message_types_are_covered() -> None:
+    from protocol._messages import MESSAGE_TYPES
+
+    assert set(MESSAGE_TYPES.values()) == {
+        Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event, ErrorReply,
+        BlockRequest, BlockCompletion,
+    }
+
+
+@given(st.lists(st.binary(max_size=200), max_size=3))
+@settings(max_examples=300)
+def test_garbage_frames_raise_only_protocol_errors(frames: list[bytes]) -> None:
+    try:
+        decode(frames)
+    except RemoteProtocolError:
+        pass
+
+
+@given(MESSAGES, st.data())
+def test_truncated_or_mutated_headers_raise_only_protocol_errors(msg: Message, data: st.DataObject) -> None:
+    frames = encode(msg)
+    header = frames[0]
+    cut = data.draw(st.integers(min_value=0, max_value=len(header) - 1))
+    with pytest.raises(RemoteProtocolError):
+        decode([header[:cut], *frames[1:]])
+    pos = data.draw(st.integers(min_value=0, max_value=len(header) - 1))
+    byte = data.draw(st.integers(min_value=0, max_value=255))
+    mutated = header[:pos] + bytes([byte]) + header[pos + 1:]
+    try:
+        decode([mutated, *frames[1:]])  # may still be a valid message: never anything else
+    except RemoteProtocolError:
+        pass
+
+
+def _header(kind: str, body: object, version: object = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb([version, kind, body])
+
+
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ([], "no header frame"),
+        ([_header("nonsense", {})], "unknown message kind 'nonsense'"),
+        ([_header("stop", {}, version=99)], "unsupported protocol version 99"),
+        ([_header("stop", {}, version=True)], "unsupported protocol version True"),
+        ([msgpack.packb({"a": 1})], "header must be [version, kind, fields]"),
+        ([_header("stop", [])], "fields must be a map"),
+        ([_header("stop", {"bogus": 1})], "unknown field(s) 'bogus'"),
+        ([_header("query", {})], "missing field 'request_id'"),
+        ([_header("query", {"request_id": "7"})], "field 'request_id' has type str, expected int"),
+        ([_header("query", {"request_id": True})], "field 'request_id' has type bool"),
+        ([_header("hello", {"iothread_id": "io0", "pid": 1, "capabilities": [1]})], "'capabilities'"),
+        ([_header("query-reply", {"request_id": 1, "counters": {"a": "x"}})], "'counters'"),
+        ([_header("stop", {}), b"extra"], "expected 1 frame(s), got 2"),
+        ([_header("block-request", {"request_id": 1, "node": "d", "op": "read"})], "expected 2 frame(s)"),
+        ([_header("block-request", {"request_id": 1, "node": "d", "op": "explode"}), b""],
+         "unknown block op 'explode'"),
+        ([_header("block-request", {"request_id": 1, "node": "d", "op": "read", "offset": -1}), b""],
+         "offset and length must be >= 0"),
+        ([msgpack.packb([1, "stop", {}], use_bin_type=True) + b"\x00"], "undecodable header"),
+        ([msgpack.packb([1, "stop", {"reason": msgpack.ExtType(5, b"x")}])], "max_ext_len"),
+    ],
+)
+def test_bad_messages_say_what_is_wrong(frames: list[bytes], message: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(frames)
+    assert message in str(info.value)
+
+
+def test_size_limits() -> None:
+    small = Limits(max_header_bytes=80, max_payload_bytes=8, max_str_len=20, max_container_len=4)
+    with pytest.raises(RemoteProtocolError, match="header frame of .* exceeds"):
+        decode(encode(Stop("x" * 200)), small)
+    with pytest.raises(RemoteProtocolError, match="undecodable"):
+        decode(encode(Stop("x" * 30)), small)  # a string over max_str_len
+    with pytest.raises(RemoteProtocolError, match="undecodable"):
+        decode(encode(Hello("io0", 1, capabilities=tuple("abcdef"))), small)  # 6 > 4 items
+    with pytest.raises(RemoteProtocolError, match="payload of 9 bytes exceeds"):
+        decode(encode(BlockCompletion(1, data=b"x" * 9)), small)
+    assert decode(encode(BlockCompletion(1, data=b"x" * 8)), small).data == b"x" * 8
+
+
+def test_a_declared_huge_container_does_not_allocate() -> None:
+    # array32 header claiming 2**32-1 items, in a few bytes.
+    with pytest.raises(RemoteProtocolError):
+        decode([b"\xdd\xff\xff\xff\xff"])
+
+
+def test_deep_nesting_is_refused() -> None:
+    deep = b"\x91" * 5000 + b"\xc0"
+    with pytest.raises(RemoteProtocolError):
+        decode([deep])
+
+
+def test_encoding_refuses_what_cannot_be_sent() -> None:
+    @dataclasses.dataclass(frozen=True, slots=True)
+    class Unregistered(Message):
+        KIND = "stop"
+
+    with pytest.raises(LocalProtocolError, match="not a registered message type"):
+        encode(Unregistered())
+    with pytest.raises(LocalProtocolError, match="cannot encode"):
+        encode(Event("e", {"x": object()}))  # type: ignore[dict-item]
+    assert issubclass(LocalProtocolError, ProtocolError) and issubclass(RemoteProtocolError, ProtocolError)
+    with pytest.raises(ValueError):
+        BlockRequest(1, "d", "write", offset=-5)
