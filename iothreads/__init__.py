@@ -11,6 +11,7 @@ from ._aio import AioContext as AioContext
 from ._aio import AioContextStats as AioContextStats
 from ._aio import get_current_aio_context as get_current_aio_context
 from ._bh import BottomHalf as BottomHalf
+from ._channels import ChannelHandler as ChannelHandler
 from ._clock import Clock as Clock
 from ._clock import ClockType as ClockType
 from ._clock import ManualClock as ManualClock
@@ -37,6 +38,7 @@ __all__ = [
     "AioContext",
     "AioContextStats",
     "BottomHalf",
+    "ChannelHandler",
     "Clock",
     "ClockSpec",
     "ClockType",

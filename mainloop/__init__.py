@@ -11,6 +11,11 @@ from ._bql import bql_lock as bql_lock
 from ._bql import bql_locked as bql_locked
 from ._bql import bql_stats as bql_stats
 from ._bql import bql_unlock as bql_unlock
+from ._channels import ChannelSource as ChannelSource
+from ._cluster import Cluster as Cluster
+from ._cluster import IOThread as IOThread
+from ._cluster import IOThreadConfig as IOThreadConfig
+from ._cluster import IOThreadState as IOThreadState
 from ._context import MainContext as MainContext
 from ._loop import MainLoop as MainLoop
 from ._source import IO_ERR as IO_ERR
@@ -42,9 +47,14 @@ from ._view import describe_fd as describe_fd
 __all__ = [
     "AioSource",
     "BQLStats",
+    "ChannelSource",
     "ChildWatchSource",
+    "Cluster",
     "FdView",
     "FdWatchSource",
+    "IOThread",
+    "IOThreadConfig",
+    "IOThreadState",
     "IO_ERR",
     "IO_HUP",
     "IO_IN",

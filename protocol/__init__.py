@@ -9,6 +9,9 @@
 
 from __future__ import annotations
 
+from ._channel import Channel as Channel
+from ._channel import ipc_endpoint as ipc_endpoint
+from ._channel import make_runtime_dir as make_runtime_dir
 from ._codec import Limits as Limits
 from ._codec import decode as decode
 from ._codec import encode as encode
@@ -40,6 +43,7 @@ __all__ = [
     "BlockOp",
     "BlockRequest",
     "BottomHalfLeakError",
+    "Channel",
     "CoroutineStateError",
     "ErrorReply",
     "Event",
@@ -61,4 +65,6 @@ __all__ = [
     "Welcome",
     "decode",
     "encode",
+    "ipc_endpoint",
+    "make_runtime_dir",
 ]

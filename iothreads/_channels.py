@@ -1,0 +1,36 @@
+"""Plugging a ``protocol.Channel`` into an AioContext.
+
+The channel's ZMQ_FD becomes an fd handler (read only: the fd is a hint),
+``io_poll`` reads ZMQ_EVENTS so busy polling sees messages without a
+syscall, and the channel's ``kick`` (input pending that the fd will not
+announce) schedules a bottom half that drains it.
+"""
+
+from __future__ import annotations
+
+from protocol import Channel
+
+from ._aio import AioContext
+from ._bh import BottomHalf
+
+__all__ = ["ChannelHandler"]
+
+
+class ChannelHandler:
+    """``channel`` served by ``ctx``: create in, and use from, the home thread."""
+
+    def __init__(self, ctx: AioContext, channel: Channel, name: str = "channel") -> None:
+        self.ctx = ctx
+        self.channel = channel
+        self._bh: BottomHalf = ctx.bh_new(channel.drain, f"{name}-drain")
+        channel.kick = self._bh.schedule
+        ctx.set_fd_handler(channel.fileno(), io_read=channel.drain, io_poll=channel.pending_input)
+        self._bh.schedule()  # messages may have arrived before the handler existed
+
+    def close(self) -> None:
+        """Remove the handler, delete the BH, close the channel.  Idempotent."""
+        if not self._bh.deleted:
+            self.ctx.set_fd_handler(self.channel.fileno())
+            self._bh.delete()
+        self.channel.kick = lambda: None
+        self.channel.close()

@@ -1,0 +1,257 @@
+"""The iothread process: ``python -m iothreads --id io0 --connect ENDPOINT``.
+
+Theory of operation
+-------------------
+A process of its own (so it runs in parallel with the main loop, past the
+GIL), running one AioContext the way QEMU's ``iothread_run`` does::
+
+    while running:
+        ctx.poll(blocking=True)
+
+Its ZeroMQ context is created here, after the process started: nothing of
+ZeroMQ is ever inherited.  A DEALER socket, with the iothread's id as its
+identity, connects to the main loop's ROUTER; the channel is an fd handler of
+the context.  The first message is ``Hello`` (id, pid, protocol version,
+capabilities); the main loop answers ``Welcome`` with the heartbeat period.
+
+Control messages: ``SetPollParams`` applies poll-max-ns / poll-grow /
+poll-shrink / aio-max-batch at once; ``Query`` is answered with the
+context's counters; ``Stop`` schedules a oneshot bottom half that clears
+``running`` (as QEMU stops an iothread), after which the loop ends and the
+process exits 0.
+
+The process never outlives the main loop: the kernel sends it SIGTERM when
+its parent dies (``PR_SET_PDEATHSIG``), and, as a second line, a timer ends it
+when no heartbeat arrived for ``3 x`` the heartbeat period.  SIGTERM and
+SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+import zmq
+
+from protocol import (
+    PROTOCOL_VERSION,
+    Channel,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    Message,
+    Query,
+    QueryReply,
+    RemoteProtocolError,
+    SetPollParams,
+    Stop,
+    Welcome,
+)
+
+from ._aio import AioContext
+from ._channels import ChannelHandler
+from ._clock import ClockType
+from ._notifier import EventNotifier
+
+__all__ = ["IOThreadWorker", "main"]
+
+log = logging.getLogger("iothreads.worker")
+
+CAPABILITIES = ("poll-params", "query", "heartbeat")
+EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Ask the kernel for SIGTERM when the parent dies; if it already has, go."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass  # the heartbeat deadline still applies
+    if os.getppid() != parent_pid:
+        sys.exit(EXIT_ORPHANED)
+
+
+class IOThreadWorker:
+    """The loop of one iothread process.  Everything runs in its main thread."""
+
+    def __init__(self, iothread_id: str, endpoint: str, *, poll_max_ns: int = 32768,
+                 poll_grow: int = 0, poll_shrink: int = 0, aio_max_batch: int = 0,
+                 handshake_timeout_ms: int = 10_000) -> None:
+        self.id = iothread_id
+        self.ctx = AioContext(name=iothread_id)
+        self.ctx.set_poll_params(poll_max_ns, poll_grow, poll_shrink)
+        self.ctx.set_aio_params(aio_max_batch)
+        self.running = True
+        self.exit_code = EXIT_OK
+        self.heartbeat_interval_ms = 0
+        self.last_heard_ns = time.monotonic_ns()
+        self.welcomed = False
+        self.zmq = zmq.Context()
+        sock = self.zmq.socket(zmq.DEALER)
+        sock.setsockopt(zmq.IDENTITY, iothread_id.encode())
+        sock.connect(endpoint)
+        self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
+        self.handler = ChannelHandler(self.ctx, self.channel, "control")
+        self._heartbeat_seq = 0
+        self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
+        self._watchdog.mod(self._watchdog.now() + handshake_timeout_ms)
+        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES))
+
+    # -- messages ---------------------------------------------------------
+
+    def _on_message(self, identity: bytes, msg: Message) -> None:
+        self.last_heard_ns = time.monotonic_ns()
+        if isinstance(msg, Welcome):
+            self._on_welcome(msg)
+        elif isinstance(msg, Heartbeat):
+            pass  # being heard is all it says
+        elif isinstance(msg, Query):
+            self.channel.send(QueryReply(msg.request_id, self.counters()))
+        elif isinstance(msg, SetPollParams):
+            self._on_set_poll_params(msg)
+        elif isinstance(msg, Stop):
+            self.stop(EXIT_OK)
+        else:
+            log.warning("iothread %s: unexpected %s from the main loop", self.id, type(msg).KIND)
+
+    def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
+        log.error("iothread %s: bad message from the main loop: %s", self.id, exc)
+
+    def _on_welcome(self, msg: Welcome) -> None:
+        if msg.version != PROTOCOL_VERSION:
+            log.error("iothread %s: main loop speaks protocol %d, we speak %d",
+                      self.id, msg.version, PROTOCOL_VERSION)
+            self.stop(EXIT_ERROR)
+            return
+        self.welcomed = True
+        self.heartbeat_interval_ms = max(msg.heartbeat_interval_ms, 0)
+        self._arm_watchdog()
+
+    def _on_set_poll_params(self, msg: SetPollParams) -> None:
+        try:
+            self.ctx.set_poll_params(msg.poll_max_ns, msg.poll_grow, msg.poll_shrink)
+            self.ctx.set_aio_params(msg.aio_max_batch)
+        except ValueError as exc:
+            self.channel.send(ErrorReply(msg.request_id, "GenericError", str(exc)))
+            return
+        self.channel.send(QueryReply(msg.request_id, self.counters()))
+
+    def counters(self) -> dict[str, int]:
+        s = self.ctx.stats()
+        pool = self.ctx._thread_pool
+        return {
+            "pid": os.getpid(),
+            "iterations": s.iterations,
+            "waits": s.waits,
+            "bh_calls": s.bh_calls,
+            "fd_dispatches": s.fd_dispatches,
+            "timers_fired": s.timers_fired,
+            "busy_poll_runs": s.busy_poll_runs,
+            "busy_poll_hits": s.busy_poll_hits,
+            "notifier_writes": s.notifier_writes,
+            "thread_pool_threads": pool.stats()["threads"] if pool is not None else 0,
+            "poll_max_ns": self.ctx.poll_max_ns,
+            "poll_grow": self.ctx.poll_grow,
+            "poll_shrink": self.ctx.poll_shrink,
+            "aio_max_batch": self.ctx.aio_max_batch,
+        }
+
+    # -- liveness -----------------------------------------------------------
+
+    def _arm_watchdog(self) -> None:
+        if self.heartbeat_interval_ms:
+            self._watchdog.mod(self._watchdog.now() + self.heartbeat_interval_ms)
+
+    def _on_watchdog(self) -> None:
+        if not self.welcomed:
+            log.error("iothread %s: no answer from the main loop: giving up", self.id)
+            self.stop(EXIT_ORPHANED)
+            return
+        silent_ms = (time.monotonic_ns() - self.last_heard_ns) // 1_000_000
+        if silent_ms > 3 * self.heartbeat_interval_ms:
+            log.error("iothread %s: main loop silent for %d ms: exiting", self.id, silent_ms)
+            self.stop(EXIT_ORPHANED)
+            return
+        self._heartbeat_seq += 1
+        self.channel.send(Heartbeat(self._heartbeat_seq, time.monotonic_ns()))
+        self._arm_watchdog()
+
+    # -- running ------------------------------------------------------------
+
+    def stop(self, exit_code: int = EXIT_OK) -> None:
+        """End the loop after this iteration (a oneshot BH, as QEMU does).  Any thread."""
+
+        def clear_running() -> None:
+            self.exit_code = exit_code
+            self.running = False
+
+        self.ctx.bh_schedule_oneshot(clear_running, "iothread_stop")
+
+    def run(self) -> int:
+        ctx = self.ctx
+        while self.running:
+            ctx.poll(True)
+        return self.exit_code
+
+    def close(self) -> None:
+        self._watchdog.delete()
+        self.handler.close()
+        self.zmq.term()
+        self.ctx.close()
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m iothreads", description="Run one iothread process.")
+    p.add_argument("--id", required=True, help="the iothread's id (QEMU's object id)")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the main loop's control endpoint")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit if this process is not our parent")
+    for name, default in (("poll-max-ns", 32768), ("poll-grow", 0), ("poll-shrink", 0), ("aio-max-batch", 0)):
+        p.add_argument(f"--{name}", type=int, default=default)
+    p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format=f"iothread {args.id}: %(message)s")
+    if args.parent_pid:
+        _die_with_parent(args.parent_pid)
+    try:
+        worker = IOThreadWorker(
+            args.id, args.connect, poll_max_ns=args.poll_max_ns, poll_grow=args.poll_grow,
+            poll_shrink=args.poll_shrink, aio_max_batch=args.aio_max_batch,
+            handshake_timeout_ms=args.handshake_timeout_ms,
+        )
+    except (ValueError, zmq.ZMQError) as exc:
+        print(f"iothread {args.id}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+    # A signal handler may run while this thread holds a loop lock: it only
+    # sets an eventfd, whose handler (an ordinary fd handler) stops the loop.
+    stop_request = EventNotifier()
+
+    def on_stop_request(notifier: EventNotifier) -> None:
+        notifier.test_and_clear()
+        worker.stop(EXIT_OK)
+
+    worker.ctx.set_event_notifier(stop_request, on_stop_request)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        stop_request.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        return worker.run()
+    finally:
+        worker.ctx.set_event_notifier(stop_request, None)
+        stop_request.close()
+        worker.close()

@@ -1,0 +1,409 @@
+"""The cluster: iothread processes spawned, supervised and stopped by the main loop.
+
+Theory of operation
+-------------------
+The main loop binds one ROUTER socket (the control channel, a source of its
+MainContext); every iothread process connects a DEALER whose identity is its
+id.  An ``IOThread`` handle follows one process through its states::
+
+    STARTING --Hello--> RUNNING --stop()--> STOPPING --exit--> EXITED
+        \\____________________ unexpected exit ____________________/
+
+Spawning is ``posix_spawn`` of ``python -m iothreads``: a fresh interpreter,
+never a fork of this process and its ZeroMQ state.  Each process is watched
+by a child-watch source (a pidfd), so an exit is seen at once and the child
+is reaped; an exit that nobody asked for is logged and reported as an
+``IOTHREAD_EXITED`` event, and the iothread is restarted if configured so.
+A handshake that does not come within its deadline kills the process.
+
+Heartbeats go both ways every ``heartbeat_interval_ms``: the iothreads use
+them to notice a dead main loop (besides the parent-death signal); the
+cluster uses any message as a sign of life.
+
+Everything here runs in the main-loop thread with the BQL held.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from iothreads import ClockType, Timer
+from protocol import (
+    PROTOCOL_VERSION,
+    Channel,
+    ErrorReply,
+    Heartbeat,
+    Hello,
+    Message,
+    Query,
+    QueryReply,
+    RemoteProtocolError,
+    SetPollParams,
+    StateError,
+    Stop,
+    Welcome,
+    ipc_endpoint,
+    make_runtime_dir,
+)
+
+from ._bql import bql_locked
+from ._channels import ChannelSource
+from ._loop import MainLoop
+from ._sources import ChildWatchSource
+
+__all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState"]
+
+log = logging.getLogger("mainloop.cluster")
+
+EventCallback = Callable[[str, dict[str, Any]], object]
+ReplyCallback = Callable[[QueryReply | ErrorReply], object]
+
+
+@dataclass
+class IOThreadConfig:
+    """An iothread as ``--object iothread,...`` describes it."""
+
+    id: str
+    poll_max_ns: int = 32768
+    poll_grow: int = 0
+    poll_shrink: int = 0
+    aio_max_batch: int = 0
+    restart: bool = False
+
+
+class IOThreadState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    EXITED = "exited"
+
+
+@dataclass(eq=False)
+class IOThread:
+    """The main loop's handle of one iothread process."""
+
+    config: IOThreadConfig
+    pid: int = 0
+    state: IOThreadState = IOThreadState.STARTING
+    exit_status: int | None = None
+    """``os.waitstatus_to_exitcode`` of the last exit (minus the signal number)."""
+    restarts: int = 0
+    last_heard_ns: int = 0
+    capabilities: tuple[str, ...] = ()
+    _pending: dict[int, ReplyCallback] = field(default_factory=dict)
+    _watch: ChildWatchSource | None = None
+    _deadline: Timer | None = None
+
+    @property
+    def id(self) -> str:
+        return self.config.id
+
+
+class Cluster:
+    """Iothread processes of one main loop.  Main-loop thread, BQL held."""
+
+    def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
+                 heartbeat_interval_ms: int = 500, handshake_timeout_ms: int = 15_000,
+                 stop_timeout_ms: int = 5_000) -> None:
+        self.loop = loop
+        self._own_runtime_dir = runtime_dir is None
+        self.runtime_dir = runtime_dir or make_runtime_dir()
+        if not self._own_runtime_dir:
+            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+        self.heartbeat_interval_ms = heartbeat_interval_ms
+        self.handshake_timeout_ms = handshake_timeout_ms
+        self.stop_timeout_ms = stop_timeout_ms
+        self.iothreads: dict[str, IOThread] = {}
+        self._listeners: list[EventCallback] = []
+        self._next_request = 1
+        self._socket_files: list[str] = []
+        self.zmq = zmq.Context()
+        sock = self.zmq.socket(zmq.ROUTER)
+        try:
+            if tcp:
+                sock.bind(tcp)
+                self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+            else:
+                self.endpoint = ipc_endpoint(self.runtime_dir, "control")
+                sock.bind(self.endpoint)
+                self._socket_files.append(self.endpoint.removeprefix("ipc://"))
+        except BaseException:
+            sock.close(linger=0)
+            self.zmq.term()
+            self._remove_runtime_dir()
+            raise
+        self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
+        self._source = ChannelSource(self.channel, "iothread-control",
+                                     role=f"ZMQ_FD of the iothreads' control channel ({self.endpoint})")
+        loop.context.attach(self._source)
+        self._heartbeat = loop.timer_new_ms(ClockType.REALTIME, self._on_heartbeat_timer, "heartbeat")
+        self._heartbeat.mod(self._heartbeat.now() + heartbeat_interval_ms)
+        self._closed = False
+
+    # -- events -------------------------------------------------------------
+
+    def add_listener(self, callback: EventCallback) -> None:
+        """``callback(name, data)`` for every cluster event (IOTHREAD_READY,
+        IOTHREAD_EXITED, IOTHREAD_RESTARTED)."""
+        self._listeners.append(callback)
+
+    def _emit(self, name: str, data: dict[str, Any]) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(name, data)
+            except Exception:
+                log.exception("cluster event listener failed on %s", name)
+
+    # -- lifecycle of iothreads --------------------------------------------
+
+    def add(self, config: IOThreadConfig) -> IOThread:
+        """Start an iothread process (it is RUNNING once its Hello arrives)."""
+        self._check_open()
+        if config.id in self.iothreads and self.iothreads[config.id].state is not IOThreadState.EXITED:
+            raise StateError(f"an iothread with id {config.id!r} already exists")
+        t = IOThread(config)
+        self.iothreads[config.id] = t
+        self._spawn(t)
+        return t
+
+    def _spawn(self, t: IOThread) -> None:
+        c = t.config
+        argv = [sys.executable, "-m", "iothreads", "--id", c.id, "--connect", self.endpoint,
+                "--parent-pid", str(os.getpid()), "--poll-max-ns", str(c.poll_max_ns),
+                "--poll-grow", str(c.poll_grow), "--poll-shrink", str(c.poll_shrink),
+                "--aio-max-batch", str(c.aio_max_batch),
+                "--handshake-timeout-ms", str(self.handshake_timeout_ms)]
+        t.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        t.state = IOThreadState.STARTING
+        t.exit_status = None
+        t.last_heard_ns = time.monotonic_ns()
+        def on_exit(pid: int, status: int, t: IOThread = t) -> None:
+            self._on_exit(t, pid, status)
+
+        def on_deadline(t: IOThread = t) -> None:
+            self._on_deadline(t)
+
+        t._watch = ChildWatchSource(t.pid, on_exit, name=f"iothread {c.id} (pid {t.pid})")
+        self.loop.context.attach(t._watch)
+        t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, f"deadline {c.id}")
+        t._deadline.mod(t._deadline.now() + self.handshake_timeout_ms)
+
+    def _on_deadline(self, t: IOThread) -> None:
+        if t.state is IOThreadState.STARTING:
+            log.error("iothread %s (pid %d) did not complete its handshake in %d ms: killing it",
+                      t.id, t.pid, self.handshake_timeout_ms)
+        elif t.state is IOThreadState.STOPPING:
+            log.error("iothread %s (pid %d) did not stop in %d ms: killing it",
+                      t.id, t.pid, self.stop_timeout_ms)
+        else:
+            return
+        self._kill(t)
+
+    def _kill(self, t: IOThread) -> None:
+        try:
+            os.kill(t.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    def _on_exit(self, t: IOThread, pid: int, status: int) -> None:
+        if pid != t.pid:
+            return
+        code = os.waitstatus_to_exitcode(status)
+        expected = t.state is IOThreadState.STOPPING
+        t.state = IOThreadState.EXITED
+        t.exit_status = code
+        t._watch = None
+        if t._deadline is not None:
+            t._deadline.delete()
+        for cb in t._pending.values():
+            cb(ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
+        t._pending.clear()
+        if expected:
+            log.info("iothread %s (pid %d) stopped", t.id, pid)
+            return
+        how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+        log.error("iothread %s (pid %d) exited unexpectedly (%s)", t.id, pid, how)
+        self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
+        if t.config.restart and not self._closed:
+            t.restarts += 1
+            self._spawn(t)
+            log.info("iothread %s restarted (pid %d)", t.id, t.pid)
+            self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
+
+    def stop(self, iothread_id: str) -> None:
+        """Ask one iothread to stop (it exits and is reaped; killed after the stop timeout)."""
+        t = self.iothreads[iothread_id]
+        if t.state in (IOThreadState.EXITED, IOThreadState.STOPPING):
+            return
+        if t.state is IOThreadState.STARTING:
+            t.state = IOThreadState.STOPPING
+            self._kill(t)  # no channel to it yet
+            return
+        t.state = IOThreadState.STOPPING
+        self.channel.send(Stop("requested"), t.id.encode())
+        if t._deadline is not None:
+            t._deadline.mod(t._deadline.now() + self.stop_timeout_ms)
+
+    # -- messages -------------------------------------------------------------
+
+    def _on_message(self, identity: bytes, msg: Message) -> None:
+        t = self.iothreads.get(identity.decode(errors="replace"))
+        if t is None or t.state is IOThreadState.EXITED:
+            log.warning("control message %s from unknown peer %r dropped", type(msg).KIND, identity)
+            return
+        t.last_heard_ns = time.monotonic_ns()
+        if isinstance(msg, Hello):
+            self._on_hello(t, msg)
+        elif isinstance(msg, QueryReply | ErrorReply):
+            cb = t._pending.pop(msg.request_id, None)
+            if cb is not None:
+                cb(msg)
+        elif isinstance(msg, Heartbeat):
+            pass
+        else:
+            log.warning("iothread %s sent an unexpected %s", t.id, type(msg).KIND)
+
+    def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
+        log.error("bad control message from %r: %s", identity, exc)
+
+    def _on_hello(self, t: IOThread, msg: Hello) -> None:
+        if msg.version != PROTOCOL_VERSION or msg.iothread_id != t.id or msg.pid != t.pid:
+            log.error("iothread %s: bad handshake (version %d, id %r, pid %d): killing it",
+                      t.id, msg.version, msg.iothread_id, msg.pid)
+            self._kill(t)
+            return
+        if t.state is not IOThreadState.STARTING:
+            return
+        t.state = IOThreadState.RUNNING
+        t.capabilities = msg.capabilities
+        if t._deadline is not None:
+            t._deadline.delete()
+        self.channel.send(Welcome(PROTOCOL_VERSION, msg.capabilities, self.heartbeat_interval_ms),
+                          t.id.encode())
+        self._emit("IOTHREAD_READY", {"id": t.id, "pid": t.pid})
+
+    def _request(self, iothread_id: str, make: Callable[[int], Message], callback: ReplyCallback) -> None:
+        t = self.iothreads.get(iothread_id)
+        if t is None or t.state is not IOThreadState.RUNNING:
+            raise StateError(f"iothread {iothread_id!r} is not running")
+        request_id = self._next_request
+        self._next_request += 1
+        t._pending[request_id] = callback
+        self.channel.send(make(request_id), t.id.encode())
+
+    def query(self, iothread_id: str, callback: ReplyCallback) -> None:
+        """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""
+        self._request(iothread_id, Query, callback)
+
+    def set_poll_params(self, iothread_id: str, callback: ReplyCallback, *, poll_max_ns: int,
+                        poll_grow: int, poll_shrink: int, aio_max_batch: int) -> None:
+        """Change an iothread's polling parameters while it runs."""
+        t = self.iothreads[iothread_id]
+
+        def done(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, QueryReply):
+                t.config.poll_max_ns, t.config.poll_grow = poll_max_ns, poll_grow
+                t.config.poll_shrink, t.config.aio_max_batch = poll_shrink, aio_max_batch
+            callback(reply)
+
+        self._request(iothread_id, lambda rid: SetPollParams(rid, poll_max_ns, poll_grow, poll_shrink,
+                                                             aio_max_batch), done)
+
+    def _on_heartbeat_timer(self) -> None:
+        now = time.monotonic_ns()
+        for t in self.iothreads.values():
+            if t.state is IOThreadState.RUNNING:
+                self.channel.send(Heartbeat(0, now), t.id.encode())
+        self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)
+
+    # -- waiting (for synchronous callers: the CLI, tests) ---------------------
+
+    def wait_for(self, condition: Callable[[], bool], timeout_s: float) -> bool:
+        """Run the main loop until ``condition()`` or the timeout; BQL held."""
+        if not bql_locked():
+            raise StateError("Cluster.wait_for() requires the BQL")
+        expired = False
+
+        def on_deadline() -> None:
+            nonlocal expired
+            expired = True
+
+        deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, "wait_for")
+        deadline.mod(deadline.now() + int(timeout_s * 1000))  # bounds the polls below
+        try:
+            while not condition():
+                if expired:
+                    return False
+                self.loop.main_loop_wait(False)
+            return True
+        finally:
+            deadline.delete()
+
+    def all_running(self) -> bool:
+        return all(t.state is IOThreadState.RUNNING for t in self.iothreads.values())
+
+    # -- teardown -----------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StateError("the cluster is shut down")
+
+    def shutdown(self) -> None:
+        """Stop every iothread, reap it (killing what does not stop in time),
+        close the channel and remove the socket files.  Idempotent; BQL held."""
+        if self._closed:
+            return
+        for t in self.iothreads.values():
+            self.stop(t.id)
+        done = self.wait_for(
+            lambda: all(t.state is IOThreadState.EXITED for t in self.iothreads.values()),
+            self.stop_timeout_ms / 1000 + 1,
+        )
+        if not done:
+            for t in self.iothreads.values():
+                if t.state is not IOThreadState.EXITED:
+                    self._kill(t)
+            self.wait_for(lambda: all(t.state is IOThreadState.EXITED for t in self.iothreads.values()), 5)
+        self._closed = True
+        self._heartbeat.delete()
+        for t in self.iothreads.values():
+            if t._watch is not None:  # still not reaped: do it now, blocking
+                t._watch.destroy()
+                try:
+                    os.waitpid(t.pid, 0)
+                except ChildProcessError:
+                    pass
+            if t._deadline is not None:
+                t._deadline.delete()
+        self._source.destroy()  # closes the channel (LINGER 0)
+        self.zmq.term()
+        for path in self._socket_files:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        self._remove_runtime_dir()
+
+    def _remove_runtime_dir(self) -> None:
+        if self._own_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def describe(self) -> dict[str, Any]:
+        """The machine-readable summary printed in the launcher's ready line."""
+        return {
+            "runtime_dir": self.runtime_dir,
+            "control": self.endpoint,
+            "iothreads": [{"id": t.id, "pid": t.pid, "state": t.state.value}
+                          for t in self.iothreads.values()],
+        }

@@ -1,0 +1,204 @@
+"""A message channel over a ZeroMQ socket, pollable by any event loop.
+
+Theory of operation
+-------------------
+ZeroMQ hands out one fd per socket (``ZMQ_FD``, an eventfd inside libzmq).
+It is *edge-triggered* and only a hint: it becomes readable when the socket's
+state may have changed, and every ``send``, ``recv`` or read of
+``ZMQ_EVENTS`` may consume the edge.  A loop that waits for the fd again
+while a message is already queued waits forever.  The rules followed here:
+
+* when the fd is readable, ``drain()`` receives until ``EAGAIN`` (checking
+  ``ZMQ_EVENTS`` first), decoding and delivering each message;
+* after every ``send``, ``ZMQ_EVENTS`` is read again; if input is pending, the
+  loop is asked to call ``drain()`` soon through ``kick`` (the adapter
+  schedules a bottom half, or marks its source ready), because the fd will
+  not fire for it;
+* ``drain()`` delivers at most ``batch`` messages per call and then kicks
+  itself, so one busy peer cannot starve the rest of the loop.
+
+Peers' frames are decoded with ``decode``: a bad message is counted, handed
+to ``on_error`` with the peer's identity, and dropped; it never raises into
+the loop.  Sends never block: a message the socket cannot take now waits in
+an outgoing queue, flushed when ``ZMQ_EVENTS`` shows ``POLLOUT``.
+
+This module holds the socket logic only; ``iothreads`` and ``mainloop`` plug
+a channel into an AioContext (an fd handler) or a MainContext (a source).
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tempfile
+from collections import deque
+from collections.abc import Callable
+from typing import Any, cast
+
+import zmq
+
+from ._codec import DEFAULT_LIMITS, Limits, decode, encode
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._messages import Message
+
+__all__ = ["Channel", "make_runtime_dir", "ipc_endpoint"]
+
+MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
+LINGER_MS = 0
+
+Handler = Callable[[bytes, Message], object]
+ErrorHandler = Callable[[bytes, RemoteProtocolError], object]
+
+
+def make_runtime_dir(parent: str | None = None, prefix: str = "evl") -> str:
+    """A new private directory (mode 0700) for socket files, short enough for
+    ipc:// paths (AF_UNIX allows 107 bytes)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent or "/tmp")
+    os.chmod(path, stat.S_IRWXU)
+    return path
+
+
+def ipc_endpoint(runtime_dir: str, name: str) -> str:
+    """``ipc://DIR/NAME``; ValueError if the path is too long for AF_UNIX."""
+    path = os.path.join(runtime_dir, name)
+    if len(path.encode()) > MAX_IPC_PATH:
+        raise ValueError(
+            f"socket path {path!r} is {len(path.encode())} bytes; the limit is {MAX_IPC_PATH}"
+            " (choose a shorter runtime directory)"
+        )
+    return "ipc://" + path
+
+
+class Channel:
+    """Messages over one ZeroMQ socket (ROUTER: peers addressed by identity;
+    DEALER: one peer).  All methods run in the loop thread that owns it."""
+
+    def __init__(
+        self,
+        socket: zmq.Socket[Any],
+        on_message: Handler,
+        *,
+        on_error: ErrorHandler | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        batch: int = 256,
+    ) -> None:
+        self.socket = socket
+        self.router = socket.type == zmq.ROUTER
+        socket.setsockopt(zmq.LINGER, LINGER_MS)
+        if self.router:
+            socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer: an error, not a silent drop
+        self.on_message = on_message
+        self.on_error = on_error
+        self.limits = limits
+        self.batch = batch
+        self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
+        self._outq: deque[list[bytes]] = deque()
+        self._fd = cast(int, socket.getsockopt(zmq.FD))
+        self.received = 0
+        self.sent = 0
+        self.bad_messages = 0
+        self.unroutable = 0
+        self._closed = False
+
+    def fileno(self) -> int:
+        """The socket's ZMQ_FD (edge-triggered; poll it for reading only)."""
+        return self._fd
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _events(self) -> int:
+        return cast(int, self.socket.getsockopt(zmq.EVENTS))
+
+    def pending_input(self) -> bool:
+        """Whether a message can be received now (reads ZMQ_EVENTS)."""
+        if self._closed:
+            return False
+        return bool(self._events() & zmq.POLLIN)
+
+    # -- sending ------------------------------------------------------------
+
+    def send(self, msg: Message, identity: bytes | None = None) -> None:
+        """Queue ``msg`` (to ``identity`` on a ROUTER) and send what the socket takes."""
+        frames = encode(msg)
+        if self.router:
+            if identity is None:
+                raise LocalProtocolError("a ROUTER channel needs the peer's identity to send")
+            frames = [identity, *frames]
+        self._outq.append(frames)
+        self.flush()
+
+    def flush(self) -> None:
+        """Send queued messages until the socket refuses; then re-check input."""
+        sock = self.socket
+        outq = self._outq
+        while outq and not self._closed:
+            try:
+                sock.send_multipart(outq[0], zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            except zmq.ZMQError as exc:
+                if exc.errno != zmq.EHOSTUNREACH:
+                    raise
+                self.unroutable += 1  # the peer is gone: drop its message
+            outq.popleft()
+            self.sent += 1
+        # A send may have consumed the fd's edge for pending input.
+        if not self._closed and self._events() & zmq.POLLIN:
+            self.kick()
+
+    @property
+    def backlog(self) -> int:
+        """Messages waiting for the socket to accept them."""
+        return len(self._outq)
+
+    # -- receiving -----------------------------------------------------------
+
+    def drain(self) -> int:
+        """Receive and deliver up to ``batch`` messages; kick if more remain.
+        Returns how many were delivered.  Call when the fd is readable."""
+        if self._closed:
+            return 0
+        sock = self.socket
+        delivered = 0
+        while delivered < self.batch:
+            events = self._events()
+            if events & zmq.POLLOUT and self._outq:
+                self.flush()
+            if not events & zmq.POLLIN:
+                return delivered
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                return delivered
+            delivered += 1
+            self._deliver(frames)
+            if self._closed:
+                return delivered
+        if self._events() & zmq.POLLIN:
+            self.kick()  # more to do: come back after the rest of the loop had a turn
+        return delivered
+
+    def _deliver(self, frames: list[bytes]) -> None:
+        identity = b""
+        if self.router:
+            if not frames:
+                return
+            identity, frames = frames[0], frames[1:]
+        try:
+            msg = decode(frames, self.limits)
+        except RemoteProtocolError as exc:
+            self.bad_messages += 1
+            if self.on_error is not None:
+                self.on_error(identity, exc)
+            return
+        self.received += 1
+        self.on_message(identity, msg)
+
+    def close(self) -> None:
+        """Close the socket (LINGER 0: nothing waits).  Idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._outq.clear()
+            self.socket.close(linger=LINGER_MS)
