@@ -1,0 +1,118 @@
+"""qemu-storage-daemon's option syntax for objects: QEMU's keyval and JSON forms.
+
+``--object iothread,id=io0,poll-max-ns=32768`` and
+``--object '{"qom-type": "iothread", "id": "io0", "poll-max-ns": 32768}'``
+describe the same iothread.  In the keyval form the first element, without
+``=``, is the implied ``qom-type``; a literal comma inside a value is written
+``,,``.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._cluster import IOThreadConfig
+
+__all__ = ["OptionError", "parse_keyval", "parse_object"]
+
+_IOTHREAD_INTS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
+_MAX_U64 = 2**64 - 1
+
+
+class OptionError(ValueError):
+    """A command-line value is wrong; the text says which and why."""
+
+
+def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, str]:
+    """QEMU's keyval: ``a=1,b=x,,y`` -> ``{"a": "1", "b": "x,y"}``.
+
+    The first element may lack ``=`` when ``implied_key`` is given.
+    """
+    items: list[str] = []
+    current: list[str] = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if i + 1 < len(text) and text[i + 1] == ",":
+                current.append(",")
+                i += 2
+                continue
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    items.append("".join(current))
+    result: dict[str, str] = {}
+    for n, item in enumerate(items):
+        if "=" not in item:
+            if n == 0 and implied_key is not None and item:
+                result[implied_key] = item
+                continue
+            raise OptionError(f"Expected '=' after parameter '{item}'" if item else "Expected parameter before ','")
+        key, _, value = item.partition("=")
+        if not key:
+            raise OptionError("Invalid parameter ''")
+        if key in result:
+            raise OptionError(f"Parameter '{key}' is given twice")
+        result[key] = value
+    return result
+
+
+def parse_object(text: str) -> IOThreadConfig:
+    """An ``--object`` value (keyval or JSON) describing an iothread."""
+    props: dict[str, Any]
+    if text.lstrip().startswith("{"):
+        try:
+            props = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"JSON parse error: {exc.msg}") from None
+        if not isinstance(props, dict):
+            raise OptionError("JSON value must be an object")
+    else:
+        props = dict(parse_keyval(text, implied_key="qom-type"))
+    qom_type = props.pop("qom-type", None)
+    if qom_type is None:
+        raise OptionError("Parameter 'qom-type' is missing")
+    if qom_type != "iothread":
+        raise OptionError(f"invalid object type: {qom_type}")
+    object_id = props.pop("id", None)
+    if object_id is None:
+        raise OptionError("Parameter 'id' is missing")
+    if not isinstance(object_id, str) or not _valid_id(object_id):
+        raise OptionError(f"Parameter 'id' expects an identifier, not {object_id!r}")
+    values: dict[str, int] = {}
+    for key in _IOTHREAD_INTS:
+        if key in props:
+            values[key] = _u64(key, props.pop(key))
+    if props:
+        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
+    return IOThreadConfig(
+        object_id,
+        poll_max_ns=values.get("poll-max-ns", 32768),
+        poll_grow=values.get("poll-grow", 0),
+        poll_shrink=values.get("poll-shrink", 0),
+        aio_max_batch=values.get("aio-max-batch", 0),
+    )
+
+
+def _valid_id(name: str) -> bool:
+    """QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'."""
+    return bool(name) and name[0].isascii() and name[0].isalpha() and all(
+        c.isascii() and (c.isalnum() or c in "-._") for c in name
+    )
+
+
+def _u64(key: str, value: object) -> int:
+    if isinstance(value, bool):
+        raise OptionError(f"Parameter '{key}' expects an integer")
+    if isinstance(value, str):
+        try:
+            value = int(value, 0)
+        except ValueError:
+            raise OptionError(f"Parameter '{key}' expects an integer") from None
+    if not isinstance(value, int) or not 0 <= value <= _MAX_U64:
+        raise OptionError(f"Parameter '{key}' expects a non-negative integer")
+    return value

@@ -1,0 +1,179 @@
+"""The ``iothreads`` command (also ``python -m mainloop``).
+
+``iothreads launch`` runs a cluster in the foreground: a main loop and its
+iothread processes, configured with qemu-storage-daemon's options.  Once
+every iothread has answered it prints one JSON line::
+
+    {"event": "READY", "pid": ..., "runtime_dir": ..., "control": ..., "iothreads": [...]}
+
+and later one JSON line per cluster event (an iothread that exits
+unexpectedly: ``IOTHREAD_EXITED``).  SIGTERM or SIGINT stops every iothread,
+reaps it, removes the socket files and exits 0.  A bad option or value prints
+one line naming it and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+from importlib import metadata
+from typing import Any, NoReturn
+
+from ._bql import bql
+from ._cluster import Cluster, IOThreadConfig
+from ._loop import MainLoop
+from ._options import OptionError, parse_object
+from ._sources import SignalSource
+
+__all__ = ["main"]
+
+PROG = "iothreads"
+EXIT_OK, EXIT_FAILURE = 0, 1
+log = logging.getLogger("mainloop.cli")
+
+
+def _version() -> str:
+    try:
+        return metadata.version("evloop")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with qemu-storage-daemon's error style: one line, exit 1."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{PROG}: {message}", file=sys.stderr)
+        sys.exit(EXIT_FAILURE)
+
+
+def _non_negative(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"'{text}' must not be negative")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="QEMU's event-loop architecture: a main loop and iothread "
+                                            "processes, managed like qemu-storage-daemon.")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    launch = sub.add_parser("launch", help="run a cluster in the foreground",
+                            description="Run a main loop and its iothread processes until SIGTERM or "
+                                        "SIGINT. Without options: 2 iothreads.")
+    launch.add_argument("--object", action="append", default=[], metavar="iothread,id=ID[,...]",
+                        help="an iothread (keyval or JSON): id, poll-max-ns, poll-grow, "
+                             "poll-shrink, aio-max-batch; repeatable")
+    launch.add_argument("--iothreads", type=_non_negative, metavar="N",
+                        help="add N iothreads named io0, io1, ... (besides any --object)")
+    launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
+    launch.add_argument("--runtime-dir", metavar="DIR",
+                        help="directory for the socket files (default: a new private one)")
+    launch.add_argument("--restart", action="store_true",
+                        help="restart iothreads that exit unexpectedly")
+    return parser
+
+
+def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
+    configs: list[IOThreadConfig] = []
+    for text in args.object:
+        try:
+            config = parse_object(text)
+        except OptionError as exc:
+            raise OptionError(f"--object {text}: {exc}") from None
+        if any(c.id == config.id for c in configs):
+            raise OptionError(f"--object {text}: duplicate iothread id '{config.id}'")
+        configs.append(config)
+    count = args.iothreads if args.iothreads is not None else (0 if configs else 2)
+    n = 0
+    while count:
+        name = f"io{n}"
+        n += 1
+        if any(c.id == name for c in configs):
+            continue
+        configs.append(IOThreadConfig(name))
+        count -= 1
+    for c in configs:
+        c.restart = args.restart
+    return configs
+
+
+def _emit(event: dict[str, Any]) -> None:
+    print(json.dumps(event), flush=True)
+
+
+def launch(args: argparse.Namespace) -> int:
+    configs = _configs(args)
+    if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
+        raise OptionError(f"--runtime-dir {args.runtime_dir}: path too long for socket files (max 90 bytes)")
+    loop = MainLoop(name=PROG)
+    stop = {"requested": False}
+
+    def on_signal(signum: int) -> bool:
+        log.info("%s received: stopping", signal.Signals(signum).name)
+        stop["requested"] = True
+        loop.quit()
+        return True
+
+    # Before any thread exists (ZeroMQ's included), so that all inherit the blocked mask.
+    signals = SignalSource([signal.SIGINT, signal.SIGTERM], on_signal, name="signals")
+    loop.context.attach(signals)
+    pidfile_written = False
+    try:
+        with bql():
+            cluster = Cluster(loop, runtime_dir=args.runtime_dir)
+            try:
+                cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
+                for config in configs:
+                    cluster.add(config)
+                if not cluster.wait_for(lambda: cluster.all_running() or stop["requested"],
+                                        cluster.handshake_timeout_ms / 1000 + 5):
+                    log.error("not every iothread answered in time")
+                    return EXIT_FAILURE
+                if not stop["requested"]:
+                    if args.pidfile:
+                        with open(args.pidfile, "w", encoding="utf-8") as f:
+                            f.write(f"{os.getpid()}\n")
+                        pidfile_written = True
+                    _emit({"event": "READY", "pid": os.getpid(), **cluster.describe()})
+            except BaseException:
+                cluster.shutdown()
+                raise
+        if not stop["requested"]:
+            loop.run()
+        with bql():
+            cluster.shutdown()
+        return EXIT_OK
+    finally:
+        if pidfile_written:
+            try:
+                os.unlink(args.pidfile)
+            except FileNotFoundError:
+                pass
+        loop.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_usage(sys.stderr)
+        print(f"{PROG}: a command is required (try '{PROG} launch')", file=sys.stderr)
+        return EXIT_FAILURE
+    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    try:
+        return launch(args)
+    except OptionError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
