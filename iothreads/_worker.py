@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import errno
 import logging
 import os
 import signal
@@ -41,6 +42,8 @@ import zmq
 
 from protocol import (
     PROTOCOL_VERSION,
+    BlockCompletion,
+    BlockRequest,
     Channel,
     ErrorReply,
     Heartbeat,
@@ -119,6 +122,11 @@ class IOThreadWorker:
             self._on_set_poll_params(msg)
         elif isinstance(msg, Stop):
             self.stop(EXIT_OK)
+        elif isinstance(msg, BlockRequest):
+            # No block layer yet: every node is unknown.  The request still
+            # gets its completion, with an errno, as every request must.
+            self.channel.send(BlockCompletion(msg.request_id, -errno.ENODEV,
+                                              f"no block node named {msg.node!r}"))
         else:
             log.warning("iothread %s: unexpected %s from the main loop", self.id, type(msg).KIND)
 
