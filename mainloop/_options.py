@@ -69,8 +69,6 @@ def parse_object(text: str) -> IOThreadConfig:
             props = json.loads(text)
         except json.JSONDecodeError as exc:
             raise OptionError(f"JSON parse error: {exc.msg}") from None
-        if not isinstance(props, dict):
-            raise OptionError("JSON value must be an object")
     else:
         props = dict(parse_keyval(text, implied_key="qom-type"))
     qom_type = props.pop("qom-type", None)

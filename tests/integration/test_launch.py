@@ -1,0 +1,152 @@
+"""``iothreads launch`` as a user runs it: ready line, clean exit on SIGTERM
+and SIGINT, iothreads that follow a killed launcher, one-line option errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+
+import pytest
+
+COMMAND = [sys.executable, "-m", "mainloop"]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[str]:
+    path = tempfile.mkdtemp(prefix="evt", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def launch(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    proc = subprocess.Popen([*COMMAND, "launch", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # bounded by the launcher's own handshake deadline
+        event = json.loads(line)
+        if event["event"] == "READY":
+            return proc, event
+    proc.wait(30)
+    raise AssertionError(f"no READY line; stderr: {proc.stderr.read() if proc.stderr else ''}")
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """The pids still alive after ``timeout_s`` (waiting on pidfds, no polling loop)."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    alive = set(fds)
+    deadline_ms = int(timeout_s * 1000)
+    end = time.monotonic() + timeout_s
+    while alive and deadline_ms > 0:
+        for fd, _ in p.poll(deadline_ms):
+            alive.discard(fd)
+            p.unregister(fd)
+        deadline_ms = int((end - time.monotonic()) * 1000)
+    for fd in fds:
+        os.close(fd)
+    return [fds[fd] for fd in alive]
+
+
+def iothread_pids(ready: dict[str, object]) -> list[int]:
+    return [t["pid"] for t in ready["iothreads"]]  # type: ignore[index, attr-defined]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_everything_and_removes_socket_files(short_dir: str, sig: signal.Signals) -> None:
+    pidfile = os.path.join(short_dir, "pid")
+    proc, ready = launch("--iothreads", "2", "--runtime-dir", short_dir, "--pidfile", pidfile)
+    pids = iothread_pids(ready)
+    assert ready["runtime_dir"] == short_dir and len(pids) == 2
+    assert ready["control"] == f"ipc://{short_dir}/control"
+    assert os.path.exists(f"{short_dir}/control")
+    with open(pidfile) as f:
+        assert int(f.read()) == proc.pid
+    proc.send_signal(sig)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    assert wait_gone(pids, 5) == []
+    assert os.listdir(short_dir) == []  # no socket file, no pidfile
+
+
+def test_no_options_starts_two_iothreads_in_a_private_directory() -> None:
+    proc, ready = launch()
+    runtime_dir = str(ready["runtime_dir"])
+    assert [t["id"] for t in ready["iothreads"]] == ["io0", "io1"]  # type: ignore[attr-defined]
+    assert oct(os.stat(runtime_dir).st_mode & 0o777) == "0o700"
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert not os.path.exists(runtime_dir)
+
+
+def test_iothreads_exit_by_themselves_when_the_launcher_is_killed(short_dir: str) -> None:
+    proc, ready = launch("--iothreads", "3", "--runtime-dir", short_dir)
+    pids = iothread_pids(ready)
+    proc.kill()
+    proc.communicate(timeout=30)
+    assert wait_gone(pids, 2.0) == []
+
+
+def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
+    proc, ready = launch(
+        "--object", "iothread,id=disk-io,poll-max-ns=0",
+        "--object", '{"qom-type": "iothread", "id": "net.io", "poll-grow": 4}',
+        "--runtime-dir", short_dir,
+    )
+    assert [t["id"] for t in ready["iothreads"]] == ["disk-io", "net.io"]  # type: ignore[attr-defined]
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--object", "iothread,id=io0,bogus=1"], "--object iothread,id=io0,bogus=1: Invalid parameter 'bogus'"),
+        (["--object", "iothread,id=io0,poll-max-ns=lots"], "Parameter 'poll-max-ns' expects an integer"),
+        (["--object", "iothread,id=io0,poll-grow=-1"], "Parameter 'poll-grow' expects a non-negative integer"),
+        (["--object", "iothread"], "Parameter 'id' is missing"),
+        (["--object", "memory-backend-ram,id=m0"], "invalid object type: memory-backend-ram"),
+        (["--object", "iothread,id=io0", "--object", "iothread,id=io0"], "duplicate iothread id 'io0'"),
+        (["--object", '{"qom-type": "iothread", "id": 5}'], "Parameter 'id' expects an identifier"),
+        (["--object", "{not json"], "JSON parse error"),
+        (["--iothreads", "two"], "argument --iothreads: 'two' is not a number"),
+        (["--iothreads", "-1"], "must not be negative"),
+        (["--frobnicate"], "unrecognized arguments: --frobnicate"),
+        (["--runtime-dir", "/tmp/" + "x" * 100], "path too long"),
+    ],
+)
+def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> None:
+    out = subprocess.run([*COMMAND, "launch", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert lines[0].startswith("iothreads: ") and message in lines[0]
+    assert out.stdout == ""
+
+
+def test_help_and_version() -> None:
+    out = subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "launch" in out.stdout
+    out = subprocess.run([*COMMAND, "launch", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--object" in out.stdout and "--runtime-dir" in out.stdout
+    out = subprocess.run([*COMMAND, "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("iothreads ")
+    out = subprocess.run(COMMAND, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "a command is required" in out.stderr
