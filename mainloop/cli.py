@@ -23,6 +23,8 @@ import sys
 from importlib import metadata
 from typing import Any, NoReturn
 
+import zmq
+
 from ._bql import bql
 from ._cluster import Cluster, IOThreadConfig
 from ._loop import MainLoop
@@ -77,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
     launch.add_argument("--runtime-dir", metavar="DIR",
                         help="directory for the socket files (default: a new private one)")
+    launch.add_argument("--control", metavar="tcp://HOST:PORT",
+                        help="serve the iothreads' control channel on TCP instead of ipc:// "
+                             "in the runtime directory (port 0: any free port)")
     launch.add_argument("--restart", action="store_true",
                         help="restart iothreads that exit unexpectedly")
     return parser
@@ -112,6 +117,8 @@ def _emit(event: dict[str, Any]) -> None:
 
 def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
+    if args.control is not None and not args.control.startswith("tcp://"):
+        raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
         raise OptionError(f"--runtime-dir {args.runtime_dir}: path too long for socket files (max 90 bytes)")
     loop = MainLoop(name=PROG)
@@ -129,7 +136,10 @@ def launch(args: argparse.Namespace) -> int:
     pidfile_written = False
     try:
         with bql():
-            cluster = Cluster(loop, runtime_dir=args.runtime_dir)
+            try:
+                cluster = Cluster(loop, runtime_dir=args.runtime_dir, tcp=args.control)
+            except zmq.ZMQError as exc:
+                raise OptionError(f"--control {args.control}: {exc}") from None
             try:
                 cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
                 for config in configs:

@@ -150,3 +150,21 @@ def test_help_and_version() -> None:
     assert out.returncode == 0 and out.stdout.startswith("iothreads ")
     out = subprocess.run(COMMAND, capture_output=True, text=True, timeout=60)
     assert out.returncode == 1 and "a command is required" in out.stderr
+
+
+def test_control_channel_over_tcp(short_dir: str) -> None:
+    proc, ready = launch("--iothreads", "1", "--control", "tcp://127.0.0.1:0", "--runtime-dir", short_dir)
+    control = str(ready["control"])
+    assert control.startswith("tcp://127.0.0.1:") and not control.endswith(":0")
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_bad_control_endpoint() -> None:
+    out = subprocess.run([*COMMAND, "launch", "--control", "tcp://256.1.1.1:0"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 1 and out.stderr.startswith("iothreads: --control tcp://256.1.1.1:0")
+    out = subprocess.run([*COMMAND, "launch", "--control", "udp://x"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 1 and "expected tcp://HOST:PORT" in out.stderr

@@ -1,0 +1,143 @@
+"""The iothread process on its own, against a main loop played by the test:
+handshake, queries, poll parameters, and exits when the main loop goes quiet."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+import zmq
+
+from protocol import (
+    PROTOCOL_VERSION,
+    BlockCompletion,
+    BlockRequest,
+    ErrorReply,
+    Hello,
+    Message,
+    Query,
+    QueryReply,
+    SetPollParams,
+    Stop,
+    Welcome,
+    decode,
+    encode,
+    ipc_endpoint,
+    make_runtime_dir,
+)
+
+WAIT_MS = 20_000
+
+
+class FakeMainLoop:
+    """A ROUTER the worker connects to, driven synchronously by the test."""
+
+    def __init__(self) -> None:
+        self.dir = make_runtime_dir()
+        self.endpoint = ipc_endpoint(self.dir, "control")
+        self.zmq = zmq.Context()
+        self.sock = self.zmq.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.bind(self.endpoint)
+
+    def recv(self) -> tuple[bytes, Message]:
+        assert self.sock.poll(WAIT_MS), "no message from the worker"
+        identity, *frames = self.sock.recv_multipart()
+        return identity, decode(frames)
+
+    def recv_kind(self, cls: type[Message]) -> Message:
+        while True:  # skip heartbeats
+            _, msg = self.recv()
+            if isinstance(msg, cls):
+                return msg
+
+    def send(self, identity: bytes, msg: Message) -> None:
+        self.sock.send_multipart([identity, *encode(msg)])
+
+    def close(self) -> None:
+        self.sock.close()
+        self.zmq.term()
+        os.unlink(self.endpoint.removeprefix("ipc://"))
+        os.rmdir(self.dir)
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeMainLoop]:
+    f = FakeMainLoop()
+    yield f
+    f.close()
+
+
+def spawn(fake: FakeMainLoop, *extra: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, "-m", "iothreads", "--id", "io7", "--connect", fake.endpoint,
+                             "--parent-pid", str(os.getpid()), *extra], stderr=subprocess.PIPE)
+
+
+def test_handshake_query_poll_params_block_request_and_stop(fake: FakeMainLoop) -> None:
+    proc = spawn(fake, "--poll-max-ns", "1234")
+    try:
+        identity, hello = fake.recv()
+        assert identity == b"io7"
+        assert isinstance(hello, Hello)
+        assert (hello.iothread_id, hello.pid, hello.version) == ("io7", proc.pid, PROTOCOL_VERSION)
+        fake.send(identity, Welcome(PROTOCOL_VERSION, hello.capabilities, 10_000))
+        fake.send(identity, Query(1))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 1
+        assert reply.counters["poll_max_ns"] == 1234 and reply.counters["pid"] == proc.pid
+        fake.send(identity, SetPollParams(2, 0, 0, 0, 8))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.counters["poll_max_ns"] == 0
+        assert reply.counters["aio_max_batch"] == 8
+        fake.send(identity, SetPollParams(3, -1, 0, 0, 0))
+        err = fake.recv_kind(ErrorReply)
+        assert isinstance(err, ErrorReply) and err.request_id == 3 and "max_ns" in err.message
+        fake.send(identity, BlockRequest(4, "disk0", "read", 0, 512))
+        done = fake.recv_kind(BlockCompletion)
+        assert isinstance(done, BlockCompletion) and done.request_id == 4 and done.status < 0
+        # Garbage does not kill it: it still answers afterwards.
+        fake.sock.send_multipart([identity, b"\xc1garbage"])
+        fake.send(identity, Query(5))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 5
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+        assert b"bad message from the main loop" in (proc.stderr.read() if proc.stderr else b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
+    proc = spawn(fake)
+    try:
+        identity, hello = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
+        # ...and then never a word: gone after three silent periods.
+        assert proc.wait(WAIT_MS / 1000) == 3
+        assert b"silent" in (proc.stderr.read() if proc.stderr else b"")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_gives_up_without_a_handshake(fake: FakeMainLoop) -> None:
+    proc = spawn(fake, "--handshake-timeout-ms", "200")
+    try:
+        fake.recv()  # the Hello, never answered
+        assert proc.wait(WAIT_MS / 1000) == 3
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_exits_at_once_if_its_parent_is_already_gone() -> None:
+    out = subprocess.run([sys.executable, "-m", "iothreads", "--id", "io0", "--connect", "ipc:///nonexistent",
+                          "--parent-pid", "1"], capture_output=True, timeout=60)
+    assert out.returncode == 3
