@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import zmq
 
 from ._bql import bql
-from ._cluster import Cluster, IOThreadConfig
+from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState
 from ._loop import MainLoop
 from ._options import OptionError, parse_object
 from ._sources import SignalSource
@@ -144,9 +144,16 @@ def launch(args: argparse.Namespace) -> int:
                 cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
                 for config in configs:
                     cluster.add(config)
-                if not cluster.wait_for(lambda: cluster.all_running() or stop["requested"],
+                def failed() -> list[IOThread]:
+                    return [t for t in cluster.iothreads.values() if t.state is IOThreadState.EXITED]
+
+                if not cluster.wait_for(lambda: cluster.all_running() or stop["requested"] or bool(failed()),
                                         cluster.handshake_timeout_ms / 1000 + 5):
                     log.error("not every iothread answered in time")
+                    return EXIT_FAILURE
+                if failed():
+                    t = failed()[0]
+                    log.error("iothread %s exited during start-up (exit code %s)", t.id, t.exit_status)
                     return EXIT_FAILURE
                 if not stop["requested"]:
                     if args.pidfile:
