@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import zmq
@@ -71,14 +72,23 @@ def fake() -> Iterator[FakeMainLoop]:
     f.close()
 
 
-def spawn(fake: FakeMainLoop, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, "-m", "iothreads", "--id", "io7", "--connect", fake.endpoint,
+@contextmanager
+def spawn(fake: FakeMainLoop, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
+    """An iothread process connected to ``fake``; killed and reaped on the way out."""
+    proc = subprocess.Popen([sys.executable, "-m", "iothreads", "--id", "io7", "--connect", fake.endpoint,
                              "--parent-pid", str(os.getpid()), *extra], stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
 
 
 def test_handshake_query_poll_params_block_request_and_stop(fake: FakeMainLoop) -> None:
-    proc = spawn(fake, "--poll-max-ns", "1234")
-    try:
+    with spawn(fake, "--poll-max-ns", "1234") as proc:
         identity, hello = fake.recv()
         assert identity == b"io7"
         assert isinstance(hello, Hello)
@@ -106,35 +116,21 @@ def test_handshake_query_poll_params_block_request_and_stop(fake: FakeMainLoop) 
         fake.send(identity, Stop("test"))
         assert proc.wait(WAIT_MS / 1000) == 0
         assert b"bad message from the main loop" in (proc.stderr.read() if proc.stderr else b"")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
-    proc = spawn(fake)
-    try:
+    with spawn(fake) as proc:
         identity, hello = fake.recv()
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
         # ...and then never a word: gone after three silent periods.
         assert proc.wait(WAIT_MS / 1000) == 3
         assert b"silent" in (proc.stderr.read() if proc.stderr else b"")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_gives_up_without_a_handshake(fake: FakeMainLoop) -> None:
-    proc = spawn(fake, "--handshake-timeout-ms", "200")
-    try:
+    with spawn(fake, "--handshake-timeout-ms", "200") as proc:
         fake.recv()  # the Hello, never answered
         assert proc.wait(WAIT_MS / 1000) == 3
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_exits_at_once_if_its_parent_is_already_gone() -> None:
