@@ -1,0 +1,347 @@
+"""Block nodes: the drivers (``file``, ``null-co``) and a node's request path.
+
+Theory of operation
+-------------------
+A ``BlockNode`` lives in one AioContext (its iothread's) and is used from that
+context's home thread only.  ``submit`` checks a request (bounds, alignment,
+read-only) and runs it:
+
+* a read first tries ``preadv(..., RWF_NOWAIT)`` inline: data already in the
+  page cache is returned without a thread hand-off (how io_uring avoids one);
+  if the kernel would block (EAGAIN), the read goes to the thread pool;
+* everything else runs in the context's thread pool, whose completion bottom
+  half calls back in the home thread.
+
+Every request completes exactly once, through its callback, with a status
+(0 or a negative errno), a message on error, and a read's data.  A short read
+or write is never passed off as success: the driver loops until the whole
+range is done and reports EIO if the file ends first.
+
+Per node: counters per operation (ops, bytes, errors, total latency, and a
+log2 latency histogram), the number of requests in flight, and ``drain``,
+which calls back once nothing is in flight.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from protocol import BlockOp
+
+from ._aio import AioContext
+
+__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats"]
+
+Completion = Callable[[int, str, bytes], object]  # (status, message, data)
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_ZERO_CHUNK = 1 << 20
+HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
+
+
+class BlockDriver:
+    """What a node needs from its driver.  The I/O methods block; they run in
+    worker threads (or inline for ``read_nowait``)."""
+
+    name = "driver"
+    size = 0
+    read_only = False
+    align = 1  # offsets and lengths must be multiples of this
+
+    def read(self, offset: int, length: int) -> bytes:
+        raise NotImplementedError
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        """The data if it can be had without blocking, else None."""
+        return None
+
+    def write(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def flush(self) -> None:
+        pass
+
+    def discard(self, offset: int, length: int) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class NullDriver(BlockDriver):
+    """``null-co``: no I/O at all.  Reads return zeroes when ``read_zeroes``
+    (and unspecified data otherwise: here, zeroes too, without the cost of
+    clearing a fresh buffer)."""
+
+    name = "null-co"
+
+    def __init__(self, size: int, read_zeroes: bool = True) -> None:
+        if size < 0:
+            raise ValueError("size must be >= 0")
+        self.size = size
+        self.read_zeroes = read_zeroes
+        self._zeroes = bytes(65536)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._zeroes[:length] if length <= len(self._zeroes) else bytes(length)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        return self.read(offset, length)
+
+    def write(self, offset: int, data: bytes) -> None:
+        pass
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        pass
+
+
+class FileDriver(BlockDriver):
+    """``file``: a raw image (or block device)."""
+
+    name = "file"
+
+    def __init__(self, filename: str, *, read_only: bool = False, direct: bool = False) -> None:
+        flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC
+        if direct:
+            flags |= os.O_DIRECT
+        try:
+            self.fd = os.open(filename, flags)
+        except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise OSError(errno.EINVAL, f"{filename}: cache.direct=on is not supported by its "
+                                            "file system") from None
+            raise OSError(exc.errno, f"could not open '{filename}': {exc.strerror}") from None
+        self.filename = filename
+        self.read_only = read_only
+        self.direct = direct
+        self.align = 4096 if direct else 1
+        self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        self._nowait = hasattr(os, "RWF_NOWAIT") and not direct
+        self._libc = ctypes.CDLL(None, use_errno=True)
+        self._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+
+    def _buffer(self, length: int) -> bytearray | mmap.mmap:
+        # O_DIRECT needs aligned memory: anonymous mmaps are page-aligned.
+        return mmap.mmap(-1, length) if self.direct else bytearray(length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = self._buffer(length)
+        view = memoryview(buf)
+        done = 0
+        while done < length:
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"short read: {done} of {length} bytes at offset {offset}")
+            done += n
+        view.release()
+        return bytes(buf)
+
+    def read_nowait(self, offset: int, length: int) -> bytes | None:
+        if not self._nowait:
+            return None
+        buf = bytearray(length)
+        try:
+            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._nowait = False  # not for this file system: always use the pool
+                return None
+            raise
+        if n < length:
+            return None  # partly cached or at EOF: let the blocking path decide
+        return bytes(buf)
+
+    def write(self, offset: int, data: bytes) -> None:
+        if self.direct:
+            buf = self._buffer(len(data))
+            buf[:] = data
+            view = memoryview(buf)
+        else:
+            view = memoryview(data)
+        done = 0
+        length = len(view)
+        while done < length:
+            n = os.pwritev(self.fd, [view[done:]], offset + done)
+            if n == 0:
+                raise OSError(errno.EIO, f"short write: {done} of {length} bytes at offset {offset}")
+            done += n
+
+    def flush(self) -> None:
+        os.fdatasync(self.fd)
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if self._libc.fallocate(self.fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def discard(self, offset: int, length: int) -> None:
+        try:
+            self._fallocate(_FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            # discard is advisory: doing nothing is allowed (QEMU too)
+
+    def write_zeroes(self, offset: int, length: int) -> None:
+        try:
+            self._fallocate(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+        zeroes = bytes(min(length, _ZERO_CHUNK))  # the fallback: write them
+        done = 0
+        while done < length:
+            n = min(len(zeroes), length - done)
+            self.write(offset + done, zeroes[:n])
+            done += n
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class OpStats:
+    """Counters of one operation type on one node."""
+
+    ops: int = 0
+    bytes: int = 0
+    errors: int = 0
+    total_ns: int = 0
+    histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+
+    @property
+    def mean_ns(self) -> float:
+        return self.total_ns / self.ops if self.ops else 0.0
+
+    def record(self, nbytes: int, latency_ns: int, ok: bool) -> None:
+        self.ops += 1
+        self.total_ns += latency_ns
+        if ok:
+            self.bytes += nbytes
+        else:
+            self.errors += 1
+        self.histogram[min(max(latency_ns // 1000, 1).bit_length() - 1, HISTOGRAM_BUCKETS - 1)] += 1
+
+
+class BlockNode:
+    """A named block node served by one AioContext.  Home thread only."""
+
+    def __init__(self, ctx: AioContext, name: str, driver: BlockDriver) -> None:
+        self.ctx = ctx
+        self.name = name
+        self.driver = driver
+        self.in_flight = 0
+        self.stats: dict[str, OpStats] = {op.value: OpStats() for op in BlockOp}
+        self._drain_waiters: list[Callable[[], object]] = []
+
+    @property
+    def size(self) -> int:
+        return self.driver.size
+
+    def _check(self, op: str, offset: int, length: int, data: bytes) -> str | None:
+        """The reason a request is invalid, or None."""
+        if op not in self.stats:
+            return f"unknown operation {op!r}"
+        if op == BlockOp.FLUSH:
+            return None
+        if op == BlockOp.WRITE and length != len(data):
+            return f"write of {len(data)} bytes declared as {length}"
+        if offset < 0 or length < 0 or offset + length > self.driver.size:
+            return (f"request [{offset}, {offset + length}) is out of range: node "
+                    f"'{self.name}' has {self.driver.size} bytes")
+        align = self.driver.align
+        if align > 1 and (offset % align or length % align):
+            return f"offset and length must be multiples of {align} (cache.direct=on)"
+        return None
+
+    def submit(self, op: str, offset: int, length: int, data: bytes, callback: Completion) -> None:
+        """Run one request; ``callback(status, message, data)`` exactly once."""
+        start = time.monotonic_ns()
+        problem = self._check(op, offset, length, data)
+        if problem is not None:
+            self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback)
+            return
+        if op != BlockOp.READ and op != BlockOp.FLUSH and self.driver.read_only:
+            self._complete(op, start, 0, -errno.EROFS, f"node '{self.name}' is read-only", b"", callback)
+            return
+        self.in_flight += 1
+        if op == BlockOp.READ:
+            try:
+                cached = self.driver.read_nowait(offset, length)
+            except OSError as exc:
+                self.in_flight -= 1
+                self._complete(op, start, 0, -(exc.errno or errno.EIO), str(exc), b"", callback)
+                return
+            if cached is not None:
+                self.in_flight -= 1
+                self._complete(op, start, length, 0, "", cached, callback)
+                self._maybe_drained()
+                return
+            fn: Callable[..., object] = self.driver.read
+            args: tuple[object, ...] = (offset, length)
+        elif op == BlockOp.WRITE:
+            fn, args = self.driver.write, (offset, data)
+        elif op == BlockOp.FLUSH:
+            fn, args = self.driver.flush, ()
+        elif op == BlockOp.DISCARD:
+            fn, args = self.driver.discard, (offset, length)
+        else:
+            fn, args = self.driver.write_zeroes, (offset, length)
+
+        def done(req: object) -> None:
+            self.in_flight -= 1
+            try:
+                value = req.result()  # type: ignore[attr-defined]
+            except OSError as exc:
+                self._complete(op, start, 0, -(exc.errno or errno.EIO), exc.strerror or str(exc), b"",
+                               callback)
+            except Exception as exc:
+                self._complete(op, start, 0, -errno.EIO, f"{type(exc).__name__}: {exc}", b"", callback)
+            else:
+                nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
+                self._complete(op, start, nbytes, 0, "", value if isinstance(value, bytes) else b"", callback)
+            self._maybe_drained()
+
+        self.ctx.thread_pool.submit(fn, *args, callback=done)
+
+    def _complete(self, op: str, start: int, nbytes: int, status: int, message: str, data: bytes,
+                  callback: Completion) -> None:
+        stats = self.stats.get(op)
+        if stats is not None:
+            stats.record(nbytes, time.monotonic_ns() - start, status == 0)
+        try:
+            callback(status, message, data)
+        except Exception as exc:
+            self.ctx.report_exception(exc, f"completion callback of node {self.name!r}")
+
+    def drain(self, callback: Callable[[], object]) -> None:
+        """``callback()`` once no request is in flight (at once if none is)."""
+        if self.in_flight == 0:
+            callback()
+        else:
+            self._drain_waiters.append(callback)
+
+    def _maybe_drained(self) -> None:
+        if self.in_flight == 0 and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for cb in waiters:
+                cb()
+
+    def close(self) -> None:
+        self.driver.close()

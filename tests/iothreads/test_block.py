@@ -1,0 +1,164 @@
+"""Block nodes: drivers file and null-co, data integrity, every op type,
+bounds, read-only, short reads, counters, drain."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from iothreads import AioContext
+from iothreads._block import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver
+
+MiB = 1 << 20
+Result = tuple[int, str, bytes]
+
+
+@pytest.fixture
+def image(tmp_path: object) -> Iterator[str]:
+    path = os.path.join(str(tmp_path), "disk.img")
+    with open(path, "wb") as f:
+        f.truncate(4 * MiB)
+    yield path
+
+
+def run(ctx: AioContext, node: BlockNode, op: str, offset: int, length: int, data: bytes = b"") -> Result:
+    results: list[Result] = []
+    node.submit(op, offset, length, data, lambda s, m, d: results.append((s, m, d)))
+    end = time.monotonic() + 30
+    while not results:
+        assert time.monotonic() < end, "request never completed"
+        ctx.poll(True)
+    assert len(results) == 1
+    return results[0]
+
+
+def test_random_writes_then_reads_verify(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    rng = random.Random(7)
+    expected = bytearray(4 * MiB)
+    pending: list[Result] = []
+    written = 0
+    for _ in range(200):  # many in flight at once
+        off = rng.randrange(0, 4 * MiB - 8192)
+        data = rng.randbytes(rng.randrange(1, 8192))
+        expected[off:off + len(data)] = data
+        written += len(data)
+        node.submit("write", off, len(data), data, lambda s, m, d: pending.append((s, m, d)))
+    end = time.monotonic() + 60
+    while len(pending) < 200:
+        assert time.monotonic() < end
+        ctx.poll(True)
+    assert all(s == 0 for s, _, _ in pending)
+    assert run(ctx, node, "flush", 0, 0)[0] == 0
+    for off in range(0, 4 * MiB, 256 * 1024):
+        status, _, data = run(ctx, node, "read", off, 256 * 1024)
+        assert status == 0 and data == expected[off:off + 256 * 1024]
+    assert node.in_flight == 0
+    st = node.stats["write"]
+    assert st.ops == 200 and st.errors == 0 and st.bytes == written and st.mean_ns > 0
+    assert sum(st.histogram) == 200 and len(st.histogram) == HISTOGRAM_BUCKETS
+    node.close()
+
+
+def test_discard_and_write_zeroes_read_back_zeroes(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    assert run(ctx, node, "write", 0, 65536, b"\xff" * 65536)[0] == 0
+    assert run(ctx, node, "write_zeroes", 4096, 8192)[0] == 0
+    assert run(ctx, node, "discard", 32768, 4096)[0] == 0
+    status, _, data = run(ctx, node, "read", 0, 65536)
+    assert status == 0
+    assert data[:4096] == b"\xff" * 4096 and data[4096:12288] == bytes(8192)
+    assert data[12288:32768] == b"\xff" * 20480
+    assert data[32768:36864] in (bytes(4096), b"\xff" * 4096)  # discard may keep the data
+    assert os.path.getsize(image) == 4 * MiB
+    node.close()
+
+
+@pytest.mark.parametrize(
+    ("op", "offset", "length", "data"),
+    [
+        ("read", 4 * MiB - 10, 20, b""),
+        ("read", -1, 10, b""),
+        ("write", 4 * MiB, 1, b"x"),
+        ("write", 0, 5, b"abc"),
+        ("discard", 0, 4 * MiB + 1, b""),
+        ("explode", 0, 1, b""),
+    ],
+)
+def test_bad_requests_get_einval(ctx: AioContext, image: str, op: str, offset: int, length: int,
+                                 data: bytes) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    status, message, _ = node_result = run(ctx, node, op, offset, length, data)
+    assert status == -errno.EINVAL and message, node_result
+    node.close()
+
+
+def test_read_only_node(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "ro", FileDriver(image, read_only=True))
+    status, message, _ = run(ctx, node, "write", 0, 3, b"abc")
+    assert status == -errno.EROFS and "read-only" in message
+    assert run(ctx, node, "read", 0, 3)[0] == 0
+    assert node.stats["write"].errors == 1
+    node.close()
+
+
+def test_short_read_is_an_error_not_success(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    os.truncate(image, 1 * MiB)  # the image shrinks under the node
+    status, message, data = run(ctx, node, "read", 1 * MiB - 100, 200)
+    assert status == -errno.EIO and "short read" in message and data == b""
+    node.close()
+
+
+def test_null_co(ctx: AioContext) -> None:
+    node = BlockNode(ctx, "null0", NullDriver(1 << 30))
+    status, _, data = run(ctx, node, "read", 12345, 4096)
+    assert status == 0 and data == bytes(4096)
+    assert run(ctx, node, "write", 0, 4, b"abcd")[0] == 0
+    assert run(ctx, node, "read", 0, 200_000)[2] == bytes(200_000)
+    assert run(ctx, node, "read", 1 << 30, 1)[0] == -errno.EINVAL
+    assert node.stats["read"].ops == 3 and node.stats["read"].errors == 1
+
+
+def test_direct_io_alignment(ctx: AioContext, tmp_path: object) -> None:
+    path = os.path.join(str(tmp_path), "direct.img")
+    with open(path, "wb") as f:
+        f.truncate(MiB)
+    try:
+        driver = FileDriver(path, direct=True)
+    except OSError as exc:
+        assert "cache.direct=on is not supported" in str(exc)
+        return  # this file system has no O_DIRECT: the error says so
+    node = BlockNode(ctx, "d", driver)
+    assert run(ctx, node, "write", 4096, 4096, b"\x5a" * 4096)[0] == 0
+    assert run(ctx, node, "read", 4096, 4096)[2] == b"\x5a" * 4096
+    status, message, _ = run(ctx, node, "read", 100, 4096)
+    assert status == -errno.EINVAL and "multiples of 4096" in message
+    node.close()
+
+
+def test_drain(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    drained: list[int] = []
+    node.drain(lambda: drained.append(node.in_flight))
+    assert drained == [0]  # nothing in flight: at once
+    done: list[int] = []
+    for i in range(16):
+        node.submit("write", i * 4096, 4096, bytes(4096), lambda s, m, d: done.append(s))
+    node.drain(lambda: drained.append(len(done)))
+    end = time.monotonic() + 30
+    while len(drained) < 2:
+        assert time.monotonic() < end
+        ctx.poll(True)
+    assert drained == [0, 16]
+    node.close()
+
+
+def test_open_errors_are_clear(tmp_path: object) -> None:
+    with pytest.raises(OSError, match="could not open"):
+        FileDriver(os.path.join(str(tmp_path), "missing.img"))
