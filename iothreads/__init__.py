@@ -12,6 +12,8 @@ from ._aio import AioContextStats as AioContextStats
 from ._aio import get_current_aio_context as get_current_aio_context
 from ._bh import BottomHalf as BottomHalf
 from ._channels import ChannelHandler as ChannelHandler
+from ._client import BlockClient as BlockClient
+from ._client import BlockIOError as BlockIOError
 from ._clock import Clock as Clock
 from ._clock import ClockType as ClockType
 from ._clock import ManualClock as ManualClock
@@ -37,6 +39,8 @@ from ._timers import TimerListGroup as TimerListGroup
 __all__ = [
     "AioContext",
     "AioContextStats",
+    "BlockClient",
+    "BlockIOError",
     "BottomHalf",
     "ChannelHandler",
     "Clock",

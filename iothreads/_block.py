@@ -36,7 +36,7 @@ from protocol import BlockOp
 
 from ._aio import AioContext
 
-__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats"]
+__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver"]
 
 Completion = Callable[[int, str, bytes], object]  # (status, message, data)
 
@@ -345,3 +345,31 @@ class BlockNode:
 
     def close(self) -> None:
         self.driver.close()
+
+
+def _flag(options: dict[str, str | int | bool], key: str) -> bool:
+    value = options.get(key, False)
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "true", "yes", 1, "1"):
+        return True
+    if value in ("off", "false", "no", 0, "0"):
+        return False
+    raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def make_driver(driver: str, options: dict[str, str | int | bool]) -> BlockDriver:
+    """A driver from blockdev-add's options (already checked by the main loop)."""
+    if driver == "file":
+        filename = options.get("filename")
+        if not isinstance(filename, str) or not filename:
+            raise ValueError("Parameter 'filename' is missing")
+        return FileDriver(filename, read_only=_flag(options, "read-only"),
+                          direct=_flag(options, "cache.direct"))
+    if driver == "null-co":
+        size = options.get("size", 1 << 30)
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ValueError("Parameter 'size' expects a size")
+        read_zeroes = "read-zeroes" not in options or _flag(options, "read-zeroes")
+        return NullDriver(size, read_zeroes=read_zeroes)
+    raise ValueError(f"Unsupported driver '{driver}' (supported: file, null-co)")

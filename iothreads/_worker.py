@@ -43,6 +43,8 @@ import zmq
 from protocol import (
     PROTOCOL_VERSION,
     BlockCompletion,
+    BlockdevAdd,
+    BlockdevDel,
     BlockRequest,
     Channel,
     ErrorReply,
@@ -58,6 +60,7 @@ from protocol import (
 )
 
 from ._aio import AioContext
+from ._block import BlockNode, make_driver
 from ._channels import ChannelHandler
 from ._clock import ClockType
 from ._notifier import EventNotifier
@@ -87,7 +90,7 @@ class IOThreadWorker:
 
     def __init__(self, iothread_id: str, endpoint: str, *, poll_max_ns: int = 32768,
                  poll_grow: int = 0, poll_shrink: int = 0, aio_max_batch: int = 0,
-                 handshake_timeout_ms: int = 10_000) -> None:
+                 handshake_timeout_ms: int = 10_000, data_endpoint: str | None = None) -> None:
         self.id = iothread_id
         self.ctx = AioContext(name=iothread_id)
         self.ctx.set_poll_params(poll_max_ns, poll_grow, poll_shrink)
@@ -103,10 +106,22 @@ class IOThreadWorker:
         sock.connect(endpoint)
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
         self.handler = ChannelHandler(self.ctx, self.channel, "control")
+        self.nodes: dict[str, BlockNode] = {}
+        self.data_endpoint = data_endpoint
+        self.data: Channel | None = None
+        self.data_handler: ChannelHandler | None = None
+        if data_endpoint is not None:
+            dsock = self.zmq.socket(zmq.ROUTER)
+            dsock.bind(data_endpoint)
+            self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
+            self.data_handler = ChannelHandler(self.ctx, self.data, "data")
         self._heartbeat_seq = 0
         self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
         self._watchdog.mod(self._watchdog.now() + handshake_timeout_ms)
-        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES))
+        bound = ""
+        if self.data is not None:
+            bound = self.data.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound))
 
     # -- messages ---------------------------------------------------------
 
@@ -123,15 +138,70 @@ class IOThreadWorker:
         elif isinstance(msg, Stop):
             self.stop(EXIT_OK)
         elif isinstance(msg, BlockRequest):
-            # No block layer yet: every node is unknown.  The request still
-            # gets its completion, with an errno, as every request must.
-            self.channel.send(BlockCompletion(msg.request_id, -errno.ENODEV,
-                                              f"no block node named {msg.node!r}"))
+            self._submit(self.channel, identity, msg)
+        elif isinstance(msg, BlockdevAdd):
+            self._on_blockdev_add(msg)
+        elif isinstance(msg, BlockdevDel):
+            self._on_blockdev_del(msg)
         else:
             log.warning("iothread %s: unexpected %s from the main loop", self.id, type(msg).KIND)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         log.error("iothread %s: bad message from the main loop: %s", self.id, exc)
+
+    # -- the data plane ------------------------------------------------------
+
+    def _on_data(self, identity: bytes, msg: Message) -> None:
+        if isinstance(msg, BlockRequest):
+            assert self.data is not None
+            self._submit(self.data, identity, msg)
+        else:
+            log.warning("iothread %s: %s on the data channel ignored", self.id, type(msg).KIND)
+
+    def _on_bad_data(self, identity: bytes, exc: RemoteProtocolError) -> None:
+        log.warning("iothread %s: bad request from client %r: %s", self.id, identity, exc)
+
+    def _submit(self, channel: Channel, identity: bytes, msg: BlockRequest) -> None:
+        """Run a block request; its completion goes back to whoever sent it."""
+        node = self.nodes.get(msg.node)
+        to = identity if channel.router else None
+        if node is None:
+            # Every request gets its completion, with an errno if need be.
+            channel.send(BlockCompletion(msg.request_id, -errno.ENODEV, f"no block node named {msg.node!r}"), to)
+            return
+        request_id = msg.request_id
+
+        def done(status: int, message: str, data: bytes) -> None:
+            if not channel.closed:  # a client gone meanwhile: ROUTER drops it
+                channel.send(BlockCompletion(request_id, status, message, data), to)
+
+        node.submit(msg.op, msg.offset, msg.length, msg.data, done)
+
+    def _on_blockdev_add(self, msg: BlockdevAdd) -> None:
+        try:
+            if msg.node_name in self.nodes:
+                raise ValueError(f"duplicate node name '{msg.node_name}'")
+            driver = make_driver(msg.driver, msg.options)
+        except (ValueError, OSError) as exc:
+            self.channel.send(ErrorReply(msg.request_id, "GenericError", str(exc),
+                                         getattr(exc, "errno", 0) or 0))
+            return
+        self.nodes[msg.node_name] = BlockNode(self.ctx, msg.node_name, driver)
+        self.channel.send(QueryReply(msg.request_id, {"size": driver.size}))
+
+    def _on_blockdev_del(self, msg: BlockdevDel) -> None:
+        node = self.nodes.get(msg.node_name)
+        if node is None:
+            self.channel.send(ErrorReply(msg.request_id, "GenericError",
+                                         f"Failed to find node with node-name='{msg.node_name}'"))
+            return
+
+        def drained() -> None:
+            node.close()
+            self.nodes.pop(msg.node_name, None)
+            self.channel.send(QueryReply(msg.request_id, {}))
+
+        node.drain(drained)
 
     def _on_welcome(self, msg: Welcome) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -212,6 +282,15 @@ class IOThreadWorker:
     def close(self) -> None:
         self._watchdog.delete()
         self.handler.close()
+        if self.data_handler is not None:
+            self.data_handler.close()
+            if self.data_endpoint and self.data_endpoint.startswith("ipc://"):
+                try:
+                    os.unlink(self.data_endpoint.removeprefix("ipc://"))
+                except FileNotFoundError:
+                    pass
+        for node in self.nodes.values():
+            node.close()
         self.zmq.term()
         self.ctx.close()
 
@@ -224,6 +303,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for name, default in (("poll-max-ns", 32768), ("poll-grow", 0), ("poll-shrink", 0), ("aio-max-batch", 0)):
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
+    p.add_argument("--data-endpoint", metavar="ENDPOINT", help="bind the data plane (clients) here")
     return p.parse_args(argv)
 
 
@@ -236,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         worker = IOThreadWorker(
             args.id, args.connect, poll_max_ns=args.poll_max_ns, poll_grow=args.poll_grow,
             poll_shrink=args.poll_shrink, aio_max_batch=args.aio_max_batch,
-            handshake_timeout_ms=args.handshake_timeout_ms,
+            handshake_timeout_ms=args.handshake_timeout_ms, data_endpoint=args.data_endpoint,
         )
     except (ValueError, zmq.ZMQError) as exc:
         print(f"iothread {args.id}: {exc}", file=sys.stderr)

@@ -26,6 +26,7 @@ Everything here runs in the main-loop thread with the BQL held.
 from __future__ import annotations
 
 import enum
+import json
 import logging
 import os
 import shutil
@@ -41,6 +42,8 @@ import zmq
 from iothreads import ClockType, Timer
 from protocol import (
     PROTOCOL_VERSION,
+    BlockdevAdd,
+    BlockdevDel,
     Channel,
     ErrorReply,
     Heartbeat,
@@ -62,7 +65,9 @@ from ._channels import ChannelSource
 from ._loop import MainLoop
 from ._sources import ChildWatchSource
 
-__all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState"]
+__all__ = ["STATE_FILE", "Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
+
+STATE_FILE = "cluster.json"
 
 log = logging.getLogger("mainloop.cluster")
 
@@ -101,6 +106,7 @@ class IOThread:
     restarts: int = 0
     last_heard_ns: int = 0
     capabilities: tuple[str, ...] = ()
+    data_endpoint: str = ""
     _pending: dict[int, ReplyCallback] = field(default_factory=dict)
     _watch: ChildWatchSource | None = None
     _deadline: Timer | None = None
@@ -108,6 +114,17 @@ class IOThread:
     @property
     def id(self) -> str:
         return self.config.id
+
+
+@dataclass
+class NodeInfo:
+    """A block node of the cluster: where it lives and what it is."""
+
+    name: str
+    driver: str
+    iothread: str
+    options: dict[str, str | int | bool]
+    size: int = 0
 
 
 class Cluster:
@@ -125,6 +142,8 @@ class Cluster:
         self.handshake_timeout_ms = handshake_timeout_ms
         self.stop_timeout_ms = stop_timeout_ms
         self.iothreads: dict[str, IOThread] = {}
+        self.nodes: dict[str, NodeInfo] = {}
+        self._tcp_host = tcp.removeprefix("tcp://").rsplit(":", 1)[0] if tcp else None
         self._listeners: list[EventCallback] = []
         self._next_request = 1
         self._socket_files: list[str] = []
@@ -179,7 +198,14 @@ class Cluster:
 
     def _spawn(self, t: IOThread) -> None:
         c = t.config
+        if self._tcp_host is not None:
+            data = f"tcp://{self._tcp_host}:*"
+        else:
+            data = ipc_endpoint(self.runtime_dir, f"{c.id}.data")
+            if data.removeprefix("ipc://") not in self._socket_files:
+                self._socket_files.append(data.removeprefix("ipc://"))  # even if it gets killed
         argv = [sys.executable, "-m", "iothreads", "--id", c.id, "--connect", self.endpoint,
+                "--data-endpoint", data,
                 "--parent-pid", str(os.getpid()), "--poll-max-ns", str(c.poll_max_ns),
                 "--poll-grow", str(c.poll_grow), "--poll-shrink", str(c.poll_shrink),
                 "--aio-max-batch", str(c.aio_max_batch),
@@ -229,9 +255,16 @@ class Cluster:
         for cb in t._pending.values():
             cb(ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
         t._pending.clear()
+        lost = [n for n in self.nodes.values() if n.iothread == t.id]
+        for n in lost:
+            del self.nodes[n.name]
+        if not self._closed:
+            self.write_state()
         if expected:
             log.info("iothread %s (pid %d) stopped", t.id, pid)
             return
+        if lost:
+            log.error("block nodes lost with iothread %s: %s", t.id, ", ".join(n.name for n in lost))
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         log.error("iothread %s (pid %d) exited unexpectedly (%s)", t.id, pid, how)
         self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
@@ -287,11 +320,13 @@ class Cluster:
             return
         t.state = IOThreadState.RUNNING
         t.capabilities = msg.capabilities
+        t.data_endpoint = msg.data_endpoint
         if t._deadline is not None:
             t._deadline.delete()
         self.channel.send(Welcome(PROTOCOL_VERSION, msg.capabilities, self.heartbeat_interval_ms),
                           t.id.encode())
         self._emit("IOTHREAD_READY", {"id": t.id, "pid": t.pid})
+        self.write_state()
 
     def _request(self, iothread_id: str, make: Callable[[int], Message], callback: ReplyCallback) -> None:
         t = self.iothreads.get(iothread_id)
@@ -319,6 +354,55 @@ class Cluster:
 
         self._request(iothread_id, lambda rid: SetPollParams(rid, poll_max_ns, poll_grow, poll_shrink,
                                                              aio_max_batch), done)
+
+    # -- block nodes -------------------------------------------------------------
+
+    def blockdev_add(self, node_name: str, driver: str, options: dict[str, str | int | bool],
+                     callback: ReplyCallback, iothread: str | None = None) -> None:
+        """Create a node in ``iothread`` (or the running iothread with the fewest
+        nodes); ``callback(reply)`` once it exists or failed."""
+        if node_name in self.nodes:
+            raise StateError(f"Duplicate nodes with node-name='{node_name}'")
+        if iothread is None:
+            running = [t for t in self.iothreads.values() if t.state is IOThreadState.RUNNING]
+            if not running:
+                raise StateError("no iothread is running")
+            iothread = min(running, key=lambda t: sum(n.iothread == t.id for n in self.nodes.values())).id
+        home = iothread
+
+        def done(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, QueryReply):
+                self.nodes[node_name] = NodeInfo(node_name, driver, home, dict(options),
+                                                 reply.counters.get("size", 0))
+                self.write_state()
+            callback(reply)
+
+        self._request(home, lambda rid: BlockdevAdd(rid, node_name, driver, options), done)
+
+    def blockdev_del(self, node_name: str, callback: ReplyCallback) -> None:
+        """Drain and remove a node."""
+        info = self.nodes.get(node_name)
+        if info is None:
+            raise StateError(f"Failed to find node with node-name='{node_name}'")
+
+        def done(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, QueryReply):
+                self.nodes.pop(node_name, None)
+                self.write_state()
+            callback(reply)
+
+        self._request(info.iothread, lambda rid: BlockdevDel(rid, node_name), done)
+
+    def write_state(self) -> None:
+        """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``
+        (replaced atomically)."""
+        path = os.path.join(self.runtime_dir, STATE_FILE)
+        tmp = path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.describe(), f)
+        os.replace(tmp, path)
+        if path not in self._socket_files:
+            self._socket_files.append(path)
 
     def _on_heartbeat_timer(self) -> None:
         now = time.monotonic_ns()
@@ -404,6 +488,8 @@ class Cluster:
         return {
             "runtime_dir": self.runtime_dir,
             "control": self.endpoint,
-            "iothreads": [{"id": t.id, "pid": t.pid, "state": t.state.value}
+            "iothreads": [{"id": t.id, "pid": t.pid, "state": t.state.value, "data": t.data_endpoint}
                           for t in self.iothreads.values()],
+            "nodes": {n.name: {"iothread": n.iothread, "driver": n.driver, "size": n.size}
+                      for n in self.nodes.values()},
         }

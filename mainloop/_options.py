@@ -10,11 +10,13 @@ describe the same iothread.  In the keyval form the first element, without
 from __future__ import annotations
 
 import json
+import os
+from dataclasses import dataclass
 from typing import Any
 
 from ._cluster import IOThreadConfig
 
-__all__ = ["OptionError", "parse_keyval", "parse_object"]
+__all__ = ["BlockdevSpec", "OptionError", "parse_blockdev", "parse_keyval", "parse_object", "parse_size"]
 
 _IOTHREAD_INTS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
 _MAX_U64 = 2**64 - 1
@@ -114,3 +116,89 @@ def _u64(key: str, value: object) -> int:
     if not isinstance(value, int) or not 0 <= value <= _MAX_U64:
         raise OptionError(f"Parameter '{key}' expects a non-negative integer")
     return value
+
+
+@dataclass(frozen=True)
+class BlockdevSpec:
+    """A ``--blockdev`` value: node name, driver, its options, and the iothread."""
+
+    node_name: str
+    driver: str
+    options: dict[str, str | int | bool]
+    iothread: str | None = None
+
+
+_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+
+
+def parse_size(key: str, value: object) -> int:
+    """QEMU sizes: ``4096``, ``512K``, ``1G`` (powers of 1024)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SUFFIXES else (text, "")
+        try:
+            size = int(float(number) * _SUFFIXES[suffix]) if "." in number else int(number) * _SUFFIXES[suffix]
+        except ValueError:
+            pass
+        else:
+            if 0 <= size < 2**63:
+                return size
+    raise OptionError(f"Parameter '{key}' expects a size (e.g. 4096, 512K, 1G)")
+
+
+def _on_off(key: str, value: object) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+
+
+def parse_blockdev(text: str) -> BlockdevSpec:
+    """A ``--blockdev`` value (keyval or JSON): drivers ``file`` and ``null-co``."""
+    props: dict[str, Any]
+    if text.lstrip().startswith("{"):
+        try:
+            props = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise OptionError(f"JSON parse error: {exc.msg}") from None
+        cache = props.pop("cache", None)
+        if isinstance(cache, dict) and "direct" in cache:
+            props["cache.direct"] = cache["direct"]
+    else:
+        props = dict(parse_keyval(text))
+    driver = props.pop("driver", None)
+    if driver is None:
+        raise OptionError("Parameter 'driver' is missing")
+    node_name = props.pop("node-name", None)
+    if node_name is None:
+        raise OptionError("Parameter 'node-name' is missing")
+    if not isinstance(node_name, str) or not _valid_id(node_name):
+        raise OptionError(f"Invalid node-name: '{node_name}'")
+    iothread = props.pop("iothread", None)
+    if iothread is not None and not isinstance(iothread, str):
+        raise OptionError("Parameter 'iothread' expects an iothread id")
+    options: dict[str, str | int | bool] = {}
+    if driver == "file":
+        filename = props.pop("filename", None)
+        if not isinstance(filename, str) or not filename:
+            raise OptionError("Parameter 'filename' is missing")
+        options["filename"] = os.path.abspath(filename)
+        for key in ("read-only", "cache.direct"):
+            if key in props:
+                options[key] = _on_off(key, props.pop(key))
+    elif driver == "null-co":
+        options["size"] = parse_size("size", props.pop("size", "1G"))
+        if "read-zeroes" in props:
+            options["read-zeroes"] = _on_off("read-zeroes", props.pop("read-zeroes"))
+        if "read-only" in props:
+            options["read-only"] = _on_off("read-only", props.pop("read-only"))
+    else:
+        raise OptionError(f"Invalid parameter value for 'driver': '{driver}' (supported: file, null-co)")
+    if props:
+        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
+    return BlockdevSpec(node_name, str(driver), options, iothread)

@@ -25,10 +25,12 @@ from typing import Any, NoReturn
 
 import zmq
 
+from protocol import ErrorReply, QueryReply
+
 from ._bql import bql
 from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState
 from ._loop import MainLoop
-from ._options import OptionError, parse_object
+from ._options import BlockdevSpec, OptionError, parse_blockdev, parse_object
 from ._sources import SignalSource
 
 __all__ = ["main"]
@@ -74,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--object", action="append", default=[], metavar="iothread,id=ID[,...]",
                         help="an iothread (keyval or JSON): id, poll-max-ns, poll-grow, "
                              "poll-shrink, aio-max-batch; repeatable")
+    launch.add_argument("--blockdev", action="append", default=[],
+                        metavar="driver=file,node-name=NAME,filename=PATH[,...]",
+                        help="a block node (keyval or JSON): driver=file (filename, read-only, "
+                             "cache.direct) or driver=null-co (size, read-zeroes); iothread=ID "
+                             "picks its iothread; repeatable")
     launch.add_argument("--iothreads", type=_non_negative, metavar="N",
                         help="add N iothreads named io0, io1, ... (besides any --object)")
     launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
@@ -115,8 +122,38 @@ def _emit(event: dict[str, Any]) -> None:
     print(json.dumps(event), flush=True)
 
 
+def _blockdevs(args: argparse.Namespace, configs: list[IOThreadConfig]) -> list[BlockdevSpec]:
+    specs: list[BlockdevSpec] = []
+    ids = {c.id for c in configs}
+    for text in args.blockdev:
+        try:
+            spec = parse_blockdev(text)
+        except OptionError as exc:
+            raise OptionError(f"--blockdev {text}: {exc}") from None
+        if any(s.node_name == spec.node_name for s in specs):
+            raise OptionError(f"--blockdev {text}: Duplicate nodes with node-name='{spec.node_name}'")
+        if spec.iothread is not None and spec.iothread not in ids:
+            raise OptionError(f"--blockdev {text}: Cannot find iothread {spec.iothread}")
+        specs.append(spec)
+    return specs
+
+
+def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
+    """Create the nodes; the first error, or None."""
+    replies: list[QueryReply | ErrorReply] = []
+    for spec in specs:
+        cluster.blockdev_add(spec.node_name, spec.driver, spec.options, replies.append, spec.iothread)
+    if not cluster.wait_for(lambda: len(replies) == len(specs), 30):
+        return "block nodes were not created in time"
+    for spec, reply in zip(specs, replies):
+        if isinstance(reply, ErrorReply):
+            return f"--blockdev node-name={spec.node_name}: {reply.message}"
+    return None
+
+
 def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
+    specs = _blockdevs(args, configs)
     if args.control is not None and not args.control.startswith("tcp://"):
         raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
@@ -155,6 +192,12 @@ def launch(args: argparse.Namespace) -> int:
                     t = failed()[0]
                     log.error("iothread %s exited during start-up (exit code %s)", t.id, t.exit_status)
                     return EXIT_FAILURE
+                if not stop["requested"] and specs:
+                    problem = _add_blockdevs(cluster, specs)
+                    if problem is not None:
+                        print(f"{PROG}: {problem}", file=sys.stderr)
+                        cluster.shutdown()
+                        return EXIT_FAILURE
                 if not stop["requested"]:
                     if args.pidfile:
                         with open(args.pidfile, "w", encoding="utf-8") as f:

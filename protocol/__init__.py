@@ -26,6 +26,8 @@ from ._errors import ThreadContractError as ThreadContractError
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
 from ._messages import BlockCompletion as BlockCompletion
 from ._messages import BlockOp as BlockOp
+from ._messages import BlockdevAdd as BlockdevAdd
+from ._messages import BlockdevDel as BlockdevDel
 from ._messages import BlockRequest as BlockRequest
 from ._messages import ErrorReply as ErrorReply
 from ._messages import Event as Event
@@ -42,6 +44,8 @@ __all__ = [
     "BlockCompletion",
     "BlockOp",
     "BlockRequest",
+    "BlockdevAdd",
+    "BlockdevDel",
     "BottomHalfLeakError",
     "Channel",
     "CoroutineStateError",

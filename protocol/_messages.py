@@ -29,6 +29,8 @@ __all__ = [
     "BlockCompletion",
     "BlockOp",
     "BlockRequest",
+    "BlockdevAdd",
+    "BlockdevDel",
     "ErrorReply",
     "Event",
     "Heartbeat",
@@ -78,6 +80,8 @@ class Hello(Message):
     pid: int
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = ()
+    data_endpoint: str = ""
+    """Where clients send block requests ("" if the iothread serves none)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +161,29 @@ class ErrorReply(Message):
     errno: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class BlockdevAdd(Message):
+    """Create block node ``node_name`` in the receiving iothread (QMP's
+    ``blockdev-add``): ``driver`` is ``file`` or ``null-co``; ``options`` are
+    the driver's (``filename``, ``read-only``, ``cache.direct``, ``size``,
+    ``read-zeroes``)."""
+
+    KIND: ClassVar[str] = "blockdev-add"
+    request_id: int
+    node_name: str
+    driver: str
+    options: dict[str, str | int | bool] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class BlockdevDel(Message):
+    """Drain and remove block node ``node_name`` (QMP's ``blockdev-del``)."""
+
+    KIND: ClassVar[str] = "blockdev-del"
+    request_id: int
+    node_name: str
+
+
 # -- data plane -----------------------------------------------------------
 
 
@@ -198,5 +225,5 @@ class BlockCompletion(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event,
-                ErrorReply, BlockRequest, BlockCompletion)
+                ErrorReply, BlockdevAdd, BlockdevDel, BlockRequest, BlockCompletion)
 }

@@ -14,6 +14,8 @@ from protocol import (
     PROTOCOL_VERSION,
     BlockCompletion,
     BlockOp,
+    BlockdevAdd,
+    BlockdevDel,
     BlockRequest,
     ErrorReply,
     Event,
@@ -40,7 +42,7 @@ names = st.lists(st.text(max_size=16), max_size=8).map(tuple)
 scalars = st.one_of(text, ints, st.floats(allow_nan=False), st.booleans(), st.none())
 
 MESSAGES: st.SearchStrategy[Message] = st.one_of(
-    st.builds(Hello, iothread_id=text, pid=ints, version=ints, capabilities=names),
+    st.builds(Hello, iothread_id=text, pid=ints, version=ints, capabilities=names, data_endpoint=text),
     st.builds(Welcome, version=ints, capabilities=names, heartbeat_interval_ms=ints),
     st.builds(SetPollParams, request_id=ints, poll_max_ns=ints, poll_grow=ints, poll_shrink=ints,
               aio_max_batch=ints),
@@ -50,6 +52,9 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(Heartbeat, seq=ints, sent_ns=ints),
     st.builds(Event, name=text, data=st.dictionaries(text, scalars, max_size=8)),
     st.builds(ErrorReply, request_id=ints, error_class=text, message=text, errno=ints),
+    st.builds(BlockdevAdd, request_id=ints, node_name=text, driver=text,
+              options=st.dictionaries(text, st.one_of(text, ints, st.booleans()), max_size=6)),
+    st.builds(BlockdevDel, request_id=ints, node_name=text),
     st.builds(BlockRequest, request_id=ints, node=text, op=st.sampled_from([o.value for o in BlockOp]),
               offset=naturals, length=naturals, flags=ints, data=st.binary(max_size=4096)),
     st.builds(BlockCompletion, request_id=ints, status=ints, message=text, data=st.binary(max_size=4096)),
@@ -73,7 +78,7 @@ def test_all_message_types_are_covered() -> None:
 
     assert set(MESSAGE_TYPES.values()) == {
         Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event, ErrorReply,
-        BlockRequest, BlockCompletion,
+        BlockdevAdd, BlockdevDel, BlockRequest, BlockCompletion,
     }
 
 

@@ -1,0 +1,206 @@
+"""The data-plane client: block I/O straight to the iothread that owns a node.
+
+Theory of operation
+-------------------
+A client attaches to a running cluster through its runtime directory, where
+the main loop publishes ``cluster.json``: each iothread's data endpoint and
+which iothread owns which node.  For each iothread it talks to, the client
+connects a DEALER socket (a ``Channel``) served by the client's AioContext;
+requests carry increasing ids, and each ``BlockCompletion`` finds its
+callback by id.  The main loop is not on this path.
+
+Three ways to wait, over the same machinery:
+
+* ``submit(node, op, ..., callback)``: ``callback(status, message, data)``
+  runs in the client's AioContext (yours, if you passed one; attach it to a
+  MainContext with ``mainloop.AioSource`` to get callbacks there);
+* ``await client.aread(...)`` etc. in our coroutines;
+* ``client.read(...)`` etc.: blocking calls that poll the client's context.
+
+A failed request raises (or reports) its errno and the iothread's message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from protocol import BlockCompletion, BlockRequest, Channel, Message, RemoteProtocolError, StateError
+
+from ._aio import AioContext
+from ._channels import ChannelHandler
+from ._coroutine import Future
+
+__all__ = ["BlockClient", "BlockIOError"]
+
+STATE_FILE = "cluster.json"
+Completion = Callable[[int, str, bytes], object]
+
+
+class BlockIOError(OSError):
+    """A block request failed: ``errno`` and the iothread's message."""
+
+
+class BlockClient:
+    """Block I/O to a running cluster.  Use from the client context's home thread."""
+
+    def __init__(self, runtime_dir: str, ctx: AioContext | None = None, *, timeout_s: float = 30.0) -> None:
+        self.runtime_dir = runtime_dir
+        self.timeout_s = timeout_s
+        self._owns_ctx = ctx is None
+        self.ctx = ctx or AioContext(name="block-client")
+        self.zmq = zmq.Context()
+        self._identity = f"client-{os.getpid()}-{id(self):x}".encode()
+        self._channels: dict[str, tuple[Channel, ChannelHandler]] = {}
+        self._pending: dict[int, Completion] = {}
+        self._ids = itertools.count(1)
+        self.state: dict[str, Any] = {}
+        self.refresh()
+
+    # -- the cluster's shape ---------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the cluster's published state (nodes added or moved)."""
+        path = os.path.join(self.runtime_dir, STATE_FILE)
+        try:
+            with open(path, encoding="utf-8") as f:
+                self.state = json.load(f)
+        except FileNotFoundError:
+            raise StateError(f"no running cluster in {self.runtime_dir} (no {STATE_FILE})") from None
+
+    def nodes(self) -> dict[str, dict[str, Any]]:
+        return dict(self.state.get("nodes", {}))
+
+    def node_size(self, node: str) -> int:
+        return int(self._node(node)["size"])
+
+    def _node(self, node: str) -> dict[str, Any]:
+        info = self.state.get("nodes", {}).get(node)
+        if info is None:
+            self.refresh()
+            info = self.state.get("nodes", {}).get(node)
+            if info is None:
+                raise BlockIOError(19, f"no block node named {node!r}")  # ENODEV
+        return dict(info)
+
+    def _channel(self, iothread: str) -> Channel:
+        entry = self._channels.get(iothread)
+        if entry is None:
+            endpoints = {t["id"]: t["data"] for t in self.state.get("iothreads", [])}
+            endpoint = endpoints.get(iothread)
+            if not endpoint:
+                raise StateError(f"iothread {iothread!r} has no data endpoint")
+            sock = self.zmq.socket(zmq.DEALER)
+            sock.setsockopt(zmq.IDENTITY, self._identity)
+            sock.connect(endpoint)
+            channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
+            entry = self._channels[iothread] = (channel, ChannelHandler(self.ctx, channel, f"data-{iothread}"))
+        return entry[0]
+
+    # -- completions ---------------------------------------------------------------
+
+    def _on_message(self, identity: bytes, msg: Message) -> None:
+        if isinstance(msg, BlockCompletion):
+            cb = self._pending.pop(msg.request_id, None)
+            if cb is not None:
+                cb(msg.status, msg.message, msg.data)
+
+    def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
+        self.ctx.report_exception(exc, "block client: bad completion")
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    # -- submitting ----------------------------------------------------------------
+
+    def submit(self, node: str, op: str, offset: int = 0, length: int = 0, data: bytes = b"",
+               callback: Completion | None = None) -> int:
+        """Send one request; ``callback(status, message, data)`` runs in the
+        client's context when it completes.  Returns the request id."""
+        info = self._node(node)
+        request_id = next(self._ids)
+        if op == "write" and not length:
+            length = len(data)
+        msg = BlockRequest(request_id, node, op, offset, length, data=data)
+        self._pending[request_id] = callback or (lambda s, m, d: None)
+        try:
+            self._channel(info["iothread"]).send(msg)
+        except BaseException:
+            self._pending.pop(request_id, None)
+            raise
+        return request_id
+
+    def _wait(self, node: str, op: str, offset: int, length: int, data: bytes) -> bytes:
+        result: list[tuple[int, str, bytes]] = []
+        self.submit(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)))
+        end = time.monotonic() + self.timeout_s
+        while not result:
+            if time.monotonic() > end:
+                raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
+            self.ctx.poll(True)
+        status, message, out = result[0]
+        if status < 0:
+            raise BlockIOError(-status, message)
+        return out
+
+    def read(self, node: str, offset: int, length: int) -> bytes:
+        """Read ``length`` bytes at ``offset``; blocks; raises BlockIOError."""
+        return self._wait(node, "read", offset, length, b"")
+
+    def write(self, node: str, offset: int, data: bytes) -> None:
+        self._wait(node, "write", offset, len(data), data)
+
+    def flush(self, node: str) -> None:
+        self._wait(node, "flush", 0, 0, b"")
+
+    def discard(self, node: str, offset: int, length: int) -> None:
+        self._wait(node, "discard", offset, length, b"")
+
+    def write_zeroes(self, node: str, offset: int, length: int) -> None:
+        self._wait(node, "write_zeroes", offset, length, b"")
+
+    def _future(self, node: str, op: str, offset: int, length: int, data: bytes) -> Future[bytes]:
+        fut: Future[bytes] = Future()
+
+        def done(status: int, message: str, out: bytes) -> None:
+            if status < 0:
+                fut.set_exception(BlockIOError(-status, message))
+            else:
+                fut.set_result(out)
+
+        self.submit(node, op, offset, length, data, done)
+        return fut
+
+    async def aread(self, node: str, offset: int, length: int) -> bytes:
+        """``await client.aread(...)`` in a coroutine on the client's context."""
+        return await self._future(node, "read", offset, length, b"")
+
+    async def awrite(self, node: str, offset: int, data: bytes) -> None:
+        await self._future(node, "write", offset, len(data), data)
+
+    async def aflush(self, node: str) -> None:
+        await self._future(node, "flush", 0, 0, b"")
+
+    def close(self) -> None:
+        """Disconnect (requests still in flight are abandoned; the iothread
+        completes them and drops the completions)."""
+        for _channel, handler in self._channels.values():
+            handler.close()
+        self._channels.clear()
+        self._pending.clear()
+        self.zmq.term()
+        if self._owns_ctx:
+            self.ctx.close()
+
+    def __enter__(self) -> BlockClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
