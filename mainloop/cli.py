@@ -25,8 +25,9 @@ from typing import Any, NoReturn
 
 import zmq
 
-from protocol import ErrorReply, QueryReply
+from protocol import ErrorReply, QueryReply, StateError
 
+from ._bench import add_bench_arguments, run_bench
 from ._bql import bql
 from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState
 from ._loop import MainLoop
@@ -91,6 +92,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "in the runtime directory (port 0: any free port)")
     launch.add_argument("--restart", action="store_true",
                         help="restart iothreads that exit unexpectedly")
+    bench = sub.add_parser("bench", help="run a block-I/O workload (fio-like)",
+                           description="Run a block-I/O workload against an embedded cluster (2 iothreads, "
+                                       "a temporary raw image) or, with --attach, a launched one.")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -230,10 +235,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
     try:
+        if args.command == "bench":
+            return run_bench(args)
         return launch(args)
     except OptionError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as exc:
+    except (OSError, StateError, RuntimeError) as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -1,0 +1,338 @@
+"""``iothreads bench``: a fio-like block-I/O workload against a cluster.
+
+With no options it launches an embedded cluster (``iothreads launch`` with 2
+iothreads and a temporary 256 MiB raw image, one node per iothread), runs
+4 KiB random reads and writes for a few seconds with a live progress line,
+prints a table (IOPS, MB/s, latency p50 / p99 / p99.9 per op type), and cleans
+everything up.  ``--attach DIR`` uses an already launched cluster instead.
+
+Jobs (``--numjobs``) are spread over the nodes, and so over the iothreads;
+each job owns a disjoint region of the device and keeps ``--iodepth``
+requests in flight.  All jobs run in this process on one AioContext: the
+client's completions arrive through its channels, never through the main
+loop.  ``--verify`` writes a checksummed pattern and reads it back; any
+mismatch fails the run with exit 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from collections.abc import Callable
+from typing import Any
+
+from iothreads import BlockClient
+
+from ._options import OptionError, parse_size
+
+__all__ = ["add_bench_arguments", "run_bench"]
+
+PATTERNS = ("randread", "randwrite", "randrw", "read", "write")
+PROGRESS_INTERVAL_S = 0.5
+
+
+def add_bench_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--attach", metavar="DIR", help="the runtime directory of a launched cluster")
+    p.add_argument("--rw", choices=PATTERNS, default="randrw", help="access pattern (default randrw)")
+    p.add_argument("--bs", default="4k", help="block size (default 4k)")
+    p.add_argument("--iodepth", type=int, default=16, help="requests in flight per job (default 16)")
+    p.add_argument("--numjobs", type=int, default=0, help="jobs, spread over the nodes (default: one per node)")
+    p.add_argument("--runtime", type=float, default=3.0, help="seconds to run (default 3)")
+    p.add_argument("--ops", type=int, default=0, help="stop after this many requests instead")
+    p.add_argument("--size", default="256M", help="embedded image size (default 256M)")
+    p.add_argument("--node", action="append", default=[], help="with --attach: nodes to use (default all)")
+    p.add_argument("--verify", action="store_true", help="write a checksummed pattern, read it back")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--plot", metavar="PATH", help="a latency histogram PNG (needs matplotlib)")
+
+
+@dataclass
+class OpResult:
+    ops: int = 0
+    bytes: int = 0
+    errors: int = 0
+    latencies_ns: list[int] = field(default_factory=list)
+
+
+def _percentile(sorted_ns: list[int], q: float) -> float:
+    if not sorted_ns:
+        return 0.0
+    k = min(len(sorted_ns) - 1, max(0, int(round(q * (len(sorted_ns) - 1)))))
+    return sorted_ns[k] / 1000.0
+
+
+def _pattern(offset: int, bs: int) -> bytes:
+    """The verify pattern of the block at ``offset``: a digest-seeded stream
+    whose last 16 bytes are its own checksum."""
+    seed = hashlib.blake2b(offset.to_bytes(8, "little"), digest_size=16).digest()
+    body = (seed * (bs // 16 + 1))[: bs - 16]
+    return body + hashlib.blake2b(body, digest_size=16).digest()
+
+
+class Workload:
+    """Jobs over a client's nodes; runs in the client's context."""
+
+    def __init__(self, client: BlockClient, nodes: list[str], args: argparse.Namespace, bs: int) -> None:
+        self.client = client
+        self.args = args
+        self.bs = bs
+        numjobs = args.numjobs or len(nodes)
+        self.jobs: list[tuple[str, int, int]] = []  # (node, start, blocks)
+        per_node = {n: [j for j in range(numjobs) if j % len(nodes) == nodes.index(n)] for n in nodes}
+        for node, jobs in per_node.items():
+            size = client.node_size(node)
+            region = (size // max(len(jobs), 1)) // bs * bs
+            if region < bs:
+                raise OptionError(f"node {node} ({size} bytes) is too small for {len(jobs)} jobs of --bs {bs}")
+            for i, _ in enumerate(jobs):
+                self.jobs.append((node, i * region, region // bs))
+        self.results: dict[str, OpResult] = {}
+        self.rng = random.Random(12345)
+        self.cursor = [0] * len(self.jobs)
+        self.in_flight = [0] * len(self.jobs)
+        self.submitted = 0
+        self.completed = 0
+        self.mismatches: list[str] = []
+        self._payload = random.Random(1).randbytes(bs)
+
+    def _op(self) -> str:
+        rw = self.args.rw
+        if rw in ("randread", "read"):
+            return "read"
+        if rw in ("randwrite", "write"):
+            return "write"
+        return "read" if self.rng.random() < 0.5 else "write"
+
+    def _offset(self, j: int) -> int:
+        node, start, blocks = self.jobs[j]
+        if self.args.rw.startswith("rand"):
+            block = self.rng.randrange(blocks)
+        else:
+            block = self.cursor[j] % blocks
+            self.cursor[j] += 1
+        return start + block * self.bs
+
+    def _submit(self, j: int, op: str, offset: int, data: bytes, check: bool = False) -> None:
+        node = self.jobs[j][0]
+        t0 = time.monotonic_ns()
+        self.in_flight[j] += 1
+        self.submitted += 1
+
+        def done(status: int, message: str, out: bytes) -> None:
+            self.in_flight[j] -= 1
+            self.completed += 1
+            r = self.results.setdefault(op, OpResult())
+            r.ops += 1
+            r.latencies_ns.append(time.monotonic_ns() - t0)
+            if status < 0:
+                r.errors += 1
+                if len(self.mismatches) < 10:
+                    self.mismatches.append(f"{op} {node}@{offset}: {os.strerror(-status)}: {message}")
+                return
+            r.bytes += self.bs if op in ("read", "write") else 0
+            if check and out != _pattern(offset, self.bs) and len(self.mismatches) < 10:
+                self.mismatches.append(f"verify: {node}@{offset}: data differs from what was written")
+
+        self.client.submit(node, op, offset, self.bs if op != "flush" else 0, data, done)
+
+    def _pump(self, make: Callable[[int], bool], total: int, progress: Progress | None) -> None:
+        """Keep every job at --iodepth until ``total`` requests were made
+        (or the runtime ran out, when total is 0).  ``make(j)`` submits one
+        request for job j, or returns False when that job has nothing left."""
+        ctx = self.client.ctx
+        deadline = time.monotonic() + (self.args.runtime if not total else 1e9)
+        depth = self.args.iodepth
+        start_submitted = self.submitted
+        while True:
+            more = (self.submitted - start_submitted < total) if total else time.monotonic() < deadline
+            if more:
+                for j in range(len(self.jobs)):
+                    while self.in_flight[j] < depth and (
+                            not total or self.submitted - start_submitted < total):
+                        if not make(j):
+                            break
+            if not any(self.in_flight) and not more:
+                return
+            ctx.poll(True)
+            if progress is not None:
+                progress.update(self)
+
+    def run(self, progress: Progress | None) -> None:
+        if self.args.verify:
+            # Every job writes its blocks once, each with its pattern; then all
+            # are read back and checked.
+            per_job = max(1, (self.args.ops or 4096 * len(self.jobs)) // len(self.jobs))
+            blocks = [[start + b * self.bs for b in range(min(n, per_job))] for _, start, n in self.jobs]
+            total = sum(map(len, blocks))
+            for op in ("write", "read"):
+                queues = [list(reversed(b)) for b in blocks]
+
+                def next_block(j: int, op: str = op, queues: list[list[int]] = queues) -> bool:
+                    if not queues[j]:
+                        return False
+                    off = queues[j].pop()
+                    if op == "write":
+                        self._submit(j, "write", off, _pattern(off, self.bs))
+                    else:
+                        self._submit(j, "read", off, b"", check=True)
+                    return True
+
+                self._pump(next_block, total, progress)
+                if op == "write":
+                    for node in sorted({n for n, _, _ in self.jobs}):
+                        self.client.flush(node)
+            return
+
+        def make(j: int) -> bool:
+            op = self._op()
+            self._submit(j, op, self._offset(j), self._payload if op == "write" else b"")
+            return True
+
+        self._pump(make, self.args.ops, progress)
+
+
+class Progress:
+    """A live line on stderr: IOPS, MB/s, elapsed."""
+
+    def __init__(self, bs: int) -> None:
+        self.bs = bs
+        self.start = time.monotonic()
+        self.last = self.start
+        self.last_done = 0
+        self.tty = sys.stderr.isatty()
+
+    def update(self, w: Workload, final: bool = False) -> None:
+        now = time.monotonic()
+        if not final and now - self.last < PROGRESS_INTERVAL_S:
+            return
+        rate = (w.completed - self.last_done) / max(now - self.last, 1e-9)
+        self.last, self.last_done = now, w.completed
+        line = (f"[{now - self.start:6.1f}s] {rate:10,.0f} IOPS {rate * self.bs / 1e6:8.1f} MB/s "
+                f"{w.completed:>10,} done")
+        end = "\n" if final or not self.tty else ""
+        print(("\r" if self.tty else "") + line, end=end, file=sys.stderr, flush=True)
+
+
+def _table(results: dict[str, OpResult], elapsed: float, bs: int) -> tuple[str, dict[str, Any]]:
+    rows = [f"{'op':<6} {'ops':>9} {'errors':>6} {'IOPS':>10} {'MB/s':>8} "
+            f"{'p50 us':>9} {'p99 us':>9} {'p99.9 us':>9}"]
+    data: dict[str, Any] = {"elapsed_s": elapsed, "bs": bs, "ops": {}}
+    for op, r in sorted(results.items()):
+        lat = sorted(r.latencies_ns)
+        iops = r.ops / elapsed if elapsed else 0.0
+        p50, p99, p999 = (_percentile(lat, q) for q in (0.5, 0.99, 0.999))
+        rows.append(f"{op:<6} {r.ops:>9,} {r.errors:>6} {iops:>10,.0f} {r.bytes / elapsed / 1e6:>8.1f} "
+                    f"{p50:>9.1f} {p99:>9.1f} {p999:>9.1f}")
+        data["ops"][op] = {"ops": r.ops, "errors": r.errors, "iops": iops, "mb_s": r.bytes / elapsed / 1e6,
+                           "lat_p50_us": p50, "lat_p99_us": p99, "lat_p999_us": p999}
+    return "\n".join(rows), data
+
+
+def _plot(results: dict[str, OpResult], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise OptionError("--plot needs matplotlib (pip install 'evloop[plot]')") from None
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for op, r in sorted(results.items()):
+        ax.hist([ns / 1000 for ns in r.latencies_ns], bins=100, alpha=0.6, label=op, log=True)
+    ax.set_xlabel("latency (us)")
+    ax.set_ylabel("requests")
+    ax.legend()
+    ax.set_title("iothreads bench: latency histogram")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+class EmbeddedCluster:
+    """``iothreads launch`` in a child process, with a temporary raw image."""
+
+    def __init__(self, size: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="evb", dir="/tmp")
+        self.image = os.path.join(self.dir, "disk.img")
+        with open(self.image, "wb") as f:
+            f.truncate(size)
+        self.runtime_dir = os.path.join(self.dir, "run")
+        argv = [sys.executable, "-m", "mainloop", "launch", "--iothreads", "2", "--runtime-dir", self.runtime_dir]
+        for i in range(2):
+            argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={self.image},iothread=io{i}"]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if json.loads(line).get("event") == "READY":
+                return
+        self.close()
+        raise RuntimeError("the embedded cluster did not start (see the messages above)")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    bs = parse_size("--bs", args.bs)
+    if bs <= 0 or bs > 16 * 1024 * 1024:
+        raise OptionError("--bs must be between 1 byte and 16M")
+    if args.iodepth < 1 or args.numjobs < 0 or args.ops < 0 or args.runtime <= 0:
+        raise OptionError("--iodepth must be >= 1; --numjobs and --ops >= 0; --runtime > 0")
+    embedded = None
+    if args.attach is None:
+        embedded = EmbeddedCluster(parse_size("--size", args.size))
+        runtime_dir = embedded.runtime_dir
+    else:
+        runtime_dir = args.attach
+    try:
+        with BlockClient(runtime_dir) as client:
+            nodes = args.node or sorted(client.nodes())
+            if not nodes:
+                raise OptionError(f"the cluster in {runtime_dir} has no block nodes")
+            for n in nodes:
+                client.node_size(n)  # unknown names fail here, clearly
+            workload = Workload(client, nodes, args, bs)
+            what = "verify" if args.verify else args.rw
+            print(f"{what}: bs={bs} iodepth={args.iodepth} jobs={len(workload.jobs)} on "
+                  f"{', '.join(nodes)}", file=sys.stderr)
+            progress = Progress(bs)
+            t0 = time.monotonic()
+            workload.run(progress)
+            elapsed = time.monotonic() - t0
+            progress.update(workload, final=True)
+    finally:
+        if embedded is not None:
+            embedded.close()
+    text, data = _table(workload.results, elapsed, bs)
+    print(text)
+    data.update({"rw": args.rw, "iodepth": args.iodepth, "jobs": len(workload.jobs), "verify": args.verify,
+                 "errors": workload.mismatches})
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2)
+    if args.plot:
+        _plot(workload.results, args.plot)
+    if workload.mismatches:
+        for m in workload.mismatches:
+            print(f"iothreads: {m}", file=sys.stderr)
+        return 1
+    return 0
