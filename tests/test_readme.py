@@ -15,7 +15,7 @@ def test_ci_runs_the_readme_test_command() -> None:
     commands = re.findall(r"```sh\n(python3 -m venv .*?)\n```", README)
     assert len(commands) == 2, "the quickstart has two commands: the main job and the tests"
     main_job, command = commands
-    assert main_job.endswith("iothreads launch")
+    assert main_job.endswith("iothreads bench")
     ci_lines = [
         line for line in (ROOT / ".ci" / "run").read_text().splitlines()
         if line.strip() and not line.startswith(("#", "set ", "cd "))

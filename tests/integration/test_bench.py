@@ -1,0 +1,162 @@
+"""``iothreads bench`` end to end, the client against a launched cluster, and
+a verify run that catches corruption."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+
+from iothreads import AioContext, BlockClient, BlockIOError, reschedule
+from mainloop import _bench
+
+COMMAND = [sys.executable, "-m", "mainloop"]
+
+
+def test_bench_verify_end_to_end(tmp_path: object) -> None:
+    out_json = os.path.join(str(tmp_path), "result.json")
+    out = subprocess.run([*COMMAND, "bench", "--verify", "--ops", "2000", "--size", "16M",
+                          "--json", out_json], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "read" in out.stdout and "write" in out.stdout and "p99.9 us" in out.stdout
+    with open(out_json) as f:
+        data = json.load(f)
+    assert data["verify"] is True and data["errors"] == []
+    assert data["ops"]["write"]["ops"] == data["ops"]["read"]["ops"] == 2000
+    assert data["ops"]["read"]["errors"] == 0
+
+
+def test_bench_default_pattern_short_run() -> None:
+    out = subprocess.run([*COMMAND, "bench", "--ops", "500", "--size", "8M", "--rw", "randread"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[1].startswith("read ")
+    assert "IOPS" in out.stderr  # the progress line
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bs", "lots"], "Parameter '--bs' expects a size"),
+        (["--iodepth", "0"], "--iodepth must be >= 1"),
+        (["--rw", "sideways"], "invalid choice: 'sideways'"),
+        (["--attach", "/nonexistent-dir"], "no running cluster in /nonexistent-dir"),
+    ],
+)
+def test_bench_bad_options(args: list[str], message: str) -> None:
+    out = subprocess.run([*COMMAND, "bench", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and message in out.stderr, out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1
+
+
+@pytest.fixture
+def cluster() -> Iterator[tuple[str, str]]:
+    """A launched cluster with a file node and a null-co node; (runtime_dir, image)."""
+    d = tempfile.mkdtemp(prefix="evc", dir="/tmp")
+    image = os.path.join(d, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    run = os.path.join(d, "run")
+    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", run,
+                             "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
+                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1"],
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if json.loads(line)["event"] == "READY":
+            break
+    try:
+        yield run, image
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        assert os.listdir(run) == []
+        os.unlink(image)
+        os.rmdir(run)
+        os.rmdir(d)
+
+
+def test_client_every_op_type_and_errors(cluster: tuple[str, str]) -> None:
+    run, image = cluster
+    with BlockClient(run) as c:
+        assert c.nodes()["disk0"]["iothread"] == "io0" and c.node_size("null0") == 1 << 20
+        c.write("disk0", 8192, b"\x11" * 8192)
+        c.flush("disk0")
+        assert c.read("disk0", 8192, 8192) == b"\x11" * 8192
+        c.write_zeroes("disk0", 8192, 4096)
+        c.discard("disk0", 12288, 4096)
+        data = c.read("disk0", 8192, 8192)
+        assert data[:4096] == bytes(4096)
+        assert c.read("null0", 100, 10) == bytes(10)
+        with pytest.raises(BlockIOError) as info:
+            c.read("disk0", 8 << 20, 1)
+        assert info.value.errno == errno.EINVAL and "out of range" in str(info.value)
+        with pytest.raises(BlockIOError) as info:
+            c.read("nosuch", 0, 1)
+        assert info.value.errno == errno.ENODEV
+        c.write("disk0", 65536, b"on disk")
+        c.flush("disk0")
+    with open(image, "rb") as f:  # the data really is in the image
+        f.seek(65536)
+        assert f.read(7) == b"on disk"
+
+
+def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]) -> None:
+    run, _ = cluster
+    with AioContext(name="mine") as ctx, BlockClient(run, ctx) as c:
+        statuses: list[int] = []
+        for i in range(64):
+            c.submit("disk0", "write", i * 4096, 4096, bytes([i]) * 4096,
+                     lambda s, m, d: statuses.append(s))
+        assert c.in_flight == 64
+        while len(statuses) < 64:
+            ctx.poll(True)
+        assert statuses == [0] * 64
+
+        async def check() -> list[bytes]:
+            await reschedule(ctx)
+            return [await c.aread("disk0", i * 4096, 1) for i in range(0, 64, 9)]
+
+        co = ctx.spawn(check())
+        while not co.done():
+            ctx.poll(True)
+        assert co.result() == [bytes([i]) for i in range(0, 64, 9)]
+
+
+def test_a_client_that_disconnects_mid_flight_leaks_nothing(cluster: tuple[str, str]) -> None:
+    run, _ = cluster
+    c = BlockClient(run)
+    for i in range(200):
+        c.submit("disk0", "write", (1 << 20) + (i % 64) * 4096, 4096, bytes(4096))
+    c.close()  # gone with requests in flight
+    with BlockClient(run) as other:  # the iothread still serves everyone else
+        other.write("disk0", 0, b"still here")
+        assert other.read("disk0", 0, 10) == b"still here"
+
+
+def test_verify_catches_corruption(cluster: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = cluster
+    real = _bench._pattern
+    seen: set[int] = set()
+
+    def drifting(offset: int, bs: int) -> bytes:
+        # The second use (the check) of one block expects other data: as if the
+        # device had returned something else than what was written.
+        if offset == 4096 and offset in seen:
+            return b"\x00" + real(offset, bs)[1:]
+        seen.add(offset)
+        return real(offset, bs)
+
+    monkeypatch.setattr(_bench, "_pattern", drifting)
+    args = argparse.Namespace(attach=run, rw="randrw", bs="4k", iodepth=4, numjobs=1, runtime=3.0, ops=16,
+                              size="8M", node=["disk0"], verify=True, json=None, plot=None)
+    assert _bench.run_bench(args) == 1
