@@ -112,10 +112,12 @@ class Channel:
         return cast(int, self.socket.getsockopt(zmq.EVENTS))
 
     def pending_input(self) -> bool:
-        """Whether a message can be received now (reads ZMQ_EVENTS)."""
+        """Whether ``drain()`` has work now: a message to receive, or room to
+        send the backlog (reads ZMQ_EVENTS, which may consume the fd's edge)."""
         if self._closed:
             return False
-        return bool(self._events() & zmq.POLLIN)
+        events = self._events()
+        return bool(events & zmq.POLLIN or (self._outq and events & zmq.POLLOUT))
 
     # -- sending ------------------------------------------------------------
 
@@ -133,20 +135,26 @@ class Channel:
         """Send queued messages until the socket refuses; then re-check input."""
         sock = self.socket
         outq = self._outq
-        while outq and not self._closed:
-            try:
-                sock.send_multipart(outq[0], zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.unroutable += 1  # the peer is gone: drop its message
-            outq.popleft()
-            self.sent += 1
-        # A send may have consumed the fd's edge for pending input.
-        if not self._closed and self._events() & zmq.POLLIN:
-            self.kick()
+        while not self._closed:
+            while outq:
+                try:
+                    sock.send_multipart(outq[0], zmq.NOBLOCK, copy=False)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self.unroutable += 1  # the peer is gone: drop its message
+                outq.popleft()
+                self.sent += 1
+            # This read may consume the fd's edge, for input as for room to
+            # send: act on both now, since the fd will not say it again.
+            events = self._events()
+            if outq and events & zmq.POLLOUT:
+                continue  # room appeared meanwhile: send more
+            if events & zmq.POLLIN:
+                self.kick()
+            return
 
     @property
     def backlog(self) -> int:
