@@ -5,6 +5,7 @@ Built on ``iothreads`` (its AioContexts) and ``protocol``.
 
 from __future__ import annotations
 
+from ._bench import EmbeddedCluster as EmbeddedCluster
 from ._bql import BQLStats as BQLStats
 from ._bql import bql as bql
 from ._bql import bql_lock as bql_lock
@@ -50,6 +51,7 @@ __all__ = [
     "ChannelSource",
     "ChildWatchSource",
     "Cluster",
+    "EmbeddedCluster",
     "FdView",
     "FdWatchSource",
     "IOThread",

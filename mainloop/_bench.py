@@ -35,7 +35,7 @@ from iothreads import BlockClient
 
 from ._options import OptionError, parse_size
 
-__all__ = ["add_bench_arguments", "run_bench"]
+__all__ = ["EmbeddedCluster", "add_bench_arguments", "run_bench"]
 
 PATTERNS = ("randread", "randwrite", "randrw", "read", "write")
 PROGRESS_INTERVAL_S = 0.5
@@ -259,7 +259,10 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
 
 
 class EmbeddedCluster:
-    """``iothreads launch`` in a child process, with a temporary raw image."""
+    """``iothreads launch`` in a child process: 2 iothreads, a temporary raw
+    image of ``size`` bytes, nodes ``disk0`` (on io0) and ``disk1`` (on io1).
+    ``runtime_dir`` is what a ``BlockClient`` attaches to; ``close()`` stops
+    the cluster and removes everything."""
 
     def __init__(self, size: int) -> None:
         self.dir = tempfile.mkdtemp(prefix="evb", dir="/tmp")

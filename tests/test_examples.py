@@ -45,3 +45,30 @@ def test_main_loop_tour() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _run_example(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
+
+
+def test_random_read_example() -> None:
+    out = _run_example(str(EXAMPLES / "random_read.py"))
+    assert out.returncode == 0, out.stderr
+    assert "reads in 2 s" in out.stdout and "errors 0" in out.stdout
+
+
+def test_verify_example() -> None:
+    out = _run_example(str(EXAMPLES / "verify.py"))
+    assert out.returncode == 0, out.stderr
+    assert "256 blocks written and read back, 0 mismatches" in out.stdout
+
+
+def test_bql_contention_example() -> None:
+    out = _run_example(str(EXAMPLES / "bql_contention.py"), "--seconds", "0.5")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("(a) completions in the main loop") and lines[1].startswith("(b)")
+    for line in lines:
+        reads = float(line.split(":")[1].split("reads/s")[0].replace(",", ""))
+        progress = float(line.split("vCPU progress")[1].split("loops/s")[0].replace(",", ""))
+        assert reads > 0 and progress > 0
