@@ -50,7 +50,10 @@ def encode(msg: Message) -> list[bytes]:
     if MESSAGE_TYPES.get(kind) is not type(msg):
         raise LocalProtocolError(f"{type(msg).__name__} is not a registered message type")
     payload_name = type(msg).PAYLOAD
-    body = {f.name: getattr(msg, f.name) for f in fields(msg) if f.name != payload_name}
+    names = _ENCODE_NAMES.get(type(msg))
+    if names is None:
+        names = _ENCODE_NAMES[type(msg)] = tuple(f.name for f in fields(msg) if f.name != payload_name)
+    body = {name: getattr(msg, name) for name in names}
     try:
         header = msgpack.packb([PROTOCOL_VERSION, kind, body], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
@@ -58,6 +61,9 @@ def encode(msg: Message) -> list[bytes]:
     if payload_name is None:
         return [header]
     return [header, bytes(getattr(msg, payload_name))]
+
+
+_ENCODE_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -115,24 +121,67 @@ def _reject_ext(code: int, data: bytes) -> object:
 
 def _check_fields(cls: type[Message], kind: str, body: dict[str, Any],
                   payload_name: str | None) -> dict[str, Any]:
+    plan = _PLANS.get(cls)
+    if plan is None:
+        plan = _PLANS[cls] = _make_plan(cls, payload_name)
+    known, required, checks = plan
+    if not known.issuperset(body):
+        unknown = sorted(set(body) - known)
+        raise RemoteProtocolError(f"{kind}: unknown field(s) {', '.join(map(repr, unknown))}")
+    for name in required:
+        if name not in body:
+            raise RemoteProtocolError(f"{kind}: missing field {name!r}")
+    kwargs: dict[str, Any] = {}
+    for name, value in body.items():
+        check, to_tuple = checks[name]
+        if not check(value):
+            raise RemoteProtocolError(
+                f"{kind}: field {name!r} has type {type(value).__name__}, "
+                f"expected {_type_name(_hints(cls)[name])}"
+            )
+        kwargs[name] = tuple(value) if to_tuple else value
+    return kwargs
+
+
+_PLANS: dict[type, tuple[frozenset[str], tuple[str, ...], dict[str, tuple[Any, bool]]]] = {}
+
+
+def _make_plan(cls: type[Message], payload_name: str | None) -> tuple[
+        frozenset[str], tuple[str, ...], dict[str, tuple[Any, bool]]]:
     hints = _hints(cls)
     known = {f.name: f for f in fields(cls) if f.name != payload_name}
-    unknown = sorted(set(body) - set(known))
-    if unknown:
-        raise RemoteProtocolError(f"{kind}: unknown field(s) {', '.join(map(repr, unknown))}")
-    kwargs: dict[str, Any] = {}
-    for name, f in known.items():
-        if name not in body:
-            if f.default is MISSING and f.default_factory is MISSING:
-                raise RemoteProtocolError(f"{kind}: missing field {name!r}")
-            continue
-        value = body[name]
-        if not _matches(value, hints[name]):
-            raise RemoteProtocolError(
-                f"{kind}: field {name!r} has type {type(value).__name__}, expected {_type_name(hints[name])}"
-            )
-        kwargs[name] = tuple(value) if isinstance(value, list) else value
-    return kwargs
+    required = tuple(n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING)
+    checks = {n: (_checker(hints[n]), typing.get_origin(hints[n]) is tuple) for n in known}
+    return frozenset(known), required, checks
+
+
+def _checker(tp: Any) -> Any:
+    """A function value -> bool equivalent to ``_matches(value, tp)``, built once."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        subs = [_checker(a) for a in typing.get_args(tp)]
+        exact = [a for a in typing.get_args(tp) if a in (int, str, bool, bytes, type(None))]
+        if len(exact) == len(subs):
+            allowed = frozenset(exact)
+            return lambda v: type(v) in allowed
+        return lambda v: any(c(v) for c in subs)
+    if tp is type(None):
+        return lambda v: v is None
+    if tp is float:
+        return lambda v: type(v) is float or type(v) is int
+    if tp in (int, str, bool, bytes):
+        return lambda v: type(v) is tp
+    if origin is tuple:
+        item = _checker(typing.get_args(tp)[0])
+        return lambda v: isinstance(v, list) and all(map(item, v))
+    if origin is dict:
+        key_t, val_t = typing.get_args(tp)
+        if key_t is str and val_t is int:
+            return lambda v: isinstance(v, dict) and all(
+                type(k) is str and type(x) is int for k, x in v.items())
+        kc, vc = _checker(key_t), _checker(val_t)
+        return lambda v: isinstance(v, dict) and all(kc(k) and vc(x) for k, x in v.items())
+    return lambda v: False
 
 
 _HINTS: dict[type, dict[str, Any]] = {}
