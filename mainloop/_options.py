@@ -63,16 +63,20 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, str]:
     return result
 
 
-def parse_object(text: str) -> IOThreadConfig:
-    """An ``--object`` value (keyval or JSON) describing an iothread."""
-    props: dict[str, Any]
+def _properties(text: str, implied_key: str | None) -> dict[str, Any]:
+    """An option's properties from its JSON form (``{...}``) or keyval form."""
     if text.lstrip().startswith("{"):
         try:
-            props = json.loads(text)
+            props: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as exc:
             raise OptionError(f"JSON parse error: {exc.msg}") from None
-    else:
-        props = dict(parse_keyval(text, implied_key="qom-type"))
+        return props
+    return dict(parse_keyval(text, implied_key=implied_key))
+
+
+def parse_object(text: str) -> IOThreadConfig:
+    """An ``--object`` value (keyval or JSON) describing an iothread."""
+    props = _properties(text, implied_key="qom-type")
     qom_type = props.pop("qom-type", None)
     if qom_type is None:
         raise OptionError("Parameter 'qom-type' is missing")
@@ -160,17 +164,10 @@ def _on_off(key: str, value: object) -> bool:
 
 def parse_blockdev(text: str) -> BlockdevSpec:
     """A ``--blockdev`` value (keyval or JSON): drivers ``file`` and ``null-co``."""
-    props: dict[str, Any]
-    if text.lstrip().startswith("{"):
-        try:
-            props = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OptionError(f"JSON parse error: {exc.msg}") from None
-        cache = props.pop("cache", None)
-        if isinstance(cache, dict) and "direct" in cache:
-            props["cache.direct"] = cache["direct"]
-    else:
-        props = dict(parse_keyval(text))
+    props = _properties(text, implied_key=None)
+    cache = props.pop("cache", None)  # the JSON form nests cache.direct
+    if isinstance(cache, dict) and "direct" in cache:
+        props["cache.direct"] = cache["direct"]
     driver = props.pop("driver", None)
     if driver is None:
         raise OptionError("Parameter 'driver' is missing")
