@@ -165,9 +165,12 @@ def _on_off(key: str, value: object) -> bool:
 def parse_blockdev(text: str) -> BlockdevSpec:
     """A ``--blockdev`` value (keyval or JSON): drivers ``file`` and ``null-co``."""
     props = _properties(text, implied_key=None)
-    cache = props.pop("cache", None)  # the JSON form nests cache.direct
-    if isinstance(cache, dict) and "direct" in cache:
-        props["cache.direct"] = cache["direct"]
+    if isinstance(props.get("cache"), dict):  # the JSON form nests cache.direct
+        cache = props.pop("cache")
+        if "direct" in cache:
+            props["cache.direct"] = cache.pop("direct")
+        if cache:
+            raise OptionError(f"Invalid parameter 'cache.{sorted(cache)[0]}'")
     driver = props.pop("driver", None)
     if driver is None:
         raise OptionError("Parameter 'driver' is missing")

@@ -44,3 +44,29 @@ def test_parse_object_values() -> None:
     with pytest.raises(OptionError, match="expects an integer"):
         parse_object('{"qom-type": "iothread", "id": "io1", "poll-max-ns": true}')
     assert parse_keyval("a=1,,", implied_key=None) == {"a": "1,"}
+
+
+def test_parse_blockdev_forms_and_errors() -> None:
+    from mainloop._options import parse_blockdev, parse_size
+
+    spec = parse_blockdev("driver=file,node-name=disk0,filename=/x.img,cache.direct=on,read-only=off,iothread=io1")
+    assert (spec.node_name, spec.driver, spec.iothread) == ("disk0", "file", "io1")
+    assert spec.options == {"filename": "/x.img", "cache.direct": True, "read-only": False}
+    j = parse_blockdev('{"driver": "file", "node-name": "d", "filename": "/y", "cache": {"direct": true}}')
+    assert j.options["cache.direct"] is True
+    n = parse_blockdev("driver=null-co,node-name=null0,size=1G,read-zeroes=off")
+    assert n.options == {"size": 1 << 30, "read-zeroes": False}
+    assert parse_size("s", "512K") == 512 * 1024 and parse_size("s", 4096) == 4096
+    for text, message in [
+        ("driver=file,node-name=d", "Parameter 'filename' is missing"),
+        ("driver=qcow2,node-name=d", "Invalid parameter value for 'driver'"),
+        ("driver=file,filename=/x", "Parameter 'node-name' is missing"),
+        ("driver=file,node-name=0bad,filename=/x", "Invalid node-name"),
+        ("driver=file,node-name=d,filename=/x,cache=x", "Invalid parameter 'cache'"),
+        ("driver=file,node-name=d,filename=/x,read-only=maybe", "expects 'on' or 'off'"),
+        ("driver=null-co,node-name=n,size=lots", "expects a size"),
+        ('{"driver": "file", "node-name": "d", "filename": "/y", "cache": {"no-flush": true}}',
+         "Invalid parameter 'cache.no-flush'"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            parse_blockdev(text)
