@@ -288,7 +288,7 @@ def test_iteration_needs_ownership(context: MainContext) -> None:
 
 def test_idle_and_timeout_sources(context: MainContext) -> None:
     runs: list[str] = []
-    context.attach(IdleSource(lambda: bool(runs.append("idle")) or len(runs) < 2))
+    context.attach(IdleSource(lambda: bool(runs.append("idle")) or runs.count("idle") < 2))
     context.timeout_add(1, lambda: bool(runs.append("timeout")) or SOURCE_REMOVE, priority=PRIORITY_HIGH)
     iterate_until(context, lambda: runs.count("idle") == 2 and "timeout" in runs)
     assert runs.count("timeout") == 1
