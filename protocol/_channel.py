@@ -102,6 +102,7 @@ class Channel:
         self._outq: deque[list[bytes]] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[list[bytes]]] = {}  # a ROUTER's, per peer (non-empty only)
         self._queued = 0
+        self._draining = False
         self._fd = cast(int, socket.getsockopt(zmq.FD))
         self.received = 0
         self.sent = 0
@@ -143,7 +144,8 @@ class Channel:
         else:
             self._outq.append(frames)
         self._queued += 1
-        self.flush()
+        if not self._draining:
+            self.flush()  # inside drain(), replies go out together at its end
 
     def _send_queue(self, q: deque[list[bytes]]) -> None:
         sock = self.socket
@@ -193,15 +195,27 @@ class Channel:
 
     def drain(self) -> int:
         """Receive and deliver up to ``batch`` messages; kick if more remain.
-        Returns how many were delivered.  Call when the fd is readable."""
+        Returns how many were delivered.  Call when the fd is readable.
+
+        Messages sent by the handlers meanwhile are flushed together at the
+        end: one burst to the socket and one ZMQ_EVENTS read, not one per reply.
+        """
         if self._closed:
             return 0
+        self._draining = True
+        try:
+            delivered = self._drain_batch()
+        finally:
+            self._draining = False
+        if self._queued and not self._closed:
+            self.flush()
+        return delivered
+
+    def _drain_batch(self) -> int:
         sock = self.socket
         delivered = 0
         while delivered < self.batch:
             events = self._events()
-            if events & _POLLOUT and self._queued:
-                self.flush()
             if not events & _POLLIN:
                 return delivered
             try:
