@@ -17,11 +17,16 @@ Three ways to wait, over the same machinery:
 * ``await client.aread(...)`` etc. in our coroutines;
 * ``client.read(...)`` etc.: blocking calls that poll the client's context.
 
+When a node moves to another iothread, the old home answers requests that
+still reach it with ESTALE; the client re-reads the published state and sends
+them to the new home, so the caller sees one completion per request.
+
 A failed request raises (or reports) its errno and the iothread's message.
 """
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
@@ -35,11 +40,14 @@ from protocol import BlockCompletion, BlockRequest, Channel, Message, RemoteProt
 
 from ._aio import AioContext
 from ._channels import ChannelHandler
+from ._clock import ClockType
 from ._coroutine import Future
 
 __all__ = ["BlockClient", "BlockIOError"]
 
 STATE_FILE = "cluster.json"
+MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little while
+RESEND_DELAY_MS = 1
 Completion = Callable[[int, str, bytes], object]
 
 
@@ -59,7 +67,9 @@ class BlockClient:
         self._identity = f"client-{os.getpid()}-{id(self):x}".encode()
         self._channels: dict[str, tuple[Channel, ChannelHandler]] = {}
         self._pending: dict[int, Completion] = {}
+        self._requests: dict[int, tuple[str, str, int, int, bytes, int]] = {}  # to resend after a move
         self._ids = itertools.count(1)
+        self.resends = 0  # requests sent again because their node had moved
         self.state: dict[str, Any] = {}
         self.refresh()
 
@@ -108,8 +118,27 @@ class BlockClient:
     def _on_message(self, identity: bytes, msg: Message) -> None:
         if isinstance(msg, BlockCompletion):
             cb = self._pending.pop(msg.request_id, None)
-            if cb is not None:
-                cb(msg.status, msg.message, msg.data)
+            if cb is None:
+                return
+            request = self._requests.pop(msg.request_id, None)
+            if msg.status == -errno.ESTALE and request is not None and request[-1] < MAX_RESENDS:
+                self._resend_later(request, cb)  # the node moved: look it up again
+                return
+            cb(msg.status, msg.message, msg.data)
+
+    def _resend_later(self, request: tuple[str, str, int, int, bytes, int], cb: Completion) -> None:
+        node, op, offset, length, data, tries = request
+        self.resends += 1
+
+        def resend() -> None:
+            self.refresh()
+            try:
+                self._send(node, op, offset, length, data, cb, tries + 1)
+            except (BlockIOError, StateError) as exc:
+                cb(-(getattr(exc, "errno", 0) or errno.ENODEV), str(exc), b"")
+
+        self.ctx.timer_new_ms(ClockType.REALTIME, resend, "resend").mod(
+            self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + RESEND_DELAY_MS)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self.ctx.report_exception(exc, "block client: bad completion")
@@ -124,16 +153,22 @@ class BlockClient:
                callback: Completion | None = None) -> int:
         """Send one request; ``callback(status, message, data)`` runs in the
         client's context when it completes.  Returns the request id."""
-        info = self._node(node)
-        request_id = next(self._ids)
         if op == "write" and not length:
             length = len(data)
+        return self._send(node, op, offset, length, data, callback or (lambda s, m, d: None), 0)
+
+    def _send(self, node: str, op: str, offset: int, length: int, data: bytes, callback: Completion,
+              tries: int) -> int:
+        info = self._node(node)
+        request_id = next(self._ids)
         msg = BlockRequest(request_id, node, op, offset, length, data=data)
-        self._pending[request_id] = callback or (lambda s, m, d: None)
+        self._pending[request_id] = callback
+        self._requests[request_id] = (node, op, offset, length, data, tries)
         try:
             self._channel(info["iothread"]).send(msg)
         except BaseException:
             self._pending.pop(request_id, None)
+            self._requests.pop(request_id, None)
             raise
         return request_id
 
@@ -195,6 +230,7 @@ class BlockClient:
             handler.close()
         self._channels.clear()
         self._pending.clear()
+        self._requests.clear()
         self.zmq.term()
         if self._owns_ctx:
             self.ctx.close()

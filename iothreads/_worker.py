@@ -107,6 +107,7 @@ class IOThreadWorker:
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
         self.handler = ChannelHandler(self.ctx, self.channel, "control")
         self.nodes: dict[str, BlockNode] = {}
+        self.moved: set[str] = set()  # nodes handed over to another iothread
         self.data_endpoint = data_endpoint
         self.data: Channel | None = None
         self.data_handler: ChannelHandler | None = None
@@ -165,9 +166,14 @@ class IOThreadWorker:
         """Run a block request; its completion goes back to whoever sent it."""
         node = self.nodes.get(msg.node)
         to = identity if channel.router else None
-        if node is None:
+        if node is None or msg.node in self.moved:
             # Every request gets its completion, with an errno if need be.
-            channel.send(BlockCompletion(msg.request_id, -errno.ENODEV, f"no block node named {msg.node!r}"), to)
+            if msg.node in self.moved:
+                reply = BlockCompletion(msg.request_id, -errno.ESTALE,
+                                        f"node {msg.node!r} moved to another iothread")
+            else:
+                reply = BlockCompletion(msg.request_id, -errno.ENODEV, f"no block node named {msg.node!r}")
+            channel.send(reply, to)
             return
         request_id = msg.request_id
 
@@ -187,6 +193,7 @@ class IOThreadWorker:
                                          getattr(exc, "errno", 0) or 0))
             return
         self.nodes[msg.node_name] = BlockNode(self.ctx, msg.node_name, driver)
+        self.moved.discard(msg.node_name)  # it may come back
         self.channel.send(QueryReply(msg.request_id, {"size": driver.size}))
 
     def _on_blockdev_del(self, msg: BlockdevDel) -> None:
@@ -196,9 +203,13 @@ class IOThreadWorker:
                                          f"Failed to find node with node-name='{msg.node_name}'"))
             return
 
+        if msg.moving:
+            self.moved.add(msg.node_name)  # from now on: "ask elsewhere"
+
         def drained() -> None:
             node.close()
-            self.nodes.pop(msg.node_name, None)
+            if self.nodes.get(msg.node_name) is node:
+                del self.nodes[msg.node_name]
             self.channel.send(QueryReply(msg.request_id, {}))
 
         node.drain(drained)

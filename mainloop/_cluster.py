@@ -393,6 +393,44 @@ class Cluster:
 
         self._request(info.iothread, lambda rid: BlockdevDel(rid, node_name), done)
 
+    def move_node(self, node_name: str, iothread: str, callback: ReplyCallback) -> None:
+        """Move a node to another iothread while I/O runs (QEMU's
+        ``x-blockdev-set-iothread``): the old home stops taking requests for
+        it (they are answered ESTALE, and clients resend them to the new
+        home), drains what is in flight, and closes it; the new home opens
+        it; the published state then points there.  Every request completes
+        once.  ``callback(reply)`` at the end."""
+        info = self.nodes.get(node_name)
+        if info is None:
+            raise StateError(f"Failed to find node with node-name='{node_name}'")
+        target = self.iothreads.get(iothread)
+        if target is None or target.state is not IOThreadState.RUNNING:
+            raise StateError(f"iothread {iothread!r} is not running")
+        if info.iothread == iothread:
+            callback(QueryReply(0, {"size": info.size}))
+            return
+        old = info.iothread
+
+        def added(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, QueryReply):
+                info.iothread = iothread
+                self.write_state()
+                log.info("node %s moved from %s to %s", node_name, old, iothread)
+                callback(reply)
+                return
+            # The new home refused: put the node back where it was.
+            log.error("moving node %s to %s failed: %s", node_name, iothread, reply.message)
+            self._request(old, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options),
+                          lambda _r: callback(reply))
+
+        def detached(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, ErrorReply):
+                callback(reply)
+                return
+            self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
+
+        self._request(old, lambda rid: BlockdevDel(rid, node_name, moving=True), detached)
+
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``
         (replaced atomically)."""

@@ -182,6 +182,9 @@ class BlockdevDel(Message):
     KIND: ClassVar[str] = "blockdev-del"
     request_id: int
     node_name: str
+    moving: bool = False
+    """The node moves to another iothread: requests that still come here are
+    answered ESTALE (the client looks the node up again and resends)."""
 
 
 # -- data plane -----------------------------------------------------------
