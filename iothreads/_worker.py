@@ -47,6 +47,7 @@ from protocol import (
     BlockdevDel,
     BlockRequest,
     Channel,
+    Event,
     ErrorReply,
     Heartbeat,
     Hello,
@@ -180,6 +181,13 @@ class IOThreadWorker:
         def done(status: int, message: str, data: bytes) -> None:
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
                 channel.send(BlockCompletion(request_id, status, message, data), to)
+            if status < 0 and -status not in (errno.EINVAL, errno.ESTALE, errno.ENODEV):
+                # What the main loop must know (and handle under its BQL) goes
+                # to it as a message: QEMU's BLOCK_IO_ERROR event.
+                self.channel.send(Event("BLOCK_IO_ERROR", {
+                    "node-name": msg.node, "operation": msg.op, "errno": -status,
+                    "nospace": status == -errno.ENOSPC, "reason": message,
+                }))
 
         node.submit(msg.op, msg.offset, msg.length, msg.data, done)
 

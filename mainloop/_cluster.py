@@ -46,6 +46,7 @@ from protocol import (
     BlockdevDel,
     Channel,
     ErrorReply,
+    Event,
     Heartbeat,
     Hello,
     Message,
@@ -304,6 +305,9 @@ class Cluster:
                 cb(msg)
         elif isinstance(msg, Heartbeat):
             pass
+        elif isinstance(msg, Event):
+            # Raised in an iothread, handled here, in the main loop, under the BQL.
+            self._emit(msg.name, {**msg.data, "iothread": t.id})
         else:
             log.warning("iothread %s sent an unexpected %s", t.id, type(msg).KIND)
 
