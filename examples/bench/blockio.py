@@ -1,0 +1,238 @@
+"""Block-I/O benchmark: 4 KiB random reads through one iothread.
+
+Usage: ``python examples/bench/blockio.py [--quick] [--json PATH]``
+
+A cluster with one iothread serves a page-cached raw image (1 GiB; 256 MiB
+with ``--quick``) and a ``null-co`` node.  A ``BlockClient`` in this process
+reads 4 KiB at random offsets:
+
+QD1 latency (us, lower is better)
+    one read at a time, against (a) raw pyzmq ping-pong of the same frames
+    (a ROUTER here, a DEALER echo in a child process: the ZeroMQ hops alone).
+QD32 IOPS (higher is better)
+    32 reads in flight, against (b) asyncio with 32 ``run_in_executor(os.pread)``
+    in flight, (c) a one-process ``os.pread`` loop (the ceiling, no hand-off
+    at all), and (d) fio's psync engine when fio is installed.
+null-co QD32 IOPS
+    the same against the null driver: no I/O, the framework's own cost.
+
+The image is re-read sequentially before every measured run, for ours and the
+baselines alike, so that it sits in the page cache.  Medians of interleaved
+repeats.  Targets: QD1 latency <= 1.5x raw pyzmq's; QD32 IOPS >= 2x asyncio's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
+
+import zmq  # noqa: E402
+from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
+
+from iothreads import BlockClient  # noqa: E402
+from protocol import BlockCompletion, BlockRequest, encode  # noqa: E402
+
+BS = 4096
+DEPTH = 32
+
+ECHO = """
+import sys, zmq
+z = zmq.Context(); s = z.socket(zmq.DEALER); s.connect(sys.argv[1]); s.send(b"hi")
+reply = None
+while True:
+    f = s.recv_multipart()
+    if f[0] == b"stop": break
+    if reply is None: reply = [sys.stdin.buffer.read(int(sys.argv[2])), sys.stdin.buffer.read(int(sys.argv[3]))]
+    s.send_multipart(reply)
+"""
+
+
+class Setup:
+    """The image, a launched cluster (one iothread) and a client."""
+
+    def __init__(self, size: int) -> None:
+        self.dir = tempfile.mkdtemp(prefix="evbio", dir="/tmp")
+        self.image = os.path.join(self.dir, "disk.img")
+        self.size = size
+        chunk = random.Random(0).randbytes(1 << 20)
+        with open(self.image, "wb") as f:
+            for _ in range(size >> 20):
+                f.write(chunk)
+        run = os.path.join(self.dir, "run")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "mainloop", "launch", "--iothreads", "1", "--runtime-dir", run,
+             "--blockdev", f"driver=file,node-name=disk0,filename={self.image}",
+             "--blockdev", "driver=null-co,node-name=null0,size=1G"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if json.loads(line)["event"] == "READY":
+                break
+        self.client = BlockClient(run)
+        self.blocks = size // BS
+        self.rng = random.Random(1)
+
+    def warm(self) -> None:
+        """Re-read the image so it is in the page cache (same for every side)."""
+        with open(self.image, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+    def offset(self) -> int:
+        return self.rng.randrange(self.blocks) * BS
+
+    def close(self) -> None:
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.communicate(timeout=30)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def ours_qd1(s: Setup, n: int) -> float:
+    s.warm()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        s.client.read("disk0", s.offset(), BS)
+    return (time.perf_counter() - t0) / n * 1e6
+
+
+def ours_qd(s: Setup, node: str, n: int) -> float:
+    s.warm()
+    c = s.client
+    done = 0
+    sent = 0
+
+    def completed(status: int, message: str, data: bytes) -> None:
+        nonlocal done
+        done += 1
+
+    t0 = time.perf_counter()
+    while done < n:
+        while sent < n and c.in_flight < DEPTH:
+            c.submit(node, "read", s.offset(), BS, callback=completed)
+            sent += 1
+        c.ctx.poll(True)
+    return n / (time.perf_counter() - t0)
+
+
+def raw_pingpong_qd1(s: Setup, n: int) -> float:
+    """The same frames, ping-ponged by raw pyzmq between this process and a child."""
+    req = encode(BlockRequest(1, "disk0", "read", 0, BS))
+    rep = encode(BlockCompletion(1, 0, "", bytes(BS)))
+    z = zmq.Context()
+    sock = z.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    endpoint = f"ipc://{s.dir}/echo"
+    sock.bind(endpoint)
+    child = subprocess.Popen([sys.executable, "-c", ECHO, endpoint, str(len(rep[0])), str(len(rep[1]))],
+                             stdin=subprocess.PIPE)
+    assert child.stdin is not None
+    child.stdin.write(rep[0] + rep[1])
+    child.stdin.close()
+    ident, _ = sock.recv_multipart()
+    s.warm()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        sock.send_multipart([ident, *req])
+        sock.recv_multipart()
+    elapsed = time.perf_counter() - t0
+    sock.send_multipart([ident, b"stop"])
+    child.wait(30)
+    sock.close()
+    z.term()
+    os.unlink(f"{s.dir}/echo")
+    return elapsed / n * 1e6
+
+
+def asyncio_executor(s: Setup, n: int) -> float:
+    s.warm()
+    fd = os.open(s.image, os.O_RDONLY)
+
+    async def run() -> float:
+        loop = asyncio.get_running_loop()
+        sem = asyncio.Semaphore(DEPTH)
+
+        async def one() -> None:
+            async with sem:
+                await loop.run_in_executor(None, os.pread, fd, BS, s.offset())
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(one() for _ in range(n)))
+        return n / (time.perf_counter() - t0)
+
+    try:
+        return asyncio.run(run())
+    finally:
+        os.close(fd)
+
+
+def pread_loop(s: Setup, n: int) -> float:
+    s.warm()
+    fd = os.open(s.image, os.O_RDONLY)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        os.pread(fd, BS, s.offset())
+    rate = n / (time.perf_counter() - t0)
+    os.close(fd)
+    return rate
+
+
+def fio_psync(s: Setup, seconds: float) -> float:
+    s.warm()
+    out = subprocess.run(
+        ["fio", "--name=r", f"--filename={s.image}", "--rw=randread", f"--bs={BS}", "--ioengine=psync",
+         f"--runtime={seconds}", "--time_based", "--output-format=json", f"--size={s.size}"],
+        capture_output=True, text=True, timeout=120)
+    return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
+
+
+def main() -> None:
+    args = parse_args("4 KiB random reads through one iothread, against raw pyzmq, asyncio, pread, fio.")
+    size, repeats, n1, n32 = ((256 << 20), 5, 500, 2000) if args.quick else ((1 << 30), 7, 2000, 10000)
+    print(cpu_note())
+    print("the main loop, the iothread and this client are separate processes, not pinned\n", flush=True)
+    s = Setup(size)
+    try:
+        rows: list[Row] = []
+        qd1 = measure([("ours", lambda: ours_qd1(s, n1)), ("raw pyzmq ping-pong", lambda: raw_pingpong_qd1(s, n1))],
+                      repeats)
+        rows += rows_for("QD1 4K randread latency", "us", "lower", qd1)
+        sides: list[tuple[str, Callable[[], float]]] = [
+            ("ours", lambda: ours_qd(s, "disk0", n32)),
+            ("asyncio 32x run_in_executor(pread)", lambda: asyncio_executor(s, n32)),
+            ("os.pread loop (ceiling)", lambda: pread_loop(s, n32 * 5)),
+        ]
+        if shutil.which("fio"):
+            sides.append(("fio psync", lambda: fio_psync(s, 1 if args.quick else 3)))
+        else:
+            print("fio is not installed: its row is skipped")
+        rows += rows_for("QD32 4K randread", "IOPS", "higher", measure(sides, repeats))
+        rows += rows_for("null-co QD32 4K read", "IOPS", "higher", measure(
+            [("ours", lambda: ours_qd(s, "null0", n32)),
+             ("asyncio 32x run_in_executor(pread)", lambda: asyncio_executor(s, n32))], repeats))
+    finally:
+        s.close()
+    print_table(rows)
+    by = {(r.metric, r.baseline): r.ratio for r in rows}
+    qd1_ratio = by[("QD1 4K randread latency", "raw pyzmq ping-pong")]
+    qd32_ratio = by[("QD32 4K randread", "asyncio 32x run_in_executor(pread)")]
+    print(f"\ntarget QD1 latency <= 1.5x raw pyzmq: {qd1_ratio:.2f} {'met' if qd1_ratio <= 1.5 else 'MISSED'}")
+    print(f"target QD32 IOPS >= 2x asyncio: {qd32_ratio:.2f} {'met' if qd32_ratio >= 2 else 'MISSED'}")
+    if args.json:
+        write_json(rows, args.json)
+
+
+if __name__ == "__main__":
+    main()
