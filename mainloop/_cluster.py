@@ -110,6 +110,7 @@ class IOThread:
     data_endpoint: str = ""
     _pending: dict[int, ReplyCallback] = field(default_factory=dict)
     _watch: ChildWatchSource | None = None
+    _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
     _deadline: Timer | None = None
 
     @property
@@ -177,6 +178,11 @@ class Cluster:
         """``callback(name, data)`` for every cluster event (IOTHREAD_READY,
         IOTHREAD_EXITED, IOTHREAD_RESTARTED)."""
         self._listeners.append(callback)
+
+    def remove_listener(self, callback: EventCallback) -> None:
+        """Undo ``add_listener``; unknown callbacks are ignored."""
+        if callback in self._listeners:
+            self._listeners.remove(callback)
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         for cb in list(self._listeners):
@@ -256,6 +262,9 @@ class Cluster:
         for cb in t._pending.values():
             cb(ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
         t._pending.clear()
+        callbacks, t._exit_callbacks = t._exit_callbacks, []
+        for on_exit in callbacks:
+            on_exit()
         lost = [n for n in self.nodes.values() if n.iothread == t.id]
         for n in lost:
             del self.nodes[n.name]
@@ -275,9 +284,15 @@ class Cluster:
             log.info("iothread %s restarted (pid %d)", t.id, t.pid)
             self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
 
-    def stop(self, iothread_id: str) -> None:
-        """Ask one iothread to stop (it exits and is reaped; killed after the stop timeout)."""
+    def stop(self, iothread_id: str, on_exit: Callable[[], object] | None = None) -> None:
+        """Ask one iothread to stop (it exits and is reaped; killed after the
+        stop timeout); ``on_exit()`` once it has been reaped."""
         t = self.iothreads[iothread_id]
+        if on_exit is not None:
+            if t.state is IOThreadState.EXITED:
+                on_exit()
+                return
+            t._exit_callbacks.append(on_exit)
         if t.state in (IOThreadState.EXITED, IOThreadState.STOPPING):
             return
         if t.state is IOThreadState.STARTING:

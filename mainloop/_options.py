@@ -202,3 +202,59 @@ def parse_blockdev(text: str) -> BlockdevSpec:
     if props:
         raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
     return BlockdevSpec(node_name, str(driver), options, iothread)
+
+
+@dataclass(frozen=True)
+class ChardevSpec:
+    """A ``--chardev socket,...`` for a QMP monitor: a Unix path or host and port."""
+
+    id: str
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+
+
+def parse_chardev(text: str) -> ChardevSpec:
+    """``socket,id=ID,path=PATH,server=on,wait=off`` or ``...,host=H,port=P,...``."""
+    props = _properties(text, implied_key="backend")
+    backend = props.pop("backend", None)
+    if backend != "socket":
+        raise OptionError(f"chardev backend '{backend}' is not supported (only 'socket')")
+    ident = props.pop("id", None)
+    if not isinstance(ident, str) or not _valid_id(ident):
+        raise OptionError("Parameter 'id' is missing" if ident is None else f"Invalid id: '{ident}'")
+    if not _on_off("server", props.pop("server", "off")):
+        raise OptionError("only server=on sockets are supported")
+    if _on_off("wait", props.pop("wait", "on")):
+        raise OptionError("wait=on is not supported: use wait=off")
+    path, host, port = props.pop("path", None), props.pop("host", None), props.pop("port", None)
+    if props:
+        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
+    if path is not None:
+        if host is not None or port is not None:
+            raise OptionError("give either path or host and port")
+        return ChardevSpec(ident, path=os.path.abspath(str(path)))
+    if host is None or port is None:
+        raise OptionError("a socket chardev needs path=PATH or host=HOST,port=PORT")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise OptionError(f"Parameter 'port' expects a port number, not '{port}'") from None
+    if not 0 <= port_n <= 65535:
+        raise OptionError(f"Parameter 'port' expects a port number, not '{port}'")
+    return ChardevSpec(ident, host=str(host), port=port_n)
+
+
+def parse_monitor(text: str) -> str:
+    """``chardev=ID[,mode=control]``: the chardev the QMP monitor serves."""
+    props = _properties(text, implied_key=None)
+    chardev = props.pop("chardev", None)
+    if not isinstance(chardev, str):
+        raise OptionError("Parameter 'chardev' is missing")
+    mode = props.pop("mode", "control")
+    if mode != "control":
+        raise OptionError(f"monitor mode '{mode}' is not supported (only 'control', QMP)")
+    props.pop("pretty", None)
+    if props:
+        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
+    return chardev

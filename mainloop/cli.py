@@ -31,7 +31,16 @@ from ._bench import add_bench_arguments, run_bench
 from ._bql import bql
 from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState
 from ._loop import MainLoop
-from ._options import BlockdevSpec, OptionError, parse_blockdev, parse_object
+from ._monitor import Monitor
+from ._options import (
+    BlockdevSpec,
+    ChardevSpec,
+    OptionError,
+    parse_blockdev,
+    parse_chardev,
+    parse_monitor,
+    parse_object,
+)
 from ._sources import SignalSource
 
 __all__ = ["main"]
@@ -87,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
     launch.add_argument("--runtime-dir", metavar="DIR",
                         help="directory for the socket files (default: a new private one)")
+    launch.add_argument("--chardev", action="append", default=[],
+                        metavar="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off",
+                        help="a socket for a QMP monitor (see --monitor); repeatable")
+    launch.add_argument("--monitor", action="append", default=[], metavar="chardev=ID",
+                        help="serve QMP on that chardev; repeatable. Without it, QMP is served on "
+                             "RUNTIME_DIR/qmp.sock")
     launch.add_argument("--control", metavar="tcp://HOST:PORT",
                         help="serve the iothreads' control channel on TCP instead of ipc:// "
                              "in the runtime directory (port 0: any free port)")
@@ -156,9 +171,32 @@ def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
     return None
 
 
+def _monitors(args: argparse.Namespace) -> list[ChardevSpec]:
+    chardevs: dict[str, ChardevSpec] = {}
+    for text in args.chardev:
+        try:
+            spec = parse_chardev(text)
+        except OptionError as exc:
+            raise OptionError(f"--chardev {text}: {exc}") from None
+        if spec.id in chardevs:
+            raise OptionError(f"--chardev {text}: duplicate chardev id '{spec.id}'")
+        chardevs[spec.id] = spec
+    served = []
+    for text in args.monitor:
+        try:
+            name = parse_monitor(text)
+        except OptionError as exc:
+            raise OptionError(f"--monitor {text}: {exc}") from None
+        if name not in chardevs:
+            raise OptionError(f"--monitor {text}: chardev '{name}' not found")
+        served.append(chardevs[name])
+    return served
+
+
 def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
     specs = _blockdevs(args, configs)
+    monitors = _monitors(args)
     if args.control is not None and not args.control.startswith("tcp://"):
         raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
@@ -166,8 +204,8 @@ def launch(args: argparse.Namespace) -> int:
     loop = MainLoop(name=PROG)
     stop = {"requested": False}
 
-    def on_signal(signum: int) -> bool:
-        log.info("%s received: stopping", signal.Signals(signum).name)
+    def on_signal(signum: int, why: str = "") -> bool:
+        log.info("%s: stopping", why or f"{signal.Signals(signum).name} received")
         stop["requested"] = True
         loop.quit()
         return True
@@ -176,6 +214,7 @@ def launch(args: argparse.Namespace) -> int:
     signals = SignalSource([signal.SIGINT, signal.SIGTERM], on_signal, name="signals")
     loop.context.attach(signals)
     pidfile_written = False
+    monitor: Monitor | None = None
     try:
         with bql():
             try:
@@ -204,17 +243,35 @@ def launch(args: argparse.Namespace) -> int:
                         cluster.shutdown()
                         return EXIT_FAILURE
                 if not stop["requested"]:
+                    monitor = Monitor(cluster, on_quit=lambda: on_signal(signal.SIGTERM, "quit"))
+                    qmp: list[str] = []
+                    for m in monitors or [ChardevSpec("default", path=os.path.join(cluster.runtime_dir,
+                                                                                    "qmp.sock"))]:
+                        try:
+                            if m.path is not None:
+                                qmp.append(monitor.listen_unix(m.path))
+                            else:
+                                assert m.host is not None and m.port is not None
+                                host, port = monitor.listen_tcp(m.host, m.port)
+                                qmp.append(f"{host}:{port}")
+                        except OSError as exc:
+                            print(f"{PROG}: --chardev id={m.id}: {exc}", file=sys.stderr)
+                            monitor.close()
+                            cluster.shutdown()
+                            return EXIT_FAILURE
                     if args.pidfile:
                         with open(args.pidfile, "w", encoding="utf-8") as f:
                             f.write(f"{os.getpid()}\n")
                         pidfile_written = True
-                    _emit({"event": "READY", "pid": os.getpid(), **cluster.describe()})
+                    _emit({"event": "READY", "pid": os.getpid(), "qmp": qmp, **cluster.describe()})
             except BaseException:
                 cluster.shutdown()
                 raise
         if not stop["requested"]:
             loop.run()
         with bql():
+            if monitor is not None:
+                monitor.close()
             cluster.shutdown()
         return EXIT_OK
     finally:

@@ -24,6 +24,12 @@ from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
 from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._qmp import QmpDecoder as QmpDecoder
+from ._qmp import QmpInputError as QmpInputError
+from ._qmp import qmp_error as qmp_error
+from ._qmp import qmp_event as qmp_event
+from ._qmp import qmp_line as qmp_line
+from ._qmp import qmp_return as qmp_return
 from ._messages import BlockCompletion as BlockCompletion
 from ._messages import BlockOp as BlockOp
 from ._messages import BlockdevAdd as BlockdevAdd
@@ -59,6 +65,8 @@ __all__ = [
     "Message",
     "PROTOCOL_VERSION",
     "ProtocolError",
+    "QmpDecoder",
+    "QmpInputError",
     "Query",
     "QueryReply",
     "RemoteProtocolError",
@@ -71,4 +79,8 @@ __all__ = [
     "encode",
     "ipc_endpoint",
     "make_runtime_dir",
+    "qmp_error",
+    "qmp_event",
+    "qmp_line",
+    "qmp_return",
 ]

@@ -1,0 +1,498 @@
+"""The QMP monitor: QEMU's management protocol, served by the main loop.
+
+Theory of operation
+-------------------
+A listening socket (Unix or TCP) is an fd-watch source of the main context;
+each accepted connection is a session with its own sources.  Everything runs
+in the main loop, under the BQL.  A session starts with the greeting and is in
+negotiation mode until ``qmp_capabilities``; then commands run one at a time,
+in order (no OOB): a command may answer at once or later (when iothreads have
+answered), and the next command of that session waits for it.  Arguments are
+checked (unknown keys, missing ones, types) before any side effect.  Events go
+to every negotiated session.  Output is buffered and written as the socket
+takes it, so a slow client never blocks the loop.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import socket
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from protocol import (
+    ErrorReply,
+    QmpDecoder,
+    QmpInputError,
+    QueryReply,
+    StateError,
+    qmp_error,
+    qmp_event,
+    qmp_line,
+    qmp_return,
+)
+
+from ._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
+from ._sources import FdWatchSource
+
+if TYPE_CHECKING:
+    from ._cluster import Cluster
+
+__all__ = ["Monitor", "QmpFailure"]
+
+log = logging.getLogger("mainloop.qmp")
+
+VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "evloop 0.1.0"}
+IOTHREAD_PROPS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
+_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array"}
+
+
+@dataclass(frozen=True)
+class QmpFailure:
+    error_class: str
+    desc: str
+
+
+Done = Callable[[Any], None]  # a result, or a QmpFailure
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    params: dict[str, tuple[type | None, bool]]  # name -> (type or None for any, required)
+    run: Callable[[dict[str, Any], Done], None]
+    extra_ok: bool = False  # accepts further keys (checked by the command itself)
+
+
+class Session:
+    def __init__(self, monitor: Monitor, conn: socket.socket, peer: str) -> None:
+        self.monitor = monitor
+        self.conn = conn
+        self.peer = peer
+        self.decoder = QmpDecoder(monitor.max_message_bytes)
+        self.negotiated = False
+        self.queue: deque[dict[str, Any] | QmpInputError] = deque()
+        self.busy = False
+        self.out = bytearray()
+        self.closed = False
+        ctx = monitor.loop.context
+        self._in = FdWatchSource(conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
+                                 name=f"qmp session {peer}", role=f"QMP session socket ({peer})")
+        ctx.attach(self._in)
+        self._out: FdWatchSource | None = None
+        self.send({"QMP": {"version": VERSION, "capabilities": []}})
+
+    # -- output ------------------------------------------------------------
+
+    def send(self, obj: dict[str, Any]) -> None:
+        if self.closed:
+            return
+        self.out += qmp_line(obj)
+        self._flush()
+
+    def _flush(self) -> None:
+        while self.out and not self.closed:
+            try:
+                n = self.conn.send(self.out)
+            except BlockingIOError:
+                if self._out is None:
+                    self._out = FdWatchSource(self.conn.fileno(), IO_OUT, self._on_writable,
+                                              name=f"qmp output {self.peer}")
+                    self.monitor.loop.context.attach(self._out)
+                return
+            except OSError:
+                self.close()
+                return
+            del self.out[:n]
+        if self._out is not None:
+            self._out.destroy()
+            self._out = None
+
+    def _on_writable(self, fd: int, cond: int) -> bool:
+        self._out = None  # _flush re-arms if needed
+        self._flush()
+        return False
+
+    # -- input ---------------------------------------------------------------
+
+    def _on_readable(self, fd: int, cond: int) -> bool:
+        try:
+            data = self.conn.recv(65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            data = b""
+        if not data:
+            self.close()
+            return False
+        self.queue.extend(self.decoder.feed(data))
+        self._run_queue()
+        return not self.closed
+
+    def _run_queue(self) -> None:
+        while self.queue and not self.busy and not self.closed:
+            item = self.queue.popleft()
+            if isinstance(item, QmpInputError):
+                self.send(qmp_error("GenericError", item.desc))
+                if item.fatal:
+                    self.close()
+                continue
+            self._execute(item)
+
+    def _execute(self, msg: dict[str, Any]) -> None:
+        has_id, ident = "id" in msg, msg.get("id")
+
+        def fail(cls: str, desc: str) -> None:
+            self.send(qmp_error(cls, desc, has_id, ident))
+
+        for key in msg:
+            if key not in ("execute", "arguments", "id"):
+                fail("GenericError", f"QMP input member '{key}' is unexpected")
+                return
+        name = msg.get("execute")
+        if name is None:
+            fail("GenericError", "QMP input lacks member 'execute'")
+            return
+        if not isinstance(name, str):
+            fail("GenericError", "QMP input member 'execute' must be a string")
+            return
+        args = msg.get("arguments", {})
+        if not isinstance(args, dict):
+            fail("GenericError", "QMP input member 'arguments' must be an object")
+            return
+        if not self.negotiated and name != "qmp_capabilities":
+            fail("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
+            return
+        if self.negotiated and name == "qmp_capabilities":
+            fail("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
+            return
+        command = self.monitor.commands.get(name)
+        if command is None:
+            fail("CommandNotFound", f"The command {name} has not been found")
+            return
+        problem = _check_args(command, args)
+        if problem is not None:
+            fail("GenericError", problem)
+            return
+        self.busy = True
+
+        def done(result: Any) -> None:
+            self.busy = False
+            if isinstance(result, QmpFailure):
+                fail(result.error_class, result.desc)
+            else:
+                self.send(qmp_return(result, has_id, ident))
+            self._run_queue()
+
+        if name == "qmp_capabilities":
+            enable = args.get("enable", [])
+            if enable:
+                done(QmpFailure("GenericError", f"Capability {enable[0]} not available"))
+                return
+            self.negotiated = True
+            done({})
+            return
+        try:
+            command.run(args, done)
+        except StateError as exc:
+            done(QmpFailure("GenericError", str(exc)))
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._in.destroy()
+        if self._out is not None:
+            self._out.destroy()
+        self.conn.close()
+        self.monitor.sessions.discard(self)
+
+
+def _check_args(command: Command, args: dict[str, Any]) -> str | None:
+    if not command.extra_ok:
+        for key in args:
+            if key not in command.params:
+                return f"Parameter '{key}' is unexpected"
+    for key, (tp, required) in command.params.items():
+        if key not in args:
+            if required:
+                return f"Parameter '{key}' is missing"
+            continue
+        value = args[key]
+        if tp is not None and type(value) is not tp:
+            return f"Invalid parameter type for '{key}', expected: {_TYPE_NAMES.get(tp, tp.__name__)}"
+        if tp is int and value < 0:
+            return f"Parameter '{key}' expects a non-negative integer"
+    return None
+
+
+class Monitor:
+    """QMP server(s) of a main loop and its cluster.  Main-loop thread, BQL held."""
+
+    def __init__(self, cluster: Cluster, *, on_quit: Callable[[], object],
+                 max_message_bytes: int = 1 << 20) -> None:
+        self.cluster = cluster
+        self.loop = cluster.loop
+        self.on_quit = on_quit
+        self.max_message_bytes = max_message_bytes
+        self.sessions: set[Session] = set()
+        self._listeners: list[tuple[socket.socket, FdWatchSource, str | None]] = []
+        self.commands: dict[str, Command] = {}
+        self._register_commands()
+        cluster.add_listener(self._on_cluster_event)
+
+    # -- listening -----------------------------------------------------------------
+
+    def listen_unix(self, path: str) -> str:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if os.path.exists(path):
+                os.unlink(path)
+            sock.bind(path)
+        except OSError:
+            sock.close()
+            raise
+        self._listen(sock, path, f"QMP listening socket {path}")
+        return path
+
+    def listen_tcp(self, host: str, port: int) -> tuple[str, int]:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            sock.close()
+            raise
+        addr = sock.getsockname()
+        self._listen(sock, None, f"QMP listening socket {addr[0]}:{addr[1]}")
+        return addr[0], addr[1]
+
+    def _listen(self, sock: socket.socket, path: str | None, role: str) -> None:
+        sock.listen(16)
+        sock.setblocking(False)
+        src = FdWatchSource(sock.fileno(), IO_IN, lambda fd, c: self._accept(sock), name="qmp listener",
+                            role=role)
+        self.loop.context.attach(src)
+        self._listeners.append((sock, src, path))
+
+    def _accept(self, sock: socket.socket) -> bool:
+        try:
+            conn, addr = sock.accept()
+        except (BlockingIOError, InterruptedError):
+            return True
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                log.error("QMP: cannot accept a connection: %s", exc)
+            return True
+        conn.setblocking(False)
+        peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+        self.sessions.add(Session(self, conn, peer))
+        return True
+
+    def broadcast(self, name: str, data: dict[str, Any] | None = None) -> None:
+        """Send an event to every negotiated session."""
+        event = qmp_event(name, data)
+        for s in list(self.sessions):
+            if s.negotiated:
+                s.send(event)
+
+    def _on_cluster_event(self, name: str, data: dict[str, Any]) -> None:
+        if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED"):
+            self.broadcast(name, data)
+
+    def close(self) -> None:
+        for s in list(self.sessions):
+            s.close()
+        for sock, src, path in self._listeners:
+            src.destroy()
+            sock.close()
+            if path is not None:
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self._listeners.clear()
+
+    # -- commands -------------------------------------------------------------------
+
+    def _register_commands(self) -> None:
+        def add(name: str, params: dict[str, tuple[type | None, bool]],
+                run: Callable[[dict[str, Any], Done], None], extra_ok: bool = False) -> None:
+            self.commands[name] = Command(name, params, run, extra_ok)
+
+        add("qmp_capabilities", {"enable": (list, False)}, lambda a, d: d({}))
+        add("query-version", {}, lambda a, d: d(VERSION))
+        add("query-commands", {}, lambda a, d: d([{"name": n} for n in sorted(self.commands)]))
+        add("query-status", {}, lambda a, d: d({"status": "running", "running": True}))
+        add("quit", {}, self._quit)
+        add("query-iothreads", {}, self._query_iothreads)
+        add("object-add", {"qom-type": (str, True), "id": (str, True),
+                           **{p: (int, False) for p in IOTHREAD_PROPS}}, self._object_add)
+        add("object-del", {"id": (str, True)}, self._object_del)
+        add("qom-get", {"path": (str, True), "property": (str, True)}, self._qom_get)
+        add("qom-set", {"path": (str, True), "property": (str, True), "value": (None, True)}, self._qom_set)
+        add("blockdev-add", {"driver": (str, True), "node-name": (str, True), "filename": (str, False),
+                             "read-only": (bool, False), "cache": (dict, False), "size": (int, False),
+                             "read-zeroes": (bool, False), "iothread": (str, False)}, self._blockdev_add)
+        add("blockdev-del", {"node-name": (str, True)}, self._blockdev_del)
+        add("query-named-block-nodes", {"flat": (bool, False)}, self._query_nodes)
+        add("x-blockdev-set-iothread", {"node-name": (str, True), "iothread": (str, True),
+                                        "force": (bool, False)}, self._set_iothread)
+        add("x-query-main-loop", {}, lambda a, d: d(self.loop.context.describe().as_dict()))
+
+    @staticmethod
+    def _reply(done: Done, ok: Callable[[QueryReply], Any] = lambda r: {}) -> Callable[
+            [QueryReply | ErrorReply], None]:
+        def on_reply(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, ErrorReply):
+                done(QmpFailure(reply.error_class or "GenericError", reply.message))
+            else:
+                done(ok(reply))
+        return on_reply
+
+    def _quit(self, args: dict[str, Any], done: Done) -> None:
+        done({})
+        self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
+        self.on_quit()
+
+    def _query_iothreads(self, args: dict[str, Any], done: Done) -> None:
+        from ._cluster import IOThreadState
+
+        done([{"id": t.id, "thread-id": t.pid, "poll-max-ns": t.config.poll_max_ns,
+               "poll-grow": t.config.poll_grow, "poll-shrink": t.config.poll_shrink,
+               "aio-max-batch": t.config.aio_max_batch}
+              for t in self.cluster.iothreads.values() if t.state is IOThreadState.RUNNING])
+
+    def _object_add(self, args: dict[str, Any], done: Done) -> None:
+        from ._cluster import IOThreadConfig
+        from ._options import _valid_id
+
+        if args["qom-type"] != "iothread":
+            done(QmpFailure("GenericError", f"Invalid parameter value for 'qom-type': {args['qom-type']}"))
+            return
+        if not _valid_id(args["id"]):
+            done(QmpFailure("GenericError", "Parameter 'id' expects an identifier"))
+            return
+        config = IOThreadConfig(args["id"], poll_max_ns=args.get("poll-max-ns", 32768),
+                                poll_grow=args.get("poll-grow", 0), poll_shrink=args.get("poll-shrink", 0),
+                                aio_max_batch=args.get("aio-max-batch", 0))
+        try:
+            t = self.cluster.add(config)
+        except StateError:
+            done(QmpFailure("GenericError", f"attempt to add duplicate property '{args['id']}' to object "
+                                            "(type 'container')"))
+            return
+
+        def check(name: str, data: dict[str, Any]) -> None:
+            if data.get("id") != t.id:
+                return
+            if name == "IOTHREAD_READY":
+                self.cluster.remove_listener(check)
+                done({})
+            elif name == "IOTHREAD_EXITED":
+                self.cluster.remove_listener(check)
+                done(QmpFailure("GenericError", f"iothread {t.id} failed to start"))
+
+        self.cluster.add_listener(check)
+
+    def _object_del(self, args: dict[str, Any], done: Done) -> None:
+        from ._cluster import IOThreadState
+
+        t = self.cluster.iothreads.get(args["id"])
+        if t is None or t.state is IOThreadState.EXITED:
+            done(QmpFailure("GenericError", f"object '{args['id']}' not found"))
+            return
+        owned = sorted(n.name for n in self.cluster.nodes.values() if n.iothread == t.id)
+        if owned:
+            done(QmpFailure("GenericError", f"iothread '{t.id}' is in use by block node(s) "
+                                            f"{', '.join(owned)}; move or delete them first"))
+            return
+        self.cluster.stop(t.id, on_exit=lambda: done({}))
+
+    def _iothread_of_path(self, path: str) -> Any:
+        from ._cluster import IOThreadState
+
+        ident = path.removeprefix("/objects/")
+        t = self.cluster.iothreads.get(ident)
+        if not path.startswith("/objects/") or t is None or t.state is not IOThreadState.RUNNING:
+            return None
+        return t
+
+    def _qom_get(self, args: dict[str, Any], done: Done) -> None:
+        t = self._iothread_of_path(args["path"])
+        if t is None:
+            done(QmpFailure("DeviceNotFound", f"Device '{args['path']}' not found"))
+            return
+        prop = args["property"]
+        values = {"poll-max-ns": t.config.poll_max_ns, "poll-grow": t.config.poll_grow,
+                  "poll-shrink": t.config.poll_shrink, "aio-max-batch": t.config.aio_max_batch}
+        if prop not in values:
+            done(QmpFailure("GenericError", f"Property 'iothread.{prop}' not found"))
+            return
+        done(values[prop])
+
+    def _qom_set(self, args: dict[str, Any], done: Done) -> None:
+        t = self._iothread_of_path(args["path"])
+        if t is None:
+            done(QmpFailure("DeviceNotFound", f"Device '{args['path']}' not found"))
+            return
+        prop, value = args["property"], args["value"]
+        if prop not in IOTHREAD_PROPS:
+            done(QmpFailure("GenericError", f"Property 'iothread.{prop}' not found"))
+            return
+        if type(value) is not int or value < 0:
+            done(QmpFailure("GenericError", f"Parameter '{prop}' expects a non-negative integer"))
+            return
+        c = t.config
+        params = {"poll-max-ns": c.poll_max_ns, "poll-grow": c.poll_grow, "poll-shrink": c.poll_shrink,
+                  "aio-max-batch": c.aio_max_batch, prop: value}
+        self.cluster.set_poll_params(t.id, self._reply(done), poll_max_ns=params["poll-max-ns"],
+                                     poll_grow=params["poll-grow"], poll_shrink=params["poll-shrink"],
+                                     aio_max_batch=params["aio-max-batch"])
+
+    def _blockdev_add(self, args: dict[str, Any], done: Done) -> None:
+        from ._options import _valid_id
+
+        driver, name = args["driver"], args["node-name"]
+        if not _valid_id(name):
+            done(QmpFailure("GenericError", f"Invalid node-name: '{name}'"))
+            return
+        options: dict[str, str | int | bool] = {}
+        if driver == "file":
+            if "filename" not in args:
+                done(QmpFailure("GenericError", "Parameter 'filename' is missing"))
+                return
+            options["filename"] = os.path.abspath(args["filename"])
+            if "read-only" in args:
+                options["read-only"] = args["read-only"]
+            cache = args.get("cache", {})
+            if set(cache) - {"direct"} or not isinstance(cache.get("direct", False), bool):
+                done(QmpFailure("GenericError", "Parameter 'cache' accepts only 'direct' (boolean)"))
+                return
+            if "direct" in cache:
+                options["cache.direct"] = cache["direct"]
+        elif driver == "null-co":
+            options["size"] = args.get("size", 1 << 30)
+            if "read-zeroes" in args:
+                options["read-zeroes"] = args["read-zeroes"]
+        else:
+            done(QmpFailure("GenericError", f"Invalid parameter value for 'driver': '{driver}' "
+                                            "(supported: file, null-co)"))
+            return
+        self.cluster.blockdev_add(name, driver, options, self._reply(done), args.get("iothread"))
+
+    def _blockdev_del(self, args: dict[str, Any], done: Done) -> None:
+        self.cluster.blockdev_del(args["node-name"], self._reply(done))
+
+    def _query_nodes(self, args: dict[str, Any], done: Done) -> None:
+        done([{"node-name": n.name, "drv": n.driver, "file": str(n.options.get("filename", "")),
+               "ro": bool(n.options.get("read-only", False)), "image": {"virtual-size": n.size},
+               "iothread": n.iothread}
+              for n in self.cluster.nodes.values()])
+
+    def _set_iothread(self, args: dict[str, Any], done: Done) -> None:
+        self.cluster.move_node(args["node-name"], args["iothread"], self._reply(done))

@@ -1,0 +1,163 @@
+"""QMP's wire format, sans I/O: a streaming JSON decoder and the reply shapes.
+
+Clients write JSON objects with no delimiter (``qemu.qmp`` sends no newline),
+several per read or split across reads.  ``QmpDecoder.feed(data)`` returns the
+complete inputs found so far, each a ``dict`` or a ``QmpInputError`` saying what
+was wrong with it (the reply QEMU would give).  It finds message boundaries by
+tracking brackets outside strings, as QEMU's json-streamer does, then parses
+each message with ``json``.  An ASCII control character outside a string
+(other than whitespace) is a lexical error that resets the parser: clients
+send one to resynchronise.  Input is bounded: a message larger than
+``max_message_bytes`` is an error, and the session should be closed.
+
+Replies are one JSON object per line, CRLF-terminated, ASCII only.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["QmpDecoder", "QmpInputError", "qmp_error", "qmp_event", "qmp_line", "qmp_return"]
+
+_WS = b" \t\r\n"
+MAX_NESTING = 1024
+
+
+@dataclass(frozen=True)
+class QmpInputError:
+    """One bad input: the error reply's desc; ``fatal`` when the session should close."""
+
+    desc: str
+    fatal: bool = False
+
+
+class QmpDecoder:
+    def __init__(self, max_message_bytes: int = 1 << 20) -> None:
+        self.max_message_bytes = max_message_bytes
+        self._buf = bytearray()
+        self._pos = 0  # scan position in _buf
+        self._start = -1  # start of the current message, or -1
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+
+    def feed(self, data: bytes) -> list[dict[str, Any] | QmpInputError]:
+        out: list[dict[str, Any] | QmpInputError] = []
+        self._buf += data
+        buf = self._buf
+        i = self._pos
+        n = len(buf)
+        while i < n:
+            c = buf[i]
+            if self._start < 0:  # between messages
+                if c in _WS:
+                    i += 1
+                    continue
+                if c in b"{[":
+                    self._start, self._depth = i, 1
+                    i += 1
+                    continue
+                if c < 0x20 or c == 0xFF:
+                    out.append(QmpInputError("JSON parse error, invalid character (parser reset)"))
+                    i += 1
+                    continue
+                j = i  # a scalar at top level: read it whole, refuse it
+                while j < n and buf[j] not in _WS and buf[j] not in b"{[":
+                    j += 1
+                if j == n:
+                    break  # it may go on in the next read
+                out.append(QmpInputError("QMP input must be a JSON object"))
+                i = j
+                continue
+            if self._in_string:
+                if self._escape:
+                    self._escape = False
+                elif c == 0x5C:  # backslash
+                    self._escape = True
+                elif c == 0x22:
+                    self._in_string = False
+                i += 1
+                continue
+            if c == 0x22:
+                self._in_string = True
+            elif c in b"{[":
+                self._depth += 1
+                if self._depth > MAX_NESTING:
+                    out.append(QmpInputError("JSON parse error, nesting too deep"))
+                    self._reset()
+                    i += 1
+                    continue
+            elif c in b"}]":
+                self._depth -= 1
+                if self._depth == 0:
+                    out.append(self._parse(bytes(buf[self._start:i + 1])))
+                    self._start = -1
+            elif c < 0x20 and c not in _WS or c == 0xFF:
+                out.append(QmpInputError("JSON parse error, invalid character (parser reset)"))
+                self._reset()
+            i += 1
+        if self._start >= 0 and i - self._start > self.max_message_bytes:
+            out.append(QmpInputError(
+                f"JSON parse error, input larger than {self.max_message_bytes} bytes", fatal=True))
+            self._reset()
+            del buf[:]
+            self._pos = 0
+            return out
+        # Keep only what is still needed.
+        keep = self._start if self._start >= 0 else i
+        del buf[:keep]
+        if self._start >= 0:
+            self._start = 0
+        self._pos = i - keep
+        return out
+
+    def _reset(self) -> None:
+        self._start = -1
+        self._depth = 0
+        self._in_string = False
+        self._escape = False
+
+    @staticmethod
+    def _parse(raw: bytes) -> dict[str, Any] | QmpInputError:
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            return QmpInputError("JSON parse error, invalid UTF-8 sequence in string")
+        try:
+            obj = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            return QmpInputError(f"JSON parse error, {exc}")
+        if not isinstance(obj, dict):
+            return QmpInputError("QMP input must be a JSON object")
+        return obj
+
+
+def qmp_line(obj: dict[str, Any]) -> bytes:
+    """One reply or event on the wire: ASCII JSON and CRLF."""
+    return json.dumps(obj, ensure_ascii=True, separators=(", ", ": ")).encode() + b"\r\n"
+
+
+def _with_id(obj: dict[str, Any], has_id: bool, ident: Any) -> dict[str, Any]:
+    if has_id:
+        obj["id"] = ident
+    return obj
+
+
+def qmp_return(value: Any, has_id: bool = False, ident: Any = None) -> dict[str, Any]:
+    return _with_id({"return": value}, has_id, ident)
+
+
+def qmp_error(error_class: str, desc: str, has_id: bool = False, ident: Any = None) -> dict[str, Any]:
+    return _with_id({"error": {"class": error_class, "desc": desc}}, has_id, ident)
+
+
+def qmp_event(name: str, data: dict[str, Any] | None = None) -> dict[str, Any]:
+    now = time.time_ns()
+    event: dict[str, Any] = {"event": name,
+                             "timestamp": {"seconds": now // 10**9, "microseconds": now // 1000 % 10**6}}
+    if data is not None:
+        event["data"] = data
+    return event

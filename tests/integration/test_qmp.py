@@ -1,0 +1,254 @@
+"""QMP with the tools QEMU users already have: qemu.qmp's async QMPClient and
+legacy QEMUMonitorProtocol, qmp-shell, and raw sockets for bad input."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+COMMAND = [sys.executable, "-m", "mainloop"]
+
+
+@pytest.fixture
+def cluster() -> Iterator[dict[str, Any]]:
+    d = tempfile.mkdtemp(prefix="evq", dir="/tmp")
+    image = os.path.join(d, "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", os.path.join(d, "run"),
+                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    ready: dict[str, Any] = {}
+    for line in proc.stdout:
+        ready = json.loads(line)
+        if ready["event"] == "READY":
+            break
+    ready["image"] = image
+    ready["proc"] = proc
+    try:
+        yield ready
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        assert proc.returncode == 0
+        for root, dirs, files in os.walk(d, topdown=False):
+            for name in files:
+                os.unlink(os.path.join(root, name))
+            for name in dirs:
+                os.rmdir(os.path.join(root, name))
+        os.rmdir(d)
+
+
+def test_async_client_commands_and_events(cluster: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(cluster["qmp"][0])
+        try:
+            version = await qmp.execute("query-version")
+            assert version["qemu"]["major"] == 10
+            names = {c["name"] for c in await qmp.execute("query-commands")}
+            assert {"query-iothreads", "object-add", "blockdev-add", "x-blockdev-set-iothread",
+                    "x-query-main-loop", "quit"} <= names
+            assert (await qmp.execute("query-status"))["running"] is True
+            threads = await qmp.execute("query-iothreads")
+            assert [t["id"] for t in threads] == ["io0", "io1"]
+            assert set(threads[0]) == {"id", "thread-id", "poll-max-ns", "poll-grow", "poll-shrink",
+                                       "aio-max-batch"}
+            # iothreads come and go
+            await qmp.execute("object-add", {"qom-type": "iothread", "id": "io7", "poll-max-ns": 1000})
+            assert "io7" in [t["id"] for t in await qmp.execute("query-iothreads")]
+            await qmp.execute("qom-set", {"path": "/objects/io7", "property": "poll-max-ns", "value": 5})
+            assert await qmp.execute("qom-get", {"path": "/objects/io7", "property": "poll-max-ns"}) == 5
+            await qmp.execute("object-del", {"id": "io7"})
+            assert "io7" not in [t["id"] for t in await qmp.execute("query-iothreads")]
+            # block nodes
+            await qmp.execute("blockdev-add", {"driver": "file", "node-name": "disk0",
+                                               "filename": cluster["image"], "iothread": "io1"})
+            nodes = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
+            assert nodes["disk0"]["iothread"] == "io1" and nodes["null0"]["drv"] == "null-co"
+            await qmp.execute("x-blockdev-set-iothread", {"node-name": "disk0", "iothread": "io0"})
+            nodes = {n["node-name"]: n for n in await qmp.execute("query-named-block-nodes")}
+            assert nodes["disk0"]["iothread"] == "io0"
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute("object-del", {"id": "io0"})
+            assert info.value.error_class == "GenericError" and "in use" in str(info.value)
+            await qmp.execute("blockdev-del", {"node-name": "disk0"})
+            # the live view of the main loop
+            view = await qmp.execute("x-query-main-loop")
+            roles = " ".join(f["role"] for f in view["fds"])
+            assert "QMP session socket" in roles and "control channel" in roles
+            # errors
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute("no-such-command")
+            assert info.value.error_class == "CommandNotFound"
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute("object-add", {"qom-type": "iothread", "id": "x", "poll-max-ns": "lots"})
+            assert "expected: integer" in str(info.value)
+            with pytest.raises(ExecuteError) as info:
+                await qmp.execute("blockdev-add", {"driver": "file", "node-name": "d", "bogus": 1})
+            assert "Parameter 'bogus' is unexpected" in str(info.value)
+            # an iothread dying is an event
+            with qmp.listener("IOTHREAD_EXITED") as listener:
+                os.kill(cluster["iothreads"][1]["pid"], signal.SIGKILL)
+                event = await asyncio.wait_for(listener.get(), 10)
+            assert event["data"]["id"] == "io1"
+            with qmp.listener("SHUTDOWN") as listener:
+                await qmp.execute("quit")
+                event = await asyncio.wait_for(listener.get(), 10)
+            assert event["data"]["reason"] == "host-qmp-quit"
+            assert set(event["timestamp"]) == {"seconds", "microseconds"}
+        finally:
+            try:
+                await qmp.disconnect()
+            except EOFError:
+                pass  # after quit the server hangs up, as QEMU does
+
+    asyncio.run(scenario())
+    cluster["proc"].wait(30)
+    assert cluster["proc"].returncode == 0
+
+
+def test_legacy_client_and_several_sessions(cluster: dict[str, Any]) -> None:
+    a = QEMUMonitorProtocol(cluster["qmp"][0])
+    b = QEMUMonitorProtocol(cluster["qmp"][0])
+    greeting = a.connect()
+    assert greeting["QMP"]["capabilities"] == []
+    b.connect()
+    assert a.cmd("query-status")["status"] == "running"
+    assert b.cmd_obj({"execute": "query-iothreads"})["return"][0]["id"] == "io0"  # id-less
+    a.close()
+    assert b.cmd("query-version")["qemu"]["major"] == 10  # the other session is not disturbed
+    b.close()
+
+
+class Raw:
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(20)
+        self.sock.connect(path)
+        self.buf = b""
+
+    def line(self) -> dict[str, Any]:
+        while b"\r\n" not in self.buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise EOFError
+            self.buf += data
+        raw, self.buf = self.buf.split(b"\r\n", 1)
+        raw.decode("ascii")
+        return json.loads(raw)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_wire_protocol_details(cluster: dict[str, Any]) -> None:
+    r = Raw(cluster["qmp"][0])
+    try:
+        assert "QMP" in r.line()
+        r.send(b'{"execute": "query-status", "id": 1}')
+        assert r.line() == {"error": {"class": "CommandNotFound",
+                                      "desc": "Expecting capabilities negotiation with 'qmp_capabilities'"},
+                            "id": 1}
+        r.send(b'{"execute": "qmp_capabilities"}')
+        assert r.line() == {"return": {}}
+        r.send(b'{"execute": "qmp_capabilities", "id": "again"}')
+        assert r.line()["error"]["class"] == "CommandNotFound"
+        # several commands in one write, ids of any JSON type echoed verbatim
+        r.send(b'{"execute":"query-status","id":[1,{"a":null}]}{"execute":"query-version","id":2.5}')
+        assert r.line()["id"] == [1, {"a": None}]
+        assert r.line()["id"] == 2.5
+        # one command split over writes
+        for part in (b'{"exec', b'ute": "query-st', b'atus", "id": "split"}'):
+            r.send(part)
+        assert r.line() == {"return": {"status": "running", "running": True}, "id": "split"}
+        # malformed input: an error each, and the session goes on
+        r.send(b'{"execute": }')
+        assert "JSON parse error" in r.line()["error"]["desc"]
+        r.send(b'[1, 2]')
+        assert r.line()["error"]["desc"] == "QMP input must be a JSON object"
+        r.send(b'{"execute": "query-status", "frobnicate": 1}')
+        assert r.line()["error"]["desc"] == "QMP input member 'frobnicate' is unexpected"
+        r.send(b'{"arguments": {}}')
+        assert r.line()["error"]["desc"] == "QMP input lacks member 'execute'"
+        r.send(b'{"execute": "query-status", "arguments": [1]}')
+        assert r.line()["error"]["desc"] == "QMP input member 'arguments' must be an object"
+        r.send(b'{"execute": "quer\xff\xfey-status"}')
+        assert "JSON parse error" in r.line()["error"]["desc"]
+        r.send(b'{"execute": "\xc3\x28"}')
+        assert "UTF-8" in r.line()["error"]["desc"]
+        r.send(b'{"execute": "query-status", "id": "\xc3\xa9t\xc3\xa9"}')
+        reply = r.line()
+        assert reply["id"] == "été"  # ASCII on the wire, escaped
+        r.send(b'{"execute": "query-status", "id": "ok"}')
+        assert r.line()["id"] == "ok"
+    finally:
+        r.close()
+
+
+def test_huge_input_closes_only_that_session(cluster: dict[str, Any]) -> None:
+    bad = Raw(cluster["qmp"][0])
+    good = Raw(cluster["qmp"][0])
+    try:
+        bad.line()
+        good.line()
+        try:
+            bad.send(b'{"execute": "qmp_capabilities", "id": "' + b"x" * (2 << 20))
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server may hang up before taking it all
+        assert "larger than" in bad.line()["error"]["desc"]
+        with pytest.raises((EOFError, ConnectionResetError)):
+            bad.line()
+        good.send(b'{"execute": "qmp_capabilities"}')
+        assert good.line() == {"return": {}}
+    finally:
+        bad.close()
+        good.close()
+
+
+def test_qmp_shell_session(cluster: dict[str, Any]) -> None:
+    shell = os.path.join(os.path.dirname(sys.executable), "qmp-shell")
+    out = subprocess.run([shell, cluster["qmp"][0]], input="query-status\nquery-iothreads\n",
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert '"running": true' in out.stdout and '"id": "io0"' in out.stdout
+
+
+def test_tcp_monitor() -> None:
+    d = tempfile.mkdtemp(prefix="evq", dir="/tmp")
+    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", d,
+                             "--chardev", "socket,id=m0,host=127.0.0.1,port=0,server=on,wait=off",
+                             "--monitor", "chardev=m0"], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            ready = json.loads(line)
+            if ready["event"] == "READY":
+                break
+        host, port = ready["qmp"][0].rsplit(":", 1)
+        q = QEMUMonitorProtocol((host, int(port)))
+        q.connect()
+        assert q.cmd("query-status")["running"] is True
+        q.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        os.rmdir(d)
+    assert proc.returncode == 0
