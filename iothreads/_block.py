@@ -24,6 +24,7 @@ which calls back once nothing is in flight.
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import errno
 import mmap
@@ -224,6 +225,8 @@ class OpStats:
     errors: int = 0
     total_ns: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
+    boundaries_ns: tuple[int, ...] = ()  # a user-set histogram (QMP's), if any
+    bins: list[int] = field(default_factory=list)
 
     @property
     def mean_ns(self) -> float:
@@ -237,6 +240,13 @@ class OpStats:
         else:
             self.errors += 1
         self.histogram[min(max(latency_ns // 1000, 1).bit_length() - 1, HISTOGRAM_BUCKETS - 1)] += 1
+        if self.boundaries_ns:
+            self.bins[bisect.bisect_right(self.boundaries_ns, latency_ns)] += 1
+
+    def set_histogram(self, boundaries_ns: tuple[int, ...]) -> None:
+        """Count latencies in the intervals these (sorted) boundaries delimit."""
+        self.boundaries_ns = boundaries_ns
+        self.bins = [0] * (len(boundaries_ns) + 1) if boundaries_ns else []
 
 
 class BlockNode:

@@ -55,6 +55,7 @@ from protocol import (
     Query,
     QueryReply,
     RemoteProtocolError,
+    SetLatencyHistogram,
     SetPollParams,
     Stop,
     Welcome,
@@ -134,7 +135,22 @@ class IOThreadWorker:
         elif isinstance(msg, Heartbeat):
             pass  # being heard is all it says
         elif isinstance(msg, Query):
-            self.channel.send(QueryReply(msg.request_id, self.counters()))
+            if not msg.node:
+                self.channel.send(QueryReply(msg.request_id, self.counters()))
+            elif msg.node in self.nodes and msg.node not in self.moved:
+                self.channel.send(QueryReply(msg.request_id, node_counters(self.nodes[msg.node])))
+            else:
+                self.channel.send(ErrorReply(msg.request_id, "GenericError",
+                                             f"Cannot find device={msg.node} nor node-name={msg.node}"))
+        elif isinstance(msg, SetLatencyHistogram):
+            node = self.nodes.get(msg.node_name)
+            if node is None or list(msg.boundaries_ns) != sorted(set(msg.boundaries_ns)):
+                self.channel.send(ErrorReply(msg.request_id, "GenericError",
+                                             "unknown node or unsorted boundaries"))
+            else:
+                for st in node.stats.values():
+                    st.set_histogram(msg.boundaries_ns)
+                self.channel.send(QueryReply(msg.request_id, {}))
         elif isinstance(msg, SetPollParams):
             self._on_set_poll_params(msg)
         elif isinstance(msg, Stop):
@@ -312,6 +328,25 @@ class IOThreadWorker:
             node.close()
         self.zmq.term()
         self.ctx.close()
+
+
+_QMP_OPS = {"read": "rd", "write": "wr", "flush": "flush", "discard": "unmap", "write_zeroes": "zero"}
+
+
+def node_counters(node: BlockNode) -> dict[str, int]:
+    """A node's statistics, flat, with QMP's BlockDeviceStats names
+    (``rd_operations``, ``wr_bytes``, ``flush_total_time_ns``, ...), and the
+    bins of a user-set latency histogram as ``rd_histogram_0``, ..."""
+    out: dict[str, int] = {"size": node.size, "in_flight": node.in_flight}
+    for op, prefix in _QMP_OPS.items():
+        st = node.stats[op]
+        out[f"{prefix}_operations"] = st.ops
+        out[f"{prefix}_bytes"] = st.bytes
+        out[f"{prefix}_total_time_ns"] = st.total_ns
+        out[f"failed_{prefix}_operations"] = st.errors
+        for i, n in enumerate(st.bins):
+            out[f"{prefix}_histogram_{i}"] = n
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -53,6 +53,7 @@ from protocol import (
     Query,
     QueryReply,
     RemoteProtocolError,
+    SetLatencyHistogram,
     SetPollParams,
     StateError,
     Stop,
@@ -127,6 +128,7 @@ class NodeInfo:
     iothread: str
     options: dict[str, str | int | bool]
     size: int = 0
+    histogram: tuple[int, ...] = ()
 
 
 class Cluster:
@@ -434,6 +436,9 @@ class Cluster:
             if isinstance(reply, QueryReply):
                 info.iothread = iothread
                 self.write_state()
+                if info.histogram:  # the histogram setting moves with the node
+                    self._request(iothread, lambda rid: SetLatencyHistogram(rid, node_name, info.histogram),
+                                  lambda _r: None)
                 log.info("node %s moved from %s to %s", node_name, old, iothread)
                 callback(reply)
                 return
@@ -449,6 +454,22 @@ class Cluster:
             self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
 
         self._request(old, lambda rid: BlockdevDel(rid, node_name, moving=True), detached)
+
+    def node_stats(self, node_name: str, callback: ReplyCallback) -> None:
+        """A node's statistics (QMP's BlockDeviceStats names), from its iothread."""
+        info = self.nodes.get(node_name)
+        if info is None:
+            raise StateError(f"Cannot find device={node_name} nor node-name={node_name}")
+        self._request(info.iothread, lambda rid: Query(rid, node_name), callback)
+
+    def set_latency_histogram(self, node_name: str, boundaries_ns: tuple[int, ...],
+                              callback: ReplyCallback) -> None:
+        """Count a node's latencies in these intervals (empty: stop)."""
+        info = self.nodes.get(node_name)
+        if info is None:
+            raise StateError(f"Cannot find device={node_name} nor node-name={node_name}")
+        info.histogram = boundaries_ns
+        self._request(info.iothread, lambda rid: SetLatencyHistogram(rid, node_name, boundaries_ns), callback)
 
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``

@@ -343,6 +343,9 @@ class Monitor:
         add("x-blockdev-set-iothread", {"node-name": (str, True), "iothread": (str, True),
                                         "force": (bool, False)}, self._set_iothread)
         add("x-query-main-loop", {}, lambda a, d: d(self.loop.context.describe().as_dict()))
+        add("query-blockstats", {"query-nodes": (bool, False)}, self._query_blockstats)
+        add("block-latency-histogram-set", {"id": (str, True), "boundaries": (list, False)},
+            self._histogram_set)
 
     @staticmethod
     def _reply(done: Done, ok: Callable[[QueryReply], Any] = lambda r: {}) -> Callable[
@@ -494,5 +497,55 @@ class Monitor:
                "iothread": n.iothread}
               for n in self.cluster.nodes.values()])
 
+    def _query_blockstats(self, args: dict[str, Any], done: Done) -> None:
+        if not args.get("query-nodes", False):
+            done([])  # no device (frontend) is attached to any node here
+            return
+        names = sorted(self.cluster.nodes)
+        results: dict[str, Any] = {}
+
+        def one(name: str) -> Callable[[QueryReply | ErrorReply], None]:
+            def on_reply(reply: QueryReply | ErrorReply) -> None:
+                results[name] = reply
+                if len(results) == len(names):
+                    done([_blockstats(n, results[n], self.cluster.nodes.get(n)) for n in names
+                          if isinstance(results[n], QueryReply)])
+            return on_reply
+
+        if not names:
+            done([])
+            return
+        for name in names:
+            self.cluster.node_stats(name, one(name))
+
+    def _histogram_set(self, args: dict[str, Any], done: Done) -> None:
+        boundaries = args.get("boundaries", [])
+        if not all(type(b) is int and b > 0 for b in boundaries) or boundaries != sorted(set(boundaries)):
+            done(QmpFailure("GenericError", "Parameter 'boundaries' expects a sorted list of positive integers"))
+            return
+        if args["id"] not in self.cluster.nodes:
+            done(QmpFailure("GenericError", f"Device '{args['id']}' not found"))
+            return
+        self.cluster.set_latency_histogram(args["id"], tuple(boundaries), self._reply(done))
+
     def _set_iothread(self, args: dict[str, Any], done: Done) -> None:
         self.cluster.move_node(args["node-name"], args["iothread"], self._reply(done))
+
+
+_STAT_PREFIXES = ("rd", "wr", "flush", "unmap", "zero")
+
+
+def _blockstats(name: str, reply: Any, info: Any) -> dict[str, Any]:
+    """QMP's BlockStats for one node, from its iothread's flat counters."""
+    c = reply.counters
+    stats: dict[str, Any] = {}
+    for p in _STAT_PREFIXES:
+        for key in (f"{p}_operations", f"{p}_bytes", f"{p}_total_time_ns", f"failed_{p}_operations"):
+            if key in c and not (p in ("flush",) and key == "flush_bytes"):
+                stats[key] = c[key]
+    boundaries = list(info.histogram) if info is not None else []
+    if boundaries:
+        for p, label in (("rd", "rd"), ("wr", "wr"), ("flush", "flush"), ("unmap", "zap")):
+            bins = [c.get(f"{p}_histogram_{i}", 0) for i in range(len(boundaries) + 1)]
+            stats[f"{label}_latency_histogram"] = {"boundaries": boundaries, "bins": bins}
+    return {"node-name": name, "device": "", "stats": stats}

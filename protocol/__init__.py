@@ -42,6 +42,7 @@ from ._messages import Hello as Hello
 from ._messages import Message as Message
 from ._messages import Query as Query
 from ._messages import QueryReply as QueryReply
+from ._messages import SetLatencyHistogram as SetLatencyHistogram
 from ._messages import SetPollParams as SetPollParams
 from ._messages import Stop as Stop
 from ._messages import Welcome as Welcome
@@ -70,6 +71,7 @@ __all__ = [
     "Query",
     "QueryReply",
     "RemoteProtocolError",
+    "SetLatencyHistogram",
     "SetPollParams",
     "StateError",
     "Stop",

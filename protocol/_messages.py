@@ -38,6 +38,7 @@ __all__ = [
     "Message",
     "Query",
     "QueryReply",
+    "SetLatencyHistogram",
     "SetPollParams",
     "Stop",
     "Welcome",
@@ -120,6 +121,8 @@ class Query(Message):
 
     KIND: ClassVar[str] = "query"
     request_id: int
+    node: str = ""
+    """Empty: the iothread's counters; a node name: that node's statistics."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +190,17 @@ class BlockdevDel(Message):
     answered ESTALE (the client looks the node up again and resends)."""
 
 
+@dataclass(frozen=True, slots=True)
+class SetLatencyHistogram(Message):
+    """Count a node's request latencies in the intervals ``boundaries_ns``
+    delimits (QMP's ``block-latency-histogram-set``); empty turns it off."""
+
+    KIND: ClassVar[str] = "set-latency-histogram"
+    request_id: int
+    node_name: str
+    boundaries_ns: tuple[int, ...] = ()
+
+
 # -- data plane -----------------------------------------------------------
 
 
@@ -228,5 +242,5 @@ class BlockCompletion(Message):
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event,
-                ErrorReply, BlockdevAdd, BlockdevDel, BlockRequest, BlockCompletion)
+                ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion)
 }

@@ -252,3 +252,32 @@ def test_tcp_monitor() -> None:
         proc.communicate(timeout=30)
         os.rmdir(d)
     assert proc.returncode == 0
+
+
+def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
+    from iothreads import BlockClient
+
+    q = QEMUMonitorProtocol(cluster["qmp"][0])
+    q.connect()
+    try:
+        q.cmd("blockdev-add", driver="file", **{"node-name": "disk0", "filename": cluster["image"]})
+        assert q.cmd("query-blockstats") == []  # no device: only nodes, with query-nodes
+        q.cmd("block-latency-histogram-set", id="disk0", boundaries=[10_000, 1_000_000])
+        with BlockClient(cluster["runtime_dir"]) as c:
+            for i in range(5):
+                c.write("disk0", i * 4096, b"x" * 4096)
+            for i in range(3):
+                c.read("disk0", i * 4096, 4096)
+            c.flush("disk0")
+        stats = {s["node-name"]: s["stats"] for s in q.cmd("query-blockstats", **{"query-nodes": True})}
+        d = stats["disk0"]
+        assert (d["wr_operations"], d["wr_bytes"], d["rd_operations"], d["rd_bytes"]) == (5, 5 * 4096, 3, 3 * 4096)
+        assert d["flush_operations"] == 1 and d["rd_total_time_ns"] > 0 and d["failed_rd_operations"] == 0
+        hist = d["wr_latency_histogram"]
+        assert hist["boundaries"] == [10_000, 1_000_000] and sum(hist["bins"]) == 5
+        assert "null0" in stats
+        err = q.cmd_obj({"execute": "block-latency-histogram-set", "arguments": {"id": "disk0",
+                                                                                "boundaries": [5, 1]}})
+        assert "sorted" in err["error"]["desc"]
+    finally:
+        q.close()

@@ -28,6 +28,7 @@ from protocol import (
     Query,
     QueryReply,
     RemoteProtocolError,
+    SetLatencyHistogram,
     SetPollParams,
     Stop,
     Welcome,
@@ -47,7 +48,9 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(SetPollParams, request_id=ints, poll_max_ns=ints, poll_grow=ints, poll_shrink=ints,
               aio_max_batch=ints),
     st.builds(Stop, reason=text),
-    st.builds(Query, request_id=ints),
+    st.builds(Query, request_id=ints, node=text),
+    st.builds(SetLatencyHistogram, request_id=ints, node_name=text,
+              boundaries_ns=st.lists(ints, max_size=6).map(tuple)),
     st.builds(QueryReply, request_id=ints, counters=st.dictionaries(text, ints, max_size=8)),
     st.builds(Heartbeat, seq=ints, sent_ns=ints),
     st.builds(Event, name=text, data=st.dictionaries(text, scalars, max_size=8)),
@@ -78,7 +81,7 @@ def test_all_message_types_are_covered() -> None:
 
     assert set(MESSAGE_TYPES.values()) == {
         Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event, ErrorReply,
-        BlockdevAdd, BlockdevDel, BlockRequest, BlockCompletion,
+        BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
     }
 
 
