@@ -281,3 +281,44 @@ def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
         assert "sorted" in err["error"]["desc"]
     finally:
         q.close()
+
+
+def test_command_error_paths_and_io_error_event(cluster: dict[str, Any]) -> None:
+    from iothreads import BlockClient, BlockIOError
+
+    q = QEMUMonitorProtocol(cluster["qmp"][0])
+    q.connect()
+
+    def error(name: str, **args: Any) -> dict[str, str]:
+        reply = q.cmd_obj({"execute": name, "arguments": args})
+        assert "error" in reply, reply
+        return reply["error"]
+
+    try:
+        assert "duplicate" in error("object-add", **{"qom-type": "iothread", "id": "io0"})["desc"]
+        assert "qom-type" in error("object-add", **{"qom-type": "memory-backend-ram", "id": "m"})["desc"]
+        assert error("object-add", **{"qom-type": "iothread"})["desc"] == "Parameter 'id' is missing"
+        assert "not found" in error("object-del", id="nope")["desc"]
+        assert error("qom-get", path="/objects/nope", property="poll-max-ns")["class"] == "DeviceNotFound"
+        assert "not found" in error("qom-get", path="/objects/io0", property="color")["desc"]
+        assert "non-negative" in error("qom-set", path="/objects/io0", property="poll-grow", value=-1)["desc"]
+        assert "node-name='ghost'" in error("blockdev-del", **{"node-name": "ghost"})["desc"]
+        assert "Duplicate" in error("blockdev-add", driver="null-co", **{"node-name": "null0"})["desc"]
+        assert "driver" in error("blockdev-add", driver="qcow2", **{"node-name": "q"})["desc"]
+        assert "filename" in error("blockdev-add", driver="file", **{"node-name": "f"})["desc"]
+        assert "could not open" in error("blockdev-add", driver="file",
+                                         **{"node-name": "f", "filename": "/nonexistent/x.img"})["desc"]
+        assert "not running" in error("x-blockdev-set-iothread", **{"node-name": "null0", "iothread": "zz"})["desc"]
+        # An I/O error in an iothread reaches the QMP session as BLOCK_IO_ERROR.
+        q.cmd("blockdev-add", driver="file", **{"node-name": "disk0", "filename": cluster["image"]})
+        os.truncate(cluster["image"], 4096)
+        with BlockClient(cluster["runtime_dir"]) as c:
+            with pytest.raises(BlockIOError):
+                c.read("disk0", 2048, 4096)
+        event = q.pull_event(wait=20.0)
+        while event is not None and event["event"] != "BLOCK_IO_ERROR":
+            event = q.pull_event(wait=20.0)
+        assert event is not None
+        assert event["data"]["node-name"] == "disk0" and event["data"]["operation"] == "read"
+    finally:
+        q.close()
