@@ -21,7 +21,8 @@ import os
 import signal
 import sys
 from importlib import metadata
-from typing import Any, NoReturn
+from collections.abc import Callable
+from typing import Any, NoReturn, TypeVar
 
 import zmq
 
@@ -114,16 +115,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
-    configs: list[IOThreadConfig] = []
-    for text in args.object:
+T = TypeVar("T")
+
+
+def _parse_each(option: str, texts: list[str], parse: Callable[[str], T],
+                check: Callable[[T, list[T]], str | None]) -> list[T]:
+    """Parse every value of a repeatable option; errors name the option and value."""
+    parsed: list[T] = []
+    for text in texts:
         try:
-            config = parse_object(text)
+            value = parse(text)
         except OptionError as exc:
-            raise OptionError(f"--object {text}: {exc}") from None
-        if any(c.id == config.id for c in configs):
-            raise OptionError(f"--object {text}: duplicate iothread id '{config.id}'")
-        configs.append(config)
+            raise OptionError(f"{option} {text}: {exc}") from None
+        problem = check(value, parsed)
+        if problem is not None:
+            raise OptionError(f"{option} {text}: {problem}")
+        parsed.append(value)
+    return parsed
+
+
+def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
+    configs = _parse_each("--object", args.object, parse_object, lambda c, seen: (
+        f"duplicate iothread id '{c.id}'" if any(s.id == c.id for s in seen) else None))
     count = args.iothreads if args.iothreads is not None else (0 if configs else 2)
     n = 0
     while count:
@@ -143,19 +156,16 @@ def _emit(event: dict[str, Any]) -> None:
 
 
 def _blockdevs(args: argparse.Namespace, configs: list[IOThreadConfig]) -> list[BlockdevSpec]:
-    specs: list[BlockdevSpec] = []
     ids = {c.id for c in configs}
-    for text in args.blockdev:
-        try:
-            spec = parse_blockdev(text)
-        except OptionError as exc:
-            raise OptionError(f"--blockdev {text}: {exc}") from None
-        if any(s.node_name == spec.node_name for s in specs):
-            raise OptionError(f"--blockdev {text}: Duplicate nodes with node-name='{spec.node_name}'")
+
+    def check(spec: BlockdevSpec, seen: list[BlockdevSpec]) -> str | None:
+        if any(s.node_name == spec.node_name for s in seen):
+            return f"Duplicate nodes with node-name='{spec.node_name}'"
         if spec.iothread is not None and spec.iothread not in ids:
-            raise OptionError(f"--blockdev {text}: Cannot find iothread {spec.iothread}")
-        specs.append(spec)
-    return specs
+            return f"Cannot find iothread {spec.iothread}"
+        return None
+
+    return _parse_each("--blockdev", args.blockdev, parse_blockdev, check)
 
 
 def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
@@ -172,25 +182,11 @@ def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
 
 
 def _monitors(args: argparse.Namespace) -> list[ChardevSpec]:
-    chardevs: dict[str, ChardevSpec] = {}
-    for text in args.chardev:
-        try:
-            spec = parse_chardev(text)
-        except OptionError as exc:
-            raise OptionError(f"--chardev {text}: {exc}") from None
-        if spec.id in chardevs:
-            raise OptionError(f"--chardev {text}: duplicate chardev id '{spec.id}'")
-        chardevs[spec.id] = spec
-    served = []
-    for text in args.monitor:
-        try:
-            name = parse_monitor(text)
-        except OptionError as exc:
-            raise OptionError(f"--monitor {text}: {exc}") from None
-        if name not in chardevs:
-            raise OptionError(f"--monitor {text}: chardev '{name}' not found")
-        served.append(chardevs[name])
-    return served
+    chardevs = {c.id: c for c in _parse_each("--chardev", args.chardev, parse_chardev, lambda c, seen: (
+        f"duplicate chardev id '{c.id}'" if any(s.id == c.id for s in seen) else None))}
+    names = _parse_each("--monitor", args.monitor, parse_monitor, lambda name, seen: (
+        None if name in chardevs else f"chardev '{name}' not found"))
+    return [chardevs[n] for n in names]
 
 
 def launch(args: argparse.Namespace) -> int:

@@ -130,6 +130,11 @@ def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
         (["--iothreads", "-1"], "must not be negative"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--runtime-dir", "/tmp/" + "x" * 100], "path too long"),
+        (["--monitor", "chardev=nope"], "--monitor chardev=nope: chardev 'nope' not found"),
+        (["--chardev", "socket,id=m,path=/tmp/x.sock,server=on,wait=on"], "wait=on is not supported"),
+        (["--chardev", "pty,id=m"], "chardev backend 'pty' is not supported"),
+        (["--chardev", "socket,id=m,server=on,wait=off"], "needs path=PATH or host=HOST,port=PORT"),
+        (["--blockdev", "driver=file,node-name=d,filename=/x,iothread=io9"], "Cannot find iothread io9"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> None:
