@@ -61,6 +61,8 @@ class BlockClient:
     def __init__(self, runtime_dir: str, ctx: AioContext | None = None, *, timeout_s: float = 30.0) -> None:
         self.runtime_dir = runtime_dir
         self.timeout_s = timeout_s
+        self.state: dict[str, Any] = {}
+        self.refresh()  # first: no cluster there, nothing created
         self._owns_ctx = ctx is None
         self.ctx = ctx or AioContext(name="block-client")
         self.zmq = zmq.Context()
@@ -70,8 +72,6 @@ class BlockClient:
         self._requests: dict[int, tuple[str, str, int, int, bytes, int]] = {}  # to resend after a move
         self._ids = itertools.count(1)
         self.resends = 0  # requests sent again because their node had moved
-        self.state: dict[str, Any] = {}
-        self.refresh()
 
     # -- the cluster's shape ---------------------------------------------------
 
