@@ -165,7 +165,8 @@ class BlockClient:
         self._pending[request_id] = callback
         self._requests[request_id] = (node, op, offset, length, data, tries)
         try:
-            self._channel(info["iothread"]).send(msg)
+            # Deferred: a burst of submissions reaches the socket in one go.
+            self._channel(info["iothread"]).send(msg, defer=True)
         except BaseException:
             self._pending.pop(request_id, None)
             self._requests.pop(request_id, None)

@@ -131,8 +131,11 @@ class Channel:
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, msg: Message, identity: bytes | None = None) -> None:
-        """Queue ``msg`` (to ``identity`` on a ROUTER) and send what the socket takes."""
+    def send(self, msg: Message, identity: bytes | None = None, *, defer: bool = False) -> None:
+        """Queue ``msg`` (to ``identity`` on a ROUTER) and send what the socket takes.
+
+        With ``defer``, only queue it and kick the loop: messages sent in a
+        burst then go to the socket together, at the loop's next turn."""
         frames = encode(msg)
         if self.router:
             if identity is None:
@@ -144,7 +147,10 @@ class Channel:
         else:
             self._outq.append(frames)
         self._queued += 1
-        if not self._draining:
+        if defer and not self._draining:
+            if self._queued == 1:
+                self.kick()  # drain() flushes at its end
+        elif not self._draining:
             self.flush()  # inside drain(), replies go out together at its end
 
     def _send_queue(self, q: deque[list[bytes]]) -> None:
