@@ -49,6 +49,7 @@ _POLLIN = int(zmq.POLLIN)
 _POLLOUT = int(zmq.POLLOUT)
 _EVENTS = int(zmq.EVENTS)
 _NOBLOCK = int(zmq.NOBLOCK)
+_NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
@@ -74,6 +75,25 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
             " (choose a shorter runtime directory)"
         )
     return "ipc://" + path
+
+
+def _send_frames(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+    """``send_multipart`` without pyzmq's flag enums (costly per frame): once
+    the first frame is taken, ZeroMQ takes the rest of the message too."""
+    last = len(frames) - 1
+    for i, frame in enumerate(frames):
+        sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_SNDMORE, copy=False)
+
+
+def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
+    """``recv_multipart``, reading "more" from each frame instead of a
+    getsockopt(RCVMORE) per frame."""
+    frame = sock.recv(_NOBLOCK, copy=False)
+    frames = [frame.bytes]
+    while frame.more:
+        frame = sock.recv(_NOBLOCK, copy=False)
+        frames.append(frame.bytes)
+    return frames
 
 
 class Channel:
@@ -157,7 +177,7 @@ class Channel:
         sock = self.socket
         while q:
             try:
-                sock.send_multipart(q[0], _NOBLOCK, copy=False)
+                _send_frames(sock, q[0])
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
@@ -225,7 +245,7 @@ class Channel:
             if not events & _POLLIN:
                 return delivered
             try:
-                frames = sock.recv_multipart(_NOBLOCK, copy=True)
+                frames = _recv_frames(sock)
             except zmq.Again:
                 return delivered
             delivered += 1
