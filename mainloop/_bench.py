@@ -300,6 +300,11 @@ def run_bench(args: argparse.Namespace) -> int:
         raise OptionError("--bs must be between 1 byte and 16M")
     if args.iodepth < 1 or args.numjobs < 0 or args.ops < 0 or args.runtime <= 0:
         raise OptionError("--iodepth must be >= 1; --numjobs and --ops >= 0; --runtime > 0")
+    if args.plot:
+        try:
+            import matplotlib  # noqa: F401  (checked before the run, used after it)
+        except ImportError:
+            raise OptionError("--plot needs matplotlib (pip install -e '.[plot]')") from None
     embedded = None
     if args.attach is None:
         embedded = EmbeddedCluster(parse_size("--size", args.size))

@@ -160,3 +160,18 @@ def test_verify_catches_corruption(cluster: tuple[str, str], monkeypatch: pytest
     args = argparse.Namespace(attach=run, rw="randrw", bs="4k", iodepth=4, numjobs=1, runtime=3.0, ops=16,
                               size="8M", node=["disk0"], verify=True, json=None, plot=None)
     assert _bench.run_bench(args) == 1
+
+
+def test_bench_plot_needs_matplotlib_or_writes_a_png(tmp_path: object) -> None:
+    png = os.path.join(str(tmp_path), "lat.png")
+    out = subprocess.run([*COMMAND, "bench", "--ops", "200", "--size", "4M", "--plot", png],
+                         capture_output=True, text=True, timeout=120)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert out.returncode == 1 and "--plot needs matplotlib" in out.stderr
+        assert "IOPS" not in out.stderr  # refused before running anything
+    else:
+        assert out.returncode == 0, out.stderr
+        with open(png, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
