@@ -29,6 +29,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
-HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
+HISTOGRAM_BUCKETS = 32
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
 
 
 class BlockDriver:
@@ -123,11 +125,18 @@ class FileDriver(BlockDriver):
                 raise OSError(errno.EINVAL, f"{filename}: cache.direct=on is not supported by its "
                                             "file system") from None
             raise OSError(exc.errno, f"could not open '{filename}': {exc.strerror}") from None
+        try:
+            mode = os.fstat(self.fd).st_mode
+            if not (stat.S_ISREG(mode) or stat.S_ISBLK(mode)):
+                raise OSError(errno.EINVAL, f"'{filename}' is not a regular file or a block device")
+            self.size = os.lseek(self.fd, 0, os.SEEK_END)
+        except BaseException:
+            os.close(self.fd)
+            raise
         self.filename = filename
         self.read_only = read_only
         self.direct = direct
         self.align = 4096 if direct else 1
-        self.size = os.lseek(self.fd, 0, os.SEEK_END)
         self._nowait = hasattr(os, "RWF_NOWAIT") and not direct
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -272,6 +281,8 @@ class BlockNode:
             return None
         if op == BlockOp.WRITE and length != len(data):
             return f"write of {len(data)} bytes declared as {length}"
+        if length > MAX_REQUEST_BYTES:
+            return f"request of {length} bytes is larger than the limit of {MAX_REQUEST_BYTES}"
         if offset < 0 or length < 0 or offset + length > self.driver.size:
             return (f"request [{offset}, {offset + length}) is out of range: node "
                     f"'{self.name}' has {self.driver.size} bytes")
@@ -294,9 +305,12 @@ class BlockNode:
         if op == BlockOp.READ:
             try:
                 cached = self.driver.read_nowait(offset, length)
-            except OSError as exc:
+            except Exception as exc:
                 self.in_flight -= 1
-                self._complete(op, start, 0, -(exc.errno or errno.EIO), str(exc), b"", callback)
+                err = exc.errno if isinstance(exc, OSError) and exc.errno else (
+                    errno.ENOMEM if isinstance(exc, MemoryError) else errno.EIO)
+                self._complete(op, start, 0, -err, str(exc) or type(exc).__name__, b"", callback)
+                self._maybe_drained()
                 return
             if cached is not None:
                 self.in_flight -= 1

@@ -129,6 +129,7 @@ class NodeInfo:
     options: dict[str, str | int | bool]
     size: int = 0
     histogram: tuple[int, ...] = ()
+    moving_to: str | None = None  # the target of a move in progress
 
 
 class Cluster:
@@ -185,6 +186,14 @@ class Cluster:
         """Undo ``add_listener``; unknown callbacks are ignored."""
         if callback in self._listeners:
             self._listeners.remove(callback)
+
+    @staticmethod
+    def _call(cb: Callable[..., object], *args: Any) -> None:
+        """Run a reply or exit callback; one that raises cannot stop the others."""
+        try:
+            cb(*args)
+        except Exception:
+            log.exception("cluster callback %r failed", cb)
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
         for cb in list(self._listeners):
@@ -261,12 +270,12 @@ class Cluster:
         t._watch = None
         if t._deadline is not None:
             t._deadline.delete()
-        for cb in t._pending.values():
-            cb(ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
-        t._pending.clear()
+        pending, t._pending = t._pending, {}
+        for cb in pending.values():
+            self._call(cb, ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
         callbacks, t._exit_callbacks = t._exit_callbacks, []
         for on_exit in callbacks:
-            on_exit()
+            self._call(on_exit)
         lost = [n for n in self.nodes.values() if n.iothread == t.id]
         for n in lost:
             del self.nodes[n.name]
@@ -319,7 +328,7 @@ class Cluster:
         elif isinstance(msg, QueryReply | ErrorReply):
             cb = t._pending.pop(msg.request_id, None)
             if cb is not None:
-                cb(msg)
+                self._call(cb, msg)
         elif isinstance(msg, Heartbeat):
             pass
         elif isinstance(msg, Event):
@@ -430,30 +439,58 @@ class Cluster:
         if info.iothread == iothread:
             callback(QueryReply(0, {"size": info.size}))
             return
+        if info.moving_to is not None:
+            raise StateError(f"node '{node_name}' is already moving to {info.moving_to}")
         old = info.iothread
+        info.moving_to = iothread
+
+        def complete(reply: QueryReply | ErrorReply) -> None:
+            info.moving_to = None
+            callback(reply)
 
         def added(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, QueryReply):
                 info.iothread = iothread
                 self.write_state()
                 if info.histogram:  # the histogram setting moves with the node
-                    self._request(iothread, lambda rid: SetLatencyHistogram(rid, node_name, info.histogram),
-                                  lambda _r: None)
+                    try:
+                        self._request(iothread, lambda rid: SetLatencyHistogram(rid, node_name, info.histogram),
+                                      lambda _r: None)
+                    except StateError:
+                        pass
                 log.info("node %s moved from %s to %s", node_name, old, iothread)
-                callback(reply)
+                complete(reply)
                 return
             # The new home refused: put the node back where it was.
             log.error("moving node %s to %s failed: %s", node_name, iothread, reply.message)
-            self._request(old, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options),
-                          lambda _r: callback(reply))
+
+            def restored(back: QueryReply | ErrorReply) -> None:
+                if isinstance(back, ErrorReply):
+                    log.error("node %s is lost: it could not be reopened in %s either: %s",
+                              node_name, old, back.message)
+                    self.nodes.pop(node_name, None)
+                    self.write_state()
+                complete(reply)
+
+            try:
+                self._request(old, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), restored)
+            except StateError as exc:
+                restored(ErrorReply(0, "GenericError", str(exc)))
 
         def detached(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, ErrorReply):
-                callback(reply)
+                complete(reply)
                 return
-            self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
+            try:
+                self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
+            except StateError as exc:  # the target went away meanwhile
+                added(ErrorReply(0, "GenericError", str(exc)))
 
-        self._request(old, lambda rid: BlockdevDel(rid, node_name, moving=True), detached)
+        try:
+            self._request(old, lambda rid: BlockdevDel(rid, node_name, moving=True), detached)
+        except BaseException:
+            info.moving_to = None
+            raise
 
     def node_stats(self, node_name: str, callback: ReplyCallback) -> None:
         """A node's statistics (QMP's BlockDeviceStats names), from its iothread."""
@@ -474,6 +511,8 @@ class Cluster:
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``
         (replaced atomically)."""
+        if self._closed:
+            return
         path = os.path.join(self.runtime_dir, STATE_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:

@@ -285,9 +285,25 @@ class Monitor:
         except (BlockingIOError, InterruptedError):
             return True
         except OSError as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
-                log.error("QMP: cannot accept a connection: %s", exc)
-            return True
+            if exc.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                return True  # the peer went away before accept: nothing to do
+            # Out of fds: the listener stays readable, so stop watching it for
+            # a while instead of spinning, then try again.
+            log.error("QMP: cannot accept a connection: %s; retrying in 200 ms", exc)
+            for i, (lsock, src, path) in enumerate(self._listeners):
+                if lsock is sock:
+                    src.destroy()
+
+                    def rearm(i: int = i, lsock: socket.socket = sock, path: str | None = path) -> bool:
+                        if lsock.fileno() >= 0:
+                            new = FdWatchSource(lsock.fileno(), IO_IN, lambda fd, c: self._accept(lsock),
+                                                name="qmp listener", role=src.pollfds[0].role)
+                            self.loop.context.attach(new)
+                            self._listeners[i] = (lsock, new, path)
+                        return False
+
+                    self.loop.context.timeout_add(200, rearm, name="qmp listener back-off")
+            return False
         conn.setblocking(False)
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
         self.sessions.add(Session(self, conn, peer))
@@ -409,7 +425,7 @@ class Monitor:
         if t is None or t.state is IOThreadState.EXITED:
             done(QmpFailure("GenericError", f"object '{args['id']}' not found"))
             return
-        owned = sorted(n.name for n in self.cluster.nodes.values() if n.iothread == t.id)
+        owned = sorted(n.name for n in self.cluster.nodes.values() if t.id in (n.iothread, n.moving_to))
         if owned:
             done(QmpFailure("GenericError", f"iothread '{t.id}' is in use by block node(s) "
                                             f"{', '.join(owned)}; move or delete them first"))

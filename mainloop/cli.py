@@ -227,10 +227,12 @@ def launch(args: argparse.Namespace) -> int:
                 if not cluster.wait_for(lambda: cluster.all_running() or stop["requested"] or bool(failed()),
                                         cluster.handshake_timeout_ms / 1000 + 5):
                     log.error("not every iothread answered in time")
+                    cluster.shutdown()
                     return EXIT_FAILURE
                 if failed():
                     t = failed()[0]
                     log.error("iothread %s exited during start-up (exit code %s)", t.id, t.exit_status)
+                    cluster.shutdown()
                     return EXIT_FAILURE
                 if not stop["requested"] and specs:
                     problem = _add_blockdevs(cluster, specs)

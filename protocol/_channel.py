@@ -231,8 +231,16 @@ class Channel:
         self._draining = True
         try:
             delivered = self._drain_batch()
-        finally:
+        except BaseException:
+            # A handler raised: the edge was consumed, so come back for the
+            # rest, and send what the batch produced; then let it propagate.
             self._draining = False
+            if not self._closed:
+                self.kick()
+                if self._queued:
+                    self.flush()
+            raise
+        self._draining = False
         if self._queued and not self._closed:
             self.flush()
         return delivered

@@ -68,7 +68,14 @@ class QmpDecoder:
                 while j < n and buf[j] not in _WS and buf[j] not in b"{[":
                     j += 1
                 if j == n:
-                    break  # it may go on in the next read
+                    if j - i > self.max_message_bytes:
+                        out.append(QmpInputError(
+                            f"JSON parse error, input larger than {self.max_message_bytes} bytes", fatal=True))
+                        self._reset()
+                        del buf[:]
+                        self._pos = 0
+                        return out
+                    break  # it may go on in the next read (rescanned from its start: bounded above)
                 out.append(QmpInputError("QMP input must be a JSON object"))
                 i = j
                 continue
