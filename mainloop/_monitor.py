@@ -48,6 +48,7 @@ log = logging.getLogger("mainloop.qmp")
 
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "evloop 0.1.0"}
 IOTHREAD_PROPS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
+MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # unread output a session may pile up
 _TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array"}
 
 
@@ -93,6 +94,9 @@ class Session:
             return
         self.out += qmp_line(obj)
         self._flush()
+        if len(self.out) > MAX_OUTPUT_BYTES:
+            log.error("QMP session %s does not read its replies and events: closing it", self.peer)
+            self.close()
 
     def _flush(self) -> None:
         while self.out and not self.closed:
