@@ -12,6 +12,7 @@ from ._aio import AioContextStats as AioContextStats
 from ._aio import get_current_aio_context as get_current_aio_context
 from ._bh import BottomHalf as BottomHalf
 from ._channels import ChannelHandler as ChannelHandler
+from ._client import CLUSTER_STATE_FILE as CLUSTER_STATE_FILE
 from ._client import BlockClient as BlockClient
 from ._client import BlockIOError as BlockIOError
 from ._clock import Clock as Clock
@@ -42,6 +43,7 @@ __all__ = [
     "BlockClient",
     "BlockIOError",
     "BottomHalf",
+    "CLUSTER_STATE_FILE",
     "ChannelHandler",
     "Clock",
     "ClockSpec",

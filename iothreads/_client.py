@@ -43,9 +43,9 @@ from ._channels import ChannelHandler
 from ._clock import ClockType
 from ._coroutine import Future
 
-__all__ = ["BlockClient", "BlockIOError"]
+__all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 
-STATE_FILE = "cluster.json"
+CLUSTER_STATE_FILE = "cluster.json"  # in the runtime directory; written by the main loop
 MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little while
 RESEND_DELAY_MS = 1
 Completion = Callable[[int, str, bytes], object]
@@ -77,12 +77,12 @@ class BlockClient:
 
     def refresh(self) -> None:
         """Re-read the cluster's published state (nodes added or moved)."""
-        path = os.path.join(self.runtime_dir, STATE_FILE)
+        path = os.path.join(self.runtime_dir, CLUSTER_STATE_FILE)
         try:
             with open(path, encoding="utf-8") as f:
                 self.state = json.load(f)
         except FileNotFoundError:
-            raise StateError(f"no running cluster in {self.runtime_dir} (no {STATE_FILE})") from None
+            raise StateError(f"no running cluster in {self.runtime_dir} (no {CLUSTER_STATE_FILE})") from None
 
     def nodes(self) -> dict[str, dict[str, Any]]:
         return dict(self.state.get("nodes", {}))

@@ -39,7 +39,7 @@ from typing import Any
 
 import zmq
 
-from iothreads import ClockType, Timer
+from iothreads import CLUSTER_STATE_FILE, ClockType, Timer
 from protocol import (
     PROTOCOL_VERSION,
     BlockdevAdd,
@@ -67,9 +67,7 @@ from ._channels import ChannelSource
 from ._loop import MainLoop
 from ._sources import ChildWatchSource
 
-__all__ = ["STATE_FILE", "Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
-
-STATE_FILE = "cluster.json"
+__all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
 log = logging.getLogger("mainloop.cluster")
 
@@ -513,7 +511,7 @@ class Cluster:
         (replaced atomically)."""
         if self._closed:
             return
-        path = os.path.join(self.runtime_dir, STATE_FILE)
+        path = os.path.join(self.runtime_dir, CLUSTER_STATE_FILE)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
             json.dump(self.describe(), f)

@@ -22,7 +22,7 @@ import socket
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from protocol import (
     ErrorReply,
@@ -36,11 +36,10 @@ from protocol import (
     qmp_return,
 )
 
+from ._cluster import Cluster, IOThreadConfig, IOThreadState
+from ._options import _valid_id
 from ._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
 from ._sources import FdWatchSource
-
-if TYPE_CHECKING:
-    from ._cluster import Cluster
 
 __all__ = ["Monitor", "QmpFailure"]
 
@@ -383,17 +382,12 @@ class Monitor:
         self.on_quit()
 
     def _query_iothreads(self, args: dict[str, Any], done: Done) -> None:
-        from ._cluster import IOThreadState
-
         done([{"id": t.id, "thread-id": t.pid, "poll-max-ns": t.config.poll_max_ns,
                "poll-grow": t.config.poll_grow, "poll-shrink": t.config.poll_shrink,
                "aio-max-batch": t.config.aio_max_batch}
               for t in self.cluster.iothreads.values() if t.state is IOThreadState.RUNNING])
 
     def _object_add(self, args: dict[str, Any], done: Done) -> None:
-        from ._cluster import IOThreadConfig
-        from ._options import _valid_id
-
         if args["qom-type"] != "iothread":
             done(QmpFailure("GenericError", f"Invalid parameter value for 'qom-type': {args['qom-type']}"))
             return
@@ -423,8 +417,6 @@ class Monitor:
         self.cluster.add_listener(check)
 
     def _object_del(self, args: dict[str, Any], done: Done) -> None:
-        from ._cluster import IOThreadState
-
         t = self.cluster.iothreads.get(args["id"])
         if t is None or t.state is IOThreadState.EXITED:
             done(QmpFailure("GenericError", f"object '{args['id']}' not found"))
@@ -437,8 +429,6 @@ class Monitor:
         self.cluster.stop(t.id, on_exit=lambda: done({}))
 
     def _iothread_of_path(self, path: str) -> Any:
-        from ._cluster import IOThreadState
-
         ident = path.removeprefix("/objects/")
         t = self.cluster.iothreads.get(ident)
         if not path.startswith("/objects/") or t is None or t.state is not IOThreadState.RUNNING:
@@ -478,8 +468,6 @@ class Monitor:
                                      aio_max_batch=params["aio-max-batch"])
 
     def _blockdev_add(self, args: dict[str, Any], done: Done) -> None:
-        from ._options import _valid_id
-
         driver, name = args["driver"], args["node-name"]
         if not _valid_id(name):
             done(QmpFailure("GenericError", f"Invalid node-name: '{name}'"))
