@@ -196,7 +196,8 @@ class IOThreadWorker:
 
         def done(status: int, message: str, data: bytes) -> None:
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
-                channel.send(BlockCompletion(request_id, status, message, data), to)
+                # Deferred: completions that finish together leave in one batch.
+                channel.send(BlockCompletion(request_id, status, message, data), to, defer=True)
             if status < 0 and -status not in (errno.EINVAL, errno.ESTALE, errno.ENODEV):
                 # What the main loop must know (and handle under its BQL) goes
                 # to it as a message: QEMU's BLOCK_IO_ERROR event.

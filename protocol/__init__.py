@@ -1,7 +1,8 @@
 """Wire formats, message types and the project's error tree.
 
 ``encode(msg) -> frames`` and ``decode(frames) -> msg`` carry the messages of
-``_messages.py`` between the main loop, the iothreads and clients.
+``_messages.py`` between the main loop, the iothreads and clients;
+``encode_batch`` / ``decode_batch`` carry several in one ZeroMQ message.
 
 ``protocol`` is the leaf package: it imports nothing from ``iothreads`` or
 ``mainloop``, and its core holds no sockets, threads or clocks.
@@ -14,7 +15,10 @@ from ._channel import ipc_endpoint as ipc_endpoint
 from ._channel import make_runtime_dir as make_runtime_dir
 from ._codec import Limits as Limits
 from ._codec import decode as decode
+from ._codec import decode_batch as decode_batch
 from ._codec import encode as encode
+from ._codec import encode_batch as encode_batch
+from ._codec import pack as pack
 from ._errors import BottomHalfLeakError as BottomHalfLeakError
 from ._errors import CoroutineStateError as CoroutineStateError
 from ._errors import EvloopError as EvloopError
@@ -78,9 +82,12 @@ __all__ = [
     "ThreadContractError",
     "Welcome",
     "decode",
+    "decode_batch",
     "encode",
+    "encode_batch",
     "ipc_endpoint",
     "make_runtime_dir",
+    "pack",
     "qmp_error",
     "qmp_event",
     "qmp_line",

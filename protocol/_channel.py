@@ -17,10 +17,18 @@ while a message is already queued waits forever.  The rules followed here:
 * ``drain()`` delivers at most ``batch`` messages per call and then kicks
   itself, so one busy peer cannot starve the rest of the loop.
 
-Peers' frames are decoded with ``decode``: a bad message is counted, handed
-to ``on_error`` with the peer's identity, and dropped; it never raises into
-the loop.  Sends never block: a message the socket cannot take now waits in
-an outgoing queue, flushed when ``ZMQ_EVENTS`` shows ``POLLOUT``.
+Messages queued together leave together: ``flush()`` packs everything a
+peer's queue holds (up to the codec's limits) into one ZeroMQ message, a
+batch, so a burst of replies costs one send and one msgpack header on each
+side.  Replies produced while ``drain()`` delivers are queued and flushed at
+its end; ``send(defer=True)`` queues until the loop's next turn.
+
+Peers' frames are decoded with ``decode_batch``: a bad message is counted,
+handed to ``on_error`` with the peer's identity, and dropped; it never raises
+into the loop.  If a handler raises, the rest of its batch is kept and
+delivered by the next ``drain()``.  Sends never block: a message the socket
+cannot take now waits in an outgoing queue, flushed when ``ZMQ_EVENTS``
+shows ``POLLOUT``.
 
 This module holds the socket logic only; ``iothreads`` and ``mainloop`` plug
 a channel into an AioContext (an fd handler) or a MainContext (a source).
@@ -32,12 +40,13 @@ import os
 import stat
 import tempfile
 from collections import deque
+from itertools import islice
 from collections.abc import Callable
 from typing import Any, cast
 
 import zmq
 
-from ._codec import DEFAULT_LIMITS, Limits, decode, encode
+from ._codec import DEFAULT_LIMITS, Limits, decode_batch, encode_batch, pack
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import Message
 
@@ -55,6 +64,7 @@ MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
 
 Handler = Callable[[bytes, Message], object]
+Packed = tuple[bytes, "bytes | None"]  # a message as ``pack`` gives it
 ErrorHandler = Callable[[bytes, RemoteProtocolError], object]
 
 
@@ -119,9 +129,13 @@ class Channel:
         self.limits = limits
         self.batch = batch
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
-        self._outq: deque[list[bytes]] = deque()  # a DEALER's backlog
-        self._peerq: dict[bytes, deque[list[bytes]]] = {}  # a ROUTER's, per peer (non-empty only)
+        self._outq: deque[Packed] = deque()  # a DEALER's backlog
+        self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
+        # A batch must pass the peer's limits (assumed to be ours).
+        self._batch_items = limits.max_container_len
+        self._batch_header_bytes = limits.max_header_bytes - 16
         self._queued = 0
+        self._unread: deque[tuple[bytes, list[Message | RemoteProtocolError]]] = deque()
         self._draining = False
         self._fd = cast(int, socket.getsockopt(zmq.FD))
         self.received = 0
@@ -146,6 +160,8 @@ class Channel:
         send the backlog (reads ZMQ_EVENTS, which may consume the fd's edge)."""
         if self._closed:
             return False
+        if self._unread:
+            return True
         events = self._events()
         return bool(events & _POLLIN or (self._queued and events & _POLLOUT))
 
@@ -156,16 +172,16 @@ class Channel:
 
         With ``defer``, only queue it and kick the loop: messages sent in a
         burst then go to the socket together, at the loop's next turn."""
-        frames = encode(msg)
+        packed = pack(msg)
         if self.router:
             if identity is None:
                 raise LocalProtocolError("a ROUTER channel needs the peer's identity to send")
             q = self._peerq.get(identity)
             if q is None:
                 q = self._peerq[identity] = deque()
-            q.append([identity, *frames])
+            q.append(packed)
         else:
-            self._outq.append(frames)
+            self._outq.append(packed)
         self._queued += 1
         if defer and not self._draining:
             if self._queued == 1:
@@ -173,20 +189,33 @@ class Channel:
         elif not self._draining:
             self.flush()  # inside drain(), replies go out together at its end
 
-    def _send_queue(self, q: deque[list[bytes]]) -> None:
+    def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
+        """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""
         sock = self.socket
         while q:
+            if len(q) == 1:
+                n, batch = 1, [q[0]]
+            else:
+                n, size = 0, 0
+                for item, _ in q:
+                    size += len(item)
+                    if n and (n == self._batch_items or size > self._batch_header_bytes):
+                        break
+                    n += 1
+                batch = list(islice(q, n))
+            frames = encode_batch(batch)
             try:
-                _send_frames(sock, q[0])
+                _send_frames(sock, frames if identity is None else [identity, *frames])
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:
                 if exc.errno != zmq.EHOSTUNREACH:
                     raise
-                self.unroutable += 1  # the peer is gone: drop its message
-            q.popleft()
-            self._queued -= 1
-            self.sent += 1
+                self.unroutable += n  # the peer is gone: drop its messages
+            for _ in range(n):
+                q.popleft()
+            self._queued -= n
+            self.sent += n
 
     def flush(self) -> None:
         """Send queued messages until the socket refuses; then re-check input."""
@@ -195,11 +224,11 @@ class Channel:
             before = self.sent
             if self.router:
                 for identity, q in list(self._peerq.items()):
-                    self._send_queue(q)
+                    self._send_queue(q, identity)
                     if not q:
                         del self._peerq[identity]
             else:
-                self._send_queue(self._outq)
+                self._send_queue(self._outq, None)
             # This read may consume the fd's edge, for input as for room to
             # send: act on both now, since the fd will not say it again.
             events = self._events()
@@ -248,6 +277,8 @@ class Channel:
     def _drain_batch(self) -> int:
         sock = self.socket
         delivered = 0
+        while self._unread and not self._closed:  # left by a handler that raised
+            delivered += self._hand_over(*self._unread.popleft())
         while delivered < self.batch:
             events = self._events()
             if not events & _POLLIN:
@@ -256,8 +287,7 @@ class Channel:
                 frames = _recv_frames(sock)
             except zmq.Again:
                 return delivered
-            delivered += 1
-            self._deliver(frames)
+            delivered += self._deliver(frames)
             if self._closed:
                 return delivered
         events = self._events()
@@ -265,21 +295,38 @@ class Channel:
             self.kick()  # more to do: come back after the rest of the loop had a turn
         return delivered
 
-    def _deliver(self, frames: list[bytes]) -> None:
+    def _deliver(self, frames: list[bytes]) -> int:
+        """Decode one ZeroMQ message and hand over what it carries; how many
+        messages that was (good or bad)."""
         identity = b""
         if self.router:
             if not frames:
-                return
+                return 0
             identity, frames = frames[0], frames[1:]
         try:
-            msg = decode(frames, self.limits)
+            results = decode_batch(frames, self.limits)
         except RemoteProtocolError as exc:
-            self.bad_messages += 1
-            if self.on_error is not None:
-                self.on_error(identity, exc)
-            return
-        self.received += 1
-        self.on_message(identity, msg)
+            results = [exc]
+        return self._hand_over(identity, results)
+
+    def _hand_over(self, identity: bytes, results: list[Message | RemoteProtocolError]) -> int:
+        for i, result in enumerate(results):
+            if self._closed:
+                return i
+            try:
+                if isinstance(result, RemoteProtocolError):
+                    self.bad_messages += 1
+                    if self.on_error is not None:
+                        self.on_error(identity, result)
+                else:
+                    self.received += 1
+                    self.on_message(identity, result)
+            except BaseException:
+                # The rest of the batch waits for the next drain(): nothing is lost.
+                if i + 1 < len(results):
+                    self._unread.appendleft((identity, results[i + 1:]))
+                raise
+        return len(results)
 
     def close(self) -> None:
         """Close the socket (LINGER 0: nothing waits).  Idempotent."""
@@ -288,4 +335,5 @@ class Channel:
             self._outq.clear()
             self._peerq.clear()
             self._queued = 0
+            self._unread.clear()
             self.socket.close(linger=LINGER_MS)

@@ -6,6 +6,16 @@ payload frame::
     frame 0: msgpack([version, kind, {field: value, ...}])
     frame 1: the payload (a block's data), only for kinds that carry one
 
+Several messages may share one ZeroMQ message (a *batch*: what a channel
+sends when messages queued up together), one header for all and the
+payloads after it, in order::
+
+    frame 0: msgpack([version, [[kind, {...}], [kind, {...}], ...]])
+    frames 1..: the payloads of the items that carry one
+
+A batch costs one header frame and one msgpack call on each side instead of
+one per message: batching is the throughput lever of a channel.
+
 Decoding trusts nothing.  Sizes are checked before msgpack sees a byte, the
 unpacker runs with limits on every container and string, and the result is
 checked against the message's dataclass: known kind, supported version, no
@@ -27,7 +37,7 @@ import msgpack
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
-__all__ = ["Limits", "decode", "encode"]
+__all__ = ["Limits", "decode", "decode_batch", "encode", "encode_batch", "pack"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,31 +53,71 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-def encode(msg: Message) -> list[bytes]:
-    """The frames for ``msg``.  Raises ``LocalProtocolError`` for a message
-    that could not be decoded by the other side (e.g. a non-encodable value)."""
-    kind = type(msg).KIND
-    if MESSAGE_TYPES.get(kind) is not type(msg):
-        raise LocalProtocolError(f"{type(msg).__name__} is not a registered message type")
-    payload_name = type(msg).PAYLOAD
-    names = _ENCODE_NAMES.get(type(msg))
+def pack(msg: Message) -> tuple[bytes, bytes | None]:
+    """``msg`` as a packed batch item, msgpack ``[kind, fields]``, and its
+    payload (None for kinds without one).  Raises ``LocalProtocolError`` for a
+    message the other side could not decode (e.g. a non-encodable value)."""
+    cls = type(msg)
+    kind = cls.KIND
+    if MESSAGE_TYPES.get(kind) is not cls:
+        raise LocalProtocolError(f"{cls.__name__} is not a registered message type")
+    payload_name = cls.PAYLOAD
+    names = _ENCODE_NAMES.get(cls)
     if names is None:
-        names = _ENCODE_NAMES[type(msg)] = tuple(f.name for f in fields(msg) if f.name != payload_name)
+        names = _ENCODE_NAMES[cls] = tuple(f.name for f in fields(msg) if f.name != payload_name)
     body = {name: getattr(msg, name) for name in names}
     try:
-        header = msgpack.packb([PROTOCOL_VERSION, kind, body], use_bin_type=True)
+        item = _packb([kind, body], use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {kind}: {exc}") from exc
-    if payload_name is None:
-        return [header]
-    return [header, bytes(getattr(msg, payload_name))]
+    return item, None if payload_name is None else bytes(getattr(msg, payload_name))
 
 
 _ENCODE_NAMES: dict[type, tuple[str, ...]] = {}
+_packb = msgpack.packb
+_VERSION = msgpack.packb(PROTOCOL_VERSION)
+_ITEM = 0x92  # a packed item starts with msgpack's fixarray(2) byte
+
+
+def encode(msg: Message) -> list[bytes]:
+    """The frames for ``msg`` alone: ``[version, kind, fields]`` and its payload."""
+    return encode_batch([pack(msg)])
+
+
+def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
+    """The frames of one ZeroMQ message carrying the packed ``items``
+    (at least one; at most ``max_container_len`` for the receiver to accept):
+    ``[version, kind, fields]`` for one, ``[version, [[kind, fields], ...]]``
+    for several, then their payloads in order."""
+    if len(items) == 1:
+        item, payload = items[0]
+        header = b"\x93" + _VERSION + item[1:]  # [version, kind, fields]
+        return [header] if payload is None else [header, payload]
+    n = len(items)
+    count = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    frames = [b"\x92" + _VERSION + count + b"".join([i for i, _ in items])]
+    frames += [p for _, p in items if p is not None]
+    return frames
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
-    """The message in ``frames``; ``RemoteProtocolError`` if anything is off."""
+    """The one message in ``frames``; ``RemoteProtocolError`` if anything is off."""
+    results = decode_batch(frames, limits)
+    if len(results) != 1:
+        raise RemoteProtocolError(f"expected one message, got a batch of {len(results)}")
+    result = results[0]
+    if isinstance(result, RemoteProtocolError):
+        raise result
+    return result
+
+
+def decode_batch(frames: Sequence[bytes | memoryview],
+                 limits: Limits = DEFAULT_LIMITS) -> list[Message | RemoteProtocolError]:
+    """The messages of one ZeroMQ message, in order, each decoded or the
+    ``RemoteProtocolError`` saying what is wrong with it.  An item whose frames
+    cannot be told apart (an unknown kind, a malformed item, payload frames
+    missing or left over) ends the list with its error.  A header that is not
+    an envelope at all raises ``RemoteProtocolError``."""
     if not frames:
         raise RemoteProtocolError("empty message: no header frame")
     header = frames[0]
@@ -87,32 +137,68 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
     except Exception as exc:  # msgpack raises many kinds: all mean "garbage"
         raise RemoteProtocolError(f"undecodable header: {type(exc).__name__}: {exc}",
                                   raw=bytes(header[:64])) from None
-    if not isinstance(obj, list) or len(obj) != 3:
-        raise RemoteProtocolError("header must be [version, kind, fields]", raw=bytes(header[:64]))
-    version, kind, body = obj
+    if not isinstance(obj, list) or len(obj) not in (2, 3):
+        raise RemoteProtocolError("header must be [version, kind, fields] or [version, [[kind, fields], ...]]",
+                                  raw=bytes(header[:64]))
+    version = obj[0]
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise RemoteProtocolError(f"unsupported protocol version {version!r} (we speak {PROTOCOL_VERSION})")
+    if len(obj) == 3:
+        return [_decode_one(obj[1], obj[2], frames, limits)]
+    items = obj[1]
+    if not isinstance(items, list) or not items:
+        raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
+    results: list[Message | RemoteProtocolError] = []
+    at = 1  # the next payload frame
+    for item in items:
+        if not isinstance(item, list) or len(item) != 2:
+            results.append(RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
+            return results
+        kind, body = item
+        cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            results.append(RemoteProtocolError(f"unknown message kind {kind!r}"))
+            return results
+        if cls.PAYLOAD is None:
+            own: Sequence[bytes | memoryview] = frames[:1]
+        elif at < len(frames):
+            own, at = (frames[0], frames[at]), at + 1
+        else:
+            results.append(RemoteProtocolError(f"{kind}: its payload frame is missing"))
+            return results
+        results.append(_decode_one(kind, body, own, limits))
+    if at != len(frames):
+        results.append(RemoteProtocolError(f"{len(frames) - at} frame(s) left over after the batch"))
+    return results
+
+
+def _decode_one(kind: object, body: object, frames: Sequence[bytes | memoryview],
+                limits: Limits) -> Message | RemoteProtocolError:
+    """One message from its ``[kind, fields]`` and its frames (header first)."""
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None:
-        raise RemoteProtocolError(f"unknown message kind {kind!r}")
+    if cls is None or not isinstance(kind, str):
+        return RemoteProtocolError(f"unknown message kind {kind!r}")
     if not isinstance(body, dict):
-        raise RemoteProtocolError(f"{kind}: fields must be a map, not {type(body).__name__}")
+        return RemoteProtocolError(f"{kind}: fields must be a map, not {type(body).__name__}")
     payload_name = cls.PAYLOAD
     expected_frames = 1 if payload_name is None else 2
     if len(frames) != expected_frames:
-        raise RemoteProtocolError(f"{kind}: expected {expected_frames} frame(s), got {len(frames)}")
-    kwargs = _check_fields(cls, kind, body, payload_name)
+        return RemoteProtocolError(f"{kind}: expected {expected_frames} frame(s), got {len(frames)}")
+    try:
+        kwargs = _check_fields(cls, kind, body, payload_name)
+    except RemoteProtocolError as exc:
+        return exc
     if payload_name is not None:
         payload = frames[1]
         if len(payload) > limits.max_payload_bytes:
-            raise RemoteProtocolError(
+            return RemoteProtocolError(
                 f"{kind}: payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
             )
         kwargs[payload_name] = bytes(payload)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise RemoteProtocolError(f"{kind}: {exc}") from None
+        return RemoteProtocolError(f"{kind}: {exc}")
 
 
 def _reject_ext(code: int, data: bytes) -> object:

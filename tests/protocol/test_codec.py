@@ -33,7 +33,10 @@ from protocol import (
     Stop,
     Welcome,
     decode,
+    decode_batch,
     encode,
+    encode_batch,
+    pack,
 )
 
 ints = st.integers(min_value=-(2**63), max_value=2**63 - 1)
@@ -182,3 +185,90 @@ def test_encoding_refuses_what_cannot_be_sent() -> None:
     assert issubclass(LocalProtocolError, ProtocolError) and issubclass(RemoteProtocolError, ProtocolError)
     with pytest.raises(ValueError):
         BlockRequest(1, "d", "write", offset=-5)
+
+
+# -- batches: several messages in one ZeroMQ message ----------------------------------------
+
+
+@given(st.lists(MESSAGES, min_size=1, max_size=20))
+def test_batches_round_trip_in_order(msgs: list[Message]) -> None:
+    frames = encode_batch([pack(m) for m in msgs])
+    assert decode_batch(frames) == msgs
+    # One header for all; one raw frame per payload, in order, none inside msgpack.
+    payloads = [getattr(m, type(m).PAYLOAD) for m in msgs if type(m).PAYLOAD is not None]
+    assert frames[1:] == payloads
+    if len(msgs) > 1:
+        version, items = msgpack.unpackb(frames[0])
+        assert version == PROTOCOL_VERSION and [k for k, _ in items] == [type(m).KIND for m in msgs]
+    else:
+        assert frames == encode(msgs[0])  # a batch of one is the plain envelope
+
+
+def test_batches_hold_up_to_the_container_limit() -> None:
+    msgs = [Heartbeat(i, 0) for i in range(300)]
+    assert decode_batch(encode_batch([pack(m) for m in msgs[:256]])) == msgs[:256]
+    with pytest.raises(RemoteProtocolError, match="undecodable"):
+        decode_batch(encode_batch([pack(m) for m in msgs]))  # 300 > 256 items
+    small = Limits(max_container_len=4)
+    assert decode_batch(encode_batch([pack(m) for m in msgs[:4]]), small) == msgs[:4]
+
+
+def _batch(*items: object, version: object = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb([version, list(items)])
+
+
+def test_a_bad_item_with_a_known_kind_spoils_only_itself() -> None:
+    frames = [_batch(["heartbeat", {"seq": 1, "sent_ns": 0}],
+                     ["block-completion", {"request_id": "x"}],
+                     ["block-completion", {"request_id": 3}]), b"bad", b"good"]
+    first, bad, last = decode_batch(frames)
+    assert first == Heartbeat(1, 0)
+    assert isinstance(bad, RemoteProtocolError) and "'request_id' has type str" in str(bad)
+    assert last == BlockCompletion(3, data=b"good")  # its payload frame is still the right one
+
+
+@pytest.mark.parametrize(
+    ("frames", "decoded", "message"),
+    [
+        ([_batch(["heartbeat", {"seq": 1, "sent_ns": 0}], ["nonsense", {}], ["stop", {}])], 1,
+         "unknown message kind 'nonsense'"),
+        ([_batch(["stop", {}], "stop", ["stop", {}])], 1, "batch item 1 is not [kind, fields]"),
+        ([_batch(["stop", {}], ["block-completion", {"request_id": 1}])], 1, "payload frame is missing"),
+        ([_batch(["stop", {}], ["stop", {}]), b"stray"], 2, "1 frame(s) left over"),
+    ],
+)
+def test_a_batch_that_loses_its_framing_ends_with_the_error(frames: list[bytes], decoded: int,
+                                                           message: str) -> None:
+    results = decode_batch(frames)
+    assert len(results) == decoded + 1
+    assert not any(isinstance(r, RemoteProtocolError) for r in results[:-1])
+    assert isinstance(results[-1], RemoteProtocolError) and message in str(results[-1])
+
+
+def test_bad_batch_envelopes() -> None:
+    with pytest.raises(RemoteProtocolError, match="non-empty list"):
+        decode_batch([_batch()])
+    with pytest.raises(RemoteProtocolError, match="non-empty list"):
+        decode_batch([msgpack.packb([PROTOCOL_VERSION, {"a": 1}])])
+    with pytest.raises(RemoteProtocolError, match="unsupported protocol version 7"):
+        decode_batch([_batch(["stop", {}], version=7)])
+    with pytest.raises(RemoteProtocolError, match="expected one message, got a batch of 2"):
+        decode(encode_batch([pack(Stop()), pack(Stop())]))
+
+
+@given(st.lists(MESSAGES, min_size=2, max_size=6), st.data())
+@settings(max_examples=200)
+def test_mutated_batches_give_only_messages_or_protocol_errors(msgs: list[Message], data: st.DataObject) -> None:
+    frames = encode_batch([pack(m) for m in msgs])
+    header = frames[0]
+    pos = data.draw(st.integers(min_value=0, max_value=len(header) - 1))
+    byte = data.draw(st.integers(min_value=0, max_value=255))
+    drop = data.draw(st.booleans())
+    mutated = [header[:pos] + bytes([byte]) + header[pos + 1:], *frames[1:]]
+    if drop and len(mutated) > 1:
+        mutated.pop()
+    try:
+        results = decode_batch(mutated)
+    except RemoteProtocolError:
+        return
+    assert all(isinstance(r, Message | RemoteProtocolError) for r in results)
