@@ -62,6 +62,9 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
+SEND_BATCH = int(os.environ.get("EVL_SEND_BATCH", "8"))
+"""While a drain runs, replies leave in batches of this many: the peer starts on
+the first ones while the rest are still being handled here."""
 
 Handler = Callable[[bytes, Message], object]
 Packed = tuple[bytes, "bytes | None"]  # a message as ``pack`` gives it
@@ -118,6 +121,7 @@ class Channel:
         on_error: ErrorHandler | None = None,
         limits: Limits = DEFAULT_LIMITS,
         batch: int = 256,
+        send_batch: int = SEND_BATCH,
     ) -> None:
         self.socket = socket
         self.router = socket.type == zmq.ROUTER
@@ -128,6 +132,7 @@ class Channel:
         self.on_error = on_error
         self.limits = limits
         self.batch = batch
+        self.send_batch = send_batch
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
         self._outq: deque[Packed] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
@@ -183,11 +188,13 @@ class Channel:
         else:
             self._outq.append(packed)
         self._queued += 1
-        if defer and not self._draining:
-            if self._queued == 1:
-                self.kick()  # drain() flushes at its end
-        elif not self._draining:
-            self.flush()  # inside drain(), replies go out together at its end
+        if self._draining:
+            if self._queued >= self.send_batch:
+                self.flush()  # the peer can start on these while we handle the rest
+        elif not defer:
+            self.flush()
+        elif self._queued == 1:
+            self.kick()  # deferred: drain() flushes at its end
 
     def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
         """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""

@@ -3,14 +3,14 @@
 A message is a list of frames: first a msgpack header, then zero or one raw
 payload frame::
 
-    frame 0: msgpack([version, kind, {field: value, ...}])
+    frame 0: msgpack([version, kind, [field value, ...]])
     frame 1: the payload (a block's data), only for kinds that carry one
 
 Several messages may share one ZeroMQ message (a *batch*: what a channel
 sends when messages queued up together), one header for all and the
 payloads after it, in order::
 
-    frame 0: msgpack([version, [[kind, {...}], [kind, {...}], ...]])
+    frame 0: msgpack([version, [[kind, [...]], [kind, [...]], ...]])
     frames 1..: the payloads of the items that carry one
 
 A batch costs one header frame and one msgpack call on each side instead of
@@ -18,18 +18,22 @@ one per message: batching is the throughput lever of a channel.
 
 Decoding trusts nothing.  Sizes are checked before msgpack sees a byte, the
 unpacker runs with limits on every container and string, and the result is
-checked against the message's dataclass: known kind, supported version, no
-unknown or missing fields, exact field types.  Anything wrong raises
+checked against the message's dataclass: known kind, supported version,
+every field (in the dataclass's order, the payload field apart) and nothing
+more, exact field types.  Fields travel as a list rather than a map: no key
+strings to pack, unpack and match, which is most of a small message's cost.  Anything wrong raises
 ``RemoteProtocolError`` saying what, and nothing else escapes: a loop that
 reads peers' frames catches one exception class.
 """
 
 from __future__ import annotations
 
+import threading
 import types
 import typing
-from collections.abc import Sequence
-from dataclasses import MISSING, dataclass, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any, Union
 
 import msgpack
@@ -54,44 +58,46 @@ DEFAULT_LIMITS = Limits()
 
 
 def pack(msg: Message) -> tuple[bytes, bytes | None]:
-    """``msg`` as a packed batch item, msgpack ``[kind, fields]``, and its
+    """``msg`` as a packed batch item, msgpack ``[kind, [fields]]``, and its
     payload (None for kinds without one).  Raises ``LocalProtocolError`` for a
     message the other side could not decode (e.g. a non-encodable value)."""
     cls = type(msg)
-    kind = cls.KIND
-    if MESSAGE_TYPES.get(kind) is not cls:
-        raise LocalProtocolError(f"{cls.__name__} is not a registered message type")
-    payload_name = cls.PAYLOAD
-    names = _ENCODE_NAMES.get(cls)
-    if names is None:
-        names = _ENCODE_NAMES[cls] = tuple(f.name for f in fields(msg) if f.name != payload_name)
-    body = {name: getattr(msg, name) for name in names}
+    plan = _PLANS.get(cls) or _plan(cls)
     try:
-        item = _packb([kind, body], use_bin_type=True)
+        item = _packer().pack((plan.kind, plan.values(msg)))
     except (TypeError, ValueError, OverflowError) as exc:
-        raise LocalProtocolError(f"cannot encode {kind}: {exc}") from exc
-    return item, None if payload_name is None else bytes(getattr(msg, payload_name))
+        raise LocalProtocolError(f"cannot encode {plan.kind}: {exc}") from exc
+    return item, None if plan.payload is None else bytes(getattr(msg, plan.payload))
 
 
-_ENCODE_NAMES: dict[type, tuple[str, ...]] = {}
-_packb = msgpack.packb
+_local = threading.local()
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's Packer (reused: a Packer per call costs more than packing a small message)."""
+    try:
+        return _local.packer
+    except AttributeError:
+        _local.packer = msgpack.Packer(use_bin_type=True)
+        return _local.packer
+
+
 _VERSION = msgpack.packb(PROTOCOL_VERSION)
-_ITEM = 0x92  # a packed item starts with msgpack's fixarray(2) byte
 
 
 def encode(msg: Message) -> list[bytes]:
-    """The frames for ``msg`` alone: ``[version, kind, fields]`` and its payload."""
+    """The frames for ``msg`` alone: ``[version, kind, [fields]]`` and its payload."""
     return encode_batch([pack(msg)])
 
 
 def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
     """The frames of one ZeroMQ message carrying the packed ``items``
     (at least one; at most ``max_container_len`` for the receiver to accept):
-    ``[version, kind, fields]`` for one, ``[version, [[kind, fields], ...]]``
+    ``[version, kind, [fields]]`` for one, ``[version, [[kind, [fields]], ...]]``
     for several, then their payloads in order."""
     if len(items) == 1:
         item, payload = items[0]
-        header = b"\x93" + _VERSION + item[1:]  # [version, kind, fields]
+        header = b"\x93" + _VERSION + item[1:]  # an item starts with fixarray(2): make it 3
         return [header] if payload is None else [header, payload]
     n = len(items)
     count = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
@@ -144,7 +150,14 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise RemoteProtocolError(f"unsupported protocol version {version!r} (we speak {PROTOCOL_VERSION})")
     if len(obj) == 3:
-        return [_decode_one(obj[1], obj[2], frames, limits)]
+        kind = obj[1]
+        cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+        if cls is None:
+            raise RemoteProtocolError(f"unknown message kind {kind!r}")
+        expected = 1 if cls.PAYLOAD is None else 2
+        if len(frames) != expected:
+            return [RemoteProtocolError(f"{kind}: expected {expected} frame(s), got {len(frames)}")]
+        return [_decode_one(cls, obj[2], frames[1] if expected == 2 else None, limits)]
     items = obj[1]
     if not isinstance(items, list) or not items:
         raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
@@ -159,90 +172,141 @@ def decode_batch(frames: Sequence[bytes | memoryview],
         if cls is None:
             results.append(RemoteProtocolError(f"unknown message kind {kind!r}"))
             return results
-        if cls.PAYLOAD is None:
-            own: Sequence[bytes | memoryview] = frames[:1]
-        elif at < len(frames):
-            own, at = (frames[0], frames[at]), at + 1
-        else:
-            results.append(RemoteProtocolError(f"{kind}: its payload frame is missing"))
-            return results
-        results.append(_decode_one(kind, body, own, limits))
+        payload = None
+        if cls.PAYLOAD is not None:
+            if at == len(frames):
+                results.append(RemoteProtocolError(f"{kind}: its payload frame is missing"))
+                return results
+            payload, at = frames[at], at + 1
+        results.append(_decode_one(cls, body, payload, limits))
     if at != len(frames):
         results.append(RemoteProtocolError(f"{len(frames) - at} frame(s) left over after the batch"))
     return results
 
 
-def _decode_one(kind: object, body: object, frames: Sequence[bytes | memoryview],
+def _decode_one(cls: type[Message], body: object, payload: bytes | memoryview | None,
                 limits: Limits) -> Message | RemoteProtocolError:
-    """One message from its ``[kind, fields]`` and its frames (header first)."""
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-    if cls is None or not isinstance(kind, str):
-        return RemoteProtocolError(f"unknown message kind {kind!r}")
-    if not isinstance(body, dict):
-        return RemoteProtocolError(f"{kind}: fields must be a map, not {type(body).__name__}")
-    payload_name = cls.PAYLOAD
-    expected_frames = 1 if payload_name is None else 2
-    if len(frames) != expected_frames:
-        return RemoteProtocolError(f"{kind}: expected {expected_frames} frame(s), got {len(frames)}")
-    try:
-        kwargs = _check_fields(cls, kind, body, payload_name)
-    except RemoteProtocolError as exc:
-        return exc
-    if payload_name is not None:
-        payload = frames[1]
+    """One message of class ``cls`` from its field list and its payload frame."""
+    plan = _PLANS.get(cls) or _plan(cls)
+    if payload is not None:
         if len(payload) > limits.max_payload_bytes:
             return RemoteProtocolError(
-                f"{kind}: payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
+                f"{plan.kind}: payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
             )
-        kwargs[payload_name] = bytes(payload)
+        payload = bytes(payload)
     try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        return RemoteProtocolError(f"{kind}: {exc}")
+        msg = plan.build(body, payload)
+    except (TypeError, ValueError) as exc:  # the dataclass's own checks (__post_init__)
+        return RemoteProtocolError(f"{plan.kind}: {exc}")
+    return msg if msg is not None else plan.explain(body)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """How one message class is packed and checked, built once per class."""
+
+    kind: str
+    payload: str | None
+    names: tuple[str, ...]  # the fields on the wire, in order
+    hints: dict[str, Any]
+    values: Callable[[Message], tuple[Any, ...]]
+    build: Callable[[object, bytes | None], Message | None]
+    """The message, or None when the fields are not exactly right (then ``explain`` says why)."""
+
+    def explain(self, body: object) -> RemoteProtocolError:
+        if not isinstance(body, list):
+            return RemoteProtocolError(f"{self.kind}: fields must be a list, not {type(body).__name__}")
+        if len(body) != len(self.names):
+            return RemoteProtocolError(
+                f"{self.kind}: expected {len(self.names)} field(s) ({', '.join(self.names)}), got {len(body)}")
+        for name, value in zip(self.names, body, strict=True):
+            if not _checker(self.hints[name])(value):
+                return RemoteProtocolError(
+                    f"{self.kind}: field {name!r} has type {type(value).__name__}, "
+                    f"expected {_type_name(self.hints[name])}")
+        return RemoteProtocolError(f"{self.kind}: malformed fields")  # not reached: build() took them
+
+
+_PLANS: dict[type, _Plan] = {}
+
+
+def _plan(cls: type[Message]) -> _Plan:
+    """Build (and keep) ``cls``'s plan.  ``LocalProtocolError`` for a class that is not a registered message."""
+    kind = cls.KIND
+    if MESSAGE_TYPES.get(kind) is not cls:
+        raise LocalProtocolError(f"{cls.__name__} is not a registered message type")
+    payload = cls.PAYLOAD
+    hints = typing.get_type_hints(cls)
+    names = tuple(f.name for f in fields(cls) if f.name != payload)
+    plan = _PLANS[cls] = _Plan(kind, payload, names, hints, _values_getter(names), _builder(cls, names, hints))
+    return plan
+
+
+def _values_getter(names: tuple[str, ...]) -> Callable[[Message], tuple[Any, ...]]:
+    if len(names) == 1:
+        name = names[0]
+        return lambda msg: (getattr(msg, name),)
+    return attrgetter(*names)
+
+
+def _builder(cls: type[Message], names: tuple[str, ...],
+             hints: dict[str, Any]) -> Callable[[object, bytes | None], Message | None]:
+    """A function ``(fields, payload) -> message or None``, generated for
+    ``cls``: one length check, then each field's type checked inline (exact
+    types; a ``tuple[...]`` field arrives as a list and becomes a tuple)."""
+    env: dict[str, Any] = {"cls": cls, "list": list, "len": len, "type": type, "tuple": tuple,
+                           "int": int, "str": str, "bool": bool, "float": float, "NoneType": type(None)}
+    local = [f"f{i}" for i in range(len(names))]
+    tests, args = [], []
+    for i, (name, var) in enumerate(zip(names, local, strict=True)):
+        tp = hints[name]
+        exact = _exact_types(tp)
+        if exact is not None:
+            tests.append(" or ".join(f"type({var}) is {t}" for t in exact) if len(exact) > 1
+                         else f"type({var}) is {exact[0]}")
+        else:
+            env[f"check{i}"] = _checker(tp)
+            tests.append(f"check{i}({var})")
+        args.append(f"tuple({var})" if typing.get_origin(tp) is tuple else var)
+    if cls.PAYLOAD is not None:
+        args.append(f"{cls.PAYLOAD}=payload")
+    unpack = f"        {', '.join(local)}, = body\n" if names else ""
+    checks = " and ".join(f"({t})" for t in tests) or "True"
+    src = (
+        "def build(body, payload):\n"
+        f"    if type(body) is list and len(body) == {len(names)}:\n"
+        f"{unpack}"
+        f"        if {checks}:\n"
+        f"            return cls({', '.join(args)})\n"
+        "    return None\n"
+    )
+    exec(src, env)  # noqa: S102 -- generated from the dataclass's own field list, as dataclasses does
+    return env["build"]  # type: ignore[no-any-return]
+
+
+_EXACT_NAMES = {int: "int", str: "str", bool: "bool", type(None): "NoneType"}
+
+
+def _exact_types(tp: Any) -> list[str] | None:
+    """The names for ``type(v) is X`` tests when ``tp`` is such a type or a union of them."""
+    if tp is float:
+        return ["float", "int"]
+    if tp in _EXACT_NAMES:
+        return [_EXACT_NAMES[tp]]
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if all(a in _EXACT_NAMES for a in args):
+            return [_EXACT_NAMES[a] for a in args]
+    return None
 
 
 def _reject_ext(code: int, data: bytes) -> object:
     raise RemoteProtocolError(f"msgpack extension type {code} is not allowed")
 
 
-def _check_fields(cls: type[Message], kind: str, body: dict[str, Any],
-                  payload_name: str | None) -> dict[str, Any]:
-    plan = _PLANS.get(cls)
-    if plan is None:
-        plan = _PLANS[cls] = _make_plan(cls, payload_name)
-    known, required, checks = plan
-    if not known.issuperset(body):
-        unknown = sorted(set(body) - known)
-        raise RemoteProtocolError(f"{kind}: unknown field(s) {', '.join(map(repr, unknown))}")
-    for name in required:
-        if name not in body:
-            raise RemoteProtocolError(f"{kind}: missing field {name!r}")
-    kwargs: dict[str, Any] = {}
-    for name, value in body.items():
-        check, to_tuple = checks[name]
-        if not check(value):
-            raise RemoteProtocolError(
-                f"{kind}: field {name!r} has type {type(value).__name__}, "
-                f"expected {_type_name(_hints(cls)[name])}"
-            )
-        kwargs[name] = tuple(value) if to_tuple else value
-    return kwargs
-
-
-_PLANS: dict[type, tuple[frozenset[str], tuple[str, ...], dict[str, tuple[Any, bool]]]] = {}
-
-
-def _make_plan(cls: type[Message], payload_name: str | None) -> tuple[
-        frozenset[str], tuple[str, ...], dict[str, tuple[Any, bool]]]:
-    hints = _hints(cls)
-    known = {f.name: f for f in fields(cls) if f.name != payload_name}
-    required = tuple(n for n, f in known.items() if f.default is MISSING and f.default_factory is MISSING)
-    checks = {n: (_checker(hints[n]), typing.get_origin(hints[n]) is tuple) for n in known}
-    return frozenset(known), required, checks
-
-
-def _checker(tp: Any) -> Any:
-    """A function value -> bool equivalent to ``_matches(value, tp)``, built once."""
+def _checker(tp: Any) -> Callable[[object], bool]:
+    """A function ``value -> bool``: whether a decoded msgpack value fits the
+    annotation ``tp`` exactly (an int is not a bool; a tuple arrives as a list)."""
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         subs = [_checker(a) for a in typing.get_args(tp)]
@@ -268,40 +332,6 @@ def _checker(tp: Any) -> Any:
         kc, vc = _checker(key_t), _checker(val_t)
         return lambda v: isinstance(v, dict) and all(kc(k) and vc(x) for k, x in v.items())
     return lambda v: False
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type[Message]) -> dict[str, Any]:
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _matches(value: object, tp: Any) -> bool:
-    """Whether a decoded msgpack value fits the annotation ``tp`` exactly."""
-    origin = typing.get_origin(tp)
-    if origin in (Union, types.UnionType):
-        return any(_matches(value, arg) for arg in typing.get_args(tp))
-    if tp is type(None):
-        return value is None
-    if tp is int:
-        return type(value) is int
-    if tp is float:
-        return type(value) in (float, int)
-    if tp in (str, bool, bytes):
-        return type(value) is tp
-    if origin is tuple:
-        item = typing.get_args(tp)[0]
-        return isinstance(value, list) and all(_matches(v, item) for v in value)
-    if origin is dict:
-        key_t, val_t = typing.get_args(tp)
-        return isinstance(value, dict) and all(
-            _matches(k, key_t) and _matches(v, val_t) for k, v in value.items()
-        )
-    return False
 
 
 def _type_name(tp: Any) -> str:

@@ -44,7 +44,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: fields as a list, batches
 
 
 class BlockOp(enum.StrEnum):
