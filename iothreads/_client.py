@@ -158,7 +158,7 @@ class BlockClient:
         return self._send(node, op, offset, length, data, callback or (lambda s, m, d: None), 0)
 
     def _send(self, node: str, op: str, offset: int, length: int, data: bytes, callback: Completion,
-              tries: int) -> int:
+              tries: int, defer: bool = True) -> int:
         info = self._node(node)
         request_id = next(self._ids)
         msg = BlockRequest(request_id, node, op, offset, length, data=data)
@@ -166,7 +166,7 @@ class BlockClient:
         self._requests[request_id] = (node, op, offset, length, data, tries)
         try:
             # Deferred: a burst of submissions reaches the socket in one go.
-            self._channel(info["iothread"]).send(msg, defer=True)
+            self._channel(info["iothread"]).send(msg, defer=defer)
         except BaseException:
             self._pending.pop(request_id, None)
             self._requests.pop(request_id, None)
@@ -175,7 +175,8 @@ class BlockClient:
 
     def _wait(self, node: str, op: str, offset: int, length: int, data: bytes) -> bytes:
         result: list[tuple[int, str, bytes]] = []
-        self.submit(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)))
+        # Sent at once: nothing else can join it, so a deferred send would only cost a turn.
+        self._send(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)), 0, defer=False)
         end = time.monotonic() + self.timeout_s
         while not result:
             if time.monotonic() > end:
