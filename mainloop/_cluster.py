@@ -321,12 +321,12 @@ class Cluster:
             log.warning("control message %s from unknown peer %r dropped", type(msg).KIND, identity)
             return
         t.last_heard_ns = time.monotonic_ns()
-        if isinstance(msg, Hello):
-            self._on_hello(t, msg)
-        elif isinstance(msg, QueryReply | ErrorReply):
+        if isinstance(msg, (QueryReply, ErrorReply)):  # the common case first
             cb = t._pending.pop(msg.request_id, None)
             if cb is not None:
                 self._call(cb, msg)
+        elif isinstance(msg, Hello):
+            self._on_hello(t, msg)
         elif isinstance(msg, Heartbeat):
             pass
         elif isinstance(msg, Event):

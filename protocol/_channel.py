@@ -62,9 +62,6 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
-SEND_BATCH = int(os.environ.get("EVL_SEND_BATCH", "8"))
-"""While a drain runs, replies leave in batches of this many: the peer starts on
-the first ones while the rest are still being handled here."""
 
 Handler = Callable[[bytes, Message], object]
 Packed = tuple[bytes, "bytes | None"]  # a message as ``pack`` gives it
@@ -121,7 +118,6 @@ class Channel:
         on_error: ErrorHandler | None = None,
         limits: Limits = DEFAULT_LIMITS,
         batch: int = 256,
-        send_batch: int = SEND_BATCH,
     ) -> None:
         self.socket = socket
         self.router = socket.type == zmq.ROUTER
@@ -132,7 +128,6 @@ class Channel:
         self.on_error = on_error
         self.limits = limits
         self.batch = batch
-        self.send_batch = send_batch
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
         self._outq: deque[Packed] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
@@ -189,9 +184,8 @@ class Channel:
             self._outq.append(packed)
         self._queued += 1
         if self._draining:
-            if self._queued >= self.send_batch:
-                self.flush()  # the peer can start on these while we handle the rest
-        elif not defer:
+            return  # replies go out together, in one batch, at the end of drain()
+        if not defer:
             self.flush()
         elif self._queued == 1:
             self.kick()  # deferred: drain() flushes at its end

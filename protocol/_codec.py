@@ -322,13 +322,15 @@ def _checker(tp: Any) -> Callable[[object], bool]:
     if tp in (int, str, bool, bytes):
         return lambda v: type(v) is tp
     if origin is tuple:
-        item = _checker(typing.get_args(tp)[0])
+        item_t = typing.get_args(tp)[0]
+        if item_t in (int, str):  # the common case, with the loop in C
+            return lambda v: type(v) is list and {*map(type, v)} <= {item_t}
+        item = _checker(item_t)
         return lambda v: isinstance(v, list) and all(map(item, v))
     if origin is dict:
         key_t, val_t = typing.get_args(tp)
-        if key_t is str and val_t is int:
-            return lambda v: isinstance(v, dict) and all(
-                type(k) is str and type(x) is int for k, x in v.items())
+        if key_t is str and val_t in (int, str):  # the common case, with the loops in C
+            return lambda v: type(v) is dict and {*map(type, v)} <= {str} and {*map(type, v.values())} <= {val_t}
         kc, vc = _checker(key_t), _checker(val_t)
         return lambda v: isinstance(v, dict) and all(kc(k) and vc(x) for k, x in v.items())
     return lambda v: False
