@@ -92,7 +92,9 @@ def _send_frames(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
     the first frame is taken, ZeroMQ takes the rest of the message too."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_SNDMORE, copy=False)
+        # copy=True: ZeroMQ gets its own copy.  Zero-copy would make pyzmq track
+        # large frames with a garbage-collector thread of its own.
+        sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_SNDMORE, copy=True)
 
 
 def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
@@ -133,7 +135,8 @@ class Channel:
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
         # A batch must pass the peer's limits (assumed to be ours).
         self._batch_items = limits.max_container_len
-        self._batch_header_bytes = limits.max_header_bytes - 16
+        self._batch_header_bytes = limits.max_header_bytes - 1024  # room for the payload sizes
+        self._batch_payload_bytes = limits.max_payload_bytes
         self._queued = 0
         self._unread: deque[tuple[bytes, list[Message | RemoteProtocolError]]] = deque()
         self._draining = False
@@ -197,10 +200,13 @@ class Channel:
             if len(q) == 1:
                 n, batch = 1, [q[0]]
             else:
-                n, size = 0, 0
-                for item, _ in q:
+                n = size = payload_bytes = 0
+                for item, payload in q:
                     size += len(item)
-                    if n and (n == self._batch_items or size > self._batch_header_bytes):
+                    if payload is not None:
+                        payload_bytes += len(payload)
+                    if n and (n == self._batch_items or size > self._batch_header_bytes
+                              or payload_bytes > self._batch_payload_bytes):
                         break
                     n += 1
                 batch = list(islice(q, n))

@@ -7,14 +7,15 @@ payload frame::
     frame 1: the payload (a block's data), only for kinds that carry one
 
 Several messages may share one ZeroMQ message (a *batch*: what a channel
-sends when messages queued up together), one header for all and the
-payloads after it, in order::
+sends when messages queued up together), one header for all and their
+payloads end to end in one frame after it::
 
-    frame 0: msgpack([version, [[kind, [...]], [kind, [...]], ...]])
-    frames 1..: the payloads of the items that carry one
+    frame 0: msgpack([version, [[kind, [...]], [kind, [...]], ...], [size, ...]])
+    frame 1: the payloads of the items whose kind carries one, in order
+             (sizes in the header); absent when no item's kind has one
 
-A batch costs one header frame and one msgpack call on each side instead of
-one per message: batching is the throughput lever of a channel.
+A batch costs two frames and one msgpack call on each side instead of a few
+per message: batching is the throughput lever of a channel.
 
 Decoding trusts nothing.  Sizes are checked before msgpack sees a byte, the
 unpacker runs with limits on every container and string, and the result is
@@ -92,18 +93,25 @@ def encode(msg: Message) -> list[bytes]:
 
 def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
     """The frames of one ZeroMQ message carrying the packed ``items``
-    (at least one; at most ``max_container_len`` for the receiver to accept):
-    ``[version, kind, [fields]]`` for one, ``[version, [[kind, [fields]], ...]]``
-    for several, then their payloads in order."""
+    (at least one; at most ``max_container_len`` for the receiver to accept).
+
+    One item: ``[version, kind, [fields]]``, then its payload frame if its kind
+    has one.  Several: ``[version, [[kind, [fields]], ...], [payload sizes]]``
+    (a size for each item whose kind has a payload), then one frame with those
+    payloads end to end, if there are any: a frame costs more than copying a
+    few kilobytes."""
     if len(items) == 1:
         item, payload = items[0]
         header = b"\x93" + _VERSION + item[1:]  # an item starts with fixarray(2): make it 3
         return [header] if payload is None else [header, payload]
-    n = len(items)
-    count = bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
-    frames = [b"\x92" + _VERSION + count + b"".join([i for i, _ in items])]
-    frames += [p for _, p in items if p is not None]
-    return frames
+    payloads = [p for _, p in items if p is not None]
+    header = b"\x93" + _VERSION + _array_header(len(items)) + b"".join([i for i, _ in items])
+    header += _packer().pack([len(p) for p in payloads])
+    return [header, b"".join(payloads)] if payloads else [header]
+
+
+def _array_header(n: int) -> bytes:
+    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -120,10 +128,11 @@ def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS
 def decode_batch(frames: Sequence[bytes | memoryview],
                  limits: Limits = DEFAULT_LIMITS) -> list[Message | RemoteProtocolError]:
     """The messages of one ZeroMQ message, in order, each decoded or the
-    ``RemoteProtocolError`` saying what is wrong with it.  An item whose frames
-    cannot be told apart (an unknown kind, a malformed item, payload frames
-    missing or left over) ends the list with its error.  A header that is not
-    an envelope at all raises ``RemoteProtocolError``."""
+    ``RemoteProtocolError`` saying what is wrong with it.  An item after which
+    the payloads cannot be told apart (an unknown kind, a malformed item, a
+    payload size missing or left over) ends the list with its error.  A header
+    that is not an envelope at all, or payload sizes that do not match the
+    payload frame, raise ``RemoteProtocolError``."""
     if not frames:
         raise RemoteProtocolError("empty message: no header frame")
     header = frames[0]
@@ -143,28 +152,40 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     except Exception as exc:  # msgpack raises many kinds: all mean "garbage"
         raise RemoteProtocolError(f"undecodable header: {type(exc).__name__}: {exc}",
                                   raw=bytes(header[:64])) from None
-    if not isinstance(obj, list) or len(obj) not in (2, 3):
-        raise RemoteProtocolError("header must be [version, kind, fields] or [version, [[kind, fields], ...]]",
+    if not isinstance(obj, list) or len(obj) != 3:
+        raise RemoteProtocolError("header must be [version, kind, fields] or [version, [[kind, fields], ...], sizes]",
                                   raw=bytes(header[:64]))
-    version = obj[0]
+    version, kind, body = obj
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise RemoteProtocolError(f"unsupported protocol version {version!r} (we speak {PROTOCOL_VERSION})")
-    if len(obj) == 3:
-        kind = obj[1]
-        cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
-        if cls is None:
-            raise RemoteProtocolError(f"unknown message kind {kind!r}")
-        expected = 1 if cls.PAYLOAD is None else 2
-        if len(frames) != expected:
-            return [RemoteProtocolError(f"{kind}: expected {expected} frame(s), got {len(frames)}")]
-        return [_decode_one(cls, obj[2], frames[1] if expected == 2 else None, limits)]
-    items = obj[1]
-    if not isinstance(items, list) or not items:
-        raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
+    if type(kind) is list:
+        return _decode_items(kind, body, frames, limits, bytes(header[:64]))
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise RemoteProtocolError(f"unknown message kind {kind!r}")
+    expected = 1 if cls.PAYLOAD is None else 2
+    if len(frames) != expected:
+        return [RemoteProtocolError(f"{kind}: expected {expected} frame(s), got {len(frames)}")]
+    return [_decode_one(cls, body, frames[1] if expected == 2 else None, limits)]
+
+
+def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memoryview], limits: Limits,
+                  raw: bytes) -> list[Message | RemoteProtocolError]:
+    """A batch's messages; the payload sizes must match the items and the payload frame."""
+    if not items:
+        raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=raw)
+    if type(sizes) is not list or not {*map(type, sizes)} <= {int} or min(sizes, default=0) < 0:
+        raise RemoteProtocolError("a batch's payload sizes must be a list of sizes", raw=raw)
+    if len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
+        raise RemoteProtocolError(f"a batch with payloads of {sum(sizes)} bytes in all came with "
+                                  f"{len(frames) - 1} payload frame(s) of {sum(len(f) for f in frames[1:])} bytes",
+                                  raw=raw)
+    view = memoryview(frames[1]) if sizes else memoryview(b"")
     results: list[Message | RemoteProtocolError] = []
-    at = 1  # the next payload frame
+    at = 0  # the next payload size
+    pos = 0  # where its payload starts
     for item in items:
-        if not isinstance(item, list) or len(item) != 2:
+        if type(item) is not list or len(item) != 2:
             results.append(RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
             return results
         kind, body = item
@@ -174,13 +195,15 @@ def decode_batch(frames: Sequence[bytes | memoryview],
             return results
         payload = None
         if cls.PAYLOAD is not None:
-            if at == len(frames):
-                results.append(RemoteProtocolError(f"{kind}: its payload frame is missing"))
+            if at == len(sizes):
+                results.append(RemoteProtocolError(f"{kind}: no payload size for it"))
                 return results
-            payload, at = frames[at], at + 1
+            payload = view[pos:pos + sizes[at]]
+            pos += sizes[at]
+            at += 1
         results.append(_decode_one(cls, body, payload, limits))
-    if at != len(frames):
-        results.append(RemoteProtocolError(f"{len(frames) - at} frame(s) left over after the batch"))
+    if at != len(sizes):
+        results.append(RemoteProtocolError(f"{len(sizes) - at} payload size(s) left over after the batch"))
     return results
 
 

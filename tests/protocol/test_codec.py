@@ -192,14 +192,15 @@ def test_encoding_refuses_what_cannot_be_sent() -> None:
 def test_batches_round_trip_in_order(msgs: list[Message]) -> None:
     frames = encode_batch([pack(m) for m in msgs])
     assert decode_batch(frames) == msgs
-    # One header for all; one raw frame per payload, in order, none inside msgpack.
-    payloads = [getattr(m, type(m).PAYLOAD) for m in msgs if type(m).PAYLOAD is not None]
-    assert frames[1:] == payloads
-    if len(msgs) > 1:
-        version, items = msgpack.unpackb(frames[0])
-        assert version == PROTOCOL_VERSION and [k for k, _ in items] == [type(m).KIND for m in msgs]
-    else:
+    if len(msgs) == 1:
         assert frames == encode(msgs[0])  # a batch of one is the plain envelope
+        return
+    # One header for all; the payloads end to end in one raw frame, none inside msgpack.
+    payloads = [getattr(m, type(m).PAYLOAD) for m in msgs if type(m).PAYLOAD is not None]
+    version, items, sizes = msgpack.unpackb(frames[0])
+    assert version == PROTOCOL_VERSION and [k for k, _ in items] == [type(m).KIND for m in msgs]
+    assert sizes == [len(p) for p in payloads]
+    assert frames[1:] == ([b"".join(payloads)] if payloads else [])
 
 
 def test_batches_hold_up_to_the_container_limit() -> None:
@@ -211,18 +212,18 @@ def test_batches_hold_up_to_the_container_limit() -> None:
     assert decode_batch(encode_batch([pack(m) for m in msgs[:4]]), small) == msgs[:4]
 
 
-def _batch(*items: object, version: object = PROTOCOL_VERSION) -> bytes:
-    return msgpack.packb([version, list(items)])
+def _batch(*items: object, sizes: tuple[int, ...] = (), version: object = PROTOCOL_VERSION) -> bytes:
+    return msgpack.packb([version, list(items), list(sizes)])
 
 
 def test_a_bad_item_with_a_known_kind_spoils_only_itself() -> None:
     frames = [_batch(["heartbeat", [1, 0]],
                      ["block-completion", ["x", 0, ""]],
-                     ["block-completion", [3, 0, ""]]), b"bad", b"good"]
+                     ["block-completion", [3, 0, ""]], sizes=(3, 4)), b"badgood"]
     first, bad, last = decode_batch(frames)
     assert first == Heartbeat(1, 0)
     assert isinstance(bad, RemoteProtocolError) and "'request_id' has type str" in str(bad)
-    assert last == BlockCompletion(3, data=b"good")  # its payload frame is still the right one
+    assert last == BlockCompletion(3, data=b"good")  # its payload is still the right one
 
 
 @pytest.mark.parametrize(
@@ -231,8 +232,9 @@ def test_a_bad_item_with_a_known_kind_spoils_only_itself() -> None:
         ([_batch(["heartbeat", [1, 0]], ["nonsense", []], ["stop", [""]])], 1,
          "unknown message kind 'nonsense'"),
         ([_batch(["stop", [""]], "stop", ["stop", [""]])], 1, "batch item 1 is not [kind, fields]"),
-        ([_batch(["stop", [""]], ["block-completion", [1, 0, ""]])], 1, "payload frame is missing"),
-        ([_batch(["stop", [""]], ["stop", [""]]), b"stray"], 2, "1 frame(s) left over"),
+        ([_batch(["stop", [""]], ["block-completion", [1, 0, ""]])], 1, "no payload size for it"),
+        ([_batch(["stop", [""]], ["block-completion", [1, 0, ""]], sizes=(1, 1)), b"ab"], 2,
+         "1 payload size(s) left over"),
     ],
 )
 def test_a_batch_that_loses_its_framing_ends_with_the_error(frames: list[bytes], decoded: int,
@@ -243,15 +245,33 @@ def test_a_batch_that_loses_its_framing_ends_with_the_error(frames: list[bytes],
     assert isinstance(results[-1], RemoteProtocolError) and message in str(results[-1])
 
 
-def test_bad_batch_envelopes() -> None:
-    with pytest.raises(RemoteProtocolError, match="non-empty list"):
-        decode_batch([_batch()])
-    with pytest.raises(RemoteProtocolError, match="non-empty list"):
-        decode_batch([msgpack.packb([PROTOCOL_VERSION, {"a": 1}])])
-    with pytest.raises(RemoteProtocolError, match="unsupported protocol version 7"):
-        decode_batch([_batch(["stop", [""]], version=7)])
-    with pytest.raises(RemoteProtocolError, match="expected one message, got a batch of 2"):
-        decode(encode_batch([pack(Stop()), pack(Stop())]))
+@pytest.mark.parametrize(
+    ("frames", "message"),
+    [
+        ([_batch()], "non-empty list"),
+        ([_batch(["stop", [""]], version=7)], "unsupported protocol version 7"),
+        ([msgpack.packb([PROTOCOL_VERSION, [["stop", [""]]]])], "header must be"),
+        ([_batch(["stop", [""]], sizes=(-1,)), b""], "payload sizes must be a list of sizes"),
+        ([_batch(["stop", [""]], sizes=(True,)), b"x"], "payload sizes must be a list of sizes"),
+        ([msgpack.packb([PROTOCOL_VERSION, [["stop", [""]]], {}])], "payload sizes must be a list"),
+        ([_batch(["block-completion", [1, 0, ""]], sizes=(4,)), b"abc"], "payloads of 4 bytes in all"),
+        ([_batch(["block-completion", [1, 0, ""]], sizes=(4,))], "0 payload frame(s)"),
+        ([_batch(["stop", [""]]), b"stray"], "1 payload frame(s) of 5 bytes"),
+        (encode_batch([pack(Stop()), pack(Stop())]), "expected one message, got a batch of 2"),
+    ],
+)
+def test_bad_batch_envelopes(frames: list[bytes], message: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode(frames)
+    assert message in str(info.value)
+
+
+def test_payload_limit_applies_to_each_message_of_a_batch() -> None:
+    small = Limits(max_payload_bytes=8)
+    frames = encode_batch([pack(BlockCompletion(1, data=b"x" * 8)), pack(BlockCompletion(2, data=b"y" * 9))])
+    ok, too_big = decode_batch(frames, small)
+    assert ok == BlockCompletion(1, data=b"x" * 8)
+    assert isinstance(too_big, RemoteProtocolError) and "payload of 9 bytes exceeds" in str(too_big)
 
 
 @given(st.lists(MESSAGES, min_size=2, max_size=6), st.data())
