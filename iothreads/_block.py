@@ -310,12 +310,14 @@ class BlockNode:
                 err = exc.errno if isinstance(exc, OSError) and exc.errno else (
                     errno.ENOMEM if isinstance(exc, MemoryError) else errno.EIO)
                 self._complete(op, start, 0, -err, str(exc) or type(exc).__name__, b"", callback)
-                self._maybe_drained()
+                if self._drain_waiters:
+                    self._maybe_drained()
                 return
             if cached is not None:
                 self.in_flight -= 1
                 self._complete(op, start, length, 0, "", cached, callback)
-                self._maybe_drained()
+                if self._drain_waiters:
+                    self._maybe_drained()
                 return
             fn: Callable[..., object] = self.driver.read
             args: tuple[object, ...] = (offset, length)
@@ -340,7 +342,8 @@ class BlockNode:
             else:
                 nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
                 self._complete(op, start, nbytes, 0, "", value if isinstance(value, bytes) else b"", callback)
-            self._maybe_drained()
+            if self._drain_waiters:
+                self._maybe_drained()
 
         self.ctx.thread_pool.submit(fn, *args, callback=done)
 

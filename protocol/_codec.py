@@ -65,7 +65,11 @@ def pack(msg: Message) -> tuple[bytes, bytes | None]:
     cls = type(msg)
     plan = _PLANS.get(cls) or _plan(cls)
     try:
-        item = _packer().pack((plan.kind, plan.values(msg)))
+        packer = _local.packer
+    except AttributeError:
+        packer = _packer()
+    try:
+        item = packer.pack((plan.kind, plan.values(msg)))
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {plan.kind}: {exc}") from exc
     return item, None if plan.payload is None else bytes(getattr(msg, plan.payload))
