@@ -23,6 +23,11 @@ poll):
 5. ``dispatch()``: run them; a source whose ``dispatch`` returns False is
    destroyed.
 
+``iteration`` (and ``MainLoop.main_loop_wait``) run the same five steps
+through one internal call, ``_iterate``, which skips the per-step ownership
+checks; each public step and ``_iterate`` share one implementation of every
+step, so the two paths cannot drift apart.
+
 Any thread may attach and destroy sources, add and remove their fds, and
 change ready times; each such change from a thread that does not own the
 context writes the context's wakeup eventfd, so a blocked poll notices.
@@ -36,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 from iothreads import EpollMonitor, EventNotifier, timeout_ns_to_seconds
 from protocol import StateError
@@ -63,12 +68,24 @@ log = logging.getLogger("mainloop")
 
 ExceptionHandler: TypeAlias = Callable[["MainContext", Exception, str], None]
 
+A = TypeVar("A")
+B = TypeVar("B")
+R = TypeVar("R")
+
 MAX_PRIORITY = 2**31 - 1  # glib's G_MAXINT: "no source is ready"
 _ALWAYS = IO_ERR | IO_HUP | IO_NVAL
 _POLLABLE = IO_IN | IO_PRI | IO_OUT
 
 
 _perf_counter_ns = time.perf_counter_ns
+_get_ident = threading.get_ident
+
+
+class UnlockedCaller(Protocol):
+    """A lock held around an iteration and released around its blocking
+    wait: the BQL (``mainloop._bql``)."""
+
+    def call_unlocked(self, fn: Callable[[A, B], R], a: A, b: B) -> R: ...
 
 
 def _source_order(source: Source) -> tuple[int, int]:
@@ -315,12 +332,85 @@ class MainContext:
     # ------------------------------------------------------------------
     # One iteration, step by step (owner only)
     # ------------------------------------------------------------------
+    # Each public step checks ownership and calls the step's one
+    # implementation (``_prepare``, ``_poll``, ``_check``, ``_dispatch``);
+    # ``_iterate`` chains the same implementations for ``iteration`` and
+    # ``MainLoop.main_loop_wait``, without the per-step checks.
 
     def prepare(self) -> tuple[bool, int]:
         """Step 1: return ``(any ready, max_priority)`` and compute the timeout."""
-        if self._owner != threading.get_ident():
+        if self._owner != _get_ident():
             self._assert_owner("MainContext.prepare")
         self._pending = []
+        max_priority = self._prepare()
+        return max_priority != MAX_PRIORITY, max_priority
+
+    def query(self, max_priority: int) -> tuple[int, int]:
+        """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
+        if self._owner != _get_ident():
+            self._assert_owner("MainContext.query")
+        self._poll_changed = False
+        return self._timeout_ns, len(self._records)
+
+    def poll(self, timeout_ns: int) -> int:
+        """Step 3: wait up to ``timeout_ns`` (-1: forever) for fds; return how many
+        fds polled ready.  The only blocking call; needs no lock held."""
+        return self._poll(timeout_ns, None)
+
+    def check(self, max_priority: int) -> bool:
+        """Step 4: choose the sources to dispatch; return whether there are any."""
+        if self._owner != _get_ident():
+            self._assert_owner("MainContext.check")
+        self._pending = pending = self._check(max_priority)
+        return bool(pending)
+
+    def dispatch(self) -> bool:
+        """Step 5: dispatch what ``check`` chose; return whether anything ran."""
+        if self._owner != _get_ident():
+            self._assert_owner("MainContext.dispatch")
+        pending, self._pending = self._pending, []
+        return self._dispatch(pending)
+
+    def iteration(self, may_block: bool) -> bool:
+        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
+        acquired = self._owner != _get_ident()  # already owned: nothing to take
+        if acquired and not self.acquire():
+            raise StateError(f"MainContext {self.name!r} is owned by another thread")
+        try:
+            return self._iterate(-1 if may_block else 0, None)
+        finally:
+            if acquired:
+                self.release()
+
+    def _iterate(self, timeout_ns: int, lock: UnlockedCaller | None) -> bool:
+        """The five steps in one call, as ``prepare``, ``query``, ``poll``,
+        ``check`` and ``dispatch`` do them: the poll waits at most
+        ``timeout_ns`` (-1: no bound of the caller's), less if a source's
+        prepare asks for less, and not at all if one is ready.  ``lock`` (the
+        BQL), if given, is released around the blocking wait alone.  The
+        calling thread must own the context (the caller checks)."""
+        self.iterations += 1
+        if self._pending:
+            self._pending = []  # as prepare(): a check that was never dispatched
+        if self._watched:
+            max_priority = self._prepare()
+            if max_priority != MAX_PRIORITY:
+                timeout_ns = 0
+            else:
+                sources_ns = self._timeout_ns
+                if sources_ns >= 0 and (timeout_ns < 0 or sources_ns < timeout_ns):
+                    timeout_ns = sources_ns
+        else:
+            max_priority = MAX_PRIORITY  # nothing to prepare: no ready source, no timeout
+            self._timeout_ns = -1
+        self._poll_changed = False  # query
+        self._poll(timeout_ns, lock)
+        pending = self._check(max_priority)
+        return bool(pending) and self._dispatch(pending)
+
+    def _prepare(self) -> int:
+        """Step 1's work: mark the ready watched sources, set ``_timeout_ns``;
+        return max_priority (``MAX_PRIORITY``: none is ready)."""
         now_ns = -1  # read the clock only for a source with a ready time
         timeout_ns = -1
         max_priority = MAX_PRIORITY
@@ -329,9 +419,7 @@ class MainContext:
                 continue
             if src.priority > max_priority:
                 break  # a source of a higher priority is ready
-            if src._ready:
-                ready = True
-            else:
+            if not src._ready:
                 ready, t = False, -1
                 if src._has_prepare:
                     try:
@@ -339,45 +427,38 @@ class MainContext:
                     except Exception as exc:
                         self.report_exception(exc, f"prepare of source {src.name!r}")
                         ready, t = False, -1
-                rt = src.ready_time_ns
-                if not ready and rt >= 0:
-                    if now_ns < 0:
-                        now_ns = time.monotonic_ns()
-                    if rt <= now_ns:
-                        ready = True
-                    elif t < 0 or rt - now_ns < t:
-                        t = rt - now_ns
                 if not ready:
-                    if t >= 0 and (timeout_ns < 0 or t < timeout_ns):
-                        timeout_ns = t
-                    continue
+                    rt = src.ready_time_ns
+                    if rt >= 0:
+                        if now_ns < 0:
+                            now_ns = time.monotonic_ns()
+                        if rt <= now_ns:
+                            ready = True
+                        elif t < 0 or rt - now_ns < t:
+                            t = rt - now_ns
+                    if not ready:
+                        if t >= 0 and (timeout_ns < 0 or t < timeout_ns):
+                            timeout_ns = t
+                        continue
                 src._ready = True
             if max_priority == MAX_PRIORITY:
                 max_priority = src.priority
-        if max_priority != MAX_PRIORITY:
-            self._timeout_ns = 0
-            return True, max_priority
-        self._timeout_ns = timeout_ns
-        return False, max_priority
+        self._timeout_ns = 0 if max_priority != MAX_PRIORITY else timeout_ns
+        return max_priority
 
-    def query(self, max_priority: int) -> tuple[int, int]:
-        """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
-        if self._owner != threading.get_ident():
-            self._assert_owner("MainContext.query")
-        self._poll_changed = False
-        return self._timeout_ns, len(self._records)
-
-    def poll(self, timeout_ns: int) -> int:
-        """Step 3: wait up to ``timeout_ns`` (-1: forever) for fds; return how many
-        fds polled ready.  The only blocking call; needs no lock held."""
+    def _poll(self, timeout_ns: int, lock: UnlockedCaller | None) -> int:
+        """Step 3's work; ``lock``, if given, is released around the wait."""
         for pfd in self._touched:
             pfd.revents = 0
             if pfd.source is not None:
                 pfd.source._fired.clear()
         touched: list[PollFD] = []
         records = self._records
-        events = self._epoll_poll(
-            0 if timeout_ns == 0 else timeout_ns_to_seconds(timeout_ns), len(records) or 1)
+        timeout_s = 0 if timeout_ns == 0 else -1 if timeout_ns < 0 else timeout_ns_to_seconds(timeout_ns)
+        if lock is None:
+            events = self._epoll_poll(timeout_s, len(records) or 1)
+        else:
+            events = lock.call_unlocked(self._epoll_poll, timeout_s, len(records) or 1)
         for fd, ev in events:
             for pfd in records.get(fd, ()):
                 revents = ev & (pfd.events | _ALWAYS)
@@ -389,14 +470,12 @@ class MainContext:
         self._touched = touched
         return len(events)
 
-    def check(self, max_priority: int) -> bool:
-        """Step 4: choose the sources to dispatch; return whether there are any."""
-        if self._owner != threading.get_ident():
-            self._assert_owner("MainContext.check")
+    def _check(self, max_priority: int) -> list[Source]:
+        """Step 4's work: the sources to dispatch."""
         if self._wakeup_pfd.revents:
             self._wakeup.test_and_clear()
         if self._poll_changed:
-            return False  # the fd set changed since query: re-query first
+            return []  # the fd set changed since query: re-query first
         # Sources that are not watched every iteration (fd watches, signals,
         # child watches) are ready exactly when one of their auto fds fired.
         extra: list[Source] = []
@@ -445,14 +524,10 @@ class MainContext:
             pending = extra
         else:
             pending = sorted((s for s in extra if s.priority == limit), key=_source_order)
-        self._pending = pending
-        return bool(pending)
+        return pending
 
-    def dispatch(self) -> bool:
-        """Step 5: dispatch what ``check`` chose; return whether anything ran."""
-        if self._owner != threading.get_ident():
-            self._assert_owner("MainContext.dispatch")
-        pending, self._pending = self._pending, []
+    def _dispatch(self, pending: list[Source]) -> bool:
+        """Step 5's work: dispatch ``pending``; whether anything ran."""
         ran = False
         for src in pending:
             if src._destroyed:
@@ -470,25 +545,6 @@ class MainContext:
             if not keep:
                 src.destroy()
         return ran
-
-    def iteration(self, may_block: bool) -> bool:
-        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
-        acquired = self._owner != threading.get_ident()  # already owned: nothing to take
-        if acquired and not self.acquire():
-            raise StateError(f"MainContext {self.name!r} is owned by another thread")
-        try:
-            self.iterations += 1
-            ready, max_priority = self.prepare()
-            timeout_ns, _ = self.query(max_priority)
-            if ready or not may_block:
-                timeout_ns = 0
-            self.poll(timeout_ns)
-            if self.check(max_priority):
-                return self.dispatch()
-            return False
-        finally:
-            if acquired:
-                self.release()
 
     def pending(self) -> bool:
         """Whether a source is ready right now (glib's g_main_context_pending)."""
