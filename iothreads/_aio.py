@@ -552,9 +552,12 @@ class AioContext:
         ready fds itself).  Home thread."""
         self._notify_me &= ~1
         self._notified = False
+        if fds_pending:
+            return True
         bhs = self._bhs
-        return bool(fds_pending or ((bhs._queue or bhs._slices) and bhs.any_scheduled())
-                    or (any(self._timer_heaps) and self._timers.deadline_ns() == 0))
+        if (bhs._queue or bhs._slices) and bhs.any_scheduled():
+            return True
+        return any(self._timer_heaps) and self._timers.deadline_ns() == 0
 
     def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
         """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,

@@ -88,6 +88,11 @@ class UnlockedCaller(Protocol):
     def call_unlocked(self, fn: Callable[[A, B], R], a: A, b: B) -> R: ...
 
 
+# A source watched every iteration, with its prepare and check hooks (None:
+# the source does not override it).
+_Watched: TypeAlias = tuple[Source, Callable[[], tuple[bool, int]] | None, Callable[[], bool] | None]
+
+
 def _source_order(source: Source) -> tuple[int, int]:
     return source.priority, source.id
 
@@ -104,7 +109,7 @@ class MainContext:
         self._records: dict[int, list[PollFD]] = {}  # fd -> poll records (copied on write)
         self._sources: dict[int, Source] = {}
         self._next_id = 1
-        self._watched: list[Source] = []  # sorted (priority, id); copied on write
+        self._watched: list[_Watched] = []  # sorted (priority, id); copied on write
         self._poll_changed = False
         self._owner = 0
         self._owner_depth = 0
@@ -213,7 +218,7 @@ class MainContext:
             source._destroyed = True
             self._sources.pop(source.id, None)
             if source._watched:
-                self._watched = [s for s in self._watched if s is not source]
+                self._watched = [w for w in self._watched if w[0] is not source]
                 source._watched = False
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
@@ -226,9 +231,12 @@ class MainContext:
     def _update_watched_locked(self, source: Source) -> None:
         watch = not source._destroyed and (source.has_prepare_or_check or source.ready_time_ns >= 0)
         if watch and not source._watched:
-            self._watched = sorted([*self._watched, source], key=lambda s: (s.priority, s.id))
+            # The hooks are looked up once, here (glib's GSourceFuncs are fixed too).
+            hooks = (source, source.prepare if source._has_prepare else None,
+                     source.check if source._has_check else None)
+            self._watched = sorted([*self._watched, hooks], key=lambda w: (w[0].priority, w[0].id))
         elif source._watched and not watch:
-            self._watched = [s for s in self._watched if s is not source]
+            self._watched = [w for w in self._watched if w[0] is not source]
         source._watched = watch
 
     def _ready_time_changed(self, source: Source) -> None:
@@ -414,16 +422,17 @@ class MainContext:
         now_ns = -1  # read the clock only for a source with a ready time
         timeout_ns = -1
         max_priority = MAX_PRIORITY
-        for src in self._watched:
+        for src, prepare, _ in self._watched:
             if src._destroyed:
                 continue
             if src.priority > max_priority:
                 break  # a source of a higher priority is ready
             if not src._ready:
-                ready, t = False, -1
-                if src._has_prepare:
+                if prepare is None:
+                    ready, t = False, -1
+                else:
                     try:
-                        ready, t = src.prepare()
+                        ready, t = prepare()
                     except Exception as exc:
                         self.report_exception(exc, f"prepare of source {src.name!r}")
                         ready, t = False, -1
@@ -491,40 +500,41 @@ class MainContext:
         # worse than one already known to be ready: glib asks no lower source.
         now_ns = -1
         watched_ready: list[Source] = []
-        for src in self._watched:
+        for src, _, check in self._watched:
             if src._destroyed:
                 continue
-            if src.priority > limit or src.priority > max_priority and watched_ready:
+            priority = src.priority
+            if priority > limit or priority > max_priority and watched_ready:
                 break
             if not src._ready:
                 ready = False
-                if src._has_check:
+                if check is not None:
                     try:
-                        ready = src.check()
+                        ready = check()
                     except Exception as exc:
                         self.report_exception(exc, f"check of source {src.name!r}")
-                if not ready and src._fired:
-                    ready = any(p.auto for p in src._fired)
-                if not ready and src.ready_time_ns >= 0:
-                    if now_ns < 0:
-                        now_ns = time.monotonic_ns()
-                    ready = src.ready_time_ns <= now_ns
-                if ready:
-                    src._ready = True
-            if src._ready:
-                watched_ready.append(src)
-                limit = src.priority
+                if not ready:
+                    if src._fired:
+                        ready = any(p.auto for p in src._fired)
+                    if not ready and src.ready_time_ns >= 0:
+                        if now_ns < 0:
+                            now_ns = time.monotonic_ns()
+                        ready = src.ready_time_ns <= now_ns
+                    if not ready:
+                        continue
+                src._ready = True
+            watched_ready.append(src)
+            limit = priority
         # Dispatch every ready source at the best ready priority, in source order.
         if watched_ready:
             pending = [s for s in watched_ready if s.priority == limit]
             if extra:
                 pending += [s for s in extra if s.priority == limit]
                 pending.sort(key=_source_order)
-        elif len(extra) == 1:
-            pending = extra
-        else:
-            pending = sorted((s for s in extra if s.priority == limit), key=_source_order)
-        return pending
+            return pending
+        if len(extra) <= 1:
+            return extra
+        return sorted((s for s in extra if s.priority == limit), key=_source_order)
 
     def _dispatch(self, pending: list[Source]) -> bool:
         """Step 5's work: dispatch ``pending``; whether anything ran."""
