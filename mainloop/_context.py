@@ -414,7 +414,9 @@ class MainContext:
         self._poll_changed = False  # query
         self._poll(timeout_ns, lock)
         pending = self._check(max_priority)
-        return bool(pending) and self._dispatch(pending)
+        if pending:
+            return self._dispatch(pending)
+        return False
 
     def _prepare(self) -> int:
         """Step 1's work: mark the ready watched sources, set ``_timeout_ns``;
@@ -446,7 +448,7 @@ class MainContext:
                         elif t < 0 or rt - now_ns < t:
                             t = rt - now_ns
                     if not ready:
-                        if t >= 0 and (timeout_ns < 0 or t < timeout_ns):
+                        if t >= 0 and (t < timeout_ns or timeout_ns < 0):
                             timeout_ns = t
                         continue
                 src._ready = True
@@ -504,24 +506,27 @@ class MainContext:
             if src._destroyed:
                 continue
             priority = src.priority
-            if priority > limit or priority > max_priority and watched_ready:
+            if priority > limit or watched_ready and priority > max_priority:
                 break
             if not src._ready:
-                ready = False
-                if check is not None:
+                if check is None:
+                    ready = False
+                else:
                     try:
                         ready = check()
                     except Exception as exc:
                         self.report_exception(exc, f"check of source {src.name!r}")
+                        ready = False
                 if not ready:
-                    if src._fired:
-                        ready = any(p.auto for p in src._fired)
-                    if not ready and src.ready_time_ns >= 0:
+                    if src._fired and any(p.auto for p in src._fired):
+                        pass  # an auto fd polled ready
+                    elif src.ready_time_ns < 0:
+                        continue
+                    else:
                         if now_ns < 0:
                             now_ns = time.monotonic_ns()
-                        ready = src.ready_time_ns <= now_ns
-                    if not ready:
-                        continue
+                        if src.ready_time_ns > now_ns:
+                            continue
                 src._ready = True
             watched_ready.append(src)
             limit = priority
