@@ -23,6 +23,13 @@ throughout except around the one blocking call:
 2. release the BQL, poll (nanosecond timeout, rounded up to what epoll
    takes), retake the BQL;
 3. ``check`` and ``dispatch``; then run the due main-loop timers.
+
+Steps 1 to 3 run as one call into the context (``MainContext._iterate``,
+the same code as ``MainContext.iteration``, which shares each step's
+implementation with the public ``prepare``/``query``/``poll``/``check``/
+``dispatch``), with the BQL handed over as the lock to release around the
+epoll wait alone (``call_unlocked``: one call that unlocks, waits and
+relocks, keeping the BQL's counters).
 """
 
 from __future__ import annotations
