@@ -20,6 +20,7 @@ from mainloop import IO_IN, AioSource, MainContext, MainLoop, Source, bql, bql_s
 from .stepwise import stepwise_iteration, stepwise_main_loop_wait
 
 ITERATIONS = 6
+FAR = 2**62
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class Spec:
     check: tuple[bool, ...]
     keep: tuple[bool, ...]
     fd_ready: bool
+    ready_time_ns: int  # -1: none; 0: long past; FAR: far future (bounds the timeout)
 
 
 def specs() -> st.SearchStrategy[Spec]:
@@ -41,6 +43,7 @@ def specs() -> st.SearchStrategy[Spec]:
         check=st.tuples(*[st.booleans()] * ITERATIONS),
         keep=st.tuples(*[st.booleans()] * ITERATIONS),
         fd_ready=st.booleans(),
+        ready_time_ns=st.sampled_from([-1, -1, 0, FAR]),
     )
 
 
@@ -91,12 +94,30 @@ def run_scenario(scenario: list[Spec], bh_turns: list[int],
                     b.send(b"x")
                 fd = a.fileno()
             cls = {"hooks": WithHooks, "idle": Idle}.get(spec.kind, Scripted)
-            ctx.attach(cls(spec, f"s{i}", log, turn, fd))
+            src = cls(spec, f"s{i}", log, turn, fd)
+            ctx.attach(src)
+            if spec.ready_time_ns >= 0:
+                src.set_ready_time(spec.ready_time_ns)
         for it in range(ITERATIONS):
             turn[0] = it
             if it in bh_turns:
                 aio.bh_schedule_oneshot(lambda it=it: log.append(f"bh {it}"))
             log.append(f"iteration {it} -> {iterate(ctx)}, notify_me {aio._notify_me}")
+            if ctx.acquire():  # the timeout the next poll would get, through the steps
+                try:
+                    _, max_priority = ctx.prepare()
+                    timeout_ns, n_fds = ctx.query(max_priority)
+                    bound = "none" if timeout_ns < 0 else "now" if timeout_ns == 0 else \
+                        "far" if timeout_ns > FAR // 2 else "soon"
+                    log.append(f"timeout {bound}, {n_fds} fds")
+                    ctx.poll(0)
+                    ctx.check(max_priority)
+                    log.append(f"pending {[s.name for s in ctx._pending]}")
+                    for pending in ctx._pending:
+                        pending._ready = True  # as MainContext.pending() keeps them
+                    ctx._pending = []
+                finally:
+                    ctx.release()
         log.append("left: " + " ".join(s.name for s in ctx.sources()))
         for src in ctx.sources():
             if not isinstance(src, AioSource):
