@@ -543,23 +543,29 @@ class MainContext:
 
     def _dispatch(self, pending: list[Source]) -> bool:
         """Step 5's work: dispatch ``pending``; whether anything ran."""
-        ran = False
+        # One clock read per dispatch plus one: each dispatch ends where the
+        # next one's time starts (re-read after a destroy, whose finalize is
+        # no dispatch's).
+        t0 = -1
         for src in pending:
             if src._destroyed:
                 continue
             src._ready = False
-            ran = True
-            t0 = _perf_counter_ns()
+            if t0 < 0:
+                t0 = _perf_counter_ns()
             try:
                 keep = src.dispatch()
             except Exception as exc:
                 self.report_exception(exc, f"dispatch of source {src.name!r}")
                 keep = True
+            t1 = _perf_counter_ns()
             src.dispatch_count += 1
-            src.dispatch_ns += _perf_counter_ns() - t0
+            src.dispatch_ns += t1 - t0
+            t0 = t1
             if not keep:
                 src.destroy()
-        return ran
+                t0 = _perf_counter_ns()
+        return t0 >= 0  # the clock was read: something was dispatched
 
     def pending(self) -> bool:
         """Whether a source is ready right now (glib's g_main_context_pending)."""

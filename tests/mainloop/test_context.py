@@ -368,3 +368,29 @@ def test_aio_source_sets_notify_me_bit_0_between_prepare_and_check() -> None:
         t.start()
         iterate_until(ctx, ran.is_set)
         t.join()
+
+
+def test_dispatch_time_is_each_sources_own(context: MainContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources dispatched in one iteration each get the time of their own
+    dispatch (one clock read ends one dispatch and starts the next), and a
+    finalize after a dispatch returned False counts for no source."""
+    import mainloop._context as context_module
+
+    now = [1_000]
+    monkeypatch.setattr(context_module, "_perf_counter_ns", lambda: now[0])
+
+    def spend(ns: int, result: bool) -> bool:
+        now[0] += ns
+        return result
+
+    class Once(IdleSource):
+        def finalize(self) -> None:
+            now[0] += 1_000_000  # a slow finalize
+
+    once = Once(lambda: spend(300, SOURCE_REMOVE), "once")
+    slow = IdleSource(lambda: spend(5_000, True), "slow")
+    quick = IdleSource(lambda: True, "quick")
+    for s in (once, slow, quick):
+        context.attach(s)
+    assert context.iteration(False)
+    assert [(s.dispatch_count, s.dispatch_ns) for s in (once, slow, quick)] == [(1, 300), (1, 5_000), (1, 0)]
