@@ -209,6 +209,10 @@ class AioSource(Source):
     the main loop may sleep; ``check`` clears it; ``dispatch`` runs the
     context's bottom halves, ready fd handlers and due timers, like
     ``aio_dispatch``.  Busy polling never happens in this mode.
+
+    One source per AioContext at a time (in QEMU the AioContext is itself
+    the GSource): the source records its ready poll fds in the context's
+    ``gsource_ready_fds``, which ``check`` reads.
     """
 
     kind = "aio-context"
@@ -226,6 +230,7 @@ class AioSource(Source):
         self.check = ctx.gsource_check  # type: ignore[method-assign]
 
     def _on_attach(self) -> None:
+        self._fired.clear()  # the context's list: nothing left by an earlier source
         self.aio_context.set_fd_listener(self._fd_changed)
 
     def _fd_changed(self, fd: int, events: int, role: str) -> None:
@@ -248,4 +253,5 @@ class AioSource(Source):
     def finalize(self) -> None:
         self.aio_context.set_fd_listener(None)
         self._by_fd.clear()
+        self._fired.clear()
 

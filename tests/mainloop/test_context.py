@@ -394,3 +394,34 @@ def test_dispatch_time_is_each_sources_own(context: MainContext, monkeypatch: py
         context.attach(s)
     assert context.iteration(False)
     assert [(s.dispatch_count, s.dispatch_ns) for s in (once, slow, quick)] == [(1, 300), (1, 5_000), (1, 0)]
+
+
+def test_a_new_aio_source_does_not_see_what_an_old_one_polled() -> None:
+    """The ready poll fds live in the AioContext (its check reads them there):
+    a destroyed source leaves none behind for the next one."""
+    from iothreads import AioContext
+    from mainloop import AioSource
+
+    a, b = socket.socketpair()
+    b.send(b"x")
+    with AioContext(name="gs") as aio, MainContext("old") as old, MainContext("new") as new:
+        aio.set_fd_handler(a.fileno(), lambda: None)
+        first = AioSource(aio)
+        old.attach(first)
+        assert old.acquire()
+        try:
+            _, maxp = old.prepare()
+            old.query(maxp)
+            old.poll(0)  # a's handler fd polled ready: recorded for check
+            assert [p.fd for p in first.pending_pollfds()] == [a.fileno()]
+        finally:
+            old.release()
+        first.destroy()  # never checked nor dispatched
+        assert aio.gsource_ready_fds == []
+        aio.set_fd_handler(a.fileno(), None)
+        second = AioSource(aio)
+        new.attach(second)
+        new.iteration(False)
+        assert a.fileno() not in [p.fd for p in second.pending_pollfds()]
+    a.close()
+    b.close()
