@@ -148,6 +148,11 @@ class AioContext:
 
         # fd handlers
         self._fds = FdHandlers(self)
+        # The main-loop source's record of this context's fds that polled
+        # ready in the current iteration: the source fills this very list,
+        # and gsource_check reads it, as QEMU's aio_ctx_check reads the
+        # revents of its handlers' GPollFDs.
+        self.gsource_ready_fds: list[Any] = []
         self._poll_params = PollParams()
         self.aio_max_batch = 0
 
@@ -546,15 +551,18 @@ class AioContext:
         timeout_ns = self._compute_timeout_ns()
         return timeout_ns == 0, timeout_ns
 
-    def gsource_check(self, fds_pending: object) -> bool:
-        """After the poll: whether to dispatch.  ``fds_pending`` is truthy when
-        any of the context's fds polled ready (a source may pass its list of
-        ready fds itself).  Home thread."""
+    def gsource_check(self) -> bool:
+        """After the poll: whether to dispatch: one of the context's fds
+        polled ready (``gsource_ready_fds`` is not empty), a bottom half is
+        scheduled or a timer is due.  Home thread."""
         self._notify_me &= ~1
         self._notified = False
+        if self.gsource_ready_fds:
+            return True
         bhs = self._bhs
-        return bool(fds_pending or ((bhs._queue or bhs._slices) and bhs.any_scheduled())
-                    or (any(self._timer_heaps) and self._timers.deadline_ns() == 0))
+        if (bhs._queue or bhs._slices) and bhs.any_scheduled():
+            return True
+        return any(self._timer_heaps) and self._timers.deadline_ns() == 0
 
     def gsource_dispatch(self, ready_fds: list[tuple[int, int]]) -> bool:
         """Run BHs, the handlers of ``ready_fds`` (fd, events) and due timers,

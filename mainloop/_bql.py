@@ -15,13 +15,21 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeVar
 
 from protocol import StateError
 
 __all__ = ["BQLStats", "bql", "bql_lock", "bql_locked", "bql_stats", "bql_unlock"]
+
+A = TypeVar("A")
+B = TypeVar("B")
+R = TypeVar("R")
+
+_get_ident = threading.get_ident
+_monotonic_ns = time.monotonic_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,15 +59,19 @@ class _BigLock:
         me = threading.get_ident()
         if self._owner == me:
             raise StateError("bql_lock(): the BQL is already held by this thread (it is not recursive)")
-        lock = self._lock
-        if lock.acquire(blocking=False):
-            now = time.monotonic_ns()
+        if self._lock.acquire(blocking=False):
+            self._owner = me
+            self._acquired_at = _monotonic_ns()
+            self.acquisitions += 1
         else:
-            t0 = time.monotonic_ns()
-            lock.acquire()
-            now = time.monotonic_ns()
-            self.contended += 1
-            self.wait_ns += now - t0
+            self._lock_contended(me)
+
+    def _lock_contended(self, me: int) -> None:
+        t0 = _monotonic_ns()
+        self._lock.acquire()
+        now = _monotonic_ns()
+        self.contended += 1
+        self.wait_ns += now - t0
         self._owner = me
         self._acquired_at = now
         self.acquisitions += 1
@@ -67,12 +79,36 @@ class _BigLock:
     def unlock(self) -> None:
         if self._owner != threading.get_ident():
             raise StateError("bql_unlock(): the BQL is not held by this thread")
-        held = time.monotonic_ns() - self._acquired_at
+        held = _monotonic_ns() - self._acquired_at
         self.hold_ns += held
         if held > self.longest_hold_ns:
             self.longest_hold_ns = held
         self._owner = 0
         self._lock.release()
+
+    def call_unlocked(self, fn: Callable[[A, B], R], a: A, b: B) -> R:
+        """``fn(a, b)`` with the BQL released, retaken before returning (or
+        raising): ``unlock(); fn(a, b); lock()`` in one call, for the main
+        loop's blocking poll, with the same counters.  BQL held."""
+        me = self._owner
+        if me != _get_ident():
+            raise StateError("BQL.call_unlocked(): the BQL is not held by this thread")
+        lock = self._lock
+        held = _monotonic_ns() - self._acquired_at
+        self.hold_ns += held
+        if held > self.longest_hold_ns:
+            self.longest_hold_ns = held
+        self._owner = 0
+        lock.release()
+        try:
+            return fn(a, b)
+        finally:
+            if lock.acquire(False):
+                self._owner = me
+                self._acquired_at = _monotonic_ns()
+                self.acquisitions += 1
+            else:
+                self._lock_contended(me)
 
     def locked(self) -> bool:
         return self._owner == threading.get_ident()

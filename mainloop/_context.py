@@ -23,6 +23,11 @@ poll):
 5. ``dispatch()``: run them; a source whose ``dispatch`` returns False is
    destroyed.
 
+``iteration`` (and ``MainLoop.main_loop_wait``) run the same five steps
+through one internal call, ``_iterate``, which skips the per-step ownership
+checks; each public step and ``_iterate`` share one implementation of every
+step, so the two paths cannot drift apart.
+
 Any thread may attach and destroy sources, add and remove their fds, and
 change ready times; each such change from a thread that does not own the
 context writes the context's wakeup eventfd, so a blocked poll notices.
@@ -36,7 +41,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, TypeVar
 
 from iothreads import EpollMonitor, EventNotifier, timeout_ns_to_seconds
 from protocol import StateError
@@ -63,12 +68,29 @@ log = logging.getLogger("mainloop")
 
 ExceptionHandler: TypeAlias = Callable[["MainContext", Exception, str], None]
 
+A = TypeVar("A")
+B = TypeVar("B")
+R = TypeVar("R")
+
 MAX_PRIORITY = 2**31 - 1  # glib's G_MAXINT: "no source is ready"
 _ALWAYS = IO_ERR | IO_HUP | IO_NVAL
 _POLLABLE = IO_IN | IO_PRI | IO_OUT
 
 
 _perf_counter_ns = time.perf_counter_ns
+_get_ident = threading.get_ident
+
+
+class UnlockedCaller(Protocol):
+    """A lock held around an iteration and released around its blocking
+    wait: the BQL (``mainloop._bql``)."""
+
+    def call_unlocked(self, fn: Callable[[A, B], R], a: A, b: B) -> R: ...
+
+
+# A source watched every iteration, with its prepare and check hooks (None:
+# the source does not override it).
+_Watched: TypeAlias = tuple[Source, Callable[[], tuple[bool, int]] | None, Callable[[], bool] | None]
 
 
 def _source_order(source: Source) -> tuple[int, int]:
@@ -87,7 +109,7 @@ class MainContext:
         self._records: dict[int, list[PollFD]] = {}  # fd -> poll records (copied on write)
         self._sources: dict[int, Source] = {}
         self._next_id = 1
-        self._watched: list[Source] = []  # sorted (priority, id); copied on write
+        self._watched: list[_Watched] = []  # sorted (priority, id); copied on write
         self._poll_changed = False
         self._owner = 0
         self._owner_depth = 0
@@ -196,7 +218,7 @@ class MainContext:
             source._destroyed = True
             self._sources.pop(source.id, None)
             if source._watched:
-                self._watched = [s for s in self._watched if s is not source]
+                self._watched = [w for w in self._watched if w[0] is not source]
                 source._watched = False
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
@@ -209,9 +231,12 @@ class MainContext:
     def _update_watched_locked(self, source: Source) -> None:
         watch = not source._destroyed and (source.has_prepare_or_check or source.ready_time_ns >= 0)
         if watch and not source._watched:
-            self._watched = sorted([*self._watched, source], key=lambda s: (s.priority, s.id))
+            # The hooks are looked up once, here (glib's GSourceFuncs are fixed too).
+            hooks = (source, source.prepare if source._has_prepare else None,
+                     source.check if source._has_check else None)
+            self._watched = sorted([*self._watched, hooks], key=lambda w: (w[0].priority, w[0].id))
         elif source._watched and not watch:
-            self._watched = [s for s in self._watched if s is not source]
+            self._watched = [w for w in self._watched if w[0] is not source]
         source._watched = watch
 
     def _ready_time_changed(self, source: Source) -> None:
@@ -315,54 +340,22 @@ class MainContext:
     # ------------------------------------------------------------------
     # One iteration, step by step (owner only)
     # ------------------------------------------------------------------
+    # Each public step checks ownership and calls the step's one
+    # implementation (``_prepare``, ``_poll``, ``_check``, ``_dispatch``);
+    # ``_iterate`` chains the same implementations for ``iteration`` and
+    # ``MainLoop.main_loop_wait``, without the per-step checks.
 
     def prepare(self) -> tuple[bool, int]:
         """Step 1: return ``(any ready, max_priority)`` and compute the timeout."""
-        if self._owner != threading.get_ident():
+        if self._owner != _get_ident():
             self._assert_owner("MainContext.prepare")
         self._pending = []
-        now_ns = -1  # read the clock only for a source with a ready time
-        timeout_ns = -1
-        max_priority = MAX_PRIORITY
-        for src in self._watched:
-            if src._destroyed:
-                continue
-            if src.priority > max_priority:
-                break  # a source of a higher priority is ready
-            if src._ready:
-                ready = True
-            else:
-                ready, t = False, -1
-                if src._has_prepare:
-                    try:
-                        ready, t = src.prepare()
-                    except Exception as exc:
-                        self.report_exception(exc, f"prepare of source {src.name!r}")
-                        ready, t = False, -1
-                rt = src.ready_time_ns
-                if not ready and rt >= 0:
-                    if now_ns < 0:
-                        now_ns = time.monotonic_ns()
-                    if rt <= now_ns:
-                        ready = True
-                    elif t < 0 or rt - now_ns < t:
-                        t = rt - now_ns
-                if not ready:
-                    if t >= 0 and (timeout_ns < 0 or t < timeout_ns):
-                        timeout_ns = t
-                    continue
-                src._ready = True
-            if max_priority == MAX_PRIORITY:
-                max_priority = src.priority
-        if max_priority != MAX_PRIORITY:
-            self._timeout_ns = 0
-            return True, max_priority
-        self._timeout_ns = timeout_ns
-        return False, max_priority
+        max_priority = self._prepare()
+        return max_priority != MAX_PRIORITY, max_priority
 
     def query(self, max_priority: int) -> tuple[int, int]:
         """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
-        if self._owner != threading.get_ident():
+        if self._owner != _get_ident():
             self._assert_owner("MainContext.query")
         self._poll_changed = False
         return self._timeout_ns, len(self._records)
@@ -370,14 +363,113 @@ class MainContext:
     def poll(self, timeout_ns: int) -> int:
         """Step 3: wait up to ``timeout_ns`` (-1: forever) for fds; return how many
         fds polled ready.  The only blocking call; needs no lock held."""
+        return self._poll(timeout_ns, None)
+
+    def check(self, max_priority: int) -> bool:
+        """Step 4: choose the sources to dispatch; return whether there are any."""
+        if self._owner != _get_ident():
+            self._assert_owner("MainContext.check")
+        self._pending = pending = self._check(max_priority)
+        return bool(pending)
+
+    def dispatch(self) -> bool:
+        """Step 5: dispatch what ``check`` chose; return whether anything ran."""
+        if self._owner != _get_ident():
+            self._assert_owner("MainContext.dispatch")
+        pending, self._pending = self._pending, []
+        return self._dispatch(pending)
+
+    def iteration(self, may_block: bool) -> bool:
+        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
+        acquired = self._owner != _get_ident()  # already owned: nothing to take
+        if acquired and not self.acquire():
+            raise StateError(f"MainContext {self.name!r} is owned by another thread")
+        try:
+            return self._iterate(-1 if may_block else 0, None)
+        finally:
+            if acquired:
+                self.release()
+
+    def _iterate(self, timeout_ns: int, lock: UnlockedCaller | None) -> bool:
+        """The five steps in one call, as ``prepare``, ``query``, ``poll``,
+        ``check`` and ``dispatch`` do them: the poll waits at most
+        ``timeout_ns`` (-1: no bound of the caller's), less if a source's
+        prepare asks for less, and not at all if one is ready.  ``lock`` (the
+        BQL), if given, is released around the blocking wait alone.  The
+        calling thread must own the context (the caller checks)."""
+        self.iterations += 1
+        if self._pending:
+            self._pending = []  # as prepare(): a check that was never dispatched
+        if self._watched:
+            max_priority = self._prepare()
+            if max_priority != MAX_PRIORITY:
+                timeout_ns = 0
+            else:
+                sources_ns = self._timeout_ns
+                if sources_ns >= 0 and (timeout_ns < 0 or sources_ns < timeout_ns):
+                    timeout_ns = sources_ns
+        else:
+            max_priority = MAX_PRIORITY  # nothing to prepare: no ready source, no timeout
+            self._timeout_ns = -1
+        self._poll_changed = False  # query
+        self._poll(timeout_ns, lock)
+        pending = self._check(max_priority)
+        if pending:
+            return self._dispatch(pending)
+        return False
+
+    def _prepare(self) -> int:
+        """Step 1's work: mark the ready watched sources, set ``_timeout_ns``;
+        return max_priority (``MAX_PRIORITY``: none is ready)."""
+        now_ns = -1  # read the clock only for a source with a ready time
+        timeout_ns = -1
+        max_priority = MAX_PRIORITY
+        for src, prepare, _ in self._watched:
+            if src._destroyed:
+                continue
+            if src.priority > max_priority:
+                break  # a source of a higher priority is ready
+            if not src._ready:
+                if prepare is None:
+                    ready, t = False, -1
+                else:
+                    try:
+                        ready, t = prepare()
+                    except Exception as exc:
+                        self.report_exception(exc, f"prepare of source {src.name!r}")
+                        ready, t = False, -1
+                if not ready:
+                    rt = src.ready_time_ns
+                    if rt >= 0:
+                        if now_ns < 0:
+                            now_ns = time.monotonic_ns()
+                        if rt <= now_ns:
+                            ready = True
+                        elif t < 0 or rt - now_ns < t:
+                            t = rt - now_ns
+                    if not ready:
+                        if t >= 0 and (t < timeout_ns or timeout_ns < 0):
+                            timeout_ns = t
+                        continue
+                src._ready = True
+            if max_priority == MAX_PRIORITY:
+                max_priority = src.priority
+        self._timeout_ns = 0 if max_priority != MAX_PRIORITY else timeout_ns
+        return max_priority
+
+    def _poll(self, timeout_ns: int, lock: UnlockedCaller | None) -> int:
+        """Step 3's work; ``lock``, if given, is released around the wait."""
         for pfd in self._touched:
             pfd.revents = 0
             if pfd.source is not None:
                 pfd.source._fired.clear()
         touched: list[PollFD] = []
         records = self._records
-        events = self._epoll_poll(
-            0 if timeout_ns == 0 else timeout_ns_to_seconds(timeout_ns), len(records) or 1)
+        timeout_s = 0 if timeout_ns == 0 else -1 if timeout_ns < 0 else timeout_ns_to_seconds(timeout_ns)
+        if lock is None:
+            events = self._epoll_poll(timeout_s, len(records) or 1)
+        else:
+            events = lock.call_unlocked(self._epoll_poll, timeout_s, len(records) or 1)
         for fd, ev in events:
             for pfd in records.get(fd, ()):
                 revents = ev & (pfd.events | _ALWAYS)
@@ -389,14 +481,12 @@ class MainContext:
         self._touched = touched
         return len(events)
 
-    def check(self, max_priority: int) -> bool:
-        """Step 4: choose the sources to dispatch; return whether there are any."""
-        if self._owner != threading.get_ident():
-            self._assert_owner("MainContext.check")
+    def _check(self, max_priority: int) -> list[Source]:
+        """Step 4's work: the sources to dispatch."""
         if self._wakeup_pfd.revents:
             self._wakeup.test_and_clear()
         if self._poll_changed:
-            return False  # the fd set changed since query: re-query first
+            return []  # the fd set changed since query: re-query first
         # Sources that are not watched every iteration (fd watches, signals,
         # child watches) are ready exactly when one of their auto fds fired.
         extra: list[Source] = []
@@ -412,83 +502,70 @@ class MainContext:
         # worse than one already known to be ready: glib asks no lower source.
         now_ns = -1
         watched_ready: list[Source] = []
-        for src in self._watched:
+        for src, _, check in self._watched:
             if src._destroyed:
                 continue
-            if src.priority > limit or src.priority > max_priority and watched_ready:
+            priority = src.priority
+            if priority > limit or watched_ready and priority > max_priority:
                 break
             if not src._ready:
-                ready = False
-                if src._has_check:
+                if check is None:
+                    ready = False
+                else:
                     try:
-                        ready = src.check()
+                        ready = check()
                     except Exception as exc:
                         self.report_exception(exc, f"check of source {src.name!r}")
-                if not ready and src._fired:
-                    ready = any(p.auto for p in src._fired)
-                if not ready and src.ready_time_ns >= 0:
-                    if now_ns < 0:
-                        now_ns = time.monotonic_ns()
-                    ready = src.ready_time_ns <= now_ns
-                if ready:
-                    src._ready = True
-            if src._ready:
-                watched_ready.append(src)
-                limit = src.priority
+                        ready = False
+                if not ready:
+                    if src._fired and any(p.auto for p in src._fired):
+                        pass  # an auto fd polled ready
+                    elif src.ready_time_ns < 0:
+                        continue
+                    else:
+                        if now_ns < 0:
+                            now_ns = time.monotonic_ns()
+                        if src.ready_time_ns > now_ns:
+                            continue
+                src._ready = True
+            watched_ready.append(src)
+            limit = priority
         # Dispatch every ready source at the best ready priority, in source order.
         if watched_ready:
             pending = [s for s in watched_ready if s.priority == limit]
             if extra:
                 pending += [s for s in extra if s.priority == limit]
                 pending.sort(key=_source_order)
-        elif len(extra) == 1:
-            pending = extra
-        else:
-            pending = sorted((s for s in extra if s.priority == limit), key=_source_order)
-        self._pending = pending
-        return bool(pending)
+            return pending
+        if len(extra) <= 1:
+            return extra
+        return sorted((s for s in extra if s.priority == limit), key=_source_order)
 
-    def dispatch(self) -> bool:
-        """Step 5: dispatch what ``check`` chose; return whether anything ran."""
-        if self._owner != threading.get_ident():
-            self._assert_owner("MainContext.dispatch")
-        pending, self._pending = self._pending, []
-        ran = False
+    def _dispatch(self, pending: list[Source]) -> bool:
+        """Step 5's work: dispatch ``pending``; whether anything ran."""
+        # One clock read per dispatch plus one: each dispatch ends where the
+        # next one's time starts (re-read after a destroy, whose finalize is
+        # no dispatch's).
+        t0 = -1
         for src in pending:
             if src._destroyed:
                 continue
             src._ready = False
-            ran = True
-            t0 = _perf_counter_ns()
+            if t0 < 0:
+                t0 = _perf_counter_ns()
             try:
                 keep = src.dispatch()
             except Exception as exc:
                 self.report_exception(exc, f"dispatch of source {src.name!r}")
                 keep = True
+            t1 = _perf_counter_ns()
             src.dispatch_count += 1
-            src.dispatch_ns += _perf_counter_ns() - t0
+            src.dispatch_ns += t1 - t0
+            t0 = t1
             if not keep:
                 src.destroy()
-        return ran
-
-    def iteration(self, may_block: bool) -> bool:
-        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
-        acquired = self._owner != threading.get_ident()  # already owned: nothing to take
-        if acquired and not self.acquire():
-            raise StateError(f"MainContext {self.name!r} is owned by another thread")
-        try:
-            self.iterations += 1
-            ready, max_priority = self.prepare()
-            timeout_ns, _ = self.query(max_priority)
-            if ready or not may_block:
-                timeout_ns = 0
-            self.poll(timeout_ns)
-            if self.check(max_priority):
-                return self.dispatch()
-            return False
-        finally:
-            if acquired:
-                self.release()
+                t0 = _perf_counter_ns()
+        return t0 >= 0  # the clock was read: something was dispatched
 
     def pending(self) -> bool:
         """Whether a source is ready right now (glib's g_main_context_pending)."""

@@ -23,6 +23,13 @@ throughout except around the one blocking call:
 2. release the BQL, poll (nanosecond timeout, rounded up to what epoll
    takes), retake the BQL;
 3. ``check`` and ``dispatch``; then run the due main-loop timers.
+
+Steps 1 to 3 run as one call into the context (``MainContext._iterate``,
+the same code as ``MainContext.iteration``, which shares each step's
+implementation with the public ``prepare``/``query``/``poll``/``check``/
+``dispatch``), with the BQL handed over as the lock to release around the
+epoll wait alone (``call_unlocked``: one call that unlocks, waits and
+relocks, keeping the BQL's counters).
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from ._context import MainContext
 from ._sources import AioSource
 
 __all__ = ["MainLoop"]
+
+_get_ident = threading.get_ident
 
 
 class MainLoop:
@@ -93,39 +102,26 @@ class MainLoop:
 
     def main_loop_wait(self, nonblocking: bool = False) -> bool:
         """One iteration.  Requires the BQL; returns whether anything ran."""
+        me = _get_ident()
         bql = BQL
-        if not bql.locked():
+        if bql._owner != me:
             raise StateError("main_loop_wait() requires the BQL")
         ctx = self.context
-        acquired = not ctx.is_owner()  # run() owns the context for its whole run
+        acquired = ctx._owner != me  # run() owns the context for its whole run
         if acquired and not ctx.acquire():
             raise StateError("the main context is owned by another thread")
+        timers = self.timers
         try:
-            ctx.iterations += 1
-            # -- 1. fill: fds and the soonest timeout --------------------------
-            timers = self.timers
+            # 1. fill: the main-loop timers bound the sources' timeout;
+            # 2. poll with the BQL released;  3. check and dispatch.
             timeout_ns = 0 if nonblocking else (timers.deadline_ns() if any(timers.heaps) else -1)
-            ready, max_priority = ctx.prepare()
-            sources_timeout_ns, _ = ctx.query(max_priority)
-            if ready:
-                timeout_ns = 0
-            elif sources_timeout_ns >= 0 and (timeout_ns < 0 or sources_timeout_ns < timeout_ns):
-                timeout_ns = sources_timeout_ns
-
-            # -- 2. poll with the BQL released ---------------------------------
-            bql.unlock()
-            try:
-                self.waits += 1
-                ctx.poll(timeout_ns)
-            finally:
-                bql.lock()
-
-            # -- 3. check and dispatch; then the main-loop timers --------------
-            ran = ctx.check(max_priority) and ctx.dispatch()
+            self.waits += 1
+            ran = ctx._iterate(timeout_ns, bql)
         finally:
             if acquired:
                 ctx.release()
-        if any(self.timers.heaps) and self.timers.run(self.aio_context.report_exception):
+        # -- then the main-loop timers -----------------------------------------
+        if any(timers.heaps) and timers.run(self.aio_context.report_exception):
             ran = True
         return ran
 

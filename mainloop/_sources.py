@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-from functools import partial
 import signal
 import time
 from collections.abc import Callable, Iterable
@@ -47,7 +46,7 @@ class FdWatchSource(Source):
         self._pfd = self.add_unix_fd(fd, conditions, role)
 
     def dispatch(self) -> bool:
-        return bool(self.callback(self.fd, self._pfd.revents))
+        return self.callback(self.fd, self._pfd.revents)
 
 
 class TimeoutSource(Source):
@@ -210,6 +209,10 @@ class AioSource(Source):
     the main loop may sleep; ``check`` clears it; ``dispatch`` runs the
     context's bottom halves, ready fd handlers and due timers, like
     ``aio_dispatch``.  Busy polling never happens in this mode.
+
+    One source per AioContext at a time (in QEMU the AioContext is itself
+    the GSource): the source records its ready poll fds in the context's
+    ``gsource_ready_fds``, which ``check`` reads.
     """
 
     kind = "aio-context"
@@ -219,11 +222,15 @@ class AioSource(Source):
         super().__init__(name or ctx.name, priority)
         self.aio_context = ctx
         self._by_fd: dict[int, PollFD] = {}
-        # The context's own methods serve as the hooks: no extra call per iteration.
+        # The context's own methods serve as the hooks: no extra call per
+        # iteration.  The poll fds that polled ready are recorded in the
+        # context's own list, which its check reads.
+        self._fired = ctx.gsource_ready_fds
         self.prepare = ctx.gsource_prepare  # type: ignore[method-assign]
-        self.check = partial(ctx.gsource_check, self._fired)  # type: ignore[method-assign]
+        self.check = ctx.gsource_check  # type: ignore[method-assign]
 
     def _on_attach(self) -> None:
+        self._fired.clear()  # the context's list: nothing left by an earlier source
         self.aio_context.set_fd_listener(self._fd_changed)
 
     def _fd_changed(self, fd: int, events: int, role: str) -> None:
@@ -237,7 +244,7 @@ class AioSource(Source):
         return self.aio_context.gsource_prepare()
 
     def check(self) -> bool:
-        return self.aio_context.gsource_check(self._fired)
+        return self.aio_context.gsource_check()
 
     def dispatch(self) -> bool:
         self.aio_context.gsource_dispatch([(p.fd, p.revents) for p in self._fired])
@@ -246,4 +253,5 @@ class AioSource(Source):
     def finalize(self) -> None:
         self.aio_context.set_fd_listener(None)
         self._by_fd.clear()
+        self._fired.clear()
 

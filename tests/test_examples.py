@@ -31,8 +31,8 @@ def test_main_loop_tour() -> None:
         out = "".join(lines)
         assert "dispatch path:" in out
         # The path from the loop down to the accept callback, as a backtrace.
-        path = [ln.split()[0] for ln in out.split("dispatch path:")[1].strip().splitlines()[:5]]
-        assert path == ["run", "main_loop_wait", "dispatch", "dispatch", "vnc_listen_io"]
+        path = [ln.split()[0] for ln in out.split("dispatch path:")[1].strip().splitlines()[:6]]
+        assert path == ["run", "main_loop_wait", "_iterate", "_dispatch", "dispatch", "vnc_listen_io"]
         assert f"TCP socket listening on 127.0.0.1:{port}" in out
         assert "notifier eventfd of AioContext 'qemu_aio_context'" in out
         assert "wakeup eventfd of MainContext" in out

@@ -69,3 +69,40 @@ def test_contended_acquisition_is_counted() -> None:
     assert waiter_done.is_set()
     assert after.contended >= before.contended + 1
     assert after.wait_ns > before.wait_ns
+
+
+def test_call_unlocked_releases_around_the_call_and_keeps_the_counters() -> None:
+    """The main loop's poll: one call that unlocks, calls and relocks, counted
+    as ``bql_unlock(); fn(); bql_lock()`` would be."""
+    from mainloop._bql import BQL
+
+    with pytest.raises(StateError, match="not held"):
+        BQL.call_unlocked(lambda a, b: a + b, 1, 2)
+    seen: list[object] = []
+
+    def vcpu() -> None:
+        with bql():  # free while the main thread is inside call_unlocked
+            seen.append(bql_locked())
+
+    def wait(a: int, b: int) -> int:
+        seen.append(bql_locked())
+        t = threading.Thread(target=vcpu)
+        t.start()
+        t.join()
+        return a + b
+
+    with bql():
+        before = bql_stats()
+        assert BQL.call_unlocked(wait, 1, 2) == 3
+        assert bql_locked()
+        after = bql_stats()
+
+        def boom(a: int, b: int) -> None:
+            raise OSError("poll failed")
+
+        with pytest.raises(OSError):
+            BQL.call_unlocked(boom, 0, 0)
+        assert bql_locked()  # retaken on the way out
+    assert seen == [False, True]
+    assert after.acquisitions == before.acquisitions + 2  # the vCPU's and the retake
+    assert after.hold_ns > before.hold_ns  # the hold that ended at the release

@@ -368,3 +368,60 @@ def test_aio_source_sets_notify_me_bit_0_between_prepare_and_check() -> None:
         t.start()
         iterate_until(ctx, ran.is_set)
         t.join()
+
+
+def test_dispatch_time_is_each_sources_own(context: MainContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sources dispatched in one iteration each get the time of their own
+    dispatch (one clock read ends one dispatch and starts the next), and a
+    finalize after a dispatch returned False counts for no source."""
+    import mainloop._context as context_module
+
+    now = [1_000]
+    monkeypatch.setattr(context_module, "_perf_counter_ns", lambda: now[0])
+
+    def spend(ns: int, result: bool) -> bool:
+        now[0] += ns
+        return result
+
+    class Once(IdleSource):
+        def finalize(self) -> None:
+            now[0] += 1_000_000  # a slow finalize
+
+    once = Once(lambda: spend(300, SOURCE_REMOVE), "once")
+    slow = IdleSource(lambda: spend(5_000, True), "slow")
+    quick = IdleSource(lambda: True, "quick")
+    for s in (once, slow, quick):
+        context.attach(s)
+    assert context.iteration(False)
+    assert [(s.dispatch_count, s.dispatch_ns) for s in (once, slow, quick)] == [(1, 300), (1, 5_000), (1, 0)]
+
+
+def test_a_new_aio_source_does_not_see_what_an_old_one_polled() -> None:
+    """The ready poll fds live in the AioContext (its check reads them there):
+    a destroyed source leaves none behind for the next one."""
+    from iothreads import AioContext
+    from mainloop import AioSource
+
+    a, b = socket.socketpair()
+    b.send(b"x")
+    with AioContext(name="gs") as aio, MainContext("old") as old, MainContext("new") as new:
+        aio.set_fd_handler(a.fileno(), lambda: None)
+        first = AioSource(aio)
+        old.attach(first)
+        assert old.acquire()
+        try:
+            _, maxp = old.prepare()
+            old.query(maxp)
+            old.poll(0)  # a's handler fd polled ready: recorded for check
+            assert [p.fd for p in first.pending_pollfds()] == [a.fileno()]
+        finally:
+            old.release()
+        first.destroy()  # never checked nor dispatched
+        assert aio.gsource_ready_fds == []
+        aio.set_fd_handler(a.fileno(), None)
+        second = AioSource(aio)
+        new.attach(second)
+        new.iteration(False)
+        assert a.fileno() not in [p.fd for p in second.pending_pollfds()]
+    a.close()
+    b.close()
