@@ -21,7 +21,10 @@ Messages queued together leave together: ``flush()`` packs everything a
 peer's queue holds (up to the codec's limits) into one ZeroMQ message, a
 batch, so a burst of replies costs one send and one msgpack header on each
 side.  Replies produced while ``drain()`` delivers are queued and flushed at
-its end; ``send(defer=True)`` queues until the loop's next turn.
+its end; ``send(defer=True)`` queues until the loop's next turn.  One
+exception keeps both ends busy: when the first half of a large received batch
+took a while to handle, its replies leave before the second half is started,
+so the peer works on them meanwhile instead of the two sides taking turns.
 
 Peers' frames are decoded with ``decode_batch``: a bad message is counted,
 handed to ``on_error`` with the peer's identity, and dropped; it never raises
@@ -39,6 +42,7 @@ from __future__ import annotations
 import os
 import stat
 import tempfile
+import time
 from collections import deque
 from itertools import islice
 from collections.abc import Callable
@@ -62,6 +66,10 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
+SPLIT_BATCH_MIN = 8
+SPLIT_AFTER_NS = 100_000
+"""A received batch of at least SPLIT_BATCH_MIN messages whose first half took
+more than SPLIT_AFTER_NS to handle sends the replies to that half at once."""
 
 Handler = Callable[[bytes, Message], object]
 Packed = tuple[bytes, "bytes | None"]  # a message as ``pack`` gives it
@@ -120,6 +128,7 @@ class Channel:
         on_error: ErrorHandler | None = None,
         limits: Limits = DEFAULT_LIMITS,
         batch: int = 256,
+        clock_ns: Callable[[], int] = time.monotonic_ns,
     ) -> None:
         self.socket = socket
         self.router = socket.type == zmq.ROUTER
@@ -130,6 +139,7 @@ class Channel:
         self.on_error = on_error
         self.limits = limits
         self.batch = batch
+        self._clock_ns = clock_ns
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
         self._outq: deque[Packed] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
@@ -317,9 +327,17 @@ class Channel:
         return self._hand_over(identity, results)
 
     def _hand_over(self, identity: bytes, results: list[Message | RemoteProtocolError]) -> int:
+        half = t0 = -1
+        if len(results) >= SPLIT_BATCH_MIN:
+            half, t0 = len(results) // 2, self._clock_ns()
         for i, result in enumerate(results):
             if self._closed:
                 return i
+            if i == half and self._queued and self._clock_ns() - t0 > SPLIT_AFTER_NS:
+                # The first half took long enough that the peer should not wait
+                # for the second: its replies leave now, and the two sides work
+                # in parallel instead of taking turns.
+                self.flush()
             try:
                 if isinstance(result, RemoteProtocolError):
                     self.bad_messages += 1

@@ -889,3 +889,39 @@ def test_a_raising_handler_keeps_the_rest_of_its_batch(runtime_dir: str, zctx: z
     finally:
         router.close()
         raw.close()
+
+
+@pytest.mark.parametrize(("half_took_ns", "batches"), [(50_000, [16]), (150_000, [8, 8])])
+def test_replies_to_a_slow_first_half_leave_early(runtime_dir: str, zctx: zmq.Context[Any],
+                                                  half_took_ns: int, batches: list[int]) -> None:
+    """A batch of 16 requests, each answered at once: the 16 replies leave as
+    one batch, unless handling the first 8 took more than SPLIT_AFTER_NS (a
+    fake clock says how long); then the first 8 leave before the second half."""
+    endpoint = ipc_endpoint(runtime_dir, "router")
+    readings = iter([0, half_took_ns])
+    router: Channel
+
+    def on_message(identity: bytes, msg: Message) -> None:
+        router.send(Heartbeat(cast(Heartbeat, msg).seq, 1), identity)
+
+    router = router_channel(zctx, endpoint, on_message, clock_ns=lambda: next(readings))
+    raw = zctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    try:
+        raw.connect(endpoint)
+        raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(16)]))
+        deadline = time.monotonic() + DEADLINE_S
+        while router.received < 16:
+            if not router.drain():
+                wait_readable(router.fileno(), deadline)
+        sizes: list[int] = []
+        got: list[int] = []
+        while len(got) < 16:
+            assert raw.poll(int(DEADLINE_S * 1000)), f"only {got} came back"
+            replies = decode_batch(raw.recv_multipart())
+            sizes.append(len(replies))
+            got += [cast(Heartbeat, r).seq for r in replies]
+        assert got == list(range(16)) and sizes == batches
+    finally:
+        router.close()
+        raw.close()
