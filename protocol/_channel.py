@@ -145,7 +145,8 @@ class Channel:
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
         # A batch must pass the peer's limits (assumed to be ours).
         self._batch_items = limits.max_container_len
-        self._batch_header_bytes = limits.max_header_bytes - 1024  # room for the payload sizes
+        # Room for the payload sizes: up to 256 of them, 5 bytes each (a uint32).
+        self._batch_header_bytes = limits.max_header_bytes - 2048
         self._batch_payload_bytes = limits.max_payload_bytes
         self._queued = 0
         self._unread: deque[tuple[bytes, list[Message | RemoteProtocolError]]] = deque()
