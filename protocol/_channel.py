@@ -145,8 +145,8 @@ class Channel:
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
         # A batch must pass the peer's limits (assumed to be ours).
         self._batch_items = limits.max_container_len
-        # Room for the payload sizes: up to 256 of them, 5 bytes each (a uint32).
-        self._batch_header_bytes = limits.max_header_bytes - 2048
+        # Room for the payload sizes: one per item at most, 5 bytes each (a uint32).
+        self._batch_header_bytes = limits.max_header_bytes - 5 * limits.max_container_len - 16
         self._batch_payload_bytes = limits.max_payload_bytes
         self._queued = 0
         self._unread: deque[tuple[bytes, list[Message | RemoteProtocolError]]] = deque()
