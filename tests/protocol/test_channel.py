@@ -925,3 +925,28 @@ def test_replies_to_a_slow_first_half_leave_early(runtime_dir: str, zctx: zmq.Co
     finally:
         router.close()
         raw.close()
+
+
+def test_batches_stay_within_the_receivers_default_limits(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
+    """Headers near the 64 KiB limit with 5-byte payload sizes: every batch the
+    channel cuts is still accepted whole by a receiver with the same limits."""
+    endpoint = ipc_endpoint(runtime_dir, "raw")
+    raw = zctx.socket(zmq.ROUTER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(endpoint)
+    dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None)
+    try:
+        msgs = [BlockCompletion(i, -5, "x" * 250, bytes(70_000)) for i in range(256)]
+        for m in msgs:
+            dealer.send(m, defer=True)
+        dealer.flush()
+        got: list[Message | RemoteProtocolError] = []
+        batches = 0
+        while len(got) < 256:
+            assert raw.poll(int(DEADLINE_S * 1000)), f"only {len(got)} arrived"
+            got += decode_batch(raw.recv_multipart()[1:])
+            batches += 1
+        assert got == msgs and batches > 1
+    finally:
+        dealer.close()
+        raw.close()
