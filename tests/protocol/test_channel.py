@@ -950,3 +950,31 @@ def test_batches_stay_within_the_receivers_default_limits(runtime_dir: str, zctx
     finally:
         dealer.close()
         raw.close()
+
+
+def test_a_full_batch_of_large_payloads_fits_the_receivers_header_limit(runtime_dir: str,
+                                                                       zctx: zmq.Context[Any]) -> None:
+    """256 items of 252 bytes fill the header budget exactly, and each has a
+    payload of more than 64 KiB (a 5-byte size): the sizes take 1283 bytes.
+    The batch header must still be within the receiver's 64 KiB."""
+    endpoint = ipc_endpoint(runtime_dir, "raw")
+    raw = zctx.socket(zmq.ROUTER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(endpoint)
+    dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None)
+    try:
+        msgs = [BlockCompletion(1000 + i, -5, "x" * 227, bytes(70_000)) for i in range(256)]
+        assert {len(pack(m)[0]) for m in msgs} == {252}
+        for m in msgs:
+            dealer.send(m, defer=True)
+        dealer.flush()
+        got: list[Message | RemoteProtocolError] = []
+        while len(got) < 256:
+            assert raw.poll(int(DEADLINE_S * 1000)), f"only {len(got)} arrived"
+            frames = raw.recv_multipart()[1:]
+            assert len(frames[0]) <= Limits().max_header_bytes
+            got += decode_batch(frames)
+        assert got == msgs
+    finally:
+        dealer.close()
+        raw.close()
