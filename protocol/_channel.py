@@ -145,11 +145,14 @@ class Channel:
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
         # A batch must pass the peer's limits (assumed to be ours).
         self._batch_items = limits.max_container_len
-        # Room for the payload sizes: one per item at most, 5 bytes each (a uint32).
-        self._batch_header_bytes = limits.max_header_bytes - 5 * limits.max_container_len - 16
+        # Room for the payload sizes: one per item at most, 5 bytes each (a
+        # uint32), 9 if a payload may reach 4 GiB.
+        size_bytes = 5 if limits.max_payload_bytes < 1 << 32 else 9
+        self._batch_header_bytes = limits.max_header_bytes - size_bytes * limits.max_container_len - 16
         self._batch_payload_bytes = limits.max_payload_bytes
         self._queued = 0
-        self._unread: deque[tuple[bytes, list[Message | RemoteProtocolError]]] = deque()
+        # Received, not yet handed over: the rest of a batch (see _deliver_unread).
+        self._unread: deque[tuple[bytes, Message | RemoteProtocolError]] = deque()
         self._draining = False
         self._fd = cast(int, socket.getsockopt(zmq.FD))
         self.received = 0
@@ -272,31 +275,33 @@ class Channel:
 
         Messages sent by the handlers meanwhile are flushed together at the
         end: one burst to the socket and one ZMQ_EVENTS read, not one per reply.
+        A handler may run a nested loop that drains this channel again: the
+        messages still come in order (the rest of a batch waits in ``_unread``,
+        which every drain empties first).
         """
         if self._closed:
             return 0
+        outer = self._draining
         self._draining = True
         try:
             delivered = self._drain_batch()
         except BaseException:
             # A handler raised: the edge was consumed, so come back for the
             # rest, and send what the batch produced; then let it propagate.
-            self._draining = False
+            self._draining = outer
             if not self._closed:
                 self.kick()
                 if self._queued:
                     self.flush()
             raise
-        self._draining = False
+        self._draining = outer
         if self._queued and not self._closed:
             self.flush()
         return delivered
 
     def _drain_batch(self) -> int:
         sock = self.socket
-        delivered = 0
-        while self._unread and not self._closed:  # left by a handler that raised
-            delivered += self._hand_over(*self._unread.popleft())
+        delivered = self._deliver_unread() if self._unread else 0
         while delivered < self.batch:
             events = self._events()
             if not events & _POLLIN:
@@ -325,34 +330,39 @@ class Channel:
             results = decode_batch(frames, self.limits)
         except RemoteProtocolError as exc:
             results = [exc]
-        return self._hand_over(identity, results)
+        if len(results) == 1 and not self._unread:
+            self._hand_over(identity, results[0])
+            return 1
+        self._unread.extend([(identity, r) for r in results])
+        return self._deliver_unread()
 
-    def _hand_over(self, identity: bytes, results: list[Message | RemoteProtocolError]) -> int:
+    def _deliver_unread(self) -> int:
+        """Hand over the messages waiting in ``_unread``, in order; how many.
+        A handler that raises leaves the rest there for the next drain."""
+        unread = self._unread
         half = t0 = -1
-        if len(results) >= SPLIT_BATCH_MIN:
-            half, t0 = len(results) // 2, self._clock_ns()
-        for i, result in enumerate(results):
-            if self._closed:
-                return i
-            if i == half and self._queued and self._clock_ns() - t0 > SPLIT_AFTER_NS:
+        if len(unread) >= SPLIT_BATCH_MIN:
+            half, t0 = len(unread) // 2, self._clock_ns()
+        n = 0
+        while unread and not self._closed:
+            if n == half and self._queued and self._clock_ns() - t0 > SPLIT_AFTER_NS:
                 # The first half took long enough that the peer should not wait
                 # for the second: its replies leave now, and the two sides work
                 # in parallel instead of taking turns.
                 self.flush()
-            try:
-                if isinstance(result, RemoteProtocolError):
-                    self.bad_messages += 1
-                    if self.on_error is not None:
-                        self.on_error(identity, result)
-                else:
-                    self.received += 1
-                    self.on_message(identity, result)
-            except BaseException:
-                # The rest of the batch waits for the next drain(): nothing is lost.
-                if i + 1 < len(results):
-                    self._unread.appendleft((identity, results[i + 1:]))
-                raise
-        return len(results)
+            identity, result = unread.popleft()
+            n += 1
+            self._hand_over(identity, result)
+        return n
+
+    def _hand_over(self, identity: bytes, result: Message | RemoteProtocolError) -> None:
+        if isinstance(result, RemoteProtocolError):
+            self.bad_messages += 1
+            if self.on_error is not None:
+                self.on_error(identity, result)
+        else:
+            self.received += 1
+            self.on_message(identity, result)
 
     def close(self) -> None:
         """Close the socket (LINGER 0: nothing waits).  Idempotent."""

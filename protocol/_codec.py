@@ -115,7 +115,9 @@ def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
 
 
 def _array_header(n: int) -> bytes:
-    return bytes([0x90 | n]) if n < 16 else b"\xdc" + n.to_bytes(2, "big")
+    if n < 16:
+        return bytes([0x90 | n])
+    return b"\xdc" + n.to_bytes(2, "big") if n < 1 << 16 else b"\xdd" + n.to_bytes(4, "big")
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
@@ -270,6 +272,8 @@ def _plan(cls: type[Message]) -> _Plan:
 
 
 def _values_getter(names: tuple[str, ...]) -> Callable[[Message], tuple[Any, ...]]:
+    if not names:
+        return lambda msg: ()
     if len(names) == 1:
         name = names[0]
         return lambda msg: (getattr(msg, name),)
@@ -296,6 +300,8 @@ def _builder(cls: type[Message], names: tuple[str, ...],
             tests.append(f"check{i}({var})")
         args.append(f"tuple({var})" if typing.get_origin(tp) is tuple else var)
     if cls.PAYLOAD is not None:
+        if fields(cls)[-1].name != cls.PAYLOAD:  # positions would shift: name every argument
+            args = [f"{name}={arg}" for name, arg in zip(names, args, strict=True)]
         args.append(f"{cls.PAYLOAD}=payload")
     unpack = f"        {', '.join(local)}, = body\n" if names else ""
     checks = " and ".join(f"({t})" for t in tests) or "True"

@@ -821,6 +821,23 @@ def test_router_message_to_an_idle_peer_does_not_wait_behind_a_full_one(
 # -- 8. batches on the wire ------------------------------------------------------------------
 
 
+def raw_dealer(zctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
+    """A plain zmq.DEALER connected to ``endpoint`` (the test closes it)."""
+    raw = zctx.socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(endpoint)
+    return raw
+
+
+def drain_until(channel: Channel, done: Callable[[], bool], what: str) -> None:
+    """``drain()`` a channel served by no loop until ``done()``, waiting on its fd."""
+    deadline = time.monotonic() + DEADLINE_S
+    while not done():
+        if not channel.drain():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}"
+            wait_readable(channel.fileno(), deadline)
+
+
 def test_messages_queued_together_leave_as_one_batch(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
     """50 deferred sends reach the peer as one ZeroMQ message: one header for
     all, the payloads after it in order; the ``batch`` limits of the codec cut
@@ -867,10 +884,8 @@ def test_a_raising_handler_keeps_the_rest_of_its_batch(runtime_dir: str, zctx: z
             raise RuntimeError("handler failed")
 
     router = router_channel(zctx, endpoint, on_message)
-    raw = zctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
+    raw = raw_dealer(zctx, endpoint)
     try:
-        raw.connect(endpoint)
         raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(5)]))
         raw.send_multipart(encode(Heartbeat(5, 0)))
         deadline = time.monotonic() + DEADLINE_S
@@ -905,15 +920,10 @@ def test_replies_to_a_slow_first_half_leave_early(runtime_dir: str, zctx: zmq.Co
         router.send(Heartbeat(cast(Heartbeat, msg).seq, 1), identity)
 
     router = router_channel(zctx, endpoint, on_message, clock_ns=lambda: next(readings))
-    raw = zctx.socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
+    raw = raw_dealer(zctx, endpoint)
     try:
-        raw.connect(endpoint)
         raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(16)]))
-        deadline = time.monotonic() + DEADLINE_S
-        while router.received < 16:
-            if not router.drain():
-                wait_readable(router.fileno(), deadline)
+        drain_until(router, lambda: router.received == 16, "16 requests")
         sizes: list[int] = []
         got: list[int] = []
         while len(got) < 16:
@@ -977,4 +987,30 @@ def test_a_full_batch_of_large_payloads_fits_the_receivers_header_limit(runtime_
         assert got == msgs
     finally:
         dealer.close()
+        raw.close()
+
+
+def test_a_nested_drain_keeps_the_order(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
+    """A handler that drains its own channel again (a nested loop waiting for
+    something) gets the rest of the current batch first, then newer input:
+    every message once, in order."""
+    endpoint = ipc_endpoint(runtime_dir, "router")
+    got: list[int] = []
+    router: Channel
+
+    def on_message(identity: bytes, msg: Message) -> None:
+        seq = cast(Heartbeat, msg).seq
+        got.append(seq)
+        if seq == 0:  # wait, nested, for the second batch
+            drain_until(router, lambda: len(got) == 8, "the second batch (nested)")
+
+    router = router_channel(zctx, endpoint, on_message)
+    raw = raw_dealer(zctx, endpoint)
+    try:
+        raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(4)]))
+        raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(4, 8)]))
+        drain_until(router, lambda: len(got) == 8, "8 messages")
+        assert got == list(range(8)) and router.received == 8
+    finally:
+        router.close()
         raw.close()

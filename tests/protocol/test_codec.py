@@ -290,3 +290,33 @@ def test_mutated_batches_give_only_messages_or_protocol_errors(msgs: list[Messag
     except RemoteProtocolError:
         return
     assert all(isinstance(r, Message | RemoteProtocolError) for r in results)
+
+
+def test_batches_of_65536_items_and_more() -> None:
+    msgs = [Heartbeat(i, 0) for i in range(70_000)]
+    big = Limits(max_container_len=70_000, max_header_bytes=1 << 22)
+    assert decode_batch(encode_batch([pack(m) for m in msgs]), big) == msgs
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _PayloadFirst(Message):
+    KIND = "test-payload-first"
+    PAYLOAD = "data"
+    data: bytes
+    seq: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _NoFields(Message):
+    KIND = "test-no-fields"
+
+
+@pytest.mark.parametrize("msg", [_PayloadFirst(b"abc", 7), _NoFields()])
+def test_unusual_message_shapes_round_trip(msg: Message, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A payload field that is not the last one, and a message with no fields
+    on the wire: alone and in a batch."""
+    from protocol import _messages
+
+    monkeypatch.setitem(_messages.MESSAGE_TYPES, type(msg).KIND, type(msg))
+    assert decode(encode(msg)) == msg
+    assert decode_batch(encode_batch([pack(msg), pack(Heartbeat(1, 2)), pack(msg)])) == [msg, Heartbeat(1, 2), msg]
