@@ -44,8 +44,8 @@ import stat
 import tempfile
 import time
 from collections import deque
-from itertools import islice
 from collections.abc import Callable
+from itertools import islice
 from typing import Any, cast
 
 import zmq
