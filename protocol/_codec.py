@@ -4,7 +4,8 @@ A message is a list of frames: first a msgpack header, then zero or one raw
 payload frame::
 
     frame 0: msgpack([version, kind, [field value, ...]])
-    frame 1: the payload (a block's data), only for kinds that carry one
+    frame 1: the payload (a block's data), only for kinds that carry one,
+             and only when it is not empty (a read request sends one frame)
 
 Several messages may share one ZeroMQ message (a *batch*: what a channel
 sends when messages queued up together), one header for all and their
@@ -100,14 +101,14 @@ def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
     (at least one; at most ``max_container_len`` for the receiver to accept).
 
     One item: ``[version, kind, [fields]]``, then its payload frame if its kind
-    has one.  Several: ``[version, [[kind, [fields]], ...], [payload sizes]]``
+    has one and it is not empty (no frame means an empty payload).  Several: ``[version, [[kind, [fields]], ...], [payload sizes]]``
     (a size for each item whose kind has a payload), then one frame with those
     payloads end to end, if there are any: a frame costs more than copying a
     few kilobytes."""
     if len(items) == 1:
         item, payload = items[0]
         header = b"\x93" + _VERSION + item[1:]  # an item starts with fixarray(2): make it 3
-        return [header] if payload is None else [header, payload]
+        return [header, payload] if payload else [header]  # an empty payload needs no frame
     payloads = [p for _, p in items if p is not None]
     header = b"\x93" + _VERSION + _array_header(len(items)) + b"".join([i for i, _ in items])
     header += _packer().pack([len(p) for p in payloads])
@@ -169,10 +170,13 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise RemoteProtocolError(f"unknown message kind {kind!r}")
-    expected = 1 if cls.PAYLOAD is None else 2
-    if len(frames) != expected:
-        return [RemoteProtocolError(f"{kind}: expected {expected} frame(s), got {len(frames)}")]
-    return [_decode_one(cls, body, frames[1] if expected == 2 else None, limits)]
+    if cls.PAYLOAD is None:
+        if len(frames) != 1:
+            return [RemoteProtocolError(f"{kind}: expected 1 frame, got {len(frames)}")]
+        return [_decode_one(cls, body, None, limits)]
+    if len(frames) > 2:
+        return [RemoteProtocolError(f"{kind}: expected 1 or 2 frames, got {len(frames)}")]
+    return [_decode_one(cls, body, frames[1] if len(frames) == 2 else b"", limits)]
 
 
 def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memoryview], limits: Limits,

@@ -83,7 +83,7 @@ RAW_ID = b"raw0"
 PAYLOAD = os.urandom(BLOCK)
 
 # The raw peer: a DEALER that answers a one-frame request with REPLY_1 and a
-# two-frame request with REPLY_2 (both set by the first message), until "stop".
+# longer request with REPLY_2 (both set by the first message), until "stop".
 ECHO = """
 import sys, zmq
 ctx = zmq.Context()
@@ -94,7 +94,7 @@ s.connect(sys.argv[1])
 s.send(b"ready")
 setup = s.recv_multipart()
 assert setup[0] == b"setup", setup
-reply_1, reply_2 = setup[1:2], setup[2:4]
+reply_1, reply_2 = setup[1:2], setup[2:]
 recv, send = s.recv_multipart, s.send_multipart
 while True:
     frames = recv()
@@ -276,7 +276,7 @@ class Raw:
             if not self.router.poll(30_000):
                 raise RuntimeError("the raw echo process did not connect")
             assert self.router.recv_multipart() == [RAW_ID, b"ready"]
-            assert len(query_reply) == 1 and len(completion) == 2
+            assert len(query_reply) == 1 and 1 <= len(completion) <= 2
             self.router.send_multipart([RAW_ID, b"setup", *query_reply, *completion])
         except BaseException:
             self.close()
