@@ -310,14 +310,12 @@ class BlockNode:
                 err = exc.errno if isinstance(exc, OSError) and exc.errno else (
                     errno.ENOMEM if isinstance(exc, MemoryError) else errno.EIO)
                 self._complete(op, start, 0, -err, str(exc) or type(exc).__name__, b"", callback)
-                if self._drain_waiters:
-                    self._maybe_drained()
+                self._maybe_drained()
                 return
             if cached is not None:
                 self.in_flight -= 1
                 self._complete(op, start, length, 0, "", cached, callback)
-                if self._drain_waiters:
-                    self._maybe_drained()
+                self._maybe_drained()
                 return
             fn: Callable[..., object] = self.driver.read
             args: tuple[object, ...] = (offset, length)
@@ -342,8 +340,7 @@ class BlockNode:
             else:
                 nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
                 self._complete(op, start, nbytes, 0, "", value if isinstance(value, bytes) else b"", callback)
-            if self._drain_waiters:
-                self._maybe_drained()
+            self._maybe_drained()
 
         self.ctx.thread_pool.submit(fn, *args, callback=done)
 

@@ -66,11 +66,7 @@ def pack(msg: Message) -> tuple[bytes, bytes | None]:
     cls = type(msg)
     plan = _PLANS.get(cls) or _plan(cls)
     try:
-        packer = _local.packer
-    except AttributeError:
-        packer = _packer()
-    try:
-        item = packer.pack((plan.kind, plan.values(msg)))
+        item = _packer().pack((plan.kind, plan.values(msg)))
     except (TypeError, ValueError, OverflowError) as exc:
         raise LocalProtocolError(f"cannot encode {plan.kind}: {exc}") from exc
     return item, None if plan.payload is None else bytes(getattr(msg, plan.payload))
@@ -166,8 +162,8 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     if version != PROTOCOL_VERSION or type(version) is not int:
         raise RemoteProtocolError(f"unsupported protocol version {version!r} (we speak {PROTOCOL_VERSION})")
     if type(kind) is list:
-        return _decode_items(kind, body, frames, limits, bytes(header[:64]))
-    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+        return _decode_items(kind, body, frames, limits, header)
+    cls = _kind_class(kind)
     if cls is None:
         raise RemoteProtocolError(f"unknown message kind {kind!r}")
     if cls.PAYLOAD is None:
@@ -179,17 +175,21 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     return [_decode_one(cls, body, frames[1] if len(frames) == 2 else b"", limits)]
 
 
+def _kind_class(kind: object) -> type[Message] | None:
+    return MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+
+
 def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memoryview], limits: Limits,
-                  raw: bytes) -> list[Message | RemoteProtocolError]:
+                  header: bytes | memoryview) -> list[Message | RemoteProtocolError]:
     """A batch's messages; the payload sizes must match the items and the payload frame."""
     if not items:
-        raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=raw)
+        raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
     if type(sizes) is not list or not {*map(type, sizes)} <= {int} or min(sizes, default=0) < 0:
-        raise RemoteProtocolError("a batch's payload sizes must be a list of sizes", raw=raw)
+        raise RemoteProtocolError("a batch's payload sizes must be a list of sizes", raw=bytes(header[:64]))
     if len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
         raise RemoteProtocolError(f"a batch with payloads of {sum(sizes)} bytes in all came with "
                                   f"{len(frames) - 1} payload frame(s) of {sum(len(f) for f in frames[1:])} bytes",
-                                  raw=raw)
+                                  raw=bytes(header[:64]))
     view = memoryview(frames[1]) if sizes else memoryview(b"")
     results: list[Message | RemoteProtocolError] = []
     at = 0  # the next payload size
@@ -199,7 +199,7 @@ def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memo
             results.append(RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
             return results
         kind, body = item
-        cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+        cls = _kind_class(kind)
         if cls is None:
             results.append(RemoteProtocolError(f"unknown message kind {kind!r}"))
             return results

@@ -69,12 +69,7 @@ class QmpDecoder:
                     j += 1
                 if j == n:
                     if j - i > self.max_message_bytes:
-                        out.append(QmpInputError(
-                            f"JSON parse error, input larger than {self.max_message_bytes} bytes", fatal=True))
-                        self._reset()
-                        del buf[:]
-                        self._pos = 0
-                        return out
+                        return self._too_large(out)
                     break  # it may go on in the next read (rescanned from its start: bounded above)
                 out.append(QmpInputError("QMP input must be a JSON object"))
                 i = j
@@ -107,18 +102,21 @@ class QmpDecoder:
                 self._reset()
             i += 1
         if self._start >= 0 and i - self._start > self.max_message_bytes:
-            out.append(QmpInputError(
-                f"JSON parse error, input larger than {self.max_message_bytes} bytes", fatal=True))
-            self._reset()
-            del buf[:]
-            self._pos = 0
-            return out
+            return self._too_large(out)
         # Keep only what is still needed.
         keep = self._start if self._start >= 0 else i
         del buf[:keep]
         if self._start >= 0:
             self._start = 0
         self._pos = i - keep
+        return out
+
+    def _too_large(self, out: list[dict[str, Any] | QmpInputError]) -> list[dict[str, Any] | QmpInputError]:
+        """A message past the size bound: a fatal error, and all input dropped."""
+        out.append(QmpInputError(f"JSON parse error, input larger than {self.max_message_bytes} bytes", fatal=True))
+        self._reset()
+        del self._buf[:]
+        self._pos = 0
         return out
 
     def _reset(self) -> None:

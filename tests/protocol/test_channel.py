@@ -562,26 +562,18 @@ def test_a_drain_delivers_at_most_batch_and_kicks(runtime_dir: str, zctx: zmq.Co
 
         # Served by a loop, the kick brings the drain back until all is delivered.
         drains: list[int] = []
+        drain = router.drain
+
+        def counted() -> int:
+            n = drain()
+            drains.append(n)
+            return n
+
+        router.drain = counted  # type: ignore[method-assign]
         if loop == "main":
             main_context.attach(ChannelSource(router, "router"))
-            drain = router.drain
-
-            def counted() -> int:
-                n = drain()
-                drains.append(n)
-                return n
-
-            router.drain = counted  # type: ignore[method-assign]
             iterate_until(main_context, lambda: len(got) == 100, "all 100 messages")
         else:
-            drain = router.drain
-
-            def counted() -> int:
-                n = drain()
-                drains.append(n)
-                return n
-
-            router.drain = counted  # type: ignore[method-assign]
             handler = ChannelHandler(ctx, router, "router")
             poll_until(ctx, lambda: len(got) == 100, "all 100 messages")
         assert got == list(range(100))
