@@ -18,11 +18,17 @@ import argparse
 import gc
 import json
 import os
+import select
 import statistics
+import subprocess
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import Any, Literal, cast
+
+import msgpack
+import zmq
 
 __all__ = ["Row", "cpu_note", "measure", "parse_args", "print_table", "rows_for", "write_json"]
 
@@ -102,3 +108,135 @@ def write_json(rows: Sequence[Row], path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump([asdict(r) for r in rows], f, indent=2)
         f.write("\n")
+
+
+# -- the raw pyzmq baseline's peer --------------------------------------------------------
+
+# A DEALER in a child process that answers each request with fixed frames, the
+# reply chosen by the request's number of frames (the replies come in the first
+# message, msgpack {frames: [reply frames]}).  It waits for a request blocked
+# inside libzmq (``recv``), or, after a b"epoll" message, as any event loop
+# over ZeroMQ must: epoll on the socket's ZMQ_FD (edge-triggered), ZMQ_EVENTS,
+# then a non-blocking recv.  b"block" switches back; b"stop" ends it.
+_ECHO = """
+import select, sys, msgpack, zmq
+ctx = zmq.Context()
+s = ctx.socket(zmq.DEALER)
+s.setsockopt(zmq.LINGER, 0)
+s.connect(sys.argv[1])
+s.send(b"ready")
+replies = {int(k): v for k, v in msgpack.unpackb(s.recv(), strict_map_key=False).items()}
+ep = select.epoll()
+ep.register(s.getsockopt(zmq.FD), select.EPOLLIN | select.EPOLLET)
+EVENTS, POLLIN, NOBLOCK = zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK
+recv, send, getsockopt, wait = s.recv_multipart, s.send_multipart, s.getsockopt, ep.poll
+looped = False
+while True:
+    if looped:
+        while not getsockopt(EVENTS) & POLLIN:
+            wait()
+        frames = recv(NOBLOCK)
+    else:
+        frames = recv()
+    if len(frames) == 1 and frames[0] in (b"stop", b"epoll", b"block"):
+        if frames[0] == b"stop":
+            break
+        looped = frames[0] == b"epoll"
+        send([b"ok"])
+        continue
+    send(replies[len(frames)], NOBLOCK if looped else 0)
+s.close()
+ctx.term()
+"""
+
+
+class EchoPeer:
+    """The raw pyzmq baseline: a ROUTER in this process, a DEALER echo child
+    answering a request of k frames with ``replies[k]``.
+
+    ``epoll=False``: both sides block inside libzmq (the floor of ZeroMQ).
+    ``epoll=True``: both sides wait as an event loop does, in epoll on ZMQ_FD,
+    with ZMQ_EVENTS reads and non-blocking calls, and nothing else: the floor
+    of any Python event loop over ZeroMQ, framework-free."""
+
+    def __init__(self, endpoint: str, replies: dict[int, list[bytes]]) -> None:
+        self.ctx: zmq.Context[Any] = zmq.Context()
+        self.router = self.ctx.socket(zmq.ROUTER)
+        self.router.setsockopt(zmq.LINGER, 0)
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.identity = b""  # the child's, assigned by the ROUTER
+        self._epoll = select.epoll()
+        try:
+            self.router.bind(endpoint)
+            self._epoll.register(cast(int, self.router.getsockopt(zmq.FD)), select.EPOLLIN | select.EPOLLET)
+            self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, endpoint])
+            if not self.router.poll(30_000):
+                raise RuntimeError("the raw echo process did not connect")
+            self.identity, ready = self.router.recv_multipart()
+            assert ready == b"ready", ready
+            self.router.send_multipart([self.identity, msgpack.packb(replies)])
+        except BaseException:
+            self.close()
+            raise
+        self._looped = False
+
+    def _mode(self, epoll: bool) -> None:
+        if epoll != self._looped:
+            self.router.send_multipart([self.identity, b"epoll" if epoll else b"block"])
+            assert self.router.recv_multipart()[1:] == [b"ok"]
+            self._looped = epoll
+
+    def _io(self, epoll: bool) -> tuple[Callable[[list[bytes]], object], Callable[[], list[bytes]]]:
+        """(send, recv) for one side of the ping-pong, the mode already set."""
+        self._mode(epoll)
+        router = self.router
+        if not epoll:
+            return router.send_multipart, router.recv_multipart
+        getsockopt, wait, recv, send = router.getsockopt, self._epoll.poll, router.recv_multipart, router.send_multipart
+        EVENTS, POLLIN, NOBLOCK = zmq.EVENTS, zmq.POLLIN, zmq.NOBLOCK  # noqa: N806
+
+        def recv_looped() -> list[bytes]:
+            while not cast(int, getsockopt(EVENTS)) & POLLIN:
+                wait()
+            return recv(NOBLOCK)
+
+        return (lambda frames: send(frames, NOBLOCK)), recv_looped
+
+    def rtt(self, request: list[bytes], n: int, epoll: bool = False) -> float:
+        """``n`` requests one at a time; round trips/s."""
+        send, recv = self._io(epoll)
+        request = [self.identity, *request]
+        t0 = time.perf_counter()
+        for _ in range(n):
+            send(request)
+            recv()
+        return n / (time.perf_counter() - t0)
+
+    def pipelined(self, request: list[bytes], n: int, depth: int, epoll: bool = False) -> float:
+        """``n`` requests, ``depth`` in flight; replies/s."""
+        send, recv = self._io(epoll)
+        request = [self.identity, *request]
+        t0 = time.perf_counter()
+        issued = min(depth, n)
+        for _ in range(issued):
+            send(request)
+        for _ in range(n):
+            recv()
+            if issued < n:
+                issued += 1
+                send(request)
+        return n / (time.perf_counter() - t0)
+
+    def close(self) -> None:
+        try:
+            if self.proc is not None and self.proc.poll() is None:
+                try:
+                    self.router.send_multipart([self.identity, b"stop"], zmq.NOBLOCK)
+                    self.proc.wait(10)
+                except Exception:
+                    self.proc.kill()
+                    self.proc.wait()
+        finally:
+            self._epoll.close()
+            self.router.close(linger=0)
+            self.ctx.term()

@@ -8,7 +8,11 @@ reads 4 KiB at random offsets:
 
 QD1 latency (us, lower is better)
     one read at a time, against (a) raw pyzmq ping-pong of the same frames
-    (a ROUTER here, a DEALER echo in a child process: the ZeroMQ hops alone).
+    (a ROUTER here, a DEALER echo in a child process: the ZeroMQ hops alone,
+    both sides blocked inside libzmq; the target is against this one) and the
+    same ping-pong with both sides waiting as an event loop must, in epoll on
+    ZMQ_FD ("pyzmq epoll loop": the floor of any Python loop over ZeroMQ;
+    see ``_common.EchoPeer``).
 QD32 IOPS (higher is better)
     32 reads in flight, against (b) asyncio with 32 ``run_in_executor(os.pread)``
     in flight, (c) a one-process ``os.pread`` loop (the ceiling, no hand-off
@@ -38,26 +42,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-import zmq  # noqa: E402
-from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
+from _common import EchoPeer, Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
 
 from iothreads import BlockClient  # noqa: E402
 from protocol import BlockCompletion, BlockRequest, encode  # noqa: E402
 
 BS = 4096
 DEPTH = 32
-
-ECHO = """
-import sys, zmq
-z = zmq.Context(); s = z.socket(zmq.DEALER); s.connect(sys.argv[1]); s.send(b"hi")
-reply = None
-while True:
-    f = s.recv_multipart()
-    if f[0] == b"stop": break
-    if reply is None: reply = [sys.stdin.buffer.read(int(sys.argv[2])), sys.stdin.buffer.read(int(sys.argv[3]))]
-    s.send_multipart(reply)
-"""
-
+RAW = "raw pyzmq ping-pong"
+RAW_REQUEST = encode(BlockRequest(1, "disk0", "read", 0, BS))
 
 class Setup:
     """The image, a launched cluster (one iothread) and a client."""
@@ -127,33 +120,10 @@ def ours_qd(s: Setup, node: str, n: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
-def raw_pingpong_qd1(s: Setup, n: int) -> float:
+def raw_qd1(s: Setup, raw: EchoPeer, n: int, epoll: bool) -> float:
     """The same frames, ping-ponged by raw pyzmq between this process and a child."""
-    req = encode(BlockRequest(1, "disk0", "read", 0, BS))
-    rep = encode(BlockCompletion(1, 0, "", bytes(BS)))
-    z = zmq.Context()
-    sock = z.socket(zmq.ROUTER)
-    sock.setsockopt(zmq.LINGER, 0)
-    endpoint = f"ipc://{s.dir}/echo"
-    sock.bind(endpoint)
-    child = subprocess.Popen([sys.executable, "-c", ECHO, endpoint, str(len(rep[0])), str(len(rep[1]))],
-                             stdin=subprocess.PIPE)
-    assert child.stdin is not None
-    child.stdin.write(rep[0] + rep[1])
-    child.stdin.close()
-    ident, _ = sock.recv_multipart()
     s.warm()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        sock.send_multipart([ident, *req])
-        sock.recv_multipart()
-    elapsed = time.perf_counter() - t0
-    sock.send_multipart([ident, b"stop"])
-    child.wait(30)
-    sock.close()
-    z.term()
-    os.unlink(f"{s.dir}/echo")
-    return elapsed / n * 1e6
+    return 1e6 / raw.rtt(RAW_REQUEST, n, epoll)
 
 
 def asyncio_executor(s: Setup, n: int) -> float:
@@ -206,8 +176,13 @@ def main() -> None:
     s = Setup(size)
     try:
         rows: list[Row] = []
-        qd1 = measure([("ours", lambda: ours_qd1(s, n1)), ("raw pyzmq ping-pong", lambda: raw_pingpong_qd1(s, n1))],
-                      repeats)
+        raw = EchoPeer(f"ipc://{s.dir}/echo", {len(RAW_REQUEST): encode(BlockCompletion(1, 0, "", bytes(BS)))})
+        try:
+            qd1 = measure([("ours", lambda: ours_qd1(s, n1)),
+                           (RAW, lambda: raw_qd1(s, raw, n1, False)),
+                           ("pyzmq epoll loop", lambda: raw_qd1(s, raw, n1, True))], repeats)
+        finally:
+            raw.close()
         rows += rows_for("QD1 4K randread latency", "us", "lower", qd1)
         sides: list[tuple[str, Callable[[], float]]] = [
             ("ours", lambda: ours_qd(s, "disk0", n32)),
@@ -226,7 +201,7 @@ def main() -> None:
         s.close()
     print_table(rows)
     by = {(r.metric, r.baseline): r.ratio for r in rows}
-    qd1_ratio = by[("QD1 4K randread latency", "raw pyzmq ping-pong")]
+    qd1_ratio = by[("QD1 4K randread latency", RAW)]
     qd32_ratio = by[("QD32 4K randread", "asyncio 32x run_in_executor(pread)")]
     print(f"\ntarget QD1 latency <= 1.5x raw pyzmq: {qd1_ratio:.2f} {'met' if qd1_ratio <= 1.5 else 'MISSED'}")
     print(f"target QD32 IOPS >= 2x asyncio: {qd32_ratio:.2f} {'met' if qd32_ratio >= 2 else 'MISSED'}")
