@@ -181,6 +181,11 @@ class ThreadPool:
             for _ in range(max(self._cur_threads - max_threads, 0)):
                 self._request_cond.notify()
 
+    @property
+    def threads(self) -> int:
+        """Worker threads now (``stats()["threads"]`` without the rest).  Any thread."""
+        return self._cur_threads
+
     def stats(self) -> dict[str, int]:
         """Thread and request counts.  Any thread."""
         with self._lock:

@@ -267,24 +267,17 @@ class IOThreadWorker:
         self.channel.send(QueryReply(msg.request_id, self.counters()))
 
     def counters(self) -> dict[str, int]:
-        s = self.ctx.stats()
-        pool = self.ctx._thread_pool
-        return {
-            "pid": self.pid,
-            "iterations": s.iterations,
-            "waits": s.waits,
-            "bh_calls": s.bh_calls,
-            "fd_dispatches": s.fd_dispatches,
-            "timers_fired": s.timers_fired,
-            "busy_poll_runs": s.busy_poll_runs,
-            "busy_poll_hits": s.busy_poll_hits,
-            "notifier_writes": s.notifier_writes,
-            "thread_pool_threads": pool.stats()["threads"] if pool is not None else 0,
-            "poll_max_ns": self.ctx.poll_max_ns,
-            "poll_grow": self.ctx.poll_grow,
-            "poll_shrink": self.ctx.poll_shrink,
-            "aio_max_batch": self.ctx.aio_max_batch,
-        }
+        ctx = self.ctx
+        pool = ctx._thread_pool
+        c = ctx.counters()
+        del c["notifies"], c["handlers"]
+        c["pid"] = self.pid
+        c["thread_pool_threads"] = pool.threads if pool is not None else 0
+        c["poll_max_ns"] = ctx.poll_max_ns
+        c["poll_grow"] = ctx.poll_grow
+        c["poll_shrink"] = ctx.poll_shrink
+        c["aio_max_batch"] = ctx.aio_max_batch
+        return c
 
     # -- liveness -----------------------------------------------------------
 
@@ -395,14 +388,18 @@ def main(argv: list[str] | None = None) -> int:
 
     worker.ctx.set_event_notifier(stop_request, on_stop_request)
 
+    closing = False
+
     def on_signal(signum: int, frame: Any) -> None:
-        stop_request.set()
+        if not closing:  # once the worker shuts down, there is nothing left to stop
+            stop_request.set()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
         return worker.run()
     finally:
+        closing = True
         worker.ctx.set_event_notifier(stop_request, None)
         stop_request.close()
         worker.close()

@@ -21,8 +21,9 @@ those.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any, ClassVar
 
 __all__ = [
     "PROTOCOL_VERSION",
@@ -244,3 +245,51 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event,
                 ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion)
 }
+
+
+class _Factory:
+    """The default of a field whose default comes from a factory (shown as dataclasses shows it)."""
+
+    def __repr__(self) -> str:
+        return "<factory>"
+
+
+_FACTORY: Any = _Factory()
+
+
+def _slot_init(cls: type[Message]) -> Callable[..., None]:
+    """An ``__init__`` for ``cls`` equivalent to the one ``dataclass`` made
+    (the same parameters and defaults, a fresh default from each factory, then
+    ``__post_init__``) that stores each field through its slot's descriptor.
+    A frozen dataclass's own goes through ``object.__setattr__`` by name for
+    each field, twice the cost, and messages are built at every request, on
+    both sides.  Instances stay frozen: ``__setattr__`` still refuses."""
+    env: dict[str, Any] = {"_FACTORY": _FACTORY}
+    params: list[str] = []
+    body: list[str] = []
+    for f in fields(cls):
+        if not f.init or f.kw_only:
+            raise TypeError(f"{cls.__name__}.{f.name}: only plain positional fields are supported")
+        slot = next(k.__dict__[f.name] for k in cls.__mro__ if f.name in k.__dict__)
+        env[f"_set_{f.name}"] = slot.__set__
+        if f.default is not MISSING:
+            env[f"_default_{f.name}"] = f.default
+            params.append(f"{f.name}=_default_{f.name}")
+        elif f.default_factory is not MISSING:
+            env[f"_factory_{f.name}"] = f.default_factory
+            params.append(f"{f.name}=_FACTORY")
+            body.append(f"    if {f.name} is _FACTORY:\n        {f.name} = _factory_{f.name}()")
+        else:
+            params.append(f.name)
+        body.append(f"    _set_{f.name}(self, {f.name})")
+    if hasattr(cls, "__post_init__"):
+        body.append("    self.__post_init__()")
+    src = f"def __init__(self, {', '.join(params)}):\n" + "\n".join(body or ["    pass"]) + "\n"
+    exec(src, env)  # noqa: S102 -- generated from the dataclass's own fields, as dataclasses does
+    init: Callable[..., None] = env["__init__"]
+    init.__qualname__ = f"{cls.__qualname__}.__init__"
+    return init
+
+
+for _cls in MESSAGE_TYPES.values():
+    _cls.__init__ = _slot_init(_cls)  # type: ignore[method-assign]

@@ -137,3 +137,25 @@ def test_exits_at_once_if_its_parent_is_already_gone() -> None:
     out = subprocess.run([sys.executable, "-m", "iothreads", "--id", "io0", "--connect", "ipc:///nonexistent",
                           "--parent-pid", "1"], capture_output=True, timeout=60)
     assert out.returncode == 3
+
+
+# A signal that arrives while the worker shuts down (the launcher's SIGTERM
+# racing the iothread's own exit) used to end it with a traceback: its handler
+# set the stop notifier, already closed.
+_SIGNAL_WHILE_CLOSING = """
+import os, signal, sys
+from iothreads import _worker
+close = _worker.IOThreadWorker.close
+def close_after_a_signal(self):
+    os.kill(os.getpid(), signal.SIGTERM)
+    close(self)
+_worker.IOThreadWorker.close = close_after_a_signal
+sys.exit(_worker.main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_while_shutting_down_is_ignored_cleanly(fake: FakeMainLoop) -> None:
+    proc = subprocess.run([sys.executable, "-c", _SIGNAL_WHILE_CLOSING, "--id", "io7", "--connect", fake.endpoint,
+                           "--handshake-timeout-ms", "100"], capture_output=True, timeout=60)
+    assert proc.returncode == 3, proc.stderr  # gave up on the (silent) main loop, as asked
+    assert b"Traceback" not in proc.stderr and b"StateError" not in proc.stderr

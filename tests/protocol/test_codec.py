@@ -4,6 +4,7 @@ oversized or ill-typed input gives RemoteProtocolError and nothing else."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 
 import msgpack
 import pytest
@@ -328,3 +329,50 @@ def test_an_empty_payload_travels_without_a_frame() -> None:
     assert len(encode(read)) == 1 and decode(encode(read)) == read
     header = encode(read)[0]
     assert decode([header, b""]) == read  # an explicit empty frame is accepted too
+
+
+def _message_classes() -> list[type[Message]]:
+    from protocol._messages import MESSAGE_TYPES
+
+    return sorted(MESSAGE_TYPES.values(), key=lambda c: c.KIND)
+
+
+@pytest.mark.parametrize("cls", _message_classes(), ids=lambda c: c.KIND)
+def test_messages_keep_the_dataclass_constructor(cls: type[Message]) -> None:
+    """Messages get a faster ``__init__`` (stores through the slots); it takes
+    exactly the parameters and defaults dataclass's did, and instances stay frozen."""
+    fields = dataclasses.fields(cls)
+    params = inspect.signature(cls).parameters
+    assert list(params) == [f.name for f in fields]
+    for f in fields:
+        p = params[f.name]
+        assert p.kind is p.POSITIONAL_OR_KEYWORD
+        if f.default is not dataclasses.MISSING:
+            assert p.default == f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            assert repr(p.default) == "<factory>"
+        else:
+            assert p.default is p.empty
+    sample = {f.name: getattr(_SAMPLES[cls], f.name) for f in fields}
+    by_position = cls(*sample.values())
+    assert by_position == cls(**sample) == _SAMPLES[cls]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        by_position.__setattr__(fields[0].name, sample[fields[0].name])
+
+
+_SAMPLES: dict[type[Message], Message] = {type(m): m for m in [
+    Hello("io0", 1, 2, ("a",), "ipc://x"), Welcome(2, ("a",), 5), SetPollParams(1, 2, 3, 4, 5), Stop("bye"),
+    Query(1, "n"), QueryReply(1, {"a": 1}), Heartbeat(1, 2), Event("E", {"k": 1}), ErrorReply(1, "C", "m", 5),
+    BlockdevAdd(1, "n", "file", {"filename": "f"}), BlockdevDel(1, "n", True), SetLatencyHistogram(1, "n", (1, 2)),
+    BlockRequest(1, "n", "write", 512, 3, 0, b"abc"), BlockCompletion(1, -5, "m", b"x"),
+]}
+
+
+def test_message_defaults_from_a_factory_are_fresh_and_post_init_still_checks() -> None:
+    assert QueryReply(1).counters == {} and QueryReply(1).counters is not QueryReply(2).counters
+    assert Event("E").data is not Event("E").data
+    with pytest.raises(ValueError, match="unknown block op"):
+        BlockRequest(1, "n", "bogus")
+    with pytest.raises(ValueError, match="must be >= 0"):
+        BlockRequest(1, "n", "read", offset=-1)
+    assert set(_SAMPLES) == set(_message_classes())
