@@ -46,8 +46,8 @@ _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
 _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
-HISTOGRAM_BUCKETS = 32
-MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
+HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
+MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit
 
 
 class BlockDriver:

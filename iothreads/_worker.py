@@ -52,6 +52,7 @@ from protocol import (
     ErrorReply,
     Heartbeat,
     Hello,
+    LocalProtocolError,
     Message,
     Query,
     QueryReply,
@@ -73,6 +74,7 @@ __all__ = ["IOThreadWorker", "main"]
 log = logging.getLogger("iothreads.worker")
 
 CAPABILITIES = ("poll-params", "query", "heartbeat")
+_MAX_MESSAGE_CHARS = 1024  # an error message in a completion
 EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
 
@@ -142,8 +144,16 @@ class IOThreadWorker:
         handler = self._handlers.get(type(msg))
         if handler is None:
             log.warning("iothread %s: unexpected %s from the main loop", self.id, type(msg).KIND)
-        else:
+            return
+        try:
             handler(identity, msg)
+        except LocalProtocolError as exc:
+            # Its answer cannot travel (too large for the main loop's limits):
+            # an error instead, so that the requester is not left waiting.
+            log.error("iothread %s: cannot answer %s: %s", self.id, type(msg).KIND, exc)
+            request_id = getattr(msg, "request_id", None)
+            if request_id is not None:
+                self.channel.send(ErrorReply(request_id, "GenericError", f"the answer cannot be sent: {exc}"[:1024]))
 
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         pass  # being heard is all it says
@@ -194,10 +204,9 @@ class IOThreadWorker:
         if node is None or msg.node in self.moved:
             # Every request gets its completion, with an errno if need be.
             if msg.node in self.moved:
-                reply = BlockCompletion(msg.request_id, -errno.ESTALE,
-                                        f"node {msg.node!r} moved to another iothread")
+                reply = _completion(msg.request_id, -errno.ESTALE, f"node {msg.node!r} moved to another iothread")
             else:
-                reply = BlockCompletion(msg.request_id, -errno.ENODEV, f"no block node named {msg.node!r}")
+                reply = _completion(msg.request_id, -errno.ENODEV, f"no block node named {msg.node!r}")
             channel.send(reply, to)
             return
         request_id = msg.request_id
@@ -205,7 +214,7 @@ class IOThreadWorker:
         def done(status: int, message: str, data: bytes) -> None:
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
                 # Deferred: completions that finish together leave in one batch.
-                channel.send(BlockCompletion(request_id, status, message, data), to, defer=True)
+                channel.send(_completion(request_id, status, message, data), to, defer=True)
             if status < 0 and -status not in (errno.EINVAL, errno.ESTALE, errno.ENODEV):
                 # What the main loop must know (and handle under its BQL) goes
                 # to it as a message: QEMU's BLOCK_IO_ERROR event.
@@ -330,6 +339,13 @@ class IOThreadWorker:
             node.close()
         self.zmq.term()
         self.ctx.close()
+
+
+def _completion(request_id: int, status: int, message: str, data: bytes = b"") -> BlockCompletion:
+    """A completion whose error message stays well within the peer's string limit."""
+    if len(message) > _MAX_MESSAGE_CHARS:
+        message = message[:_MAX_MESSAGE_CHARS - 3] + "..."
+    return BlockCompletion(request_id, status, message, data)
 
 
 _QMP_OPS = {"read": "rd", "write": "wr", "flush": "flush", "discard": "unmap", "write_zeroes": "zero"}

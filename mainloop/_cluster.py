@@ -362,8 +362,9 @@ class Cluster:
             raise StateError(f"iothread {iothread_id!r} is not running")
         request_id = self._next_request
         self._next_request += 1
-        t._pending[request_id] = callback
+        # Sent first: a request the channel refuses (LocalProtocolError) leaves nothing pending.
         self.channel.send(make(request_id), t.id.encode())
+        t._pending[request_id] = callback
 
     def query(self, iothread_id: str, callback: ReplyCallback) -> None:
         """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""

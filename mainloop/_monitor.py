@@ -26,6 +26,7 @@ from typing import Any
 
 from protocol import (
     ErrorReply,
+    LocalProtocolError,
     QmpDecoder,
     QmpInputError,
     QueryReply,
@@ -48,6 +49,7 @@ log = logging.getLogger("mainloop.qmp")
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "evloop 0.1.0"}
 IOTHREAD_PROPS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # unread output a session may pile up
+MAX_HISTOGRAM_BOUNDARIES = 32  # a node's counters, bins included, must fit one message (256 entries)
 _TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array"}
 
 
@@ -201,7 +203,7 @@ class Session:
             return
         try:
             command.run(args, done)
-        except StateError as exc:
+        except (StateError, LocalProtocolError) as exc:  # LocalProtocolError: arguments too large to pass on
             done(QmpFailure("GenericError", str(exc)))
 
     def close(self) -> None:
@@ -530,6 +532,11 @@ class Monitor:
         boundaries = args.get("boundaries", [])
         if not all(type(b) is int and b > 0 for b in boundaries) or boundaries != sorted(set(boundaries)):
             done(QmpFailure("GenericError", "Parameter 'boundaries' expects a sorted list of positive integers"))
+            return
+        if len(boundaries) > MAX_HISTOGRAM_BOUNDARIES:
+            # A node's statistics travel as one flat map of counters, bins included.
+            done(QmpFailure("GenericError", f"Parameter 'boundaries' takes at most {MAX_HISTOGRAM_BOUNDARIES} "
+                                            "values"))
             return
         if args["id"] not in self.cluster.nodes:
             done(QmpFailure("GenericError", f"Device '{args['id']}' not found"))

@@ -50,7 +50,7 @@ from typing import Any, cast
 
 import zmq
 
-from ._codec import DEFAULT_LIMITS, Limits, decode_batch, encode_batch, pack
+from ._codec import DEFAULT_LIMITS, Limits, decode, decode_batch, encode_batch, pack
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import Message
 
@@ -150,6 +150,11 @@ class Channel:
         size_bytes = 5 if limits.max_payload_bytes < 1 << 32 else 9
         self._batch_header_bytes = limits.max_header_bytes - size_bytes * limits.max_container_len - 16
         self._batch_payload_bytes = limits.max_payload_bytes
+        # An item this short cannot break a limit: a string over max_str_len
+        # takes more bytes than that, and so does a container of more than
+        # max_container_len elements, with the item's own envelope around it.
+        self._unchecked_item_bytes = min(limits.max_str_len + 3, limits.max_container_len + 7,
+                                         limits.max_header_bytes - 1)
         self._queued = 0
         # Received, not yet handed over: the rest of a batch (see _deliver_unread).
         self._unread: deque[tuple[bytes, Message | RemoteProtocolError]] = deque()
@@ -190,6 +195,9 @@ class Channel:
         With ``defer``, only queue it and kick the loop: messages sent in a
         burst then go to the socket together, at the loop's next turn."""
         packed = pack(msg)
+        if len(packed[0]) > self._unchecked_item_bytes or (
+                packed[1] is not None and len(packed[1]) > self._batch_payload_bytes):
+            self._refuse_unsendable(msg, *packed)
         if self.router:
             if identity is None:
                 raise LocalProtocolError("a ROUTER channel needs the peer's identity to send")
@@ -206,6 +214,19 @@ class Channel:
             self.flush()
         elif self._queued == 1:
             self.kick()  # deferred: drain() flushes at its end
+
+    def _refuse_unsendable(self, msg: Message, item: bytes, payload: bytes | None) -> None:
+        """Raise ``LocalProtocolError`` if the peer would refuse ``msg`` (it
+        could not even say which request to fail: the requester would wait
+        for ever).  The peer's limits are assumed to be ours."""
+        limits = self.limits
+        if payload is not None and len(payload) > limits.max_payload_bytes:
+            raise LocalProtocolError(f"{msg.KIND}: a payload of {len(payload)} bytes exceeds the limit "
+                                     f"of {limits.max_payload_bytes}")
+        try:
+            decode(encode_batch([(item, None)])[:1], limits)
+        except RemoteProtocolError as exc:
+            raise LocalProtocolError(f"{msg.KIND} would be refused by the peer: {exc}") from None
 
     def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
         """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""

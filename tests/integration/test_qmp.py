@@ -279,6 +279,18 @@ def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
         err = q.cmd_obj({"execute": "block-latency-histogram-set", "arguments": {"id": "disk0",
                                                                                 "boundaries": [5, 1]}})
         assert "sorted" in err["error"]["desc"]
+        # More bins than a node's counters can carry: refused up front, not a query that never returns.
+        err = q.cmd_obj({"execute": "block-latency-histogram-set",
+                         "arguments": {"id": "disk0", "boundaries": list(range(1, 34))}})
+        assert err["error"]["desc"] == "Parameter 'boundaries' takes at most 32 values"
+        q.cmd("block-latency-histogram-set", id="disk0", boundaries=list(range(1, 33)))
+        stats = {s["node-name"]: s["stats"] for s in q.cmd("query-blockstats", **{"query-nodes": True})}
+        assert len(stats["disk0"]["rd_latency_histogram"]["bins"]) == 33
+        # Arguments too large to pass on to an iothread: an error, and the monitor goes on.
+        err = q.cmd_obj({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "long",
+                                                                  "filename": "/" + "x" * 5000}})
+        assert "would be refused by the peer" in err["error"]["desc"]
+        assert "long" not in {n["node-name"] for n in q.cmd("query-named-block-nodes")}
     finally:
         q.close()
 

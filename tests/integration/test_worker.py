@@ -15,12 +15,14 @@ import zmq
 from protocol import (
     PROTOCOL_VERSION,
     BlockCompletion,
+    BlockdevAdd,
     BlockRequest,
     ErrorReply,
     Hello,
     Message,
     Query,
     QueryReply,
+    SetLatencyHistogram,
     SetPollParams,
     Stop,
     Welcome,
@@ -159,3 +161,24 @@ def test_a_signal_while_shutting_down_is_ignored_cleanly(fake: FakeMainLoop) -> 
                            "--handshake-timeout-ms", "100"], capture_output=True, timeout=60)
     assert proc.returncode == 3, proc.stderr  # gave up on the (silent) main loop, as asked
     assert b"Traceback" not in proc.stderr and b"StateError" not in proc.stderr
+
+
+def test_an_answer_too_large_to_send_becomes_an_error_reply(fake: FakeMainLoop) -> None:
+    """A node's statistics with 200 histogram bins per operation do not fit one
+    message: the query gets an ErrorReply saying so, instead of no answer."""
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        fake.send(identity, BlockdevAdd(1, "null0", "null-co", {"size": 1 << 20}))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        fake.send(identity, SetLatencyHistogram(2, "null0", tuple(range(1, 201))))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        fake.send(identity, Query(3, "null0"))
+        err = fake.recv_kind(ErrorReply)
+        assert isinstance(err, ErrorReply) and err.request_id == 3
+        assert "cannot be sent" in err.message and "max_map_len" in err.message
+        fake.send(identity, Query(4))  # and it goes on
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 4
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0

@@ -48,8 +48,10 @@ from protocol import (
     Channel,
     Heartbeat,
     Limits,
+    LocalProtocolError,
     Message,
     Query,
+    QueryReply,
     RemoteProtocolError,
     decode_batch,
     encode,
@@ -500,9 +502,7 @@ def test_garbage_from_a_raw_router(runtime_dir: str, zctx: zmq.Context[Any], ctx
     """The other way round: a raw zmq.ROUTER sends a truncated header, then a
     valid message, to a DEALER channel served by an AioContext."""
     endpoint = ipc_endpoint(runtime_dir, "raw")
-    raw = zctx.socket(zmq.ROUTER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
+    raw = raw_router(zctx, endpoint)
     got: list[Message] = []
     errors: list[tuple[bytes, RemoteProtocolError]] = []
     dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: got.append(m),
@@ -813,6 +813,14 @@ def test_router_message_to_an_idle_peer_does_not_wait_behind_a_full_one(
 # -- 8. batches on the wire ------------------------------------------------------------------
 
 
+def raw_router(zctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
+    """A plain zmq.ROUTER bound to ``endpoint`` (the test closes it)."""
+    raw = zctx.socket(zmq.ROUTER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.bind(endpoint)
+    return raw
+
+
 def raw_dealer(zctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     """A plain zmq.DEALER connected to ``endpoint`` (the test closes it)."""
     raw = zctx.socket(zmq.DEALER)
@@ -835,9 +843,7 @@ def test_messages_queued_together_leave_as_one_batch(runtime_dir: str, zctx: zmq
     all, the payloads after it in order; the ``batch`` limits of the codec cut
     longer queues into several messages."""
     endpoint = ipc_endpoint(runtime_dir, "raw")
-    raw = zctx.socket(zmq.ROUTER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
+    raw = raw_router(zctx, endpoint)
     dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None, limits=Limits(max_container_len=16))
     try:
         kicks: list[int] = []
@@ -933,9 +939,7 @@ def test_batches_stay_within_the_receivers_default_limits(runtime_dir: str, zctx
     """Headers near the 64 KiB limit with 5-byte payload sizes: every batch the
     channel cuts is still accepted whole by a receiver with the same limits."""
     endpoint = ipc_endpoint(runtime_dir, "raw")
-    raw = zctx.socket(zmq.ROUTER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
+    raw = raw_router(zctx, endpoint)
     dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None)
     try:
         msgs = [BlockCompletion(i, -5, "x" * 250, bytes(70_000)) for i in range(256)]
@@ -960,9 +964,7 @@ def test_a_full_batch_of_large_payloads_fits_the_receivers_header_limit(runtime_
     payload of more than 64 KiB (a 5-byte size): the sizes take 1283 bytes.
     The batch header must still be within the receiver's 64 KiB."""
     endpoint = ipc_endpoint(runtime_dir, "raw")
-    raw = zctx.socket(zmq.ROUTER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.bind(endpoint)
+    raw = raw_router(zctx, endpoint)
     dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None)
     try:
         msgs = [BlockCompletion(1000 + i, -5, "x" * 227, bytes(70_000)) for i in range(256)]
@@ -1005,4 +1007,34 @@ def test_a_nested_drain_keeps_the_order(runtime_dir: str, zctx: zmq.Context[Any]
         assert got == list(range(8)) and router.received == 8
     finally:
         router.close()
+        raw.close()
+
+
+@pytest.mark.parametrize(("msg", "why"), [
+    (BlockCompletion(1, -5, "x" * 4097), "max_str_len"),
+    (QueryReply(1, {f"k{i}": i for i in range(257)}), "max_map_len"),
+    (BlockCompletion(1, 0, "", bytes(1025)), "payload of 1025 bytes exceeds the limit of 1024"),
+])
+def test_a_message_the_peer_would_refuse_is_refused_at_send(runtime_dir: str, zctx: zmq.Context[Any],
+                                                           msg: Message, why: str) -> None:
+    """Sent, it would be dropped by the peer as a bad message, and whoever
+    waits for its answer would wait for ever: ``send`` raises instead, queues
+    nothing, and the channel goes on.  What fits exactly gets through."""
+    endpoint = ipc_endpoint(runtime_dir, "raw")
+    raw = raw_router(zctx, endpoint)
+    dealer = dealer_channel(zctx, endpoint, b"d", lambda i, m: None, limits=Limits(max_payload_bytes=1024))
+    try:
+        with pytest.raises(LocalProtocolError, match=why):
+            dealer.send(msg)
+        assert dealer.backlog == 0 and dealer.sent == 0
+        fits = [BlockCompletion(1, -5, "x" * 4096, bytes(1024)), QueryReply(2, {f"k{i}": i for i in range(256)})]
+        for m in fits:
+            dealer.send(m)
+        got: list[Message | RemoteProtocolError] = []
+        while len(got) < 2:
+            assert raw.poll(int(DEADLINE_S * 1000)), f"only {len(got)} arrived"
+            got += decode_batch(raw.recv_multipart()[1:], Limits(max_payload_bytes=1024))
+        assert got == fits
+    finally:
+        dealer.close()
         raw.close()
