@@ -36,7 +36,15 @@ from typing import Any
 
 import zmq
 
-from protocol import BlockCompletion, BlockRequest, Channel, Message, RemoteProtocolError, StateError
+from protocol import (
+    BlockCompletion,
+    BlockRequest,
+    Channel,
+    LocalProtocolError,
+    Message,
+    RemoteProtocolError,
+    StateError,
+)
 
 from ._aio import AioContext
 from ._channels import ChannelHandler
@@ -167,9 +175,11 @@ class BlockClient:
         try:
             # Deferred: a burst of submissions reaches the socket in one go.
             self._channel(info["iothread"]).send(msg, defer=defer)
-        except BaseException:
+        except BaseException as exc:
             self._pending.pop(request_id, None)
             self._requests.pop(request_id, None)
+            if isinstance(exc, LocalProtocolError):  # too large for one message
+                raise BlockIOError(errno.EINVAL, str(exc)) from None
             raise
         return request_id
 

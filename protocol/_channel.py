@@ -95,14 +95,35 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
     return "ipc://" + path
 
 
-def _send_frames(sock: zmq.Socket[Any], frames: list[bytes]) -> None:
+def _backend_send() -> Callable[..., Any] | None:
+    """pyzmq's own ``Socket.send``, under the Python wrapper of its
+    ``zmq.Socket`` (which only adds routing-id and group options, unused
+    here, for about half a microsecond a call)."""
+    for klass in zmq.Socket.__mro__[1:]:
+        send = klass.__dict__.get("send")
+        if send is not None:
+            return cast(Callable[..., Any], send)
+    return None
+
+
+_BACKEND_SEND = _backend_send()
+
+
+def _frame_sender(sock: zmq.Socket[Any]) -> Callable[[bytes, int, bool], Any]:
+    """``sock.send(frame, flags, copy)``, bound once, without the wrapper when it can."""
+    if _BACKEND_SEND is not None and isinstance(sock, zmq.Socket):
+        return cast(Callable[[bytes, int, bool], Any], _BACKEND_SEND.__get__(sock, type(sock)))
+    return sock.send
+
+
+def _send_frames(send: Callable[[bytes, int, bool], Any], frames: list[bytes]) -> None:
     """``send_multipart`` without pyzmq's flag enums (costly per frame): once
     the first frame is taken, ZeroMQ takes the rest of the message too."""
     last = len(frames) - 1
     for i, frame in enumerate(frames):
         # copy=True: ZeroMQ gets its own copy.  Zero-copy would make pyzmq track
         # large frames with a garbage-collector thread of its own.
-        sock.send(frame, _NOBLOCK if i == last else _NOBLOCK_SNDMORE, copy=True)
+        send(frame, _NOBLOCK if i == last else _NOBLOCK_SNDMORE, True)
 
 
 def _recv_frames(sock: zmq.Socket[Any]) -> list[bytes]:
@@ -160,6 +181,7 @@ class Channel:
         self._unread: deque[tuple[bytes, Message | RemoteProtocolError]] = deque()
         self._draining = False
         self._fd = cast(int, socket.getsockopt(zmq.FD))
+        self._send_frame = _frame_sender(socket)
         self.received = 0
         self.sent = 0
         self.bad_messages = 0
@@ -230,7 +252,6 @@ class Channel:
 
     def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
         """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""
-        sock = self.socket
         while q:
             if len(q) == 1:
                 n, batch = 1, [q[0]]
@@ -247,7 +268,7 @@ class Channel:
                 batch = list(islice(q, n))
             frames = encode_batch(batch)
             try:
-                _send_frames(sock, frames if identity is None else [identity, *frames])
+                _send_frames(self._send_frame, frames if identity is None else [identity, *frames])
             except zmq.Again:
                 return
             except zmq.ZMQError as exc:

@@ -103,6 +103,11 @@ def test_client_every_op_type_and_errors(cluster: tuple[str, str]) -> None:
         with pytest.raises(BlockIOError) as info:
             c.read("nosuch", 0, 1)
         assert info.value.errno == errno.ENODEV
+        # Larger than a message may carry: refused at once, not sent to be dropped (no answer, ever).
+        with pytest.raises(BlockIOError) as info:
+            c.write("null0", 0, bytes((64 << 20) + 1))
+        assert info.value.errno == errno.EINVAL and "exceeds the limit" in str(info.value)
+        assert c.in_flight == 0
         c.write("disk0", 65536, b"on disk")
         c.flush("disk0")
     with open(image, "rb") as f:  # the data really is in the image
