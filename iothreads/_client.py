@@ -50,6 +50,7 @@ from ._aio import AioContext
 from ._channels import ChannelHandler
 from ._clock import ClockType
 from ._coroutine import Future
+from ._timers import Timer
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 
@@ -80,6 +81,7 @@ class BlockClient:
         self._requests: dict[int, tuple[str, str, int, int, bytes, int]] = {}  # to resend after a move
         self._ids = itertools.count(1)
         self.resends = 0  # requests sent again because their node had moved
+        self._deadline: Timer | None = None  # wakes a blocking call's loop at its timeout
 
     # -- the cluster's shape ---------------------------------------------------
 
@@ -174,7 +176,9 @@ class BlockClient:
         self._requests[request_id] = (node, op, offset, length, data, tries)
         try:
             # Deferred: a burst of submissions reaches the socket in one go.
-            self._channel(info["iothread"]).send(msg, defer=defer)
+            # A blocking call (not deferred) may come from a completion callback,
+            # inside the channel's drain: it must leave at once all the same.
+            self._channel(info["iothread"]).send(msg, defer=defer, immediately=not defer)
         except BaseException as exc:
             self._pending.pop(request_id, None)
             self._requests.pop(request_id, None)
@@ -188,10 +192,25 @@ class BlockClient:
         # Sent at once: nothing else can join it, so a deferred send would only cost a turn.
         self._send(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)), 0, defer=False)
         end = time.monotonic() + self.timeout_s
-        while not result:
-            if time.monotonic() > end:
-                raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
-            self.ctx.poll(True)
+        # The deadline wakes the loop: a blocking poll alone would wait for ever
+        # for a completion that never comes.  Calls may nest (one made from a
+        # completion callback): the outer call's deadline is put back after.
+        timer = self._deadline
+        if timer is None:
+            timer = self._deadline = self.ctx.timer_new_ms(ClockType.REALTIME, lambda: None, "client-deadline")
+        outer_ns = timer.expire_time_ns
+        deadline_ns = self.ctx.clock_now_ns(ClockType.REALTIME) + int(self.timeout_s * 1e9)
+        timer.mod_ns(deadline_ns if outer_ns < 0 else min(outer_ns, deadline_ns))
+        try:
+            while not result:
+                if time.monotonic() > end or not timer.pending:  # not pending: it fired
+                    raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
+                self.ctx.poll(True)
+        finally:
+            if outer_ns < 0:
+                timer.delete()
+            else:
+                timer.mod_ns(outer_ns)
         status, message, out = result[0]
         if status < 0:
             raise BlockIOError(-status, message)
@@ -238,6 +257,9 @@ class BlockClient:
     def close(self) -> None:
         """Disconnect (requests still in flight are abandoned; the iothread
         completes them and drops the completions)."""
+        if self._deadline is not None:
+            self._deadline.delete()
+            self._deadline = None
         for _channel, handler in self._channels.values():
             handler.close()
         self._channels.clear()

@@ -211,11 +211,15 @@ class Channel:
 
     # -- sending ------------------------------------------------------------
 
-    def send(self, msg: Message, identity: bytes | None = None, *, defer: bool = False) -> None:
+    def send(self, msg: Message, identity: bytes | None = None, *, defer: bool = False,
+             immediately: bool = False) -> None:
         """Queue ``msg`` (to ``identity`` on a ROUTER) and send what the socket takes.
 
         With ``defer``, only queue it and kick the loop: messages sent in a
-        burst then go to the socket together, at the loop's next turn."""
+        burst then go to the socket together, at the loop's next turn.
+        Messages sent by handlers during a ``drain()`` leave together at its
+        end, unless ``immediately``: a handler about to wait for the answer
+        (a blocking call in a completion callback) needs it sent now."""
         packed = pack(msg)
         if len(packed[0]) > self._unchecked_item_bytes or (
                 packed[1] is not None and len(packed[1]) > self._batch_payload_bytes):
@@ -230,7 +234,7 @@ class Channel:
         else:
             self._outq.append(packed)
         self._queued += 1
-        if self._draining:
+        if self._draining and not immediately:
             return  # replies go out together, in one batch, at the end of drain()
         if not defer:
             self.flush()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -113,6 +114,42 @@ def test_client_every_op_type_and_errors(cluster: tuple[str, str]) -> None:
     with open(image, "rb") as f:  # the data really is in the image
         f.seek(65536)
         assert f.read(7) == b"on disk"
+
+
+def test_client_blocking_call_from_a_completion_callback(cluster: tuple[str, str]) -> None:
+    """A completion callback (run inside the client channel's drain) makes a
+    blocking call: its request leaves at once and its answer comes (it used to
+    wait for the drain's end, that is for ever)."""
+    run, _ = cluster
+    with BlockClient(run, timeout_s=20) as c:
+        c.write("disk0", 0, b"nested")
+        got: list[bytes] = []
+
+        def completed(status: int, message: str, data: bytes) -> None:
+            assert status == 0, message
+            got.append(data + c.read("disk0", 0, 6))
+
+        c.submit("disk0", "read", 0, 3, callback=completed)  # the same node: the same channel
+        deadline = time.monotonic() + 20
+        while not got:
+            assert time.monotonic() < deadline, "the completion did not come"
+            c.ctx.poll(True)
+        assert got == [b"nes" + b"nested"]
+
+
+def test_client_blocking_call_times_out(cluster: tuple[str, str]) -> None:
+    """An iothread that does not answer (stopped): the blocking call raises
+    TimeoutError after ``timeout_s``, instead of a poll that never returns."""
+    run, _ = cluster
+    with BlockClient(run, timeout_s=0.3) as c:
+        pid = next(t["pid"] for t in c.state["iothreads"] if t["id"] == c.nodes()["null0"]["iothread"])
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            with pytest.raises(TimeoutError, match="did not complete in 0.3 s"):
+                c.read("null0", 0, 4)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert c.read("null0", 0, 4) == bytes(4)  # and it goes on once the iothread does
 
 
 def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]) -> None:
