@@ -430,14 +430,17 @@ class AioContext:
     # The loop
     # ------------------------------------------------------------------
 
-    def poll(self, blocking: bool) -> bool:
+    def poll(self, blocking: bool, timeout_ns: int = -1) -> bool:
         """Run one iteration; return whether progress was made.  Home thread only.
 
         With ``blocking``, sleep until a BH, an fd handler, a timer or a
         ``notify()`` gives it something to do; such a call returns False only
-        when woken by ``notify()`` alone.  Polls may nest: a callback may call
-        ``poll`` again.
+        when woken by ``notify()`` alone, or when ``timeout_ns`` (if >= 0)
+        passed first: a bound on the sleep for a caller waiting for something
+        with a deadline (an extension: QEMU's ``aio_poll`` has none).  Polls
+        may nest: a callback may call ``poll`` again.
         """
+        limit_ns = timeout_ns
         ident = threading.get_ident()
         if ident != self._home:
             self._assert_home("AioContext.poll")
@@ -463,6 +466,8 @@ class AioContext:
                 timeout_ns = self._compute_timeout_ns()
             else:
                 timeout_ns = -1  # the common idle case, without a call
+            if limit_ns >= 0 and (timeout_ns < 0 or timeout_ns > limit_ns):
+                timeout_ns = limit_ns
 
             # -- 2. busy polling in user space -----------------------------
             progress = False

@@ -50,7 +50,6 @@ from ._aio import AioContext
 from ._channels import ChannelHandler
 from ._clock import ClockType
 from ._coroutine import Future
-from ._timers import Timer
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 
@@ -81,7 +80,6 @@ class BlockClient:
         self._requests: dict[int, tuple[str, str, int, int, bytes, int]] = {}  # to resend after a move
         self._ids = itertools.count(1)
         self.resends = 0  # requests sent again because their node had moved
-        self._deadline: Timer | None = None  # wakes a blocking call's loop at its timeout
 
     # -- the cluster's shape ---------------------------------------------------
 
@@ -191,26 +189,12 @@ class BlockClient:
         result: list[tuple[int, str, bytes]] = []
         # Sent at once: nothing else can join it, so a deferred send would only cost a turn.
         self._send(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)), 0, defer=False)
-        end = time.monotonic() + self.timeout_s
-        # The deadline wakes the loop: a blocking poll alone would wait for ever
-        # for a completion that never comes.  Calls may nest (one made from a
-        # completion callback): the outer call's deadline is put back after.
-        timer = self._deadline
-        if timer is None:
-            timer = self._deadline = self.ctx.timer_new_ms(ClockType.REALTIME, lambda: None, "client-deadline")
-        outer_ns = timer.expire_time_ns
-        deadline_ns = self.ctx.clock_now_ns(ClockType.REALTIME) + int(self.timeout_s * 1e9)
-        timer.mod_ns(deadline_ns if outer_ns < 0 else min(outer_ns, deadline_ns))
-        try:
-            while not result:
-                if time.monotonic() > end or not timer.pending:  # not pending: it fired
-                    raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
-                self.ctx.poll(True)
-        finally:
-            if outer_ns < 0:
-                timer.delete()
-            else:
-                timer.mod_ns(outer_ns)
+        end_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)
+        while not result:
+            left_ns = end_ns - time.monotonic_ns()
+            if left_ns <= 0:
+                raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
+            self.ctx.poll(True, left_ns)  # bounded: the answer may never come
         status, message, out = result[0]
         if status < 0:
             raise BlockIOError(-status, message)
@@ -257,9 +241,6 @@ class BlockClient:
     def close(self) -> None:
         """Disconnect (requests still in flight are abandoned; the iothread
         completes them and drops the completions)."""
-        if self._deadline is not None:
-            self._deadline.delete()
-            self._deadline = None
         for _channel, handler in self._channels.values():
             handler.close()
         self._channels.clear()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from iothreads import AioContext
+from iothreads import AioContext, ClockType
 
 DEADLINE_S = 60.0
 
@@ -119,3 +119,19 @@ def test_notify_alone_is_not_progress(ctx: AioContext) -> None:
 def test_notified_before_blocking_makes_the_poll_return(ctx: AioContext) -> None:
     ctx.notify()
     assert ctx.poll(True) is False  # returns at once instead of sleeping forever
+
+
+def test_a_blocking_poll_with_a_timeout_returns_when_it_passes(ctx: AioContext) -> None:
+    """``poll(True, timeout_ns)``: nothing to do, so it sleeps until the
+    timeout, and returns no progress; a timer due sooner still wakes it."""
+    t0 = time.monotonic_ns()
+    assert ctx.poll(True, 20_000_000) is False
+    assert time.monotonic_ns() - t0 >= 20_000_000
+    fired: list[int] = []
+    timer = ctx.timer_new_ns(ClockType.REALTIME, lambda: fired.append(1))
+    timer.mod_ns(ctx.clock_now_ns(ClockType.REALTIME) + 1_000_000)
+    end = time.monotonic() + DEADLINE_S
+    while not fired:  # the timer, not the 60 s bound, ends the sleep
+        assert time.monotonic() < end, "the timer did not fire"
+        ctx.poll(True, int(DEADLINE_S * 1e9))
+    timer.delete()
