@@ -487,14 +487,16 @@ class AioContext:
             # the notifier is the only fd (its state is `notified`), or busy
             # polling just checked every handler.  (QEMU skips it whenever no
             # handler lacks io_poll, which can leave an unpolled fd unseen.)
-            if timeout_ns or fds.poll_disable_cnt or (len(fds.nodes) > 1 and not polled_all):
-                if fds.poll_started and fds.set_poll_started(ready, False):
-                    timeout_ns = 0
-                    progress = True
-                self._waits += 1
-                fds.wait(ready, timeout_ns)
-            if use_notify_me:
-                self._notify_me -= 2
+            try:
+                if timeout_ns or fds.poll_disable_cnt or (len(fds.nodes) > 1 and not polled_all):
+                    if fds.poll_started and fds.set_poll_started(ready, False):
+                        timeout_ns = 0
+                        progress = True
+                    self._waits += 1
+                    fds.wait(ready, timeout_ns)
+            finally:
+                if use_notify_me:  # even if the wait raised: or every notify() writes the eventfd
+                    self._notify_me -= 2
 
             # -- 5. accept the notification --------------------------------
             self._notified = False

@@ -188,7 +188,9 @@ class FdHandlers:
     # -- dispatch (home thread) --------------------------------------------
 
     def dispatch(self, ready: Ready, block_ns: int, params: PollParams) -> bool:
-        """Run the handlers of the ready fds; return progress."""
+        """Run the handlers of the ready fds, each once; return progress."""
+        if len(ready) > 1:
+            ready = _once_each(ready)
         progress = False
         for node, revents, poll_ready in ready:
             if node.deleted:
@@ -258,12 +260,23 @@ class FdHandlers:
                 continue
             hook = node.io_poll_begin if started else node.io_poll_end
             if hook is not None:
-                hook()
-            if not started and node.io_poll is not None and node.io_poll():
+                try:
+                    hook()
+                except Exception as exc:
+                    self._ctx.report_exception(exc, f"io_poll_{'begin' if started else 'end'} of fd {node.fd}")
+            if not started and node.io_poll is not None and self._io_poll(node):
                 ready.append((node, 0, True))
                 if not node.is_notifier:
                     progress = True
         return progress
+
+    def _io_poll(self, node: Handler) -> bool:
+        """``node.io_poll()``; an exception goes to the context's handler and counts as no work."""
+        try:
+            return bool(node.io_poll())  # type: ignore[misc]
+        except Exception as exc:
+            self._ctx.report_exception(exc, f"io_poll of fd {node.fd}")
+            return False
 
     def try_poll_mode(self, ready: Ready, timeout_ns: int, params: PollParams) -> tuple[bool, int, bool]:
         """Busy-poll for up to the largest window.
@@ -284,7 +297,7 @@ class FdHandlers:
         start_ns = time.monotonic_ns()
         while True:
             for node in handlers:
-                if not node.deleted and node.io_poll is not None and node.io_poll():
+                if not node.deleted and node.io_poll is not None and self._io_poll(node):
                     ready.append((node, 0, True))
                     timeout_ns = 0
                     if not node.is_notifier:
@@ -324,3 +337,17 @@ class FdHandlers:
             self.nodes.clear()
             self.poll_list = []
         self.fdmon.close()
+
+
+def _once_each(ready: Ready) -> Ready:
+    """``ready`` with each handler once, as QEMU's ready list holds it (a
+    handler found by busy polling and then by epoll in the same iteration is
+    dispatched once, with the events epoll reported)."""
+    merged: dict[int, tuple[Handler, int, bool]] = {}
+    for node, revents, poll_ready in ready:
+        seen = merged.get(id(node))
+        if seen is not None:
+            revents |= seen[1]
+            poll_ready = poll_ready or seen[2]
+        merged[id(node)] = (node, revents, poll_ready)
+    return ready if len(merged) == len(ready) else list(merged.values())

@@ -402,12 +402,16 @@ def main(argv: list[str] | None = None) -> int:
         notifier.test_and_clear()
         worker.stop(EXIT_OK)
 
-    worker.ctx.set_event_notifier(stop_request, on_stop_request)
+    closing = stopping = False
 
-    closing = False
+    # With an io_poll (a flag, as QEMU's notifiers read theirs in memory), so
+    # that this handler does not turn busy polling off for the whole context.
+    worker.ctx.set_event_notifier(stop_request, on_stop_request, io_poll=lambda: stopping)
 
     def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
         if not closing:  # once the worker shuts down, there is nothing left to stop
+            stopping = True
             stop_request.set()
 
     signal.signal(signal.SIGTERM, on_signal)

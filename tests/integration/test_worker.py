@@ -182,3 +182,21 @@ def test_an_answer_too_large_to_send_becomes_an_error_reply(fake: FakeMainLoop) 
         assert isinstance(reply, QueryReply) and reply.request_id == 4
         fake.send(identity, Stop("test"))
         assert proc.wait(WAIT_MS / 1000) == 0
+
+
+def test_the_iothread_busy_polls(fake: FakeMainLoop) -> None:
+    """poll-max-ns takes effect in a real iothread: its own handlers (the
+    stop-request notifier included) all have io_poll, so busy polling is not
+    switched off for the whole context (it used to be: busy_poll_runs stayed 0)."""
+    with spawn(fake, "--poll-max-ns", "10000000") as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        counters: dict[str, int] = {}
+        for i in range(50):  # requests a few hundred microseconds apart: inside the window
+            fake.send(identity, Query(i))
+            reply = fake.recv_kind(QueryReply)
+            assert isinstance(reply, QueryReply)
+            counters = reply.counters
+        assert counters["busy_poll_runs"] > 0 and counters["busy_poll_hits"] > 0, counters
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0

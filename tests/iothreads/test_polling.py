@@ -3,6 +3,8 @@ handlers that turn it off, parameters changed while running, counters."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 
 import pytest
@@ -211,3 +213,108 @@ def test_aio_max_batch(ctx: AioContext) -> None:
     assert ctx.aio_max_batch == 32
     with pytest.raises(ValueError):
         ctx.set_aio_params(-1)
+
+
+# Regression tests for fixed bugs: a handler found ready by busy polling and
+# again by epoll (or by the last io_poll when leaving poll mode) was dispatched
+# once per finding; QEMU's ready list holds each handler once.
+
+
+def _readable(sock: socket.socket) -> bool:
+    return bool(select.select([sock], [], [], 0)[0])
+
+
+def test_a_handler_found_by_polling_and_by_epoll_runs_once(ctx: AioContext) -> None:
+    """A is busy-polled; B (never dispatched, so not polled) makes the loop
+    call epoll(0) too, which reports A again: one byte, one io_read."""
+    ctx.set_poll_params(1_000_000, 0, 0)
+    a_r, a_w = socket.socketpair()
+    b_r, b_w = socket.socketpair()
+    a_r.setblocking(False)
+    reads: list[bytes] = []
+
+    def a_read() -> None:
+        try:
+            reads.append(a_r.recv(1))
+        except BlockingIOError:
+            reads.append(b"EAGAIN")  # run with nothing to read
+
+    ctx.set_fd_handler(a_r.fileno(), io_read=a_read, io_poll=lambda: _readable(a_r))
+    ctx.set_fd_handler(b_r.fileno(), io_read=lambda: b_r.recv(1), io_poll=lambda: _readable(b_r))
+    try:
+        a_w.send(b"x")
+        ctx.poll(True)  # dispatched through epoll: A joins the poll list
+        assert reads == [b"x"]
+        a_w.send(b"y")
+        ctx.poll(True)
+        assert reads == [b"x", b"y"]
+    finally:
+        ctx.set_fd_handler(a_r.fileno())
+        ctx.set_fd_handler(b_r.fileno())
+        for s in (a_r, a_w, b_r, b_w):
+            s.close()
+
+
+def test_an_event_racing_poll_end_is_dispatched_once(ctx: AioContext) -> None:
+    """The event arrives in io_poll_end: the last io_poll finds it and epoll
+    reports it too; the handler runs once, through io_read (epoll saw events)."""
+    ctx.set_poll_params(1_000_000, 0, 0)
+    r, w = socket.socketpair()
+    r.setblocking(False)
+    log: list[tuple[str, bytes]] = []
+    inject = [False]
+
+    def on_read() -> None:
+        try:
+            log.append(("io_read", r.recv(100)))
+        except BlockingIOError:
+            log.append(("io_read", b"EAGAIN"))
+
+    def on_end() -> None:
+        if inject[0]:
+            inject[0] = False
+            w.send(b"m")
+
+    ctx.set_fd_handler(r.fileno(), io_read=on_read, io_poll=lambda: _readable(r),
+                       io_poll_ready=lambda: log.append(("io_poll_ready", r.recv(100))), io_poll_end=on_end)
+    try:
+        w.send(b"1")
+        ctx.poll(True)  # joins the poll list
+        log.clear()
+        inject[0] = True
+        ctx.poll(True)  # busy-polls, finds nothing, leaves poll mode: the event races
+        assert log == [("io_read", b"m")]
+    finally:
+        ctx.set_fd_handler(r.fileno())
+        r.close()
+        w.close()
+
+
+@pytest.mark.parametrize("hook", ["io_poll", "io_poll_end"])
+def test_a_raising_poll_hook_goes_to_the_exception_handler(ctx: AioContext, hook: str) -> None:
+    """Like every callback's, its exception is reported and the loop goes on
+    (it used to escape poll(), and from io_poll_end left notify_me raised)."""
+    ctx.set_poll_params(1_000_000, 0, 0)
+    reported: list[str] = []
+    ctx.set_exception_handler(lambda c, exc, where: reported.append(where))
+    n = EventNotifier()
+    armed = [False]
+
+    def bug() -> bool:
+        if armed[0]:
+            raise RuntimeError(f"{hook} bug")
+        return False
+
+    hooks = {"io_poll": bug} if hook == "io_poll" else {"io_poll": lambda: False, "io_poll_end": bug}
+    ctx.set_fd_handler(n.fileno(), io_read=n.test_and_clear, **hooks)  # type: ignore[arg-type]
+    try:
+        n.set()
+        ctx.poll(True)  # joins the poll list
+        armed[0] = True
+        n.set()
+        assert ctx.poll(True) is True
+        assert reported and all(where == f"{hook} of fd {n.fileno()}" for where in reported)
+        assert ctx._notify_me == 0
+    finally:
+        ctx.set_fd_handler(n.fileno())
+        n.close()
