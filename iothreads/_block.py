@@ -146,6 +146,8 @@ class FileDriver(BlockDriver):
         return mmap.mmap(-1, length) if self.direct else bytearray(length)
 
     def read(self, offset: int, length: int) -> bytes:
+        if not length:
+            return b""  # (an O_DIRECT buffer cannot be empty)
         buf = self._buffer(length)
         view = memoryview(buf)
         done = 0
@@ -175,6 +177,8 @@ class FileDriver(BlockDriver):
         return bytes(buf)
 
     def write(self, offset: int, data: bytes) -> None:
+        if not data:
+            return
         if self.direct:
             buf = self._buffer(len(data))
             buf[:] = data
@@ -227,11 +231,15 @@ class FileDriver(BlockDriver):
 
 @dataclass
 class OpStats:
-    """Counters of one operation type on one node."""
+    """Counters of one operation type on one node, as QEMU's block accounting
+    keeps them: ``ops`` that succeeded (and their ``bytes``), ``errors`` (failed
+    ones), ``invalid`` requests (refused before any I/O: bounds, alignment);
+    latency (total and histograms) over the succeeded and the failed ones."""
 
     ops: int = 0
     bytes: int = 0
     errors: int = 0
+    invalid: int = 0
     total_ns: int = 0
     histogram: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BUCKETS)
     boundaries_ns: tuple[int, ...] = ()  # a user-set histogram (QMP's), if any
@@ -239,12 +247,13 @@ class OpStats:
 
     @property
     def mean_ns(self) -> float:
-        return self.total_ns / self.ops if self.ops else 0.0
+        done = self.ops + self.errors
+        return self.total_ns / done if done else 0.0
 
     def record(self, nbytes: int, latency_ns: int, ok: bool) -> None:
-        self.ops += 1
         self.total_ns += latency_ns
         if ok:
+            self.ops += 1
             self.bytes += nbytes
         else:
             self.errors += 1
@@ -296,7 +305,7 @@ class BlockNode:
         start = time.monotonic_ns()
         problem = self._check(op, offset, length, data)
         if problem is not None:
-            self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback)
+            self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
             return
         if op != BlockOp.READ and op != BlockOp.FLUSH and self.driver.read_only:
             self._complete(op, start, 0, -errno.EROFS, f"node '{self.name}' is read-only", b"", callback)
@@ -345,10 +354,13 @@ class BlockNode:
         self.ctx.thread_pool.submit(fn, *args, callback=done)
 
     def _complete(self, op: str, start: int, nbytes: int, status: int, message: str, data: bytes,
-                  callback: Completion) -> None:
+                  callback: Completion, invalid: bool = False) -> None:
         stats = self.stats.get(op)
         if stats is not None:
-            stats.record(nbytes, time.monotonic_ns() - start, status == 0)
+            if invalid:
+                stats.invalid += 1  # QEMU's block_acct_invalid: no latency to account
+            else:
+                stats.record(nbytes, time.monotonic_ns() - start, status == 0)
         try:
             callback(status, message, data)
         except Exception as exc:

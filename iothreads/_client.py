@@ -141,7 +141,9 @@ class BlockClient:
         def resend() -> None:
             self.refresh()
             try:
-                self._send(node, op, offset, length, data, cb, tries + 1)
+                # Not deferred: a blocking call may be waiting for it inside the
+                # channel's drain (a call made from a completion callback).
+                self._send(node, op, offset, length, data, cb, tries + 1, defer=False)
             except (BlockIOError, StateError) as exc:
                 cb(-(getattr(exc, "errno", 0) or errno.ENODEV), str(exc), b"")
 

@@ -25,6 +25,7 @@ at once.  Scheduling a coroutine that is already scheduled is a bug and raises
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine as _PyCoroutine, Generator
@@ -47,10 +48,20 @@ __all__ = [
 ]
 
 T = TypeVar("T")
+log = logging.getLogger("iothreads.coroutine")
 
 _schedule_lock = threading.Lock()
 _tls = threading.local()  # .co: the coroutine running in this thread
 _PENDING, _DONE = 0, 1
+
+
+def _report(exc: Exception, where: str) -> None:
+    """To the exception handler of the context running in this thread, or the log."""
+    ctx = get_current_aio_context()
+    if ctx is not None:
+        ctx.report_exception(exc, where)
+    else:
+        log.error("%s raised %r", where, exc, exc_info=exc)
 
 
 class Future(Generic[T]):
@@ -113,7 +124,10 @@ class Future(Generic[T]):
             waiters, self._waiters = self._waiters, []
             callbacks, self._callbacks = self._callbacks, []
         for fn in callbacks:
-            fn(self)
+            try:
+                fn(self)
+            except Exception as exc:  # one observer's bug must not strand the waiters
+                _report(exc, f"done callback {fn!r} of {self!r}")
         for co in waiters:
             co._wake()
 

@@ -362,6 +362,7 @@ def node_counters(node: BlockNode) -> dict[str, int]:
         out[f"{prefix}_bytes"] = st.bytes
         out[f"{prefix}_total_time_ns"] = st.total_ns
         out[f"failed_{prefix}_operations"] = st.errors
+        out[f"invalid_{prefix}_operations"] = st.invalid
         for i, n in enumerate(st.bins):
             out[f"{prefix}_histogram_{i}"] = n
     return out

@@ -555,7 +555,8 @@ def _blockstats(name: str, reply: Any, info: Any) -> dict[str, Any]:
     c = reply.counters
     stats: dict[str, Any] = {}
     for p in _STAT_PREFIXES:
-        for key in (f"{p}_operations", f"{p}_bytes", f"{p}_total_time_ns", f"failed_{p}_operations"):
+        for key in (f"{p}_operations", f"{p}_bytes", f"{p}_total_time_ns", f"failed_{p}_operations",
+                    f"invalid_{p}_operations"):
             if key in c and not (p in ("flush",) and key == "flush_bytes"):
                 stats[key] = c[key]
     boundaries = list(info.histogram) if info is not None else []

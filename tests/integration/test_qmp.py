@@ -255,7 +255,7 @@ def test_tcp_monitor() -> None:
 
 
 def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
-    from iothreads import BlockClient
+    from iothreads import BlockClient, BlockIOError
 
     q = QEMUMonitorProtocol(cluster["qmp"][0])
     q.connect()
@@ -269,10 +269,13 @@ def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
             for i in range(3):
                 c.read("disk0", i * 4096, 4096)
             c.flush("disk0")
+            with pytest.raises(BlockIOError):
+                c.read("disk0", 1 << 40, 4096)  # out of range: invalid, as QEMU counts it
         stats = {s["node-name"]: s["stats"] for s in q.cmd("query-blockstats", **{"query-nodes": True})}
         d = stats["disk0"]
         assert (d["wr_operations"], d["wr_bytes"], d["rd_operations"], d["rd_bytes"]) == (5, 5 * 4096, 3, 3 * 4096)
         assert d["flush_operations"] == 1 and d["rd_total_time_ns"] > 0 and d["failed_rd_operations"] == 0
+        assert d["invalid_rd_operations"] == 1 and d["rd_operations"] == 3
         hist = d["wr_latency_histogram"]
         assert hist["boundaries"] == [10_000, 1_000_000] and sum(hist["bins"]) == 5
         assert "null0" in stats

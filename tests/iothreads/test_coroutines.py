@@ -238,3 +238,36 @@ def test_loop_thread_reports_leaks_on_stop() -> None:
     t.run_sync(lambda: t.ctx.bh_new(lambda: None, "left-behind"))
     with pytest.raises(StateError, match="left-behind"):
         t.stop()
+
+
+def test_a_raising_done_callback_strands_nobody(ctx: AioContext) -> None:
+    """Regression: a done-callback that raised skipped the rest: a coroutine
+    awaiting the same future was never resumed, and a thread-pool request's own
+    callback never ran.  The exception now goes to the context's handler."""
+    reported: list[str] = []
+    ctx.set_exception_handler(lambda c, exc, where: reported.append(where))
+
+    def bad(f: Future[Any]) -> None:
+        raise RuntimeError("observer bug")
+
+    fut: Future[int] = Future()
+    resumed: list[int] = []
+
+    async def waiter() -> None:
+        resumed.append(await fut)
+
+    co = ctx.spawn(waiter())
+    run_until_idle(ctx)
+    fut.add_done_callback(bad)
+    ctx.bh_schedule_oneshot(lambda: fut.set_result(42))  # completed inside the loop
+    run_until_idle(ctx)
+    assert resumed == [42] and co.done()
+    ran: list[int] = []
+    req = ctx.thread_pool.submit(lambda: 7, callback=lambda r: ran.append(r.result()))
+    req.add_done_callback(bad)
+    end = time.monotonic() + 20
+    while not ran:
+        assert time.monotonic() < end, "the request's callback did not run"
+        ctx.poll(True, 100_000_000)
+    assert ran == [7]
+    assert len(reported) == 2 and all("done callback" in where for where in reported)
