@@ -44,6 +44,7 @@ from protocol import (
     Message,
     RemoteProtocolError,
     StateError,
+    channel_socket,
 )
 
 from ._aio import AioContext
@@ -114,7 +115,7 @@ class BlockClient:
             endpoint = endpoints.get(iothread)
             if not endpoint:
                 raise StateError(f"iothread {iothread!r} has no data endpoint")
-            sock = self.zmq.socket(zmq.DEALER)
+            sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
             sock.connect(endpoint)
             channel = Channel(sock, self._on_message, on_error=self._on_bad_message)

@@ -42,18 +42,18 @@ from typing import Any
 import zmq
 
 from protocol import (
-    PROTOCOL_VERSION,
     BlockCompletion,
+    BlockRequest,
     BlockdevAdd,
     BlockdevDel,
-    BlockRequest,
     Channel,
-    Event,
     ErrorReply,
+    Event,
     Heartbeat,
     Hello,
     LocalProtocolError,
     Message,
+    PROTOCOL_VERSION,
     Query,
     QueryReply,
     RemoteProtocolError,
@@ -61,6 +61,7 @@ from protocol import (
     SetPollParams,
     Stop,
     Welcome,
+    channel_socket,
 )
 
 from ._aio import AioContext
@@ -114,7 +115,7 @@ class IOThreadWorker:
             BlockdevAdd: self._on_blockdev_add, BlockdevDel: self._on_blockdev_del,
         }
         self.zmq = zmq.Context()
-        sock = self.zmq.socket(zmq.DEALER)
+        sock = channel_socket(self.zmq, zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, iothread_id.encode())
         sock.connect(endpoint)
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
@@ -125,7 +126,7 @@ class IOThreadWorker:
         self.data: Channel | None = None
         self.data_handler: ChannelHandler | None = None
         if data_endpoint is not None:
-            dsock = self.zmq.socket(zmq.ROUTER)
+            dsock = channel_socket(self.zmq, zmq.ROUTER)
             dsock.bind(data_endpoint)
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")

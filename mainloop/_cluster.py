@@ -41,7 +41,6 @@ import zmq
 
 from iothreads import CLUSTER_STATE_FILE, ClockType, Timer
 from protocol import (
-    PROTOCOL_VERSION,
     BlockdevAdd,
     BlockdevDel,
     Channel,
@@ -50,6 +49,7 @@ from protocol import (
     Heartbeat,
     Hello,
     Message,
+    PROTOCOL_VERSION,
     Query,
     QueryReply,
     RemoteProtocolError,
@@ -58,6 +58,7 @@ from protocol import (
     StateError,
     Stop,
     Welcome,
+    channel_socket,
     ipc_endpoint,
     make_runtime_dir,
 )
@@ -151,7 +152,7 @@ class Cluster:
         self._next_request = 1
         self._socket_files: list[str] = []
         self.zmq = zmq.Context()
-        sock = self.zmq.socket(zmq.ROUTER)
+        sock = channel_socket(self.zmq, zmq.ROUTER)
         try:
             if tcp:
                 sock.bind(tcp)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 from ._channel import Channel as Channel
+from ._channel import channel_socket as channel_socket
 from ._channel import ipc_endpoint as ipc_endpoint
 from ._channel import make_runtime_dir as make_runtime_dir
 from ._codec import Limits as Limits
@@ -81,6 +82,7 @@ __all__ = [
     "Stop",
     "ThreadContractError",
     "Welcome",
+    "channel_socket",
     "decode",
     "decode_batch",
     "encode",

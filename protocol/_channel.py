@@ -54,7 +54,7 @@ from ._codec import DEFAULT_LIMITS, Limits, decode, decode_batch, encode_batch, 
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import Message
 
-__all__ = ["Channel", "make_runtime_dir", "ipc_endpoint"]
+__all__ = ["Channel", "channel_socket", "make_runtime_dir", "ipc_endpoint"]
 
 # Plain ints: zmq's constants are IntFlag/IntEnum members, and ``int & IntFlag``
 # goes through the enum machinery (about 1.5 us a time on a small VM).
@@ -93,6 +93,22 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
             " (choose a shorter runtime directory)"
         )
     return "ipc://" + path
+
+
+def _max_frame_bytes(limits: Limits) -> int:
+    """No frame of ours is larger: libzmq disconnects a peer that sends one,
+    instead of buffering it whole for the codec to refuse."""
+    return max(limits.max_header_bytes, limits.max_payload_bytes)
+
+
+def channel_socket(zctx: zmq.Context[Any], socket_type: int, limits: Limits = DEFAULT_LIMITS) -> zmq.Socket[Any]:
+    """A new socket for a ``Channel``, with the options that only take effect
+    if set before ``bind`` or ``connect`` (libzmq copies them into each
+    listener and connection then): the largest frame a peer may send."""
+    sock: zmq.Socket[Any] = zctx.socket(socket_type)
+    sock.setsockopt(zmq.LINGER, LINGER_MS)
+    sock.setsockopt(zmq.MAXMSGSIZE, _max_frame_bytes(limits))
+    return sock
 
 
 def _backend_send() -> Callable[..., Any] | None:
@@ -156,6 +172,7 @@ class Channel:
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         if self.router:
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer: an error, not a silent drop
+        socket.setsockopt(zmq.MAXMSGSIZE, _max_frame_bytes(limits))  # for later binds and connects
         self.on_message = on_message
         self.on_error = on_error
         self.limits = limits
@@ -207,7 +224,20 @@ class Channel:
         if self._unread:
             return True
         events = self._events()
-        return bool(events & _POLLIN or (self._queued and events & _POLLOUT))
+        if events & _POLLIN:
+            return True
+        if not (self._queued and events & _POLLOUT):
+            return False
+        if not self.router:
+            return True
+        # A ROUTER shows room when *any* peer has some, so a backlog for a full
+        # peer would look like work at every probe (and busy polling would
+        # spin).  Send what goes now instead (a full peer costs one refused
+        # frame): this read may have consumed the edge that says room
+        # appeared, and nothing else would act on it.
+        sent = self.sent
+        self.flush()
+        return self.sent != sent
 
     # -- sending ------------------------------------------------------------
 
@@ -230,16 +260,19 @@ class Channel:
             q = self._peerq.get(identity)
             if q is None:
                 q = self._peerq[identity] = deque()
-            q.append(packed)
         else:
-            self._outq.append(packed)
+            q = self._outq
+        q.append(packed)
         self._queued += 1
         if self._draining and not immediately:
             return  # replies go out together, in one batch, at the end of drain()
         if not defer:
             self.flush()
-        elif self._queued == 1:
-            self.kick()  # deferred: drain() flushes at its end
+        elif len(q) == 1:
+            # Deferred: drain() flushes at its end.  Kicked for the first
+            # message of *this* queue: another peer's backlog (a full peer
+            # waiting for room) must not hold this one back.
+            self.kick()
 
     def _refuse_unsendable(self, msg: Message, item: bytes, payload: bytes | None) -> None:
         """Raise ``LocalProtocolError`` if the peer would refuse ``msg`` (it
@@ -256,7 +289,24 @@ class Channel:
 
     def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
         """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""
+        send = self._send_frame
         while q:
+            if identity is not None:
+                # The peer's identity first: a full peer refuses it at once,
+                # before a batch is encoded for nothing (a ROUTER retries a
+                # full peer's backlog whenever it looks for room); once it is
+                # taken, ZeroMQ takes the rest of the message too.
+                try:
+                    send(identity, _NOBLOCK_SNDMORE, True)
+                except zmq.Again:
+                    return
+                except zmq.ZMQError as exc:
+                    if exc.errno != zmq.EHOSTUNREACH:
+                        raise
+                    self.unroutable += len(q)  # the peer is gone: drop its messages
+                    self._queued -= len(q)
+                    q.clear()
+                    return
             if len(q) == 1:
                 n, batch = 1, [q[0]]
             else:
@@ -270,15 +320,10 @@ class Channel:
                         break
                     n += 1
                 batch = list(islice(q, n))
-            frames = encode_batch(batch)
             try:
-                _send_frames(self._send_frame, frames if identity is None else [identity, *frames])
-            except zmq.Again:
+                _send_frames(send, encode_batch(batch))
+            except zmq.Again:  # a DEALER's (a ROUTER's peer took the identity: the rest goes)
                 return
-            except zmq.ZMQError as exc:
-                if exc.errno != zmq.EHOSTUNREACH:
-                    raise
-                self.unroutable += n  # the peer is gone: drop its messages
             for _ in range(n):
                 q.popleft()
             self._queued -= n
@@ -348,6 +393,8 @@ class Channel:
     def _drain_batch(self) -> int:
         sock = self.socket
         delivered = self._deliver_unread() if self._unread else 0
+        if self._closed:  # by a handler
+            return delivered
         while delivered < self.batch:
             events = self._events()
             if not events & _POLLIN:

@@ -45,6 +45,7 @@ from iothreads.testing import LoopThread, run_until_idle
 from mainloop import ChannelSource, MainContext
 from protocol import (
     BlockCompletion,
+    BlockRequest,
     Channel,
     Heartbeat,
     Limits,
@@ -53,6 +54,8 @@ from protocol import (
     Query,
     QueryReply,
     RemoteProtocolError,
+    channel_socket,
+    decode,
     decode_batch,
     encode,
     encode_batch,
@@ -821,10 +824,15 @@ def raw_router(zctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
     return raw
 
 
-def raw_dealer(zctx: zmq.Context[Any], endpoint: str) -> zmq.Socket[Any]:
+def raw_dealer(zctx: zmq.Context[Any], endpoint: str, identity: bytes | None = None,
+               rcvhwm: int = 0) -> zmq.Socket[Any]:
     """A plain zmq.DEALER connected to ``endpoint`` (the test closes it)."""
     raw = zctx.socket(zmq.DEALER)
     raw.setsockopt(zmq.LINGER, 0)
+    if identity is not None:
+        raw.setsockopt(zmq.IDENTITY, identity)
+    if rcvhwm:
+        raw.setsockopt(zmq.RCVHWM, rcvhwm)
     raw.connect(endpoint)
     return raw
 
@@ -1038,3 +1046,144 @@ def test_a_message_the_peer_would_refuse_is_refused_at_send(runtime_dir: str, zc
     finally:
         dealer.close()
         raw.close()
+
+
+# -- 9. found in review: a full peer, closing mid-drain, oversized frames ---------------------
+
+
+def _aio_router_with_a_full_and_an_idle_peer(
+    zctx: zmq.Context[Any], endpoint: str, ctx: AioContext,
+) -> tuple[Channel, ChannelHandler, zmq.Socket[Any], zmq.Socket[Any], list[int]]:
+    """A ROUTER channel served by ``ctx`` (as an iothread's data channel)
+    with a backlog for peer ``a`` (never reads) while ``b`` is idle; the last
+    item counts ``pending_input`` probes."""
+    rsock = channel_socket(zctx, zmq.ROUTER)
+    rsock.setsockopt(zmq.SNDHWM, 10)
+    rsock.bind(endpoint)
+    router = Channel(rsock, lambda i, m: None)
+    probes = [0]
+    probe = router.pending_input
+
+    def counted_probe() -> bool:
+        probes[0] += 1
+        return probe()
+
+    router.pending_input = counted_probe  # type: ignore[method-assign]
+    handler = ChannelHandler(ctx, router, "data")
+    peers = []
+    for name in (b"a", b"b"):
+        raw = raw_dealer(zctx, endpoint, identity=name, rcvhwm=10)
+        raw.send_multipart(encode(Heartbeat(0, 0)))
+        peers.append(raw)
+    poll_until(ctx, lambda: router.received == 2, "both peers")
+    for i in range(1024):
+        router.send(BlockCompletion(i, 0, "", bytes(4096)), b"a")
+    assert router.backlog > 0
+    while ctx.poll(False):
+        pass
+    return router, handler, peers[0], peers[1], probes
+
+
+def test_a_deferred_send_does_not_wait_behind_a_full_peer(runtime_dir: str, zctx: zmq.Context[Any],
+                                                          ctx: AioContext) -> None:
+    """Regression: the kick of a deferred send came only when the channel's
+    whole backlog was empty, so a completion for an idle client waited behind a
+    stalled client's backlog until something else woke the loop."""
+    router, handler, a, b = _aio_router_with_a_full_and_an_idle_peer(
+        zctx, ipc_endpoint(runtime_dir, "r"), ctx)[:4]
+    try:
+        router.send(BlockCompletion(7, 0, "", b"x"), b"b", defer=True)
+        poll_until(ctx, lambda: bool(b.poll(0)), "the completion for the idle peer")
+        assert decode(b.recv_multipart()) == BlockCompletion(7, 0, "", b"x")
+    finally:
+        handler.close()
+        a.close()
+        b.close()
+
+
+def test_busy_polling_sleeps_on_a_full_peers_backlog(runtime_dir: str, zctx: zmq.Context[Any],
+                                                     ctx: AioContext) -> None:
+    """Regression: a ROUTER shows room when *any* peer has some, so the probe
+    reported work at every turn and the loop never slept (100% CPU while a
+    client did not read).  Now the probe tries the send itself."""
+    ctx.set_poll_params(1_000_000, 0, 0)
+    router, handler, a, b, probes = _aio_router_with_a_full_and_an_idle_peer(
+        zctx, ipc_endpoint(runtime_dir, "r"), ctx)
+    try:
+        for node in ctx._fds.nodes.values():
+            node.poll_ns = 1_000_000  # as after a burst of requests
+        before = probes[0]
+        assert [ctx.poll(True, 20_000_000) for _ in range(5)] == [False] * 5  # each one slept
+        assert probes[0] > before  # busy polling did probe the channel
+        received = 0
+
+        def a_reads_and_the_backlog_is_gone() -> bool:
+            nonlocal received
+            while a.poll(0):  # the full peer reads now: its backlog goes out
+                received += len(decode_batch(a.recv_multipart()))
+            return router.backlog == 0 and received == 1024
+
+        poll_until(ctx, a_reads_and_the_backlog_is_gone, "the backlog to go out")
+    finally:
+        handler.close()
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_closing_the_channel_while_the_rest_of_a_batch_is_delivered(runtime_dir: str, zctx: zmq.Context[Any],
+                                                                    nested: bool) -> None:
+    """Regression: a handler that closed the channel while drain() delivered
+    the rest of a batch (left by a raising handler, or by a nested drain) made
+    drain() read ZMQ_EVENTS of the closed socket: ZMQError into the loop."""
+    endpoint = ipc_endpoint(runtime_dir, "r")
+    got: list[int] = []
+
+    def on_message(identity: bytes, msg: Message) -> None:
+        assert isinstance(msg, Heartbeat)
+        got.append(msg.seq)
+        if msg.seq == 0:
+            if nested:
+                ch.drain()
+            else:
+                raise RuntimeError("handler failed")
+        if msg.seq == 2:
+            ch.close()
+
+    ch = Channel(channel_socket(zctx, zmq.ROUTER), on_message)
+    ch.socket.bind(endpoint)
+    raw = raw_dealer(zctx, endpoint)
+    try:
+        raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(4)]))
+        if nested:
+            drain_until(ch, lambda: bool(got), "the batch")
+        else:
+            with pytest.raises(RuntimeError, match="handler failed"):
+                drain_until(ch, lambda: bool(got), "the batch")
+            assert ch.drain() == 2
+        assert got == [0, 1, 2] and ch.closed
+    finally:
+        ch.close()
+        raw.close()
+
+
+def test_a_frame_over_the_limits_never_reaches_the_channel(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
+    """channel_socket sets ZMQ_MAXMSGSIZE before the bind: libzmq drops a peer
+    that sends a frame larger than any the limits allow, instead of buffering
+    it whole (a peer could make us hold gigabytes); the channel goes on."""
+    endpoint = ipc_endpoint(runtime_dir, "r")
+    limits = Limits(max_payload_bytes=1 << 20)
+    got: list[Message | RemoteProtocolError] = []
+    ch = Channel(channel_socket(zctx, zmq.ROUTER, limits), lambda i, m: got.append(m),
+                 on_error=lambda i, e: got.append(e), limits=limits)
+    ch.socket.bind(endpoint)
+    big, small = raw_dealer(zctx, endpoint), raw_dealer(zctx, endpoint)
+    try:
+        big.send_multipart(encode(BlockRequest(1, "n", "write", 0, 2 << 20, data=bytes(2 << 20))))
+        small.send_multipart(encode(Heartbeat(5, 0)))
+        drain_until(ch, lambda: bool(got), "the small message")
+        assert got == [Heartbeat(5, 0)]
+    finally:
+        ch.close()
+        big.close()
+        small.close()
