@@ -131,6 +131,7 @@ class IOThreadWorker:
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
         self._heartbeat_seq = 0
+        self._watchdog_due_ns = 0
         self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
         self._watchdog.mod(self._watchdog.now() + handshake_timeout_ms)
         bound = ""
@@ -293,6 +294,7 @@ class IOThreadWorker:
 
     def _arm_watchdog(self) -> None:
         if self.heartbeat_interval_ms:
+            self._watchdog_due_ns = time.monotonic_ns() + self.heartbeat_interval_ms * 1_000_000
             self._watchdog.mod(self._watchdog.now() + self.heartbeat_interval_ms)
 
     def _on_watchdog(self) -> None:
@@ -300,7 +302,14 @@ class IOThreadWorker:
             log.error("iothread %s: no answer from the main loop: giving up", self.id)
             self.stop(EXIT_ORPHANED)
             return
-        silent_ms = (time.monotonic_ns() - self.last_heard_ns) // 1_000_000
+        now = time.monotonic_ns()
+        late_ns = now - self._watchdog_due_ns
+        if late_ns > self.heartbeat_interval_ms * 1_000_000:
+            # This process was not running (stopped: Ctrl-Z, SIGSTOP, a frozen
+            # cgroup, most likely with the main loop): that time is not the
+            # main loop's silence.
+            self.last_heard_ns += late_ns
+        silent_ms = (now - self.last_heard_ns) // 1_000_000
         if silent_ms > 3 * self.heartbeat_interval_ms:
             log.error("iothread %s: main loop silent for %d ms: exiting", self.id, silent_ms)
             self.stop(EXIT_ORPHANED)

@@ -108,7 +108,7 @@ class IOThread:
     last_heard_ns: int = 0
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
-    _pending: dict[int, ReplyCallback] = field(default_factory=dict)
+    _pending: dict[int, tuple[ReplyCallback, int]] = field(default_factory=dict)  # id: (callback, sent_ns)
     _watch: ChildWatchSource | None = None
     _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
     _deadline: Timer | None = None
@@ -129,6 +129,7 @@ class NodeInfo:
     size: int = 0
     histogram: tuple[int, ...] = ()
     moving_to: str | None = None  # the target of a move in progress
+    detached: bool = False  # during a move: the old home has let it go
 
 
 class Cluster:
@@ -136,7 +137,7 @@ class Cluster:
 
     def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
                  heartbeat_interval_ms: int = 500, handshake_timeout_ms: int = 15_000,
-                 stop_timeout_ms: int = 5_000) -> None:
+                 stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000) -> None:
         self.loop = loop
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or make_runtime_dir()
@@ -145,8 +146,10 @@ class Cluster:
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.handshake_timeout_ms = handshake_timeout_ms
         self.stop_timeout_ms = stop_timeout_ms
+        self.request_timeout_ms = request_timeout_ms
         self.iothreads: dict[str, IOThread] = {}
         self.nodes: dict[str, NodeInfo] = {}
+        self._adding: dict[str, str] = {}  # node name: iothread, for a blockdev-add not answered yet
         self._tcp_host = tcp.removeprefix("tcp://").rsplit(":", 1)[0] if tcp else None
         self._listeners: list[EventCallback] = []
         self._next_request = 1
@@ -209,8 +212,8 @@ class Cluster:
         if config.id in self.iothreads and self.iothreads[config.id].state is not IOThreadState.EXITED:
             raise StateError(f"an iothread with id {config.id!r} already exists")
         t = IOThread(config)
+        self._spawn(t)  # first: one that cannot start leaves no handle behind (ValueError, OSError)
         self.iothreads[config.id] = t
-        self._spawn(t)
         return t
 
     def _spawn(self, t: IOThread) -> None:
@@ -254,6 +257,8 @@ class Cluster:
         self._kill(t)
 
     def _kill(self, t: IOThread) -> None:
+        if t.pid <= 0:
+            return  # never started: kill(0) would be this whole process group
         try:
             os.kill(t.pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -270,12 +275,12 @@ class Cluster:
         if t._deadline is not None:
             t._deadline.delete()
         pending, t._pending = t._pending, {}
-        for cb in pending.values():
+        for cb, _ in pending.values():
             self._call(cb, ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
         callbacks, t._exit_callbacks = t._exit_callbacks, []
         for on_exit in callbacks:
             self._call(on_exit)
-        lost = [n for n in self.nodes.values() if n.iothread == t.id]
+        lost = [n for n in self.nodes.values() if n.iothread == t.id and not n.detached]
         for n in lost:
             del self.nodes[n.name]
         if not self._closed:
@@ -290,19 +295,29 @@ class Cluster:
         self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
         if t.config.restart and not self._closed:
             t.restarts += 1
-            self._spawn(t)
+            try:
+                self._spawn(t)
+            except OSError as exc:
+                log.error("iothread %s could not be restarted: %s", t.id, exc)
+                return
             log.info("iothread %s restarted (pid %d)", t.id, t.pid)
             self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
+
+    def on_exit(self, iothread_id: str, callback: Callable[[], object]) -> None:
+        """``callback()`` once the iothread has exited and been reaped, for
+        whatever reason (at once if it has); its next exit only, when it restarts."""
+        t = self.iothreads[iothread_id]
+        if t.state is IOThreadState.EXITED:
+            callback()
+        else:
+            t._exit_callbacks.append(callback)
 
     def stop(self, iothread_id: str, on_exit: Callable[[], object] | None = None) -> None:
         """Ask one iothread to stop (it exits and is reaped; killed after the
         stop timeout); ``on_exit()`` once it has been reaped."""
         t = self.iothreads[iothread_id]
         if on_exit is not None:
-            if t.state is IOThreadState.EXITED:
-                on_exit()
-                return
-            t._exit_callbacks.append(on_exit)
+            self.on_exit(iothread_id, on_exit)
         if t.state in (IOThreadState.EXITED, IOThreadState.STOPPING):
             return
         if t.state is IOThreadState.STARTING:
@@ -323,9 +338,9 @@ class Cluster:
             return
         t.last_heard_ns = time.monotonic_ns()
         if isinstance(msg, (QueryReply, ErrorReply)):  # the common case first
-            cb = t._pending.pop(msg.request_id, None)
-            if cb is not None:
-                self._call(cb, msg)
+            entry = t._pending.pop(msg.request_id, None)
+            if entry is not None:
+                self._call(entry[0], msg)
         elif isinstance(msg, Hello):
             self._on_hello(t, msg)
         elif isinstance(msg, Heartbeat):
@@ -365,7 +380,7 @@ class Cluster:
         self._next_request += 1
         # Sent first: a request the channel refuses (LocalProtocolError) leaves nothing pending.
         self.channel.send(make(request_id), t.id.encode())
-        t._pending[request_id] = callback
+        t._pending[request_id] = (callback, time.monotonic_ns())
 
     def query(self, iothread_id: str, callback: ReplyCallback) -> None:
         """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""
@@ -391,7 +406,7 @@ class Cluster:
                      callback: ReplyCallback, iothread: str | None = None) -> None:
         """Create a node in ``iothread`` (or the running iothread with the fewest
         nodes); ``callback(reply)`` once it exists or failed."""
-        if node_name in self.nodes:
+        if node_name in self.nodes or node_name in self._adding:
             raise StateError(f"Duplicate nodes with node-name='{node_name}'")
         if iothread is None:
             running = [t for t in self.iothreads.values() if t.state is IOThreadState.RUNNING]
@@ -401,6 +416,7 @@ class Cluster:
         home = iothread
 
         def done(reply: QueryReply | ErrorReply) -> None:
+            self._adding.pop(node_name, None)
             if isinstance(reply, QueryReply):
                 self.nodes[node_name] = NodeInfo(node_name, driver, home, dict(options),
                                                  reply.counters.get("size", 0))
@@ -408,6 +424,7 @@ class Cluster:
             callback(reply)
 
         self._request(home, lambda rid: BlockdevAdd(rid, node_name, driver, options), done)
+        self._adding[node_name] = home  # the name is taken until the answer comes
 
     def blockdev_del(self, node_name: str, callback: ReplyCallback) -> None:
         """Drain and remove a node."""
@@ -446,6 +463,7 @@ class Cluster:
 
         def complete(reply: QueryReply | ErrorReply) -> None:
             info.moving_to = None
+            info.detached = False
             callback(reply)
 
         def added(reply: QueryReply | ErrorReply) -> None:
@@ -465,6 +483,7 @@ class Cluster:
             log.error("moving node %s to %s failed: %s", node_name, iothread, reply.message)
 
             def restored(back: QueryReply | ErrorReply) -> None:
+                info.detached = False
                 if isinstance(back, ErrorReply):
                     log.error("node %s is lost: it could not be reopened in %s either: %s",
                               node_name, old, back.message)
@@ -481,6 +500,7 @@ class Cluster:
             if isinstance(reply, ErrorReply):
                 complete(reply)
                 return
+            info.detached = True  # no longer in the old home: not lost if that one exits now
             try:
                 self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
             except StateError as exc:  # the target went away meanwhile
@@ -491,6 +511,13 @@ class Cluster:
         except BaseException:
             info.moving_to = None
             raise
+
+    def nodes_of(self, iothread_id: str) -> list[str]:
+        """The nodes an iothread holds or is about to: its own, those moving
+        to it, those being added to it."""
+        names = {n.name for n in self.nodes.values() if iothread_id in (n.iothread, n.moving_to)}
+        names.update(name for name, home in self._adding.items() if home == iothread_id)
+        return sorted(names)
 
     def node_stats(self, node_name: str, callback: ReplyCallback) -> None:
         """A node's statistics (QMP's BlockDeviceStats names), from its iothread."""
@@ -523,10 +550,19 @@ class Cluster:
 
     def _on_heartbeat_timer(self) -> None:
         now = time.monotonic_ns()
-        for t in self.iothreads.values():
+        self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)  # first: whatever follows
+        oldest = now - self.request_timeout_ms * 1_000_000
+        for t in list(self.iothreads.values()):
             if t.state is IOThreadState.RUNNING:
                 self.channel.send(Heartbeat(0, now), t.id.encode())
-        self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)
+            # A request an iothread leaves unanswered (it hangs, or is stopped)
+            # fails after the request timeout: a QMP command must get an answer.
+            late = [rid for rid, (_, sent_ns) in t._pending.items() if sent_ns < oldest]
+            for rid in late:
+                cb, _ = t._pending.pop(rid)
+                log.error("iothread %s did not answer request %d in %d ms", t.id, rid, self.request_timeout_ms)
+                self._call(cb, ErrorReply(rid, "GenericError",
+                                          f"iothread {t.id} did not answer in {self.request_timeout_ms} ms"))
 
     # -- waiting (for synchronous callers: the CLI, tests) ---------------------
 

@@ -230,8 +230,20 @@ def _check_args(command: Command, args: dict[str, Any]) -> str | None:
         value = args[key]
         if tp is not None and type(value) is not tp:
             return f"Invalid parameter type for '{key}', expected: {_TYPE_NAMES.get(tp, tp.__name__)}"
-        if tp is int and value < 0:
-            return f"Parameter '{key}' expects a non-negative integer"
+        if tp is int:
+            problem = _int_problem(key, value)
+            if problem is not None:
+                return problem
+    return None
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def _int_problem(key: str, value: object) -> str | None:
+    """What is wrong with ``value`` for an integer parameter (QEMU's are int64, these non-negative)."""
+    if type(value) is not int or not 0 <= value <= INT64_MAX:
+        return f"Parameter '{key}' expects an integer in the range [0, {INT64_MAX}]"
     return None
 
 
@@ -405,25 +417,33 @@ class Monitor:
             done(QmpFailure("GenericError", f"attempt to add duplicate property '{args['id']}' to object "
                                             "(type 'container')"))
             return
+        except (ValueError, OSError) as exc:  # e.g. an id too long for the runtime directory's socket paths
+            done(QmpFailure("GenericError", f"iothread '{args['id']}' cannot start: {exc}"))
+            return
+        answered = False
 
-        def check(name: str, data: dict[str, Any]) -> None:
-            if data.get("id") != t.id:
-                return
-            if name == "IOTHREAD_READY":
-                self.cluster.remove_listener(check)
-                done({})
-            elif name == "IOTHREAD_EXITED":
-                self.cluster.remove_listener(check)
-                done(QmpFailure("GenericError", f"iothread {t.id} failed to start"))
+        def answer(result: Any) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                self.cluster.remove_listener(ready)
+                done(result)
 
-        self.cluster.add_listener(check)
+        def ready(name: str, data: dict[str, Any]) -> None:
+            if name == "IOTHREAD_READY" and data.get("id") == t.id:
+                answer({})
+
+        self.cluster.add_listener(ready)
+        # Whatever ends it before it is ready (a crash, the handshake deadline,
+        # an object-del meanwhile) answers too.
+        self.cluster.on_exit(t.id, lambda: answer(QmpFailure("GenericError", f"iothread {t.id} failed to start")))
 
     def _object_del(self, args: dict[str, Any], done: Done) -> None:
         t = self.cluster.iothreads.get(args["id"])
         if t is None or t.state is IOThreadState.EXITED:
             done(QmpFailure("GenericError", f"object '{args['id']}' not found"))
             return
-        owned = sorted(n.name for n in self.cluster.nodes.values() if t.id in (n.iothread, n.moving_to))
+        owned = self.cluster.nodes_of(t.id)
         if owned:
             done(QmpFailure("GenericError", f"iothread '{t.id}' is in use by block node(s) "
                                             f"{', '.join(owned)}; move or delete them first"))
@@ -459,8 +479,9 @@ class Monitor:
         if prop not in IOTHREAD_PROPS:
             done(QmpFailure("GenericError", f"Property 'iothread.{prop}' not found"))
             return
-        if type(value) is not int or value < 0:
-            done(QmpFailure("GenericError", f"Parameter '{prop}' expects a non-negative integer"))
+        problem = _int_problem(prop, value)
+        if problem is not None:
+            done(QmpFailure("GenericError", problem))
             return
         c = t.config
         params = {"poll-max-ns": c.poll_max_ns, "poll-grow": c.poll_grow, "poll-shrink": c.poll_shrink,

@@ -64,13 +64,15 @@ class QmpDecoder:
                     out.append(QmpInputError("JSON parse error, invalid character (parser reset)"))
                     i += 1
                     continue
-                j = i  # a scalar at top level: read it whole, refuse it
-                while j < n and buf[j] not in _WS and buf[j] not in b"{[":
-                    j += 1
+                # A scalar at top level: read it whole (a string up to its
+                # closing quote: a bracket inside it is no message), refuse it.
+                j = _string_end(buf, i + 1, n) if c == 0x22 else _word_end(buf, i, n)
                 if j == n:
                     if j - i > self.max_message_bytes:
                         return self._too_large(out)
                     break  # it may go on in the next read (rescanned from its start: bounded above)
+                if j - i > self.max_message_bytes:
+                    return self._too_large(out)
                 out.append(QmpInputError("QMP input must be a JSON object"))
                 i = j
                 continue
@@ -95,6 +97,8 @@ class QmpDecoder:
             elif c in b"}]":
                 self._depth -= 1
                 if self._depth == 0:
+                    if i + 1 - self._start > self.max_message_bytes:  # complete, but too large all the same
+                        return self._too_large(out)
                     out.append(self._parse(bytes(buf[self._start:i + 1])))
                     self._start = -1
             elif c < 0x20 and c not in _WS or c == 0xFF:
@@ -132,12 +136,37 @@ class QmpDecoder:
         except UnicodeDecodeError:
             return QmpInputError("JSON parse error, invalid UTF-8 sequence in string")
         try:
-            obj = json.loads(text)
+            obj = json.loads(text, parse_constant=_refuse_constant)
         except (ValueError, RecursionError) as exc:
             return QmpInputError(f"JSON parse error, {exc}")
         if not isinstance(obj, dict):
             return QmpInputError("QMP input must be a JSON object")
         return obj
+
+
+def _refuse_constant(name: str) -> Any:
+    """NaN and the infinities are not JSON (Python's parser takes them; QEMU's does not)."""
+    raise ValueError(f"invalid keyword '{name}'")
+
+
+def _string_end(buf: bytearray, i: int, n: int) -> int:
+    """Just past the closing quote of the string whose body starts at ``i``, or ``n``."""
+    while i < n:
+        c = buf[i]
+        if c == 0x5C:  # backslash: the next byte is escaped
+            i += 2
+            continue
+        i += 1
+        if c == 0x22:
+            return i
+    return n
+
+
+def _word_end(buf: bytearray, i: int, n: int) -> int:
+    """The end of a bare token (a number, a keyword) at ``i``."""
+    while i < n and buf[i] not in _WS and buf[i] not in b'{["':
+        i += 1
+    return i
 
 
 def qmp_line(obj: dict[str, Any]) -> bytes:

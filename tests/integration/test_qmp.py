@@ -316,7 +316,7 @@ def test_command_error_paths_and_io_error_event(cluster: dict[str, Any]) -> None
         assert "not found" in error("object-del", id="nope")["desc"]
         assert error("qom-get", path="/objects/nope", property="poll-max-ns")["class"] == "DeviceNotFound"
         assert "not found" in error("qom-get", path="/objects/io0", property="color")["desc"]
-        assert "non-negative" in error("qom-set", path="/objects/io0", property="poll-grow", value=-1)["desc"]
+        assert "range [0, " in error("qom-set", path="/objects/io0", property="poll-grow", value=-1)["desc"]
         assert "node-name='ghost'" in error("blockdev-del", **{"node-name": "ghost"})["desc"]
         assert "Duplicate" in error("blockdev-add", driver="null-co", **{"node-name": "null0"})["desc"]
         assert "driver" in error("blockdev-add", driver="qcow2", **{"node-name": "q"})["desc"]
@@ -337,3 +337,89 @@ def test_command_error_paths_and_io_error_event(cluster: dict[str, Any]) -> None
         assert event["data"]["node-name"] == "disk0" and event["data"]["operation"] == "read"
     finally:
         q.close()
+
+
+def _session(path: str) -> Raw:
+    """A raw QMP session past capabilities negotiation."""
+    r = Raw(path)
+    assert "QMP" in r.line()
+    r.send(b'{"execute": "qmp_capabilities"}')
+    assert r.line() == {"return": {}}
+    return r
+
+
+def _reply(r: Raw) -> dict[str, Any]:
+    """The next reply on ``r``, events skipped."""
+    while True:
+        msg = r.line()
+        if "event" not in msg:
+            return msg
+
+
+def _cmd(r: Raw, name: str, **args: Any) -> None:
+    r.send(json.dumps({"execute": name, "arguments": args}).encode())
+
+
+def test_commands_racing_on_two_sessions_all_get_answers(cluster: dict[str, Any]) -> None:
+    """Regressions: each pair is sent on two sessions without waiting, so the
+    second may be handled while the first waits for an iothread (whichever
+    order the main loop sees them in, the assertions hold):
+    object-add, then object-del of the iothread still starting: the add used to
+    get no answer at all; two blockdev-add of one name: both used to succeed,
+    leaving an orphan node; blockdev-add into an iothread, then object-del of
+    it: both used to succeed and the node vanished."""
+    a, b = _session(cluster["qmp"][0]), _session(cluster["qmp"][0])
+    try:
+        _cmd(a, "object-add", **{"qom-type": "iothread", "id": "io5"})
+        _cmd(b, "object-del", id="io5")
+        added, deleted = _reply(a), _reply(b)
+        assert deleted == {"return": {}}
+        assert added in ({"return": {}}, {"error": {"class": "GenericError", "desc": "iothread io5 failed to start"}})
+
+        _cmd(a, "blockdev-add", driver="null-co", **{"node-name": "twice", "size": 4096, "iothread": "io0"})
+        _cmd(b, "blockdev-add", driver="null-co", **{"node-name": "twice", "size": 4096, "iothread": "io1"})
+        replies = [_reply(a), _reply(b)]
+        assert replies.count({"return": {}}) == 1, replies
+        assert {"error": {"class": "GenericError", "desc": "Duplicate nodes with node-name='twice'"}} in replies
+        _cmd(a, "blockdev-del", **{"node-name": "twice"})
+        assert _reply(a) == {"return": {}}
+        for home in ("io0", "io1"):  # no orphan left in either iothread
+            _cmd(a, "blockdev-add", driver="null-co", **{"node-name": "twice", "size": 4096, "iothread": home})
+            assert _reply(a) == {"return": {}}
+            _cmd(a, "blockdev-del", **{"node-name": "twice"})
+            assert _reply(a) == {"return": {}}
+
+        _cmd(a, "blockdev-add", driver="null-co", **{"node-name": "n1", "size": 4096, "iothread": "io1"})
+        _cmd(b, "object-del", id="io1")
+        assert _reply(a) == {"return": {}}
+        assert _reply(b) == {"error": {"class": "GenericError",
+                                       "desc": "iothread 'io1' is in use by block node(s) n1; move or delete them first"}}
+        _cmd(a, "query-named-block-nodes")
+        assert "n1" in {n["node-name"] for n in _reply(a)["return"]}
+    finally:
+        a.close()
+        b.close()
+
+
+def test_object_add_refuses_what_cannot_work(cluster: dict[str, Any]) -> None:
+    """Regressions: an id too long for the runtime directory's socket paths
+    left a half-made iothread whose deletion SIGKILLed the launcher's whole
+    process group; a poll-max-ns of 2**64 was taken, and the iothread could not
+    be reconfigured afterwards.  Both are refused; the monitor goes on."""
+    r = _session(cluster["qmp"][0])
+    try:
+        long_id = "a" * 100
+        _cmd(r, "object-add", **{"qom-type": "iothread", "id": long_id})
+        err = _reply(r)["error"]
+        assert err["class"] == "GenericError" and "cannot start" in err["desc"] and "107" in err["desc"]
+        _cmd(r, "object-del", id=long_id)
+        assert _reply(r)["error"]["desc"] == f"object '{long_id}' not found"
+        _cmd(r, "object-add", **{"qom-type": "iothread", "id": "io9", "poll-max-ns": 1 << 64})
+        assert "range [0, 9223372036854775807]" in _reply(r)["error"]["desc"]
+        _cmd(r, "qom-set", path="/objects/io0", property="poll-grow", value=1 << 64)
+        assert "range [0, 9223372036854775807]" in _reply(r)["error"]["desc"]
+        _cmd(r, "query-iothreads")
+        assert sorted(t["id"] for t in _reply(r)["return"]) == ["io0", "io1"]
+    finally:
+        r.close()
+    assert cluster["proc"].poll() is None  # the launcher is alive (the fixture checks its clean exit)

@@ -4,6 +4,7 @@ handshake, queries, poll parameters, and exits when the main loop goes quiet."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -18,6 +19,7 @@ from protocol import (
     BlockdevAdd,
     BlockRequest,
     ErrorReply,
+    Heartbeat,
     Hello,
     Message,
     Query,
@@ -198,5 +200,28 @@ def test_the_iothread_busy_polls(fake: FakeMainLoop) -> None:
             assert isinstance(reply, QueryReply)
             counters = reply.counters
         assert counters["busy_poll_runs"] > 0, counters  # (hits depend on timing: not asserted)
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+
+
+def test_time_stopped_is_not_the_main_loops_silence(fake: FakeMainLoop) -> None:
+    """Regression: a job stopped as a whole (Ctrl-Z, then fg) for longer than
+    three heartbeat periods lost every iothread: once resumed, the watchdog,
+    late itself, took the stopped time for the main loop's silence."""
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
+        fake.send(identity, Query(1))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        os.kill(proc.pid, signal.SIGSTOP)
+        try:
+            assert not fake.sock.poll(600)  # stopped for 600 ms: six periods; not a word from it
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+        fake.send(identity, Heartbeat(1, 0))  # the main loop, resumed too, speaks again
+        fake.send(identity, Query(2))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 2
+        assert proc.poll() is None
         fake.send(identity, Stop("test"))
         assert proc.wait(WAIT_MS / 1000) == 0

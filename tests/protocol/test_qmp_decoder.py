@@ -49,3 +49,33 @@ def test_replies_are_ascii_lines() -> None:
     line = qmp_line({"return": {"x": "é"}})
     assert line.endswith(b"\r\n") and line.count(b"\r\n") == 1
     line.decode("ascii")
+
+
+# Regression tests for review findings: a top-level string holding a bracket
+# put the decoder out of step (every later command swallowed); the size bound
+# was checked only for a message unfinished at the end of a read; NaN and the
+# infinities were taken (and echoed back in "id": not JSON).
+
+
+@given(st.text(max_size=12), st.data())
+def test_a_top_level_string_is_one_error_and_the_stream_stays_in_step(text: str, data: st.DataObject) -> None:
+    stream = json.dumps(text).encode() + b" " + b'{"execute": "a"}{"execute": "b"}'
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=4)))
+    chunks = [stream[i:j] for i, j in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
+    out = feed_all(QmpDecoder(), chunks)
+    assert out == [QmpInputError("QMP input must be a JSON object"), {"execute": "a"}, {"execute": "b"}]
+
+
+def test_the_size_bound_holds_for_a_message_complete_in_one_read() -> None:
+    big = b'{"execute": "x", "arguments": {"a": "' + b"x" * 5000 + b'"}}'
+    for chunks in ([big], [big[:990], big[990:]]):
+        out = feed_all(QmpDecoder(max_message_bytes=1000), chunks)
+        assert out == [QmpInputError("JSON parse error, input larger than 1000 bytes", fatal=True)]
+    assert feed_all(QmpDecoder(max_message_bytes=1000), [b'"' + b"y" * 2000 + b'" ']) == [
+        QmpInputError("JSON parse error, input larger than 1000 bytes", fatal=True)]
+
+
+def test_nan_and_the_infinities_are_refused() -> None:
+    for word in (b"NaN", b"Infinity", b"-Infinity"):
+        out = QmpDecoder().feed(b'{"execute": "x", "id": ' + word + b"}")
+        assert out == [QmpInputError(f"JSON parse error, invalid keyword '{word.decode()}'")]
