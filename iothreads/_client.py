@@ -32,9 +32,10 @@ import json
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
     BlockCompletion,
@@ -58,6 +59,7 @@ CLUSTER_STATE_FILE = "cluster.json"  # in the runtime directory; written by the 
 MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little while
 RESEND_DELAY_MS = 1
 Completion = Callable[[int, str, bytes], object]
+Request = tuple[str, str, int, int, bytes, int, str]
 
 
 class BlockIOError(OSError):
@@ -76,9 +78,12 @@ class BlockClient:
         self.ctx = ctx or AioContext(name="block-client")
         self.zmq = zmq.Context()
         self._identity = f"client-{os.getpid()}-{id(self):x}".encode()
-        self._channels: dict[str, tuple[Channel, ChannelHandler]] = {}
+        self._channels: dict[str, tuple[Channel, ChannelHandler, zmq.Socket[Any]]] = {}  # and its monitor
         self._pending: dict[int, Completion] = {}
-        self._requests: dict[int, tuple[str, str, int, int, bytes, int]] = {}  # to resend after a move
+        # To resend after a move, or fail if the connection is lost: (node, op,
+        # offset, length, data, tries, iothread).
+        self._requests: dict[int, Request] = {}
+        self._lost: set[str] = set()  # iothreads whose connection dropped (and has not come back)
         self._ids = itertools.count(1)
         self.resends = 0  # requests sent again because their node had moved
 
@@ -117,10 +122,33 @@ class BlockClient:
                 raise StateError(f"iothread {iothread!r} has no data endpoint")
             sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
+            # Told when the connection drops (the iothread died): its requests
+            # in flight will never complete, so they fail then.
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
             sock.connect(endpoint)
             channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
-            entry = self._channels[iothread] = (channel, ChannelHandler(self.ctx, channel, f"data-{iothread}"))
+            self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
+                                    io_read=lambda: self._on_monitor(iothread, monitor),
+                                    io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
+            entry = self._channels[iothread] = (channel, ChannelHandler(self.ctx, channel, f"data-{iothread}"),
+                                                monitor)
+            self._on_monitor(iothread, monitor)  # ZeroMQ signals its fd only once a read has found it empty
         return entry[0]
+
+    def _on_monitor(self, iothread: str, monitor: zmq.Socket[Any]) -> None:
+        """Connection events of a data channel (its monitor's fd is edge-triggered: read them all)."""
+        while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            if event == zmq.EVENT_CONNECTED:
+                self._lost.discard(iothread)
+            elif event == zmq.EVENT_DISCONNECTED:
+                self._lost.add(iothread)
+                lost = [rid for rid, r in self._requests.items() if r[6] == iothread]
+                for rid in lost:
+                    del self._requests[rid]
+                    cb = self._pending.pop(rid, None)
+                    if cb is not None:
+                        cb(-errno.EIO, f"the connection to iothread {iothread} was lost", b"")
 
     # -- completions ---------------------------------------------------------------
 
@@ -130,13 +158,13 @@ class BlockClient:
             if cb is None:
                 return
             request = self._requests.pop(msg.request_id, None)
-            if msg.status == -errno.ESTALE and request is not None and request[-1] < MAX_RESENDS:
+            if msg.status == -errno.ESTALE and request is not None and request[5] < MAX_RESENDS:
                 self._resend_later(request, cb)  # the node moved: look it up again
                 return
             cb(msg.status, msg.message, msg.data)
 
-    def _resend_later(self, request: tuple[str, str, int, int, bytes, int], cb: Completion) -> None:
-        node, op, offset, length, data, tries = request
+    def _resend_later(self, request: Request, cb: Completion) -> None:
+        node, op, offset, length, data, tries, _ = request
         self.resends += 1
 
         def resend() -> None:
@@ -171,15 +199,21 @@ class BlockClient:
     def _send(self, node: str, op: str, offset: int, length: int, data: bytes, callback: Completion,
               tries: int, defer: bool = True) -> int:
         info = self._node(node)
+        iothread = info["iothread"]
+        if iothread in self._lost:
+            self.refresh()  # the node may live elsewhere now
+            iothread = self._node(node)["iothread"]
+            if iothread in self._lost:
+                raise BlockIOError(errno.ENOTCONN, f"iothread {iothread} is not connected (it exited?)")
         request_id = next(self._ids)
         msg = BlockRequest(request_id, node, op, offset, length, data=data)
         self._pending[request_id] = callback
-        self._requests[request_id] = (node, op, offset, length, data, tries)
+        self._requests[request_id] = (node, op, offset, length, data, tries, iothread)
         try:
             # Deferred: a burst of submissions reaches the socket in one go.
             # A blocking call (not deferred) may come from a completion callback,
             # inside the channel's drain: it must leave at once all the same.
-            self._channel(info["iothread"]).send(msg, defer=defer, immediately=not defer)
+            self._channel(iothread).send(msg, defer=defer, immediately=not defer)
         except BaseException as exc:
             self._pending.pop(request_id, None)
             self._requests.pop(request_id, None)
@@ -244,7 +278,10 @@ class BlockClient:
     def close(self) -> None:
         """Disconnect (requests still in flight are abandoned; the iothread
         completes them and drops the completions)."""
-        for _channel, handler in self._channels.values():
+        for channel, handler, monitor in self._channels.values():
+            self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)))
+            channel.socket.disable_monitor()
+            monitor.close(linger=0)
             handler.close()
         self._channels.clear()
         self._pending.clear()

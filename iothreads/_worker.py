@@ -247,8 +247,13 @@ class IOThreadWorker:
                                          f"Failed to find node with node-name='{msg.node_name}'"))
             return
 
+        # From now on, new requests for it are answered at once ("ask
+        # elsewhere" for a move, "no such node" otherwise): as QEMU's drain
+        # holds new requests off, so that a node under constant load drains.
         if msg.moving:
-            self.moved.add(msg.node_name)  # from now on: "ask elsewhere"
+            self.moved.add(msg.node_name)
+        else:
+            del self.nodes[msg.node_name]
 
         def drained() -> None:
             node.close()

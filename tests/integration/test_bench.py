@@ -152,6 +152,31 @@ def test_client_blocking_call_times_out(cluster: tuple[str, str]) -> None:
         assert c.read("null0", 0, 4) == bytes(4)  # and it goes on once the iothread does
 
 
+def test_client_requests_to_an_iothread_that_dies_fail(cluster: tuple[str, str]) -> None:
+    """Regression: requests in flight to an iothread that died waited for ever
+    (callbacks) or for the timeout (blocking calls).  The client watches the
+    connection: when it drops, they fail with EIO, and new ones fail at once."""
+    run, _ = cluster
+    with BlockClient(run, timeout_s=20) as c:
+        assert c.read("null0", 0, 4) == bytes(4)  # connected
+        pid = next(t["pid"] for t in c.state["iothreads"] if t["id"] == "io1")
+        os.kill(pid, signal.SIGSTOP)  # they queue up, unanswered
+        statuses: list[tuple[int, str]] = []
+        for i in range(8):
+            c.submit("null0", "read", i * 4096, 4096, callback=lambda st, msg, d: statuses.append((st, msg)))
+        os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 20
+        while len(statuses) < 8:
+            assert time.monotonic() < deadline, f"only {len(statuses)} of 8 failed"
+            c.ctx.poll(True, 100_000_000)
+        assert statuses == [(-errno.EIO, "the connection to iothread io1 was lost")] * 8
+        assert c.in_flight == 0
+        with pytest.raises(BlockIOError) as info:
+            c.read("null0", 0, 4)  # its node went with it
+        assert info.value.errno in (errno.ENOTCONN, errno.ENODEV)
+        assert c.read("disk0", 0, 4) == bytes(4)  # the other iothread still serves
+
+
 def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]) -> None:
     run, _ = cluster
     with AioContext(name="mine") as ctx, BlockClient(run, ctx) as c:

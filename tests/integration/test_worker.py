@@ -3,6 +3,7 @@ handshake, queries, poll parameters, and exits when the main loop goes quiet."""
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from protocol import (
     PROTOCOL_VERSION,
     BlockCompletion,
     BlockdevAdd,
+    BlockdevDel,
     BlockRequest,
     ErrorReply,
     Heartbeat,
@@ -29,6 +31,7 @@ from protocol import (
     Stop,
     Welcome,
     decode,
+    decode_batch,
     encode,
     ipc_endpoint,
     make_runtime_dir,
@@ -223,5 +226,38 @@ def test_time_stopped_is_not_the_main_loops_silence(fake: FakeMainLoop) -> None:
         reply = fake.recv_kind(QueryReply)
         assert isinstance(reply, QueryReply) and reply.request_id == 2
         assert proc.poll() is None
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+
+
+def test_blockdev_del_holds_new_requests_off(fake: FakeMainLoop, tmp_path: object) -> None:
+    """Regression: a node being deleted kept taking new requests while it
+    drained, so under constant load the drain (and the blockdev-del) never
+    ended.  Requests that come after the del are answered ENODEV at once;
+    those before it complete; the del is answered."""
+    image = os.path.join(str(tmp_path), "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        fake.send(identity, BlockdevAdd(1, "disk0", "file", {"filename": image}))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        for i in range(20):  # writes: they run in the thread pool, in flight at the del
+            fake.send(identity, BlockRequest(100 + i, "disk0", "write", i * 4096, 4096, data=bytes(4096)))
+        fake.send(identity, BlockdevDel(2, "disk0"))
+        for i in range(20):
+            fake.send(identity, BlockRequest(200 + i, "disk0", "read", i * 4096, 4096))
+        statuses: dict[int, int] = {}
+        deleted = False
+        while len(statuses) < 40 or not deleted:
+            assert fake.sock.poll(WAIT_MS), "no message from the worker"
+            for msg in decode_batch(fake.sock.recv_multipart()[1:]):  # completions come in batches
+                if isinstance(msg, BlockCompletion):
+                    statuses[msg.request_id] = msg.status
+                elif isinstance(msg, QueryReply) and msg.request_id == 2:
+                    deleted = True
+        assert all(statuses[100 + i] == 0 for i in range(20))
+        assert all(statuses[200 + i] == -errno.ENODEV for i in range(20))
         fake.send(identity, Stop("test"))
         assert proc.wait(WAIT_MS / 1000) == 0
