@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import logging
 import mmap
 import os
 import stat
@@ -37,6 +38,8 @@ from dataclasses import dataclass, field
 from protocol import BlockOp
 
 from ._aio import AioContext
+
+log = logging.getLogger("iothreads.block")
 
 __all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver"]
 
@@ -224,9 +227,16 @@ class FileDriver(BlockDriver):
             done += n
 
     def close(self) -> None:
+        """Flush (as QEMU's bdrv_close does) and close; idempotent."""
         if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+            try:
+                if not self.read_only:
+                    os.fdatasync(self.fd)
+            except OSError as exc:
+                log.error("flushing %s at close failed: %s", self.filename, exc)
+            finally:
+                os.close(self.fd)
+                self.fd = -1
 
 
 @dataclass

@@ -76,6 +76,7 @@ log = logging.getLogger("iothreads.worker")
 
 CAPABILITIES = ("poll-params", "query", "heartbeat")
 _MAX_MESSAGE_CHARS = 1024  # an error message in a completion
+SHUTDOWN_DRAIN_MS = 5_000  # the longest an orderly exit waits for requests in flight
 EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
 
@@ -103,6 +104,7 @@ class IOThreadWorker:
         self.ctx.set_poll_params(poll_max_ns, poll_grow, poll_shrink)
         self.ctx.set_aio_params(aio_max_batch)
         self.running = True
+        self.shutting_down = False  # no new requests: those in flight are completing
         self.exit_code = EXIT_OK
         self.heartbeat_interval_ms = 0
         self.last_heard_ns = time.monotonic_ns()
@@ -179,7 +181,7 @@ class IOThreadWorker:
         self.channel.send(QueryReply(msg.request_id, {}))
 
     def _on_stop(self, identity: bytes, msg: Stop) -> None:
-        self.stop(EXIT_OK)
+        self.shutdown(EXIT_OK)
 
     def _on_control_block_request(self, identity: bytes, msg: BlockRequest) -> None:
         self._submit(self.channel, identity, msg)
@@ -203,6 +205,9 @@ class IOThreadWorker:
         """Run a block request; its completion goes back to whoever sent it."""
         node = self.nodes.get(msg.node)
         to = identity if channel.router else None
+        if self.shutting_down:
+            channel.send(_completion(msg.request_id, -errno.ESHUTDOWN, f"iothread {self.id} is shutting down"), to)
+            return
         if node is None or msg.node in self.moved:
             # Every request gets its completion, with an errno if need be.
             if msg.node in self.moved:
@@ -305,7 +310,7 @@ class IOThreadWorker:
     def _on_watchdog(self) -> None:
         if not self.welcomed:
             log.error("iothread %s: no answer from the main loop: giving up", self.id)
-            self.stop(EXIT_ORPHANED)
+            self.shutdown(EXIT_ORPHANED)
             return
         now = time.monotonic_ns()
         late_ns = now - self._watchdog_due_ns
@@ -317,13 +322,36 @@ class IOThreadWorker:
         silent_ms = (now - self.last_heard_ns) // 1_000_000
         if silent_ms > 3 * self.heartbeat_interval_ms:
             log.error("iothread %s: main loop silent for %d ms: exiting", self.id, silent_ms)
-            self.stop(EXIT_ORPHANED)
+            self.shutdown(EXIT_ORPHANED)
             return
         self._heartbeat_seq += 1
         self.channel.send(Heartbeat(self._heartbeat_seq, time.monotonic_ns()))
         self._arm_watchdog()
 
     # -- running ------------------------------------------------------------
+
+    def shutdown(self, exit_code: int = EXIT_OK) -> None:
+        """Stop taking requests, let those in flight complete (their
+        completions sent), then stop: what QEMU's drain of every node does
+        before it closes them (and closing flushes them).  A request still
+        running after ``SHUTDOWN_DRAIN_MS`` does not hold the exit up.  Home thread."""
+        if self.shutting_down:
+            return
+        self.shutting_down = True
+        waiting = set(self.nodes)
+
+        def drained(name: str) -> None:
+            waiting.discard(name)
+            if not waiting:
+                self.stop(exit_code)
+
+        for name, node in list(self.nodes.items()):
+            node.drain(lambda name=name: drained(name))  # type: ignore[misc]
+        if waiting:
+            self.ctx.timer_new_ms(ClockType.REALTIME, lambda: self.stop(exit_code), "shutdown-deadline").mod(
+                self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + SHUTDOWN_DRAIN_MS)
+        elif not self.nodes:
+            self.stop(exit_code)
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
         """End the loop after this iteration (a oneshot BH, as QEMU does).  Any thread."""
@@ -416,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_stop_request(notifier: EventNotifier) -> None:
         notifier.test_and_clear()
-        worker.stop(EXIT_OK)
+        worker.shutdown(EXIT_OK)
 
     closing = stopping = False
 

@@ -261,3 +261,33 @@ def test_blockdev_del_holds_new_requests_off(fake: FakeMainLoop, tmp_path: objec
         assert all(statuses[200 + i] == -errno.ENODEV for i in range(20))
         fake.send(identity, Stop("test"))
         assert proc.wait(WAIT_MS / 1000) == 0
+
+
+def test_stop_lets_requests_in_flight_complete(fake: FakeMainLoop, tmp_path: object) -> None:
+    """An orderly stop drains every node first, as QEMU does before it closes
+    them: writes in flight at the Stop complete (their completions sent), and
+    requests after it are refused (ESHUTDOWN) rather than lost."""
+    image = os.path.join(str(tmp_path), "disk.img")
+    with open(image, "wb") as f:
+        f.truncate(1 << 20)
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        fake.send(identity, BlockdevAdd(1, "disk0", "file", {"filename": image}))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        for i in range(20):
+            fake.send(identity, BlockRequest(100 + i, "disk0", "write", i * 4096, 4096, data=bytes([i]) * 4096))
+        fake.send(identity, Stop("test"))
+        for i in range(5):
+            fake.send(identity, BlockRequest(200 + i, "disk0", "read", 0, 4096))
+        statuses: dict[int, int] = {}
+        while len(statuses) < 25:
+            assert fake.sock.poll(WAIT_MS), f"only {len(statuses)} completions"
+            for msg in decode_batch(fake.sock.recv_multipart()[1:]):
+                if isinstance(msg, BlockCompletion):
+                    statuses[msg.request_id] = msg.status
+        assert [statuses[100 + i] for i in range(20)] == [0] * 20
+        assert [statuses[200 + i] for i in range(5)] == [-errno.ESHUTDOWN] * 5
+        assert proc.wait(WAIT_MS / 1000) == 0
+    with open(image, "rb") as f:
+        assert all(f.read(4096) == bytes([i]) * 4096 for i in range(20))
