@@ -230,12 +230,9 @@ def test_time_stopped_is_not_the_main_loops_silence(fake: FakeMainLoop) -> None:
         assert proc.wait(WAIT_MS / 1000) == 0
 
 
-def test_blockdev_del_holds_new_requests_off(fake: FakeMainLoop, tmp_path: object) -> None:
-    """Regression: a node being deleted kept taking new requests while it
-    drained, so under constant load the drain (and the blockdev-del) never
-    ended.  Requests that come after the del are answered ENODEV at once;
-    those before it complete; the del is answered."""
-    image = os.path.join(str(tmp_path), "disk.img")
+@contextmanager
+def spawn_with_a_file_node(fake: FakeMainLoop, image: str) -> Iterator[tuple[subprocess.Popen[bytes], bytes]]:
+    """An iothread, welcomed, serving node "disk0" on a new 1 MiB ``image``: (process, its identity)."""
     with open(image, "wb") as f:
         f.truncate(1 << 20)
     with spawn(fake) as proc:
@@ -243,6 +240,16 @@ def test_blockdev_del_holds_new_requests_off(fake: FakeMainLoop, tmp_path: objec
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
         fake.send(identity, BlockdevAdd(1, "disk0", "file", {"filename": image}))
         assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        yield proc, identity
+
+
+def test_blockdev_del_holds_new_requests_off(fake: FakeMainLoop, tmp_path: object) -> None:
+    """Regression: a node being deleted kept taking new requests while it
+    drained, so under constant load the drain (and the blockdev-del) never
+    ended.  Requests that come after the del are answered ENODEV at once;
+    those before it complete; the del is answered."""
+    image = os.path.join(str(tmp_path), "disk.img")
+    with spawn_with_a_file_node(fake, image) as (proc, identity):
         for i in range(20):  # writes: they run in the thread pool, in flight at the del
             fake.send(identity, BlockRequest(100 + i, "disk0", "write", i * 4096, 4096, data=bytes(4096)))
         fake.send(identity, BlockdevDel(2, "disk0"))
@@ -268,13 +275,7 @@ def test_stop_lets_requests_in_flight_complete(fake: FakeMainLoop, tmp_path: obj
     them: writes in flight at the Stop complete (their completions sent), and
     requests after it are refused (ESHUTDOWN) rather than lost."""
     image = os.path.join(str(tmp_path), "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    with spawn(fake) as proc:
-        identity, _ = fake.recv()
-        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
-        fake.send(identity, BlockdevAdd(1, "disk0", "file", {"filename": image}))
-        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+    with spawn_with_a_file_node(fake, image) as (proc, identity):
         for i in range(20):
             fake.send(identity, BlockRequest(100 + i, "disk0", "write", i * 4096, 4096, data=bytes([i]) * 4096))
         fake.send(identity, Stop("test"))
