@@ -58,6 +58,7 @@ __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 CLUSTER_STATE_FILE = "cluster.json"  # in the runtime directory; written by the main loop
 MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little while
 RESEND_DELAY_MS = 1
+RESEND_DELAY_MAX_MS = 100
 Completion = Callable[[int, str, bytes], object]
 Request = tuple[str, str, int, int, bytes, int, str]
 
@@ -176,8 +177,11 @@ class BlockClient:
             except (BlockIOError, StateError) as exc:
                 cb(-(getattr(exc, "errno", 0) or errno.ENODEV), str(exc), b"")
 
+        # 1, 2, 4 ... 64, then 100 ms between tries: a move that takes long
+        # (a node draining a slow flush) is waited for, up to about 100 s.
+        delay_ms = min(RESEND_DELAY_MS << min(tries, 6), RESEND_DELAY_MAX_MS)
         self.ctx.timer_new_ms(ClockType.REALTIME, resend, "resend").mod(
-            self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + RESEND_DELAY_MS)
+            self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + delay_ms)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self.ctx.report_exception(exc, "block client: bad completion")

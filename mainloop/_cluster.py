@@ -72,6 +72,9 @@ __all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
 log = logging.getLogger("mainloop.cluster")
 
+RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
+RESTART_DELAY_MAX_MS = 10_000
+
 EventCallback = Callable[[str, dict[str, Any]], object]
 ReplyCallback = Callable[[QueryReply | ErrorReply], object]
 
@@ -106,12 +109,15 @@ class IOThread:
     """``os.waitstatus_to_exitcode`` of the last exit (minus the signal number)."""
     restarts: int = 0
     last_heard_ns: int = 0
+    started_ns: int = 0
+    quick_exits: int = 0  # unexpected exits in a row, each soon after its start: restarts back off
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
     _pending: dict[int, tuple[ReplyCallback, int]] = field(default_factory=dict)  # id: (callback, sent_ns)
     _watch: ChildWatchSource | None = None
     _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
     _deadline: Timer | None = None
+    _restart: Timer | None = None  # a restart to come
 
     @property
     def id(self) -> str:
@@ -231,6 +237,7 @@ class Cluster:
                 "--aio-max-batch", str(c.aio_max_batch),
                 "--handshake-timeout-ms", str(self.handshake_timeout_ms)]
         t.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        t.started_ns = time.monotonic_ns()
         t.state = IOThreadState.STARTING
         t.exit_status = None
         t.last_heard_ns = time.monotonic_ns()
@@ -274,6 +281,9 @@ class Cluster:
         t._watch = None
         if t._deadline is not None:
             t._deadline.delete()
+        dropped = self.channel.discard_backlog(t.id.encode())  # not for a restarted successor
+        if dropped:
+            log.info("iothread %s: %d message(s) it never took were dropped", t.id, dropped)
         pending, t._pending = t._pending, {}
         for cb, _ in pending.values():
             self._call(cb, ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
@@ -294,14 +304,29 @@ class Cluster:
         log.error("iothread %s (pid %d) exited unexpectedly (%s)", t.id, pid, how)
         self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
         if t.config.restart and not self._closed:
-            t.restarts += 1
-            try:
-                self._spawn(t)
-            except OSError as exc:
-                log.error("iothread %s could not be restarted: %s", t.id, exc)
-                return
-            log.info("iothread %s restarted (pid %d)", t.id, t.pid)
-            self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
+            # One that keeps dying at once is restarted less and less often:
+            # at once, then after 0.1 s, 0.2 s ... up to 10 s.
+            quick = time.monotonic_ns() - t.started_ns < RESTART_STABLE_NS
+            t.quick_exits = t.quick_exits + 1 if quick else 0
+            delay_ms = 0 if t.quick_exits <= 1 else min(100 << (t.quick_exits - 2), RESTART_DELAY_MAX_MS)
+            if delay_ms:
+                log.error("iothread %s exits soon after each start: restarting it in %d ms", t.id, delay_ms)
+            timer = self.loop.timer_new_ms(ClockType.REALTIME, lambda: self._restart(t), f"restart {t.id}")
+            timer.mod(timer.now() + delay_ms)
+            t._restart = timer
+
+    def _restart(self, t: IOThread) -> None:
+        t._restart = None
+        if self._closed or self.iothreads.get(t.id) is not t or t.state is not IOThreadState.EXITED:
+            return
+        t.restarts += 1
+        try:
+            self._spawn(t)
+        except OSError as exc:
+            log.error("iothread %s could not be restarted: %s", t.id, exc)
+            return
+        log.info("iothread %s restarted (pid %d)", t.id, t.pid)
+        self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
 
     def on_exit(self, iothread_id: str, callback: Callable[[], object]) -> None:
         """``callback()`` once the iothread has exited and been reaped, for
@@ -318,6 +343,9 @@ class Cluster:
         t = self.iothreads[iothread_id]
         if on_exit is not None:
             self.on_exit(iothread_id, on_exit)
+        if t._restart is not None:  # it died and was to be restarted: not any more
+            t._restart.delete()
+            t._restart = None
         if t.state in (IOThreadState.EXITED, IOThreadState.STOPPING):
             return
         if t.state is IOThreadState.STARTING:

@@ -353,6 +353,17 @@ class Channel:
                 self.kick()
             return
 
+    def discard_backlog(self, identity: bytes) -> int:
+        """Drop what waits to be sent to ``identity`` (ROUTER): a peer gone for
+        good, whose successor under the same identity must not get it.  How
+        many messages that was (counted as unroutable)."""
+        q = self._peerq.pop(identity, None)
+        if not q:
+            return 0
+        self._queued -= len(q)
+        self.unroutable += len(q)
+        return len(q)
+
     @property
     def backlog(self) -> int:
         """Messages waiting for the socket to accept them."""

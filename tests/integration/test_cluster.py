@@ -115,6 +115,26 @@ def test_restart_when_configured(cluster: Cluster) -> None:
         assert isinstance(query_all(cluster, ["io0"])["io0"], QueryReply)
 
 
+def test_restarts_back_off_and_stop_cancels_a_pending_one(cluster: Cluster) -> None:
+    """An iothread that keeps dying soon after it starts is restarted at once
+    the first time, then after a growing delay (no respawning in a tight loop);
+    stopping it meanwhile cancels the restart to come."""
+    with bql():
+        t = cluster.add(IOThreadConfig("io0", restart=True))
+        assert cluster.wait_for(cluster.all_running, START_S)
+        for n in (1, 2):
+            os.kill(t.pid, signal.SIGKILL)
+            assert cluster.wait_for(lambda n=n: t.restarts == n and t.state is IOThreadState.RUNNING, START_S)
+        assert t.quick_exits == 2
+        os.kill(t.pid, signal.SIGKILL)
+        assert cluster.wait_for(lambda: t.state is IOThreadState.EXITED, START_S)
+        assert t._restart is not None and t._restart.pending  # delayed: 200 ms
+        cluster.stop("io0")
+        assert t._restart is None
+        assert not cluster.wait_for(lambda: t.state is not IOThreadState.EXITED, 0.5)
+        assert t.restarts == 2
+
+
 def test_duplicate_ids_are_refused(cluster: Cluster) -> None:
     with bql():
         cluster.add(IOThreadConfig("io0"))

@@ -794,6 +794,23 @@ def test_router_send_to_a_full_peer_returns(runtime_dir: str, zctx: zmq.Context[
         b.close()
 
 
+def test_a_backlog_for_a_peer_gone_for_good_can_be_dropped(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
+    """What waits for a peer that died must not go to its successor under the
+    same identity (a restarted iothread): ``discard_backlog`` drops it."""
+    router, proxy, a, b = _router_with_a_full_and_an_idle_peer(zctx, ipc_endpoint(runtime_dir, "router"))
+    try:
+        for i in range(1024):
+            router.send(BlockCompletion(i, 0, "", bytes(4096)), b"a")
+        backlog = router.backlog
+        assert backlog > 0 and router.discard_backlog(b"b") == 0
+        assert router.discard_backlog(b"a") == backlog and router.backlog == 0
+        assert router.unroutable == backlog and router.discard_backlog(b"a") == 0
+    finally:
+        router.close()
+        a.close()
+        b.close()
+
+
 def test_router_message_to_an_idle_peer_does_not_wait_behind_a_full_one(
     runtime_dir: str, zctx: zmq.Context[Any],
 ) -> None:
