@@ -7,6 +7,7 @@ import ctypes
 import os
 import signal
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 
 from iothreads import AioContext
@@ -15,6 +16,7 @@ from ._source import (
     IO_IN,
     PRIORITY_DEFAULT,
     PRIORITY_DEFAULT_IDLE,
+    SOURCE_CONTINUE,
     SOURCE_REMOVE,
     PollFD,
     Source,
@@ -65,9 +67,12 @@ class TimeoutSource(Source):
         self.ready_time_ns = time.monotonic_ns() + interval_ns
 
     def dispatch(self) -> bool:
-        keep = bool(self.callback())
-        if keep:
-            self.set_ready_time(time.monotonic_ns() + self.interval_ns)
+        keep = True  # if the callback raises, the source stays (see MainContext): due again in an interval
+        try:
+            keep = bool(self.callback())
+        finally:
+            if keep:
+                self.set_ready_time(time.monotonic_ns() + self.interval_ns)
         return keep
 
 
@@ -133,6 +138,7 @@ class SignalSource(Source):
         super().__init__(name or f"signals {names}", priority)
         self.signals = sigs
         self.callback = callback
+        self._unread: deque[int] = deque()  # read from the signalfd, not yet handed over
         self._previously_blocked = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
         try:
             self._fd = _signalfd(sigs)
@@ -160,10 +166,20 @@ class SignalSource(Source):
                 got.append(int.from_bytes(data[off:off + 4], "little"))
 
     def dispatch(self) -> bool:
-        keep = True
-        for signo in self.read_signals():
-            keep = bool(self.callback(signo)) and keep
-        return keep
+        if self.ready_time_ns >= 0:
+            self.set_ready_time(-1)
+        unread = self._unread
+        unread.extend(self.read_signals())
+        try:
+            while unread:
+                if not self.callback(unread.popleft()):
+                    unread.clear()
+                    return SOURCE_REMOVE
+        except BaseException:
+            if unread:  # the rest of the batch: at the next iteration (the signalfd will not say it again)
+                self.set_ready_time(0)
+            raise
+        return SOURCE_CONTINUE
 
     def finalize(self) -> None:
         os.close(self._fd)
@@ -183,16 +199,20 @@ class ChildWatchSource(Source):
         super().__init__(name or f"child {pid}", priority)
         self.pid = pid
         self.callback = callback
+        self._reaped = False
         self._pidfd = os.pidfd_open(pid)
         self.add_unix_fd(self._pidfd, IO_IN, f"pidfd of child {pid}")
 
     def dispatch(self) -> bool:
+        if self._reaped:
+            return SOURCE_REMOVE  # its callback raised last time: it ran, once, and that is all
         try:
             pid, status = os.waitpid(self.pid, os.WNOHANG)
         except ChildProcessError:
             pid, status = self.pid, 0  # reaped elsewhere; nothing more to learn
         if pid == 0:
             return True  # not yet (spurious readiness)
+        self._reaped = True
         self.callback(self.pid, status)
         return SOURCE_REMOVE
 
