@@ -581,10 +581,18 @@ class AioContext:
         outer_ctx = running.get(ident)
         running[ident] = self
         try:
-            progress = self._bhs.poll()
+            # What the main loop polled is marked on the handlers first: a BH
+            # that polls the context (AIO_WAIT_WHILE) dispatches and clears them.
+            ready: Ready = []
             if ready_fds:
                 nodes = self._fds.nodes
-                ready: Ready = [(nodes[fd], ev, False) for fd, ev in ready_fds if fd in nodes]
+                for fd, ev in ready_fds:
+                    node = nodes.get(fd)
+                    if node is not None:
+                        node.revents |= ev
+                        ready.append(node)
+            progress = self._bhs.poll()
+            if ready:
                 if self._fds.dispatch(ready, 0, self._poll_params):
                     progress = True
             if any(self._timer_heaps) and self._timers.run(self.report_exception):

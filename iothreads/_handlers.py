@@ -46,7 +46,11 @@ __all__ = ["FdHandlers", "Handler", "soonest_timeout"]
 IOHandler: TypeAlias = Callable[[], object]
 PollFn: TypeAlias = Callable[[], bool]
 # (node, epoll events or 0, found by io_poll)
-Ready: TypeAlias = "list[tuple[Handler, int, bool]]"
+Ready: TypeAlias = "list[Handler]"
+"""Handlers to dispatch; what each is ready for is on the handler itself
+(``revents``, ``poll_ready``), as QEMU keeps it in the AioHandler: a handler
+found twice (by busy polling and by epoll), or dispatched meanwhile by a nested
+poll (a BH or a handler waiting with ``poll``), has nothing left the second time."""
 
 
 def soonest_timeout(a: int, b: int) -> int:
@@ -64,7 +68,7 @@ class Handler:
     __slots__ = (
         "fd", "events", "io_read", "io_write", "io_poll", "io_poll_ready",
         "io_poll_begin", "io_poll_end", "deleted", "polling", "poll_ns", "is_notifier",
-        "dispatch_count",
+        "dispatch_count", "revents", "poll_ready",
     )
 
     def __init__(
@@ -85,6 +89,8 @@ class Handler:
         self.poll_ns = 0  # this handler's adaptive polling window
         self.is_notifier = is_notifier  # the context's own eventfd
         self.dispatch_count = 0
+        self.revents = 0  # events epoll reported, not dispatched yet
+        self.poll_ready = False  # io_poll found work, not dispatched yet
 
 
 class FdHandlers:
@@ -183,16 +189,21 @@ class FdHandlers:
         for fd, revents in self._epoll_poll(seconds, 128):
             node = nodes.get(fd)
             if node is not None:
-                ready.append((node, revents, False))
+                node.revents |= revents
+                ready.append(node)
 
     # -- dispatch (home thread) --------------------------------------------
 
     def dispatch(self, ready: Ready, block_ns: int, params: PollParams) -> bool:
         """Run the handlers of the ready fds, each once; return progress."""
-        if len(ready) > 1:
-            ready = _once_each(ready)
         progress = False
-        for node, revents, poll_ready in ready:
+        for node in ready:
+            revents = node.revents
+            poll_ready = node.poll_ready
+            if not (revents or poll_ready):
+                continue  # dispatched already: earlier in this list, or by a nested poll
+            node.revents = 0
+            node.poll_ready = False
             if node.deleted:
                 continue
             if node.io_poll is not None and not node.polling:
@@ -265,7 +276,8 @@ class FdHandlers:
                 except Exception as exc:
                     self._ctx.report_exception(exc, f"io_poll_{'begin' if started else 'end'} of fd {node.fd}")
             if not started and node.io_poll is not None and self._io_poll(node):
-                ready.append((node, 0, True))
+                node.poll_ready = True
+                ready.append(node)
                 if not node.is_notifier:
                     progress = True
         return progress
@@ -298,7 +310,8 @@ class FdHandlers:
         while True:
             for node in handlers:
                 if not node.deleted and node.io_poll is not None and self._io_poll(node):
-                    ready.append((node, 0, True))
+                    node.poll_ready = True
+                    ready.append(node)
                     timeout_ns = 0
                     if not node.is_notifier:
                         progress = True
@@ -337,17 +350,3 @@ class FdHandlers:
             self.nodes.clear()
             self.poll_list = []
         self.fdmon.close()
-
-
-def _once_each(ready: Ready) -> Ready:
-    """``ready`` with each handler once, as QEMU's ready list holds it (a
-    handler found by busy polling and then by epoll in the same iteration is
-    dispatched once, with the events epoll reported)."""
-    merged: dict[int, tuple[Handler, int, bool]] = {}
-    for node, revents, poll_ready in ready:
-        seen = merged.get(id(node))
-        if seen is not None:
-            revents |= seen[1]
-            poll_ready = poll_ready or seen[2]
-        merged[id(node)] = (node, revents, poll_ready)
-    return ready if len(merged) == len(ready) else list(merged.values())

@@ -144,3 +144,35 @@ def test_close_reports_leaked_bottom_halves() -> None:
     ml.aio_context.bh_new(lambda: None, "never-deleted")
     with pytest.raises(StateError, match="never-deleted"):
         ml.close()
+
+
+def test_a_bottom_half_waiting_with_a_nested_poll_does_not_run_a_handler_twice(loop: MainLoop) -> None:
+    """Regression (QEMU's AIO_WAIT_WHILE pattern): in one dispatch of the main
+    AioContext as a source, a BH polls the context; the nested poll runs an fd
+    handler that the main loop had found ready, and the outer dispatch ran it
+    again from its stale list (a read on an empty fd).  QEMU clears a handler's
+    revents when it dispatches it: one call."""
+    import os
+
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    calls: list[bytes] = []
+    ctx = loop.aio_context
+
+    def on_read() -> None:
+        try:
+            calls.append(os.read(r, 1))
+        except BlockingIOError:
+            calls.append(b"EAGAIN")
+
+    ctx.set_fd_handler(r, on_read)
+    try:
+        os.write(w, b"x")
+        ctx.bh_schedule_oneshot(lambda: ctx.poll(False))  # a nested poll of the main AioContext
+        with bql():
+            loop.main_loop_wait(True)
+        assert calls == [b"x"]
+    finally:
+        ctx.set_fd_handler(r)
+        os.close(r)
+        os.close(w)
