@@ -112,6 +112,8 @@ class Source:
         self.dispatch_count = 0
         self.dispatch_ns = 0
         self._destroyed = False
+        self._blocked = False  # left out of a nested iteration of its own dispatch
+        self.can_recurse = False  # glib's g_source_set_can_recurse: dispatched in nested iterations too
         self._ready = False  # set by prepare/check, cleared after dispatch
         self._watched = False  # in the context's per-iteration list
         cls = type(self)

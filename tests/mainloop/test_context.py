@@ -425,3 +425,51 @@ def test_a_new_aio_source_does_not_see_what_an_old_one_polled() -> None:
         assert a.fileno() not in [p.fd for p in second.pending_pollfds()]
     a.close()
     b.close()
+
+
+def test_a_callback_that_iterates_the_context_again(context: MainContext) -> None:
+    """As glib: a source is left out of iterations nested in its own dispatch
+    (unless ``can_recurse``), and a nested iteration takes over the rest of
+    the outer one's dispatch list, so each ready source runs once (A used to
+    recurse into itself, and B ran twice, the second time on an empty fd)."""
+    import os
+
+    ra, wa = os.pipe()
+    rb, wb = os.pipe()
+    for fd in (ra, rb):
+        os.set_blocking(fd, False)
+    os.write(wa, b"x")
+    os.write(wb, b"y")
+    log: list[tuple[str, int, bytes]] = []
+    depth = [0]
+
+    def read(fd: int) -> bytes:
+        try:
+            return os.read(fd, 1)
+        except BlockingIOError:
+            return b"EAGAIN"
+
+    def cb_a(fd: int, cond: int) -> bool:
+        log.append(("A", depth[0], b""))
+        if depth[0] == 0:
+            depth[0] += 1
+            context.iteration(False)  # nested, inside A's dispatch: A is blocked, B runs here
+            depth[0] -= 1
+            assert read(fd) == b"x"
+        return True
+
+    def cb_b(fd: int, cond: int) -> bool:
+        log.append(("B", depth[0], read(fd)))
+        return True
+
+    context.io_add_watch(ra, IO_IN, cb_a, name="A")
+    context.io_add_watch(rb, IO_IN, cb_b, name="B")
+    try:
+        assert context.iteration(False)
+        assert log == [("A", 0, b""), ("B", 1, b"y")]
+        os.write(wa, b"x")
+        context.iteration(False)  # A is polled again once its dispatch returned
+        assert log[-1] == ("A", 0, b"")
+    finally:
+        for fd in (ra, wa, rb, wb):
+            os.close(fd)
