@@ -6,6 +6,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -117,6 +118,13 @@ def _signalfd(signals: Iterable[int]) -> int:
     return fd
 
 
+# How many signal sources use each signal, and the signals they blocked (that
+# were not blocked before the first of them): the last one to go unblocks them.
+_signal_users: dict[int, int] = {}
+_signals_we_blocked: set[int] = set()
+_signal_lock = threading.Lock()
+
+
 class SignalSource(Source):
     """``callback(signum) -> bool`` for each arrival of one of ``signals``.
 
@@ -124,7 +132,9 @@ class SignalSource(Source):
     so they arrive as dispatches, never as asynchronous handlers.  Create it
     before starting other threads (they inherit the blocked mask); a thread
     that does not block a signal may still receive it the classic way.
-    Destroying the source unblocks what it blocked.
+    When the last source of a signal is destroyed, the signal is unblocked
+    again if it was not blocked before (in the creating thread: destroy it
+    from there; destroyed from another thread, it stays blocked).
     """
 
     kind = "signal"
@@ -139,7 +149,13 @@ class SignalSource(Source):
         self.signals = sigs
         self.callback = callback
         self._unread: deque[int] = deque()  # read from the signalfd, not yet handed over
-        self._previously_blocked = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+        self._thread = threading.get_ident()
+        with _signal_lock:
+            before = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+            for s in sigs:
+                if not _signal_users.get(s) and s not in before:
+                    _signals_we_blocked.add(s)
+                _signal_users[s] = _signal_users.get(s, 0) + 1
         try:
             self._fd = _signalfd(sigs)
         except BaseException:
@@ -148,9 +164,17 @@ class SignalSource(Source):
         self._pfd = self.add_unix_fd(self._fd, IO_IN, f"signalfd ({names})")
 
     def _restore_mask(self) -> None:
-        unblock = [s for s in self.signals if s not in self._previously_blocked]
-        if unblock:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
+        with _signal_lock:
+            unblock = []
+            for s in self.signals:
+                _signal_users[s] -= 1
+                if not _signal_users[s]:
+                    del _signal_users[s]
+                    if s in _signals_we_blocked:
+                        _signals_we_blocked.discard(s)
+                        unblock.append(s)
+            if unblock and threading.get_ident() == self._thread:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
 
     def read_signals(self) -> list[int]:
         """Drain the signalfd; the signal numbers read, in order."""

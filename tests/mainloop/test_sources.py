@@ -155,3 +155,22 @@ def test_sources_made_for_a_closed_context_release_what_they_took() -> None:
         os.waitpid(pid, 0)
     assert len(os.listdir("/proc/self/fd")) == fds_before
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == mask_before
+
+
+def test_two_sources_of_one_signal(context: MainContext) -> None:
+    """Regression: destroying one of two sources of SIGUSR1 unblocked it while
+    the other still watched it, and the next SIGUSR1 killed the process.  The
+    last one to go restores the mask."""
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    got: list[str] = []
+    a = SignalSource([signal.SIGUSR1], lambda s: bool(got.append("A")) or True)
+    b = SignalSource([signal.SIGUSR1], lambda s: bool(got.append("B")) or True)
+    context.attach(a)
+    context.attach(b)
+    a.destroy()
+    assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
+    iterate_until(context, lambda: got)
+    assert got == ["B"]
+    b.destroy()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
