@@ -47,6 +47,7 @@ def test_bench_default_pattern_short_run() -> None:
     ("args", "message"),
     [
         (["--bs", "lots"], "Parameter '--bs' expects a size"),
+        (["--bs", "1.e400"], "Parameter '--bs' expects a size"),
         (["--iodepth", "0"], "--iodepth must be >= 1"),
         (["--rw", "sideways"], "invalid choice: 'sideways'"),
         (["--attach", "/nonexistent-dir"], "no running cluster in /nonexistent-dir"),

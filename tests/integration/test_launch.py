@@ -135,6 +135,9 @@ def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
         (["--chardev", "pty,id=m"], "chardev backend 'pty' is not supported"),
         (["--chardev", "socket,id=m,server=on,wait=off"], "needs path=PATH or host=HOST,port=PORT"),
         (["--blockdev", "driver=file,node-name=d,filename=/x,iothread=io9"], "Cannot find iothread io9"),
+        (["--blockdev", "driver=null-co,node-name=n0,size=1.e400"], "Parameter 'size' expects a size"),
+        (["--chardev", '{"backend": "socket", "id": "c0", "host": "::1", "port": [1], "server": true, '
+                       '"wait": false}', "--monitor", "chardev=c0"], "Parameter 'port' expects a port number"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> None:
