@@ -15,6 +15,7 @@ one line naming it and exits 1.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -48,6 +49,7 @@ __all__ = ["main"]
 
 PROG = "iothreads"
 EXIT_OK, EXIT_FAILURE = 0, 1
+MAX_IOTHREADS = 256  # for --iothreads: each one is a process
 log = logging.getLogger("mainloop.cli")
 
 
@@ -66,13 +68,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_FAILURE)
 
 
-def _non_negative(text: str) -> int:
+def _iothread_count(text: str) -> int:
+    """An --iothreads value: 0 to MAX_IOTHREADS."""
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' must not be negative")
+    if value > MAX_IOTHREADS:
+        raise argparse.ArgumentTypeError(f"'{text}' is more than {MAX_IOTHREADS}")
     return value
 
 
@@ -92,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a block node (keyval or JSON): driver=file (filename, read-only, "
                              "cache.direct) or driver=null-co (size, read-zeroes); iothread=ID "
                              "picks its iothread; repeatable")
-    launch.add_argument("--iothreads", type=_non_negative, metavar="N",
-                        help="add N iothreads named io0, io1, ... (besides any --object)")
+    launch.add_argument("--iothreads", type=_iothread_count, metavar="N",
+                        help=f"add N iothreads named io0, io1, ... (besides any --object; at most "
+                             f"{MAX_IOTHREADS})")
     launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
     launch.add_argument("--runtime-dir", metavar="DIR",
                         help="directory for the socket files (default: a new private one)")
@@ -134,18 +140,17 @@ def _parse_each(option: str, texts: list[str], parse: Callable[[str], T],
     return parsed
 
 
+def _numbered_names(count: int, taken: set[str]) -> list[str]:
+    """The first ``count`` of io0, io1, ... that are not taken."""
+    free = (name for name in (f"io{n}" for n in itertools.count()) if name not in taken)
+    return list(itertools.islice(free, count))
+
+
 def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
     configs = _parse_each("--object", args.object, parse_object, lambda c, seen: (
         f"duplicate iothread id '{c.id}'" if any(s.id == c.id for s in seen) else None))
     count = args.iothreads if args.iothreads is not None else (0 if configs else 2)
-    n = 0
-    while count:
-        name = f"io{n}"
-        n += 1
-        if any(c.id == name for c in configs):
-            continue
-        configs.append(IOThreadConfig(name))
-        count -= 1
+    configs += [IOThreadConfig(name) for name in _numbered_names(count, {c.id for c in configs})]
     for c in configs:
         c.restart = args.restart
     return configs

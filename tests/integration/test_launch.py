@@ -128,6 +128,7 @@ def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
         (["--object", "{not json"], "JSON parse error"),
         (["--iothreads", "two"], "argument --iothreads: 'two' is not a number"),
         (["--iothreads", "-1"], "must not be negative"),
+        (["--iothreads", "99999999999999999999"], "argument --iothreads: '99999999999999999999' is more than 256"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--runtime-dir", "/tmp/" + "x" * 100], "path too long"),
         (["--monitor", "chardev=nope"], "--monitor chardev=nope: chardev 'nope' not found"),
