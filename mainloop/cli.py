@@ -15,10 +15,12 @@ one line naming it and exits 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from importlib import metadata
@@ -27,7 +29,7 @@ from typing import Any, NoReturn, TypeVar
 
 import zmq
 
-from protocol import ErrorReply, QueryReply, StateError
+from protocol import ErrorReply, QueryReply, StateError, ipc_endpoint, make_runtime_dir
 
 from ._bench import add_bench_arguments, run_bench
 from ._bql import bql
@@ -194,6 +196,29 @@ def _monitors(args: argparse.Namespace) -> list[ChardevSpec]:
     return [chardevs[n] for n in names]
 
 
+def _check_socket_paths(runtime_dir: str, configs: list[IOThreadConfig]) -> None:
+    """Every iothread's data socket (``RUNTIME_DIR/ID.data``, as the cluster
+    names it) fits in AF_UNIX's path limit."""
+    for c in configs:
+        try:
+            ipc_endpoint(runtime_dir, f"{c.id}.data")
+        except ValueError as exc:
+            raise OptionError(f"--object id={c.id}: {exc}") from None
+
+
+def _runtime_dir(args: argparse.Namespace, configs: list[IOThreadConfig], files: contextlib.ExitStack) -> str:
+    """--runtime-dir, or a new private directory that ``files`` removes; its
+    socket paths are checked before anything is made in it."""
+    if args.runtime_dir is None:
+        path = make_runtime_dir()
+        files.callback(shutil.rmtree, path, ignore_errors=True)
+    else:
+        path = os.path.abspath(args.runtime_dir)
+    if args.control is None:
+        _check_socket_paths(path, configs)
+    return path
+
+
 def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
     specs = _blockdevs(args, configs)
@@ -216,10 +241,12 @@ def launch(args: argparse.Namespace) -> int:
     loop.context.attach(signals)
     pidfile_written = False
     monitor: Monitor | None = None
+    files = contextlib.ExitStack()
     try:
+        runtime_dir = _runtime_dir(args, configs, files)
         with bql():
             try:
-                cluster = Cluster(loop, runtime_dir=args.runtime_dir, tcp=args.control)
+                cluster = Cluster(loop, runtime_dir=runtime_dir, tcp=args.control)
             except zmq.ZMQError as exc:
                 raise OptionError(f"--control {args.control}: {exc}") from None
             try:
@@ -283,6 +310,7 @@ def launch(args: argparse.Namespace) -> int:
                 os.unlink(args.pidfile)
             except FileNotFoundError:
                 pass
+        files.close()
         loop.close()
 
 
@@ -298,9 +326,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return run_bench(args)
         return launch(args)
-    except OptionError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except (OSError, StateError, RuntimeError) as exc:
+    except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

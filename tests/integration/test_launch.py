@@ -66,6 +66,36 @@ def iothread_pids(ready: dict[str, object]) -> list[int]:
     return [t["pid"] for t in ready["iothreads"]]  # type: ignore[index, attr-defined]
 
 
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group, zombies included (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def run_alone(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run to completion in a session of its own (nothing it signals can reach
+    pytest); every process of its group must be gone when it exits."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        left = group_members(proc.pid)
+        if proc.poll() is None or left:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert left == [], f"processes outlived the launcher: {left}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_everything_and_removes_socket_files(short_dir: str, sig: signal.Signals) -> None:
     pidfile = os.path.join(short_dir, "pid")
@@ -148,6 +178,51 @@ def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> 
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("iothreads: ") and message in lines[0]
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("explicit_dir", [True, False])
+def test_an_iothread_id_too_long_for_the_socket_paths_is_refused_before_anything_starts(
+        short_dir: str, explicit_dir: bool) -> None:
+    long_id = "a" * 95
+    run = os.path.join(short_dir, "run")
+    where = ["--runtime-dir", run] if explicit_dir else []
+    out = run_alone([*COMMAND, "launch", *where, "--object", "iothread,id=io0",
+                     "--object", f"iothread,id={long_id}"])
+    assert out.returncode == 1 and out.stdout == ""  # no iothread started
+    [line] = out.stderr.splitlines()
+    path = line.split("'")[1]  # the data socket's path, in the message
+    assert line.startswith(f"iothreads: --object id={long_id}: socket path '")
+    assert path.endswith(f"/{long_id}.data") and "the limit is 107" in line
+    assert not os.path.exists(os.path.dirname(path))  # the runtime directory was not left behind
+    assert explicit_dir == (os.path.dirname(path) == run)
+
+
+# cli.main with Cluster.add failing (ValueError) for the second iothread, once the first has started.
+FAILING_ADD = """
+import sys
+from mainloop import cli
+from mainloop._cluster import Cluster
+
+real_add = Cluster.add
+
+
+def add(self, config):
+    if config.id == "io1":
+        raise ValueError("io1 cannot start")
+    return real_add(self, config)
+
+
+Cluster.add = add
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_value_error_during_start_up_is_reported_not_raised_and_leaves_nothing(short_dir: str) -> None:
+    out = run_alone([sys.executable, "-c", FAILING_ADD, "launch", "--iothreads", "2", "--runtime-dir", short_dir])
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == "iothreads: io1 cannot start"
+    assert os.listdir(short_dir) == []  # no socket file
 
 
 def test_help_and_version() -> None:
