@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import itertools
 import json
 import logging
@@ -206,9 +207,23 @@ def _check_socket_paths(runtime_dir: str, configs: list[IOThreadConfig]) -> None
             raise OptionError(f"--object id={c.id}: {exc}") from None
 
 
+def _dir_option(args: argparse.Namespace, runtime_dir: str) -> str:
+    """How errors name the runtime directory."""
+    return f"--runtime-dir {args.runtime_dir}" if args.runtime_dir is not None else f"runtime directory {runtime_dir}"
+
+
+def _make_dir(args: argparse.Namespace, path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise OptionError(f"{_dir_option(args, path)}: {os.strerror(errno.ENOTDIR)}") from None
+    except OSError as exc:
+        raise OptionError(f"{_dir_option(args, path)}: {exc.strerror}") from None
+
+
 def _runtime_dir(args: argparse.Namespace, configs: list[IOThreadConfig], files: contextlib.ExitStack) -> str:
-    """--runtime-dir, or a new private directory that ``files`` removes; its
-    socket paths are checked before anything is made in it."""
+    """--runtime-dir (made if need be), or a new private directory that
+    ``files`` removes; its socket paths are checked before anything is made."""
     if args.runtime_dir is None:
         path = make_runtime_dir()
         files.callback(shutil.rmtree, path, ignore_errors=True)
@@ -216,7 +231,18 @@ def _runtime_dir(args: argparse.Namespace, configs: list[IOThreadConfig], files:
         path = os.path.abspath(args.runtime_dir)
     if args.control is None:
         _check_socket_paths(path, configs)
+    _make_dir(args, path)
     return path
+
+
+def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str) -> Cluster:
+    """A cluster whose control socket is bound; an error names --control or
+    the runtime directory (the socket path is in ZeroMQ's message)."""
+    try:
+        return Cluster(loop, runtime_dir=runtime_dir, tcp=args.control)
+    except zmq.ZMQError as exc:
+        where = f"--control {args.control}" if args.control is not None else _dir_option(args, runtime_dir)
+        raise OptionError(f"{where}: {exc}") from None
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -245,10 +271,7 @@ def launch(args: argparse.Namespace) -> int:
     try:
         runtime_dir = _runtime_dir(args, configs, files)
         with bql():
-            try:
-                cluster = Cluster(loop, runtime_dir=runtime_dir, tcp=args.control)
-            except zmq.ZMQError as exc:
-                raise OptionError(f"--control {args.control}: {exc}") from None
+            cluster = _new_cluster(loop, args, runtime_dir)
             try:
                 cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
                 for config in configs:

@@ -225,6 +225,21 @@ def test_a_value_error_during_start_up_is_reported_not_raised_and_leaves_nothing
     assert os.listdir(short_dir) == []  # no socket file
 
 
+def test_runtime_dir_problems_name_the_runtime_dir(short_dir: str) -> None:
+    os.mkdir(os.path.join(short_dir, "control"))  # where the control socket goes
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", short_dir])
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"iothreads: --runtime-dir {short_dir}: Address already in use (addr='ipc://{short_dir}/control')"]
+    assert os.listdir(short_dir) == ["control"]
+    a_file = os.path.join(short_dir, "file")
+    open(a_file, "w").close()
+    for path in (a_file, os.path.join(a_file, "run")):
+        out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", path])
+        assert out.returncode == 1
+        assert out.stderr.splitlines() == [f"iothreads: --runtime-dir {path}: Not a directory"]
+
+
 def test_help_and_version() -> None:
     out = subprocess.run([*COMMAND, "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "launch" in out.stdout
