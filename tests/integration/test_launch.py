@@ -126,11 +126,63 @@ def test_no_options_starts_two_iothreads_in_a_private_directory() -> None:
 
 
 def test_iothreads_exit_by_themselves_when_the_launcher_is_killed(short_dir: str) -> None:
-    proc, ready = launch("--iothreads", "3", "--runtime-dir", short_dir)
+    pidfile = os.path.join(short_dir, "pid")
+    proc, ready = launch("--iothreads", "3", "--runtime-dir", short_dir, "--pidfile", pidfile)
     pids = iothread_pids(ready)
     proc.kill()
     proc.communicate(timeout=30)
     assert wait_gone(pids, 2.0) == []
+    # Its locks died with it: the next launcher takes the directory and the pidfile over.
+    assert "lock" in os.listdir(short_dir) and os.path.exists(pidfile)
+    proc, _ = launch("--iothreads", "1", "--runtime-dir", short_dir, "--pidfile", pidfile)
+    with open(pidfile) as f:
+        assert int(f.read()) == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0 and os.listdir(short_dir) == []
+
+
+def file_ids(directory: str) -> dict[str, tuple[int, int]]:
+    """Each file's inode and change time: a file replaced or rewritten changes."""
+    stats = {name: os.stat(os.path.join(directory, name)) for name in os.listdir(directory)}
+    return {name: (st.st_ino, st.st_ctime_ns) for name, st in stats.items()}
+
+
+def test_a_runtime_dir_and_a_pidfile_serve_one_launcher_at_a_time(short_dir: str) -> None:
+    run, pidfile = os.path.join(short_dir, "run"), os.path.join(short_dir, "pid")
+    first, _ = launch("--iothreads", "1", "--runtime-dir", run, "--pidfile", pidfile)
+    try:
+        before = file_ids(run)
+        assert {"control", "io0.data", "qmp.sock"} <= set(before)
+        other_dir, other_pidfile = os.path.join(short_dir, "b"), os.path.join(short_dir, "b.pid")
+        for option, value, args in [("--runtime-dir", run, ["--runtime-dir", run, "--pidfile", other_pidfile]),
+                                    ("--pidfile", pidfile, ["--runtime-dir", other_dir, "--pidfile", pidfile])]:
+            second = run_alone([*COMMAND, "launch", "--iothreads", "1", *args])
+            assert second.returncode == 1 and second.stdout == ""
+            assert second.stderr.splitlines() == [
+                f"iothreads: {option} {value}: locked by another process (pid {first.pid})"]
+        assert file_ids(run) == before  # the first one's sockets untouched
+        assert os.listdir(other_dir) == [] and not os.path.exists(other_pidfile)
+        with open(pidfile) as f:
+            assert int(f.read()) == first.pid
+        # Replaced behind the launcher's back: no longer its file, so it is left alone at exit.
+        os.unlink(pidfile)
+        with open(pidfile, "w") as f:
+            f.write("someone else's\n")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0 and os.listdir(run) == []
+    with open(pidfile) as f:
+        assert f.read() == "someone else's\n"
+
+
+def test_a_pidfile_that_cannot_be_made_is_named_and_nothing_is_left(short_dir: str) -> None:
+    pidfile = os.path.join(short_dir, "nodir", "pid")
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", short_dir, "--pidfile", pidfile])
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"iothreads: --pidfile {pidfile}: No such file or directory"]
+    assert os.listdir(short_dir) == []
 
 
 def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
@@ -234,10 +286,9 @@ def test_runtime_dir_problems_name_the_runtime_dir(short_dir: str) -> None:
     assert os.listdir(short_dir) == ["control"]
     a_file = os.path.join(short_dir, "file")
     open(a_file, "w").close()
-    for path in (a_file, os.path.join(a_file, "run")):
-        out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", path])
-        assert out.returncode == 1
-        assert out.stderr.splitlines() == [f"iothreads: --runtime-dir {path}: Not a directory"]
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", a_file])
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [f"iothreads: --runtime-dir {a_file}: Not a directory"]
 
 
 def test_help_and_version() -> None:
