@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import random
 import shutil
@@ -39,15 +40,28 @@ __all__ = ["EmbeddedCluster", "add_bench_arguments", "run_bench"]
 
 PATTERNS = ("randread", "randwrite", "randrw", "read", "write")
 PROGRESS_INTERVAL_S = 0.5
+# --bs: from a sector (room for the verify pattern's offset seed and checksum) to 16 MiB.
+MIN_BS, MAX_BS = 512, 16 << 20
+
+
+def _seconds(text: str) -> float:
+    """A --runtime value: a finite number of seconds above zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a number of seconds > 0")
+    return value
 
 
 def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attach", metavar="DIR", help="the runtime directory of a launched cluster")
     p.add_argument("--rw", choices=PATTERNS, default="randrw", help="access pattern (default randrw)")
-    p.add_argument("--bs", default="4k", help="block size (default 4k)")
+    p.add_argument("--bs", default="4k", help="block size, 512 to 16M (default 4k)")
     p.add_argument("--iodepth", type=int, default=16, help="requests in flight per job (default 16)")
     p.add_argument("--numjobs", type=int, default=0, help="jobs, spread over the nodes (default: one per node)")
-    p.add_argument("--runtime", type=float, default=3.0, help="seconds to run (default 3)")
+    p.add_argument("--runtime", type=_seconds, default=3.0, help="seconds to run (default 3)")
     p.add_argument("--ops", type=int, default=0, help="stop after this many requests instead")
     p.add_argument("--size", default="256M", help="embedded image size (default 256M)")
     p.add_argument("--node", action="append", default=[], help="with --attach: nodes to use (default all)")
@@ -72,8 +86,9 @@ def _percentile(sorted_ns: list[int], q: float) -> float:
 
 
 def _pattern(offset: int, bs: int) -> bytes:
-    """The verify pattern of the block at ``offset``: a digest-seeded stream
-    whose last 16 bytes are its own checksum."""
+    """The verify pattern of the block at ``offset``: a stream of the offset's
+    16-byte digest whose last 16 bytes are its own checksum (``bs`` bytes;
+    ``bs >= MIN_BS`` leaves room for both)."""
     seed = hashlib.blake2b(offset.to_bytes(8, "little"), digest_size=16).digest()
     body = (seed * (bs // 16 + 1))[: bs - 16]
     return body + hashlib.blake2b(body, digest_size=16).digest()
@@ -294,12 +309,17 @@ class EmbeddedCluster:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+def _block_size(text: str) -> int:
+    bs = parse_size("--bs", text)
+    if not MIN_BS <= bs <= MAX_BS:
+        raise OptionError(f"--bs {text}: must be between {MIN_BS} bytes and 16M")
+    return bs
+
+
 def run_bench(args: argparse.Namespace) -> int:
-    bs = parse_size("--bs", args.bs)
-    if bs <= 0 or bs > 16 * 1024 * 1024:
-        raise OptionError("--bs must be between 1 byte and 16M")
-    if args.iodepth < 1 or args.numjobs < 0 or args.ops < 0 or args.runtime <= 0:
-        raise OptionError("--iodepth must be >= 1; --numjobs and --ops >= 0; --runtime > 0")
+    bs = _block_size(args.bs)
+    if args.iodepth < 1 or args.numjobs < 0 or args.ops < 0:
+        raise OptionError("--iodepth must be >= 1; --numjobs and --ops >= 0")
     if args.plot:
         try:
             import matplotlib  # noqa: F401  (checked before the run, used after it)

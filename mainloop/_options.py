@@ -70,6 +70,8 @@ def _properties(text: str, implied_key: str | None) -> dict[str, Any]:
             props: dict[str, Any] = json.loads(text)
         except json.JSONDecodeError as exc:
             raise OptionError(f"JSON parse error: {exc.msg}") from None
+        except RecursionError:
+            raise OptionError("JSON parse error: nested too deeply") from None
         return props
     return dict(parse_keyval(text, implied_key=implied_key))
 
@@ -144,7 +146,7 @@ def parse_size(key: str, value: object) -> int:
         number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SUFFIXES else (text, "")
         try:
             size = int(float(number) * _SUFFIXES[suffix]) if "." in number else int(number) * _SUFFIXES[suffix]
-        except ValueError:
+        except (ValueError, OverflowError):  # not a number; a float that is infinite
             pass
         else:
             if 0 <= size < 2**63:
@@ -233,16 +235,24 @@ def parse_chardev(text: str) -> ChardevSpec:
     if path is not None:
         if host is not None or port is not None:
             raise OptionError("give either path or host and port")
-        return ChardevSpec(ident, path=os.path.abspath(str(path)))
+        return ChardevSpec(ident, path=os.path.abspath(_string("path", path)))
     if host is None or port is None:
         raise OptionError("a socket chardev needs path=PATH or host=HOST,port=PORT")
-    try:
-        port_n = int(port)
-    except ValueError:
-        raise OptionError(f"Parameter 'port' expects a port number, not '{port}'") from None
-    if not 0 <= port_n <= 65535:
-        raise OptionError(f"Parameter 'port' expects a port number, not '{port}'")
-    return ChardevSpec(ident, host=str(host), port=port_n)
+    return ChardevSpec(ident, host=_string("host", host), port=_port(port))
+
+
+def _string(key: str, value: object) -> str:
+    if not isinstance(value, str) or not value:
+        raise OptionError(f"Parameter '{key}' expects a string")
+    return value
+
+
+def _port(value: object) -> int:
+    """A TCP port, 0 to 65535: an integer, or its decimal digits."""
+    port = int(value) if isinstance(value, str) and value.isascii() and value.isdigit() else value
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise OptionError(f"Parameter 'port' expects a port number, not '{value}'")
+    return port
 
 
 def parse_monitor(text: str) -> str:

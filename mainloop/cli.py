@@ -9,24 +9,31 @@ every iothread has answered it prints one JSON line::
 and later one JSON line per cluster event (an iothread that exits
 unexpectedly: ``IOTHREAD_EXITED``).  SIGTERM or SIGINT stops every iothread,
 reaps it, removes the socket files and exits 0.  A bad option or value prints
-one line naming it and exits 1.
+one line naming it and exits 1.  The runtime directory (``RUNTIME_DIR/lock``)
+and the ``--pidfile`` are locked while it runs: a second launcher on either
+refuses to start.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import fcntl
+import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
 from importlib import metadata
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
 import zmq
 
-from protocol import ErrorReply, QueryReply, StateError
+from protocol import ErrorReply, QueryReply, StateError, ipc_endpoint, make_runtime_dir
 
 from ._bench import add_bench_arguments, run_bench
 from ._bql import bql
@@ -48,6 +55,8 @@ __all__ = ["main"]
 
 PROG = "iothreads"
 EXIT_OK, EXIT_FAILURE = 0, 1
+MAX_IOTHREADS = 256  # for --iothreads: each one is a process
+LOCK_FILE = "lock"  # in the runtime directory: the launcher's pid, locked while it runs
 log = logging.getLogger("mainloop.cli")
 
 
@@ -66,13 +75,16 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_FAILURE)
 
 
-def _non_negative(text: str) -> int:
+def _iothread_count(text: str) -> int:
+    """An --iothreads value: 0 to MAX_IOTHREADS."""
     try:
         value = int(text, 0)
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"'{text}' must not be negative")
+    if value > MAX_IOTHREADS:
+        raise argparse.ArgumentTypeError(f"'{text}' is more than {MAX_IOTHREADS}")
     return value
 
 
@@ -92,11 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a block node (keyval or JSON): driver=file (filename, read-only, "
                              "cache.direct) or driver=null-co (size, read-zeroes); iothread=ID "
                              "picks its iothread; repeatable")
-    launch.add_argument("--iothreads", type=_non_negative, metavar="N",
-                        help="add N iothreads named io0, io1, ... (besides any --object)")
-    launch.add_argument("--pidfile", metavar="PATH", help="write the main loop's pid here")
+    launch.add_argument("--iothreads", type=_iothread_count, metavar="N",
+                        help=f"add N iothreads named io0, io1, ... (besides any --object; at most "
+                             f"{MAX_IOTHREADS})")
+    launch.add_argument("--pidfile", metavar="PATH",
+                        help="write the main loop's pid here, locked while it runs (another launcher "
+                             "with the same pidfile refuses to start)")
     launch.add_argument("--runtime-dir", metavar="DIR",
-                        help="directory for the socket files (default: a new private one)")
+                        help="directory for the socket files, one launcher at a time (default: a new "
+                             "private one)")
     launch.add_argument("--chardev", action="append", default=[],
                         metavar="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off",
                         help="a socket for a QMP monitor (see --monitor); repeatable")
@@ -134,18 +150,17 @@ def _parse_each(option: str, texts: list[str], parse: Callable[[str], T],
     return parsed
 
 
+def _numbered_names(count: int, taken: set[str]) -> list[str]:
+    """The first ``count`` of io0, io1, ... that are not taken."""
+    free = (name for name in (f"io{n}" for n in itertools.count()) if name not in taken)
+    return list(itertools.islice(free, count))
+
+
 def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
     configs = _parse_each("--object", args.object, parse_object, lambda c, seen: (
         f"duplicate iothread id '{c.id}'" if any(s.id == c.id for s in seen) else None))
     count = args.iothreads if args.iothreads is not None else (0 if configs else 2)
-    n = 0
-    while count:
-        name = f"io{n}"
-        n += 1
-        if any(c.id == name for c in configs):
-            continue
-        configs.append(IOThreadConfig(name))
-        count -= 1
+    configs += [IOThreadConfig(name) for name in _numbered_names(count, {c.id for c in configs})]
     for c in configs:
         c.restart = args.restart
     return configs
@@ -189,6 +204,122 @@ def _monitors(args: argparse.Namespace) -> list[ChardevSpec]:
     return [chardevs[n] for n in names]
 
 
+def _check_socket_paths(runtime_dir: str, configs: list[IOThreadConfig]) -> None:
+    """Every iothread's data socket (``RUNTIME_DIR/ID.data``, as the cluster
+    names it) fits in AF_UNIX's path limit."""
+    for c in configs:
+        try:
+            ipc_endpoint(runtime_dir, f"{c.id}.data")
+        except ValueError as exc:
+            raise OptionError(f"--object id={c.id}: {exc}") from None
+
+
+def _dir_option(args: argparse.Namespace, runtime_dir: str) -> str:
+    """How errors name the runtime directory."""
+    if args.runtime_dir is not None:
+        return f"--runtime-dir {args.runtime_dir}"
+    return f"runtime directory {runtime_dir}"
+
+
+def _make_dir(args: argparse.Namespace, path: str) -> None:
+    try:
+        os.makedirs(path, mode=0o700, exist_ok=True)
+    except FileExistsError:
+        raise OptionError(f"{_dir_option(args, path)}: {os.strerror(errno.ENOTDIR)}") from None
+    except OSError as exc:
+        raise OptionError(f"{_dir_option(args, path)}: {exc.strerror}") from None
+
+
+def _runtime_dir(args: argparse.Namespace, configs: list[IOThreadConfig], held: contextlib.ExitStack) -> str:
+    """--runtime-dir, or a new private directory that ``held`` removes; its
+    socket paths are checked before anything is made in it."""
+    if args.runtime_dir is None:
+        path = make_runtime_dir()
+        held.callback(shutil.rmtree, path, ignore_errors=True)
+    else:
+        path = os.path.abspath(args.runtime_dir)
+    if args.control is None:
+        _check_socket_paths(path, configs)
+    return path
+
+
+def _owns(fd: int, path: str) -> bool:
+    """Whether ``path`` still is the file open as ``fd``."""
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
+def _holder(fd: int) -> str:
+    """' (pid N)' when a locked pid file holds a pid."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def _lock_pid_file(path: str, name: str) -> int:
+    """Open ``path`` and lock it (fcntl), as qemu_write_pidfile does: a file
+    removed or replaced between the open and the lock is opened again."""
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OptionError(f"{name}: {exc.strerror}") from None
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = _holder(fd)
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise OptionError(f"{name}: locked by another process{holder}") from None
+            raise OptionError(f"{name}: cannot lock {path}: {exc.strerror}") from None
+        if _owns(fd, path):
+            return fd
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _pid_file(path: str, name: str) -> Iterator[None]:
+    """``path`` holds our pid and stays locked until the block ends; then it is
+    removed if it still is ours.  Errors begin with ``name`` (the option)."""
+    fd = _lock_pid_file(path, name)
+    try:
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise OptionError(f"{name}: {exc.strerror}") from None
+        yield
+    finally:
+        try:
+            if _owns(fd, path):
+                os.unlink(path)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _hold_files(args: argparse.Namespace, configs: list[IOThreadConfig], held: contextlib.ExitStack) -> str:
+    """Before anything starts: the runtime directory, made and locked for the
+    launcher's life (RUNTIME_DIR/lock), then the --pidfile, locked too;
+    ``held`` releases them.  Returns the runtime directory."""
+    runtime_dir = _runtime_dir(args, configs, held)
+    _make_dir(args, runtime_dir)
+    held.enter_context(_pid_file(os.path.join(runtime_dir, LOCK_FILE), _dir_option(args, runtime_dir)))
+    if args.pidfile:
+        held.enter_context(_pid_file(args.pidfile, f"--pidfile {args.pidfile}"))
+    return runtime_dir
+
+
+def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str) -> Cluster:
+    """A cluster whose control socket is bound; an error names --control or
+    the runtime directory (the socket path is in ZeroMQ's message)."""
+    try:
+        return Cluster(loop, runtime_dir=runtime_dir, tcp=args.control)
+    except zmq.ZMQError as exc:
+        where = f"--control {args.control}" if args.control is not None else _dir_option(args, runtime_dir)
+        raise OptionError(f"{where}: {exc}") from None
+
+
 def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
     specs = _blockdevs(args, configs)
@@ -209,14 +340,12 @@ def launch(args: argparse.Namespace) -> int:
     # Before any thread exists (ZeroMQ's included), so that all inherit the blocked mask.
     signals = SignalSource([signal.SIGINT, signal.SIGTERM], on_signal, name="signals")
     loop.context.attach(signals)
-    pidfile_written = False
     monitor: Monitor | None = None
-    try:
+    with contextlib.ExitStack() as held:
+        held.callback(loop.close)
+        runtime_dir = _hold_files(args, configs, held)
         with bql():
-            try:
-                cluster = Cluster(loop, runtime_dir=args.runtime_dir, tcp=args.control)
-            except zmq.ZMQError as exc:
-                raise OptionError(f"--control {args.control}: {exc}") from None
+            cluster = _new_cluster(loop, args, runtime_dir)
             try:
                 cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
                 for config in configs:
@@ -257,12 +386,10 @@ def launch(args: argparse.Namespace) -> int:
                             monitor.close()
                             cluster.shutdown()
                             return EXIT_FAILURE
-                    if args.pidfile:
-                        with open(args.pidfile, "w", encoding="utf-8") as f:
-                            f.write(f"{os.getpid()}\n")
-                        pidfile_written = True
                     _emit({"event": "READY", "pid": os.getpid(), "qmp": qmp, **cluster.describe()})
             except BaseException:
+                if monitor is not None:
+                    monitor.close()
                 cluster.shutdown()
                 raise
         if not stop["requested"]:
@@ -272,13 +399,6 @@ def launch(args: argparse.Namespace) -> int:
                 monitor.close()
             cluster.shutdown()
         return EXIT_OK
-    finally:
-        if pidfile_written:
-            try:
-                os.unlink(args.pidfile)
-            except FileNotFoundError:
-                pass
-        loop.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,9 +413,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             return run_bench(args)
         return launch(args)
-    except OptionError as exc:
-        print(f"{PROG}: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    except (OSError, StateError, RuntimeError) as exc:
+    except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE

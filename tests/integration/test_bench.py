@@ -24,7 +24,8 @@ COMMAND = [sys.executable, "-m", "mainloop"]
 
 def test_bench_verify_end_to_end(tmp_path: object) -> None:
     out_json = os.path.join(str(tmp_path), "result.json")
-    out = subprocess.run([*COMMAND, "bench", "--verify", "--ops", "2000", "--size", "16M",
+    # The smallest block size: the pattern's offset seed and checksum fit, every block verifies.
+    out = subprocess.run([*COMMAND, "bench", "--verify", "--ops", "2000", "--size", "16M", "--bs", "512",
                           "--json", out_json], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "read" in out.stdout and "write" in out.stdout and "p99.9 us" in out.stdout
@@ -47,6 +48,10 @@ def test_bench_default_pattern_short_run() -> None:
     ("args", "message"),
     [
         (["--bs", "lots"], "Parameter '--bs' expects a size"),
+        (["--bs", "1.e400"], "Parameter '--bs' expects a size"),
+        (["--size", "1M", "--verify", "--bs", "8"], "--bs 8: must be between 512 bytes and 16M"),
+        (["--size", "1M", "--runtime", "nan"], "argument --runtime: 'nan' is not a number of seconds > 0"),
+        (["--size", "1M", "--runtime", "inf"], "argument --runtime: 'inf' is not a number of seconds > 0"),
         (["--iodepth", "0"], "--iodepth must be >= 1"),
         (["--rw", "sideways"], "invalid choice: 'sideways'"),
         (["--attach", "/nonexistent-dir"], "no running cluster in /nonexistent-dir"),

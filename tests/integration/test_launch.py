@@ -66,6 +66,36 @@ def iothread_pids(ready: dict[str, object]) -> list[int]:
     return [t["pid"] for t in ready["iothreads"]]  # type: ignore[index, attr-defined]
 
 
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group, zombies included (from /proc)."""
+    members = []
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[2]) == pgid:
+            members.append(int(entry))
+    return members
+
+
+def run_alone(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    """Run to completion in a session of its own (nothing it signals can reach
+    pytest); every process of its group must be gone when it exits."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=60)
+    finally:
+        left = group_members(proc.pid)
+        if proc.poll() is None or left:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert left == [], f"processes outlived the launcher: {left}"
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_everything_and_removes_socket_files(short_dir: str, sig: signal.Signals) -> None:
     pidfile = os.path.join(short_dir, "pid")
@@ -96,11 +126,63 @@ def test_no_options_starts_two_iothreads_in_a_private_directory() -> None:
 
 
 def test_iothreads_exit_by_themselves_when_the_launcher_is_killed(short_dir: str) -> None:
-    proc, ready = launch("--iothreads", "3", "--runtime-dir", short_dir)
+    pidfile = os.path.join(short_dir, "pid")
+    proc, ready = launch("--iothreads", "3", "--runtime-dir", short_dir, "--pidfile", pidfile)
     pids = iothread_pids(ready)
     proc.kill()
     proc.communicate(timeout=30)
     assert wait_gone(pids, 2.0) == []
+    # Its locks died with it: the next launcher takes the directory and the pidfile over.
+    assert "lock" in os.listdir(short_dir) and os.path.exists(pidfile)
+    proc, _ = launch("--iothreads", "1", "--runtime-dir", short_dir, "--pidfile", pidfile)
+    with open(pidfile) as f:
+        assert int(f.read()) == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    proc.communicate(timeout=30)
+    assert proc.returncode == 0 and os.listdir(short_dir) == []
+
+
+def file_ids(directory: str) -> dict[str, tuple[int, int]]:
+    """Each file's inode and change time: a file replaced or rewritten changes."""
+    stats = {name: os.stat(os.path.join(directory, name)) for name in os.listdir(directory)}
+    return {name: (st.st_ino, st.st_ctime_ns) for name, st in stats.items()}
+
+
+def test_a_runtime_dir_and_a_pidfile_serve_one_launcher_at_a_time(short_dir: str) -> None:
+    run, pidfile = os.path.join(short_dir, "run"), os.path.join(short_dir, "pid")
+    first, _ = launch("--iothreads", "1", "--runtime-dir", run, "--pidfile", pidfile)
+    try:
+        before = file_ids(run)
+        assert {"control", "io0.data", "qmp.sock"} <= set(before)
+        other_dir, other_pidfile = os.path.join(short_dir, "b"), os.path.join(short_dir, "b.pid")
+        for option, value, args in [("--runtime-dir", run, ["--runtime-dir", run, "--pidfile", other_pidfile]),
+                                    ("--pidfile", pidfile, ["--runtime-dir", other_dir, "--pidfile", pidfile])]:
+            second = run_alone([*COMMAND, "launch", "--iothreads", "1", *args])
+            assert second.returncode == 1 and second.stdout == ""
+            assert second.stderr.splitlines() == [
+                f"iothreads: {option} {value}: locked by another process (pid {first.pid})"]
+        assert file_ids(run) == before  # the first one's sockets untouched
+        assert os.listdir(other_dir) == [] and not os.path.exists(other_pidfile)
+        with open(pidfile) as f:
+            assert int(f.read()) == first.pid
+        # Replaced behind the launcher's back: no longer its file, so it is left alone at exit.
+        os.unlink(pidfile)
+        with open(pidfile, "w") as f:
+            f.write("someone else's\n")
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.communicate(timeout=30)
+    assert first.returncode == 0 and os.listdir(run) == []
+    with open(pidfile) as f:
+        assert f.read() == "someone else's\n"
+
+
+def test_a_pidfile_that_cannot_be_made_is_named_and_nothing_is_left(short_dir: str) -> None:
+    pidfile = os.path.join(short_dir, "nodir", "pid")
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", short_dir, "--pidfile", pidfile])
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [f"iothreads: --pidfile {pidfile}: No such file or directory"]
+    assert os.listdir(short_dir) == []
 
 
 def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
@@ -128,6 +210,7 @@ def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
         (["--object", "{not json"], "JSON parse error"),
         (["--iothreads", "two"], "argument --iothreads: 'two' is not a number"),
         (["--iothreads", "-1"], "must not be negative"),
+        (["--iothreads", "99999999999999999999"], "argument --iothreads: '99999999999999999999' is more than 256"),
         (["--frobnicate"], "unrecognized arguments: --frobnicate"),
         (["--runtime-dir", "/tmp/" + "x" * 100], "path too long"),
         (["--monitor", "chardev=nope"], "--monitor chardev=nope: chardev 'nope' not found"),
@@ -135,6 +218,9 @@ def test_objects_in_keyval_and_json_forms(short_dir: str) -> None:
         (["--chardev", "pty,id=m"], "chardev backend 'pty' is not supported"),
         (["--chardev", "socket,id=m,server=on,wait=off"], "needs path=PATH or host=HOST,port=PORT"),
         (["--blockdev", "driver=file,node-name=d,filename=/x,iothread=io9"], "Cannot find iothread io9"),
+        (["--blockdev", "driver=null-co,node-name=n0,size=1.e400"], "Parameter 'size' expects a size"),
+        (["--chardev", '{"backend": "socket", "id": "c0", "host": "::1", "port": [1], "server": true, '
+                       '"wait": false}', "--monitor", "chardev=c0"], "Parameter 'port' expects a port number"),
     ],
 )
 def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> None:
@@ -144,6 +230,65 @@ def test_bad_options_give_one_line_and_exit_1(args: list[str], message: str) -> 
     assert len(lines) == 1, out.stderr
     assert lines[0].startswith("iothreads: ") and message in lines[0]
     assert out.stdout == ""
+
+
+@pytest.mark.parametrize("explicit_dir", [True, False])
+def test_an_iothread_id_too_long_for_the_socket_paths_is_refused_before_anything_starts(
+        short_dir: str, explicit_dir: bool) -> None:
+    long_id = "a" * 95
+    run = os.path.join(short_dir, "run")
+    where = ["--runtime-dir", run] if explicit_dir else []
+    out = run_alone([*COMMAND, "launch", *where, "--object", "iothread,id=io0",
+                     "--object", f"iothread,id={long_id}"])
+    assert out.returncode == 1 and out.stdout == ""  # no iothread started
+    [line] = out.stderr.splitlines()
+    path = line.split("'")[1]  # the data socket's path, in the message
+    assert line.startswith(f"iothreads: --object id={long_id}: socket path '")
+    assert path.endswith(f"/{long_id}.data") and "the limit is 107" in line
+    assert not os.path.exists(os.path.dirname(path))  # the runtime directory was not left behind
+    assert explicit_dir == (os.path.dirname(path) == run)
+
+
+# cli.main with Cluster.add failing (ValueError) for the second iothread, once the first has started.
+FAILING_ADD = """
+import sys
+from mainloop import cli
+from mainloop._cluster import Cluster
+
+real_add = Cluster.add
+
+
+def add(self, config):
+    if config.id == "io1":
+        raise ValueError("io1 cannot start")
+    return real_add(self, config)
+
+
+Cluster.add = add
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_value_error_during_start_up_is_reported_not_raised_and_leaves_nothing(short_dir: str) -> None:
+    out = run_alone([sys.executable, "-c", FAILING_ADD, "launch", "--iothreads", "2", "--runtime-dir", short_dir])
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == "iothreads: io1 cannot start"
+    assert os.listdir(short_dir) == []  # no socket file
+
+
+def test_runtime_dir_problems_name_the_runtime_dir(short_dir: str) -> None:
+    os.mkdir(os.path.join(short_dir, "control"))  # where the control socket goes
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", short_dir])
+    assert out.returncode == 1 and out.stdout == ""
+    assert out.stderr.splitlines() == [
+        f"iothreads: --runtime-dir {short_dir}: Address already in use (addr='ipc://{short_dir}/control')"]
+    assert os.listdir(short_dir) == ["control"]
+    a_file = os.path.join(short_dir, "file")
+    open(a_file, "w").close()
+    out = run_alone([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", a_file])
+    assert out.returncode == 1
+    assert out.stderr.splitlines() == [f"iothreads: --runtime-dir {a_file}: Not a directory"]
 
 
 def test_help_and_version() -> None:

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+
 import pytest
 
-from mainloop._options import OptionError, parse_keyval, parse_object
+from mainloop._options import (
+    OptionError,
+    parse_blockdev,
+    parse_chardev,
+    parse_keyval,
+    parse_monitor,
+    parse_object,
+    parse_size,
+)
 
 
 @pytest.mark.parametrize(
@@ -70,3 +81,71 @@ def test_parse_blockdev_forms_and_errors() -> None:
     ]:
         with pytest.raises(OptionError, match=message):
             parse_blockdev(text)
+
+
+# Every kind of JSON value, for every key an option knows: the parsers answer
+# with a value or an OptionError, never another exception (a traceback).
+_JSON_VALUES: list[object] = [None, True, 0, -1, 2**70, 1.5, 1e400, "", "x", "1.e400", [1], {"a": 1}]
+_OBJECT = {"qom-type": "iothread", "id": "io0", "poll-max-ns": 0, "poll-grow": 0, "poll-shrink": 0,
+           "aio-max-batch": 0}
+_NULL_CO = {"driver": "null-co", "node-name": "n0", "size": "1M", "read-zeroes": True, "read-only": False,
+            "iothread": "io0"}
+_FILE = {"driver": "file", "node-name": "d0", "filename": "/x.img", "cache": {"direct": True}, "read-only": False}
+_TCP = {"backend": "socket", "id": "c0", "host": "127.0.0.1", "port": 0, "server": True, "wait": False}
+_UNIX = {"backend": "socket", "id": "c0", "path": "/tmp/c0.sock", "server": True, "wait": False}
+_MONITOR = {"chardev": "c0", "mode": "control", "pretty": False}
+_VALID: list[tuple[Callable[[str], object], dict[str, object]]] = [
+    (parse_object, _OBJECT), (parse_blockdev, _NULL_CO), (parse_blockdev, _FILE), (parse_chardev, _TCP),
+    (parse_chardev, _UNIX), (parse_monitor, _MONITOR),
+]
+
+
+def _outcome(parse: Callable[[str], object], text: str) -> str:
+    try:
+        parse(text)
+    except OptionError:
+        return "OptionError"
+    except Exception as exc:
+        return repr(exc)
+    return "ok"
+
+
+@pytest.mark.parametrize(("parse", "valid"), _VALID, ids=lambda v: getattr(v, "__name__", ""))
+def test_json_values_of_any_type_give_option_errors(parse: Callable[[str], object],
+                                                    valid: dict[str, object]) -> None:
+    assert _outcome(parse, json.dumps(valid)) == "ok"
+    outcomes = {(key, repr(value)): _outcome(parse, json.dumps({**valid, key: value}))
+                for key in [*valid, "unknown"] for value in _JSON_VALUES}
+    assert {k: v for k, v in outcomes.items() if v not in ("ok", "OptionError")} == {}
+
+
+@pytest.mark.parametrize(
+    ("parse", "props", "message"),
+    [
+        (parse_chardev, {**_TCP, "port": [1]}, "Parameter 'port' expects a port number"),
+        (parse_chardev, {**_TCP, "port": {"a": 1}}, "Parameter 'port' expects a port number"),
+        (parse_chardev, {**_TCP, "port": True}, "Parameter 'port' expects a port number"),
+        (parse_chardev, {**_TCP, "port": 1.5}, "Parameter 'port' expects a port number"),
+        (parse_chardev, {**_TCP, "port": "65536"}, "Parameter 'port' expects a port number"),
+        (parse_chardev, {**_TCP, "host": ["h"]}, "Parameter 'host' expects a string"),
+        (parse_chardev, {**_UNIX, "path": {"p": 1}}, "Parameter 'path' expects a string"),
+        (parse_blockdev, {**_NULL_CO, "size": "1.e400"}, "Parameter 'size' expects a size"),
+        (parse_blockdev, {**_NULL_CO, "size": "1.e400k"}, "Parameter 'size' expects a size"),
+    ],
+)
+def test_wrong_json_types_are_named(parse: Callable[[str], object], props: dict[str, object],
+                                    message: str) -> None:
+    with pytest.raises(OptionError, match=message):
+        parse(json.dumps(props))
+
+
+def test_deeply_nested_json_is_a_parse_error() -> None:
+    with pytest.raises(OptionError, match="JSON parse error"):
+        parse_object('{"qom-type": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def test_sizes_with_exponents() -> None:
+    assert parse_size("s", "1.5k") == 1536 and parse_size("s", "1.e3") == 1000
+    for text in ("1.e400", "1.e400k", "-1.5", "nan", "inf", "1.e19"):
+        with pytest.raises(OptionError, match="Parameter 's' expects a size"):
+            parse_size("s", text)
