@@ -17,6 +17,7 @@ mismatch fails the run with exit 1.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -230,7 +231,10 @@ class Progress:
         now = time.monotonic()
         if not final and now - self.last < PROGRESS_INTERVAL_S:
             return
-        rate = (w.completed - self.last_done) / max(now - self.last, 1e-9)
+        if final:  # the whole run's average, not its last fraction of an interval
+            rate = w.completed / max(now - self.start, 1e-9)
+        else:
+            rate = (w.completed - self.last_done) / max(now - self.last, 1e-9)
         self.last, self.last_done = now, w.completed
         line = (f"[{now - self.start:6.1f}s] {rate:10,.0f} IOPS {rate * self.bs / 1e6:8.1f} MB/s "
                 f"{w.completed:>10,} done")
@@ -288,13 +292,23 @@ class EmbeddedCluster:
         argv = [sys.executable, "-m", "mainloop", "launch", "--iothreads", "2", "--runtime-dir", self.runtime_dir]
         for i in range(2):
             argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={self.image},iothread=io{i}"]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True)
+        # Its messages (iothreads started and stopped) go to a file, shown
+        # only if something goes wrong; and it goes when this process does,
+        # even killed (SIGTERM from the kernel: it cleans up after itself).
+        self.log = tempfile.TemporaryFile("w+")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     preexec_fn=_terminate_with_parent)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if json.loads(line).get("event") == "READY":
                 return
         self.close()
-        raise RuntimeError("the embedded cluster did not start (see the messages above)")
+        raise RuntimeError(f"the embedded cluster did not start:\n{self.messages()}")
+
+    def messages(self) -> str:
+        """What the cluster said on stderr."""
+        self.log.seek(0)
+        return self.log.read().rstrip()
 
     def close(self) -> None:
         if self.proc.poll() is None:
@@ -306,7 +320,17 @@ class EmbeddedCluster:
                 self.proc.wait()
         if self.proc.stdout is not None:
             self.proc.stdout.close()
+        if self.proc.returncode not in (0, None):
+            print(f"the embedded cluster exited with status {self.proc.returncode}:\n{self.messages()}",
+                  file=sys.stderr)
+        self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _terminate_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _block_size(text: str) -> int:

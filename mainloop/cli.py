@@ -416,3 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyboardInterrupt:  # Ctrl-C in bench (launch takes SIGINT through its loop): cleaned up already
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130

@@ -7,6 +7,7 @@ import argparse
 import errno
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,66 @@ def test_bench_default_pattern_short_run() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].startswith("read ")
     assert "IOPS" in out.stderr  # the progress line
+
+
+def _running_bench() -> tuple[subprocess.Popen[str], list[int]]:
+    """``iothreads bench`` with its embedded cluster, once it reports progress:
+    (the process, the pids of its embedded cluster: launcher and iothreads)."""
+    proc = subprocess.Popen([*COMMAND, "bench", "--runtime", "60", "--size", "8M"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    for line in proc.stderr:
+        if "IOPS" in line:
+            break
+    pids: list[int] = []
+    todo = [proc.pid]
+    while todo:  # the process tree below it
+        pid = todo.pop()
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        if pid != proc.pid:
+            pids.append(pid)
+    assert len(pids) == 3, pids  # the launcher and two iothreads
+    return proc, pids
+
+
+def _wait_gone(pids: list[int]) -> None:
+    """Wait (bounded) for processes that are not our children to exit: their pidfds become readable."""
+    import select
+
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        try:
+            assert select.select([fd], [], [], 30)[0], f"process {pid} is still running"
+        finally:
+            os.close(fd)
+
+
+def test_bench_interrupted_cleans_up() -> None:
+    """Ctrl-C: one line, exit 130, no traceback, and the embedded cluster is gone."""
+    proc, pids = _running_bench()
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+    _wait_gone(pids)
+
+
+def test_a_killed_bench_takes_its_embedded_cluster_along() -> None:
+    """SIGKILL leaves no chance to clean up: the embedded launcher gets SIGTERM
+    from the kernel (parent-death signal) and stops its iothreads."""
+    proc, pids = _running_bench()
+    with open(f"/proc/{pids[0]}/cmdline") as f:  # the launcher's: where the bench keeps its image
+        argv = f.read().split("\0")
+    run_dir = argv[argv.index("--runtime-dir") + 1]
+    proc.kill()
+    proc.communicate(timeout=60)
+    _wait_gone(pids)
+    assert not os.path.exists(run_dir) or os.listdir(run_dir) == []  # the launcher cleaned up its sockets
+    shutil.rmtree(os.path.dirname(run_dir))  # the image: the killed bench could not remove it
 
 
 @pytest.mark.parametrize(
