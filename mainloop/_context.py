@@ -115,11 +115,12 @@ class MainContext:
         self._owner_depth = 0
         self._touched: list[PollFD] = []
         self._pending: list[Source] = []
-        # Sources whose dispatch is running (a callback may iterate the
-        # context again), and a count of prepares: a nested iteration ends
-        # the outer one's dispatch list, as it does glib's pending_dispatches.
-        self._in_call: list[Source] = []
-        self._prepares = 0
+        # The source whose dispatch is running (a callback may iterate the
+        # context again: each enclosing one was blocked when that happened in
+        # it), and a count of nested iterations: one ends the outer
+        # iteration's dispatch list, as it does glib's pending_dispatches.
+        self._dispatching: Source | None = None
+        self._nestings = 0
         self._timeout_ns = -1
         self._exception_handler: ExceptionHandler | None = None
         self._closed = False
@@ -234,7 +235,8 @@ class MainContext:
             self.report_exception(exc, f"finalize of source {source.name!r}")
 
     def _update_watched_locked(self, source: Source) -> None:
-        watch = not source._destroyed and (source.has_prepare_or_check or source.ready_time_ns >= 0)
+        watch = not source._destroyed and not source._blocked and (
+            source.has_prepare_or_check or source.ready_time_ns >= 0)
         if watch and not source._watched:
             # The hooks are looked up once, here (glib's GSourceFuncs are fixed too).
             hooks = (source, source.prepare if source._has_prepare else None,
@@ -364,9 +366,8 @@ class MainContext:
         if self._owner != _get_ident():
             self._assert_owner("MainContext.prepare")
         self._pending = []
-        self._prepares += 1
-        if self._in_call:
-            self._block_in_call()
+        if self._dispatching is not None:
+            self._block_dispatching()
         max_priority = self._prepare()
         return max_priority != MAX_PRIORITY, max_priority
 
@@ -417,9 +418,8 @@ class MainContext:
         self.iterations += 1
         if self._pending:
             self._pending = []  # as prepare(): a check that was never dispatched
-        self._prepares += 1
-        if self._in_call:  # nested in a callback
-            self._block_in_call()
+        if self._dispatching is not None:  # nested in a callback
+            self._block_dispatching()
         if self._watched:
             max_priority = self._prepare()
             if max_priority != MAX_PRIORITY:
@@ -445,7 +445,7 @@ class MainContext:
         timeout_ns = -1
         max_priority = MAX_PRIORITY
         for src, prepare, _ in self._watched:
-            if src._destroyed or src._blocked:
+            if src._destroyed:
                 continue
             if src.priority > max_priority:
                 break  # a source of a higher priority is ready
@@ -513,7 +513,7 @@ class MainContext:
         limit = MAX_PRIORITY  # the best (lowest) priority known to be ready
         for pfd in self._touched:
             src = pfd.source
-            if pfd.auto and src is not None and not src._watched and not src._destroyed and not src._blocked \
+            if pfd.auto and src is not None and not src._watched and not src._destroyed \
                     and src.priority <= max_priority and src not in extra:
                 extra.append(src)
                 if src.priority < limit:
@@ -523,7 +523,7 @@ class MainContext:
         now_ns = -1
         watched_ready: list[Source] = []
         for src, _, check in self._watched:
-            if src._destroyed or src._blocked:
+            if src._destroyed:
                 continue
             priority = src.priority
             if priority > limit or watched_ready and priority > max_priority:
@@ -567,24 +567,24 @@ class MainContext:
         # next one's time starts (re-read after a destroy, whose finalize is
         # no dispatch's).
         t0 = -1
-        prepares = self._prepares
-        in_call = self._in_call
+        nestings = self._nestings
+        outer = self._dispatching
         for src in pending:
-            if self._prepares != prepares:
+            if self._nestings != nestings:
                 break  # a callback iterated the context: that iteration took over the rest
             if src._destroyed:
                 continue
             src._ready = False
             if t0 < 0:
                 t0 = _perf_counter_ns()
-            in_call.append(src)
+            self._dispatching = src
             try:
                 keep = src.dispatch()
             except Exception as exc:
                 self.report_exception(exc, f"dispatch of source {src.name!r}")
                 keep = True
             finally:
-                in_call.pop()
+                self._dispatching = outer
                 if src._blocked:
                     self._unblock(src)
             t1 = _perf_counter_ns()
@@ -596,22 +596,26 @@ class MainContext:
                 t0 = _perf_counter_ns()
         return t0 >= 0  # the clock was read: something was dispatched
 
-    def _block_in_call(self) -> None:
-        """A nested iteration: the sources whose dispatch is running are left
-        out of it, their fds out of the poll (glib blocks a source in its
+    def _block_dispatching(self) -> None:
+        """A nested iteration: the source whose dispatch is running is left
+        out of it, its fds out of the poll (glib blocks a source in its
         dispatch unless it may recurse)."""
+        self._nestings += 1
+        src = self._dispatching
+        if src is None or src._blocked or src.can_recurse:
+            return
         with self._lock:
-            for src in self._in_call:
-                if not src._blocked and not src.can_recurse:
-                    src._blocked = True
-                    for pfd in src.pollfds:
-                        self._remove_pollfd_locked(pfd)
+            src._blocked = True
+            self._update_watched_locked(src)  # out of prepare and check
+            for pfd in src.pollfds:
+                self._remove_pollfd_locked(pfd)
 
     def _unblock(self, src: Source) -> None:
         src._blocked = False
         if src._destroyed:
             return
         with self._lock:
+            self._update_watched_locked(src)
             for pfd in src.pollfds:
                 if pfd not in self._records.get(pfd.fd, ()):
                     self._add_pollfd_locked(pfd)
