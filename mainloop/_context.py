@@ -229,6 +229,17 @@ class MainContext:
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
         self._wake_if_foreign()
+        if self._dispatching is not source:
+            self._finalize(source)
+        # else: its dispatch is running (in the loop thread): finalize follows
+        # when it returns, as glib's reference held by the dispatch does.
+
+    def _finalize(self, source: Source) -> None:
+        """``source.finalize()``, exactly once: whichever thread gets there first."""
+        try:
+            source._finalize_token.pop()  # atomic: one caller succeeds
+        except IndexError:
+            return
         try:
             source.finalize()
         except Exception as exc:
@@ -572,12 +583,14 @@ class MainContext:
         for src in pending:
             if self._nestings != nestings:
                 break  # a callback iterated the context: that iteration took over the rest
+            self._dispatching = src  # first: a destroy from another thread now leaves finalize to us
             if src._destroyed:
+                self._dispatching = outer
+                self._finalize(src)  # (a no-op if it was finalized already)
                 continue
             src._ready = False
             if t0 < 0:
                 t0 = _perf_counter_ns()
-            self._dispatching = src
             try:
                 keep = src.dispatch()
             except Exception as exc:
@@ -587,6 +600,8 @@ class MainContext:
                 self._dispatching = outer
                 if src._blocked:
                     self._unblock(src)
+                if src._destroyed:  # destroyed during its dispatch (by anyone): finalized now
+                    self._finalize(src)
             t1 = _perf_counter_ns()
             src.dispatch_count += 1
             src.dispatch_ns += t1 - t0

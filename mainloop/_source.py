@@ -112,6 +112,7 @@ class Source:
         self.dispatch_count = 0
         self.dispatch_ns = 0
         self._destroyed = False
+        self._finalize_token = [None]  # popped by whoever runs finalize: once
         self._blocked = False  # left out of a nested iteration of its own dispatch
         self.can_recurse = False  # glib's g_source_set_can_recurse: dispatched in nested iterations too
         self._ready = False  # set by prepare/check, cleared after dispatch
@@ -199,7 +200,9 @@ class Source:
             self.context._destroy(self)
         elif not self._destroyed:
             self._destroyed = True
-            self.finalize()
+            if self._finalize_token:
+                self._finalize_token.pop()
+                self.finalize()
 
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else f"id={self.id}"

@@ -473,3 +473,33 @@ def test_a_callback_that_iterates_the_context_again(context: MainContext) -> Non
     finally:
         for fd in (ra, wa, rb, wb):
             os.close(fd)
+
+
+def test_a_source_destroyed_from_another_thread_during_its_dispatch_is_finalized_after(
+        context: MainContext) -> None:
+    """Regression: finalize ran at once in the destroying thread while the
+    dispatch was still running in the loop thread (say, a channel closed
+    under its own drain).  As glib's dispatch holds a reference: after it."""
+    log: list[str] = []
+    destroyed = threading.Event()
+
+    class Slow(Source):
+        def prepare(self) -> tuple[bool, int]:
+            return True, 0
+
+        def dispatch(self) -> bool:
+            log.append("dispatch start")
+            threading.Thread(target=lambda: (self.destroy(), destroyed.set())).start()
+            assert destroyed.wait(30), "the other thread did not destroy the source"
+            log.append("dispatch end")
+            return True
+
+        def finalize(self) -> None:
+            log.append("finalize")
+
+    src = Slow("slow")
+    context.attach(src)
+    context.iteration(False)
+    assert log == ["dispatch start", "dispatch end", "finalize"]
+    src.destroy()
+    assert log.count("finalize") == 1
