@@ -479,7 +479,9 @@ class Cluster:
         if info is None:
             raise StateError(f"Failed to find node with node-name='{node_name}'")
         target = self.iothreads.get(iothread)
-        if target is None or target.state is not IOThreadState.RUNNING:
+        if target is None or target.state is IOThreadState.EXITED:
+            raise StateError(f"Cannot find iothread {iothread}")  # QEMU's words
+        if target.state is not IOThreadState.RUNNING:
             raise StateError(f"iothread {iothread!r} is not running")
         if info.iothread == iothread:
             callback(QueryReply(0, {"size": info.size}))

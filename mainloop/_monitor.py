@@ -514,8 +514,8 @@ class Monitor:
             if "read-zeroes" in args:
                 options["read-zeroes"] = args["read-zeroes"]
         else:
-            done(QmpFailure("GenericError", f"Invalid parameter value for 'driver': '{driver}' "
-                                            "(supported: file, null-co)"))
+            done(QmpFailure("GenericError", f"Parameter 'driver' does not accept value '{driver}' "
+                                            "(supported here: file, null-co)"))
             return
         self.cluster.blockdev_add(name, driver, options, self._reply(done), args.get("iothread"))
 
