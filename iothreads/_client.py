@@ -148,8 +148,12 @@ class BlockClient:
                 for rid in lost:
                     del self._requests[rid]
                     cb = self._pending.pop(rid, None)
-                    if cb is not None:
+                    if cb is None:
+                        continue
+                    try:  # one callback's bug must not strand the others (the fd's edge is spent)
                         cb(-errno.EIO, f"the connection to iothread {iothread} was lost", b"")
+                    except Exception as exc:
+                        self.ctx.report_exception(exc, f"completion callback of request {rid}")
 
     # -- completions ---------------------------------------------------------------
 

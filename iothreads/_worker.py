@@ -124,6 +124,7 @@ class IOThreadWorker:
         self.handler = ChannelHandler(self.ctx, self.channel, "control")
         self.nodes: dict[str, BlockNode] = {}
         self.moved: set[str] = set()  # nodes handed over to another iothread
+        self.deleting: set[BlockNode] = set()  # blockdev-del'd, draining
         self.data_endpoint = data_endpoint
         self.data: Channel | None = None
         self.data_handler: ChannelHandler | None = None
@@ -259,8 +260,10 @@ class IOThreadWorker:
             self.moved.add(msg.node_name)
         else:
             del self.nodes[msg.node_name]
+        self.deleting.add(node)  # still drained (and closed) by an orderly exit
 
         def drained() -> None:
+            self.deleting.discard(node)
             node.close()
             if self.nodes.get(msg.node_name) is node:
                 del self.nodes[msg.node_name]
@@ -338,19 +341,21 @@ class IOThreadWorker:
         if self.shutting_down:
             return
         self.shutting_down = True
-        waiting = set(self.nodes)
+        nodes = {*self.nodes.values(), *self.deleting}
+        waiting = set(nodes)
 
-        def drained(name: str) -> None:
-            waiting.discard(name)
+        def drained(node: BlockNode) -> None:
+            waiting.discard(node)
             if not waiting:
+                deadline.delete()
                 self.stop(exit_code)
 
-        for name, node in list(self.nodes.items()):
-            node.drain(lambda name=name: drained(name))  # type: ignore[misc]
-        if waiting:
-            self.ctx.timer_new_ms(ClockType.REALTIME, lambda: self.stop(exit_code), "shutdown-deadline").mod(
-                self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + SHUTDOWN_DRAIN_MS)
-        elif not self.nodes:
+        deadline = self.ctx.timer_new_ms(ClockType.REALTIME, lambda: self.stop(exit_code), "shutdown-deadline")
+        deadline.mod(self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + SHUTDOWN_DRAIN_MS)
+        for node in nodes:
+            node.drain(lambda node=node: drained(node))  # type: ignore[misc]
+        if not nodes:
+            deadline.delete()
             self.stop(exit_code)
 
     def stop(self, exit_code: int = EXIT_OK) -> None:
@@ -378,7 +383,7 @@ class IOThreadWorker:
                     os.unlink(self.data_endpoint.removeprefix("ipc://"))
                 except FileNotFoundError:
                     pass
-        for node in self.nodes.values():
+        for node in {*self.nodes.values(), *self.deleting}:
             node.close()
         self.zmq.term()
         self.ctx.close()
@@ -442,11 +447,13 @@ def main(argv: list[str] | None = None) -> int:
     # sets an eventfd, whose handler (an ordinary fd handler) stops the loop.
     stop_request = EventNotifier()
 
+    closing = stopping = False
+
     def on_stop_request(notifier: EventNotifier) -> None:
+        nonlocal stopping
+        stopping = False  # handled: busy polling must not find it again (it would spin)
         notifier.test_and_clear()
         worker.shutdown(EXIT_OK)
-
-    closing = stopping = False
 
     # With an io_poll (a flag, as QEMU's notifiers read theirs in memory), so
     # that this handler does not turn busy polling off for the whole context.

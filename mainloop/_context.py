@@ -229,10 +229,20 @@ class MainContext:
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
         self._wake_if_foreign()
-        if self._dispatching is not source:
+        if not self._in_dispatch(source):
             self._finalize(source)
         # else: its dispatch is running (in the loop thread): finalize follows
         # when it returns, as glib's reference held by the dispatch does.
+
+    def _in_dispatch(self, source: Source) -> bool:
+        """Whether ``source``'s dispatch is running: the innermost, or one
+        suspended in a nested iteration (the chain of enclosing dispatches)."""
+        cur = self._dispatching
+        while cur is not None:
+            if cur is source:
+                return True
+            cur = cur._outer_dispatch
+        return False
 
     def _finalize(self, source: Source) -> None:
         """``source.finalize()``, exactly once: whichever thread gets there first."""
@@ -583,10 +593,12 @@ class MainContext:
         for src in pending:
             if self._nestings != nestings:
                 break  # a callback iterated the context: that iteration took over the rest
+            src._outer_dispatch = outer
             self._dispatching = src  # first: a destroy from another thread now leaves finalize to us
             if src._destroyed:
                 self._dispatching = outer
-                self._finalize(src)  # (a no-op if it was finalized already)
+                if not self._in_dispatch(src):
+                    self._finalize(src)  # (a no-op if it was finalized already)
                 continue
             src._ready = False
             if t0 < 0:
@@ -600,7 +612,7 @@ class MainContext:
                 self._dispatching = outer
                 if src._blocked:
                     self._unblock(src)
-                if src._destroyed:  # destroyed during its dispatch (by anyone): finalized now
+                if src._destroyed and not self._in_dispatch(src):  # destroyed during its dispatch: now
                     self._finalize(src)
             t1 = _perf_counter_ns()
             src.dispatch_count += 1

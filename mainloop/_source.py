@@ -113,6 +113,7 @@ class Source:
         self.dispatch_ns = 0
         self._destroyed = False
         self._finalize_token = [None]  # popped by whoever runs finalize: once
+        self._outer_dispatch: Source | None = None  # the dispatch this one's runs inside, if nested
         self._blocked = False  # left out of a nested iteration of its own dispatch
         self.can_recurse = False  # glib's g_source_set_can_recurse: dispatched in nested iterations too
         self._ready = False  # set by prepare/check, cleared after dispatch

@@ -118,10 +118,11 @@ def _signalfd(signals: Iterable[int]) -> int:
     return fd
 
 
-# How many signal sources use each signal, and the signals they blocked (that
-# were not blocked before the first of them): the last one to go unblocks them.
-_signal_users: dict[int, int] = {}
-_signals_we_blocked: set[int] = set()
+# Per thread (a signal mask is a thread's): how many signal sources created in
+# it use each signal, and the signals they blocked there (that were not blocked
+# before the first of them): the last one to go unblocks them.
+_signal_users: dict[tuple[int, int], int] = {}
+_signals_we_blocked: set[tuple[int, int]] = set()
 _signal_lock = threading.Lock()
 
 
@@ -149,13 +150,13 @@ class SignalSource(Source):
         self.signals = sigs
         self.callback = callback
         self._unread: deque[int] = deque()  # read from the signalfd, not yet handed over
-        self._thread = threading.get_ident()
+        self._thread = me = threading.get_ident()
         with _signal_lock:
             before = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
             for s in sigs:
-                if not _signal_users.get(s) and s not in before:
-                    _signals_we_blocked.add(s)
-                _signal_users[s] = _signal_users.get(s, 0) + 1
+                if not _signal_users.get((me, s)) and s not in before:
+                    _signals_we_blocked.add((me, s))
+                _signal_users[me, s] = _signal_users.get((me, s), 0) + 1
         try:
             self._fd = _signalfd(sigs)
         except BaseException:
@@ -164,16 +165,17 @@ class SignalSource(Source):
         self._pfd = self.add_unix_fd(self._fd, IO_IN, f"signalfd ({names})")
 
     def _restore_mask(self) -> None:
+        me = self._thread
         with _signal_lock:
             unblock = []
             for s in self.signals:
-                _signal_users[s] -= 1
-                if not _signal_users[s]:
-                    del _signal_users[s]
-                    if s in _signals_we_blocked:
-                        _signals_we_blocked.discard(s)
+                _signal_users[me, s] -= 1
+                if not _signal_users[me, s]:
+                    del _signal_users[me, s]
+                    if (me, s) in _signals_we_blocked:
+                        _signals_we_blocked.discard((me, s))
                         unblock.append(s)
-            if unblock and threading.get_ident() == self._thread:
+            if unblock and threading.get_ident() == me:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, unblock)
 
     def read_signals(self) -> list[int]:

@@ -292,3 +292,29 @@ def test_stop_lets_requests_in_flight_complete(fake: FakeMainLoop, tmp_path: obj
         assert proc.wait(WAIT_MS / 1000) == 0
     with open(image, "rb") as f:
         assert all(f.read(4096) == bytes([i]) * 4096 for i in range(20))
+
+
+
+def test_stop_while_a_node_is_being_deleted_lets_it_drain(fake: FakeMainLoop, tmp_path: object) -> None:
+    """Regression: a node being deleted had left the node table, so an orderly
+    exit neither drained nor closed (flushed) it: the writes in flight and the
+    blockdev-del itself were never answered."""
+    image = os.path.join(str(tmp_path), "disk.img")
+    with spawn_with_a_file_node(fake, image) as (proc, identity):
+        for i in range(20):
+            fake.send(identity, BlockRequest(100 + i, "disk0", "write", i * 4096, 4096, data=bytes([i]) * 4096))
+        fake.send(identity, BlockdevDel(2, "disk0"))
+        fake.send(identity, Stop("test"))
+        statuses: dict[int, int] = {}
+        deleted = False
+        while len(statuses) < 20 or not deleted:
+            assert fake.sock.poll(WAIT_MS), f"only {len(statuses)} completions, del answered: {deleted}"
+            for msg in decode_batch(fake.sock.recv_multipart()[1:]):
+                if isinstance(msg, BlockCompletion):
+                    statuses[msg.request_id] = msg.status
+                elif isinstance(msg, QueryReply) and msg.request_id == 2:
+                    deleted = True
+        assert sorted(statuses.values()) == [0] * 20
+        assert proc.wait(WAIT_MS / 1000) == 0
+    with open(image, "rb") as f:
+        assert all(f.read(4096) == bytes([i]) * 4096 for i in range(20))

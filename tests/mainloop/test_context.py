@@ -6,6 +6,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -503,3 +504,33 @@ def test_a_source_destroyed_from_another_thread_during_its_dispatch_is_finalized
     assert log == ["dispatch start", "dispatch end", "finalize"]
     src.destroy()
     assert log.count("finalize") == 1
+
+
+def test_a_source_destroyed_while_its_dispatch_waits_in_a_nested_iteration(context: MainContext) -> None:
+    """S1's callback iterates the context; S2, dispatched there, destroys S1:
+    S1 is finalized after its own dispatch returns, not under it."""
+    log: list[str] = []
+
+    class S(Source):
+        def __init__(self, name: str, body: Callable[[], object]) -> None:
+            super().__init__(name)
+            self.body = body
+
+        def prepare(self) -> tuple[bool, int]:
+            return True, 0
+
+        def dispatch(self) -> bool:
+            log.append(f"{self.name} start")
+            self.body()
+            log.append(f"{self.name} end")
+            return True
+
+        def finalize(self) -> None:
+            log.append(f"{self.name} finalize")
+
+    s1 = S("S1", lambda: context.iteration(False))
+    s2 = S("S2", lambda: s1.destroy())
+    context.attach(s1)
+    context.attach(s2)
+    context.iteration(False)
+    assert log == ["S1 start", "S2 start", "S2 end", "S1 end", "S1 finalize"]

@@ -174,3 +174,32 @@ def test_two_sources_of_one_signal(context: MainContext) -> None:
     assert got == ["B"]
     b.destroy()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+
+
+def test_signal_sources_in_two_threads_each_restore_their_own_mask(context: MainContext) -> None:
+    """A mask is a thread's: sources of SIGUSR1 made in two threads, each
+    destroyed in its own, leave SIGUSR1 unblocked in both (one used to stay
+    blocked: the bookkeeping was process-wide)."""
+    result: dict[str, bool] = {}
+    b_made, a_done = threading.Event(), threading.Event()
+
+    def in_b() -> None:
+        src = SignalSource([signal.SIGUSR1], lambda s: True)
+        b_made.set()
+        assert a_done.wait(30)
+        src.finalize()  # its own thread: restores its own mask
+        result["b"] = signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+
+    def in_a() -> None:
+        src = SignalSource([signal.SIGUSR1], lambda s: True)
+        assert b_made.wait(30)
+        src.finalize()
+        result["a"] = signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        a_done.set()
+
+    threads = [threading.Thread(target=in_b), threading.Thread(target=in_a)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert result == {"a": False, "b": False}
