@@ -123,6 +123,10 @@ class BlockClient:
                 raise StateError(f"iothread {iothread!r} has no data endpoint")
             sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
+            # Requests wait in ZeroMQ only for a live connection: when it drops,
+            # those not yet written out are dropped with it (they fail, below),
+            # never delivered to an iothread restarted on the same endpoint.
+            sock.setsockopt(zmq.IMMEDIATE, 1)
             # Told when the connection drops (the iothread died): its requests
             # in flight will never complete, so they fail then.
             monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
