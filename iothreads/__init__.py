@@ -36,6 +36,7 @@ from ._threadpool import ThreadPoolRequest as ThreadPoolRequest
 from ._timers import ClockSpec as ClockSpec
 from ._timers import Timer as Timer
 from ._timers import TimerListGroup as TimerListGroup
+from ._worker import set_parent_death_signal as set_parent_death_signal
 
 __all__ = [
     "AioContext",
@@ -64,6 +65,7 @@ __all__ = [
     "current_coroutine",
     "get_current_aio_context",
     "reschedule",
+    "set_parent_death_signal",
     "sleep_ns",
     "soonest_timeout",
     "timeout_ns_to_seconds",

@@ -45,7 +45,6 @@ __all__ = ["FdHandlers", "Handler", "soonest_timeout"]
 
 IOHandler: TypeAlias = Callable[[], object]
 PollFn: TypeAlias = Callable[[], bool]
-# (node, epoll events or 0, found by io_poll)
 Ready: TypeAlias = "list[Handler]"
 """Handlers to dispatch; what each is ready for is on the handler itself
 (``revents``, ``poll_ready``), as QEMU keeps it in the AioHandler: a handler

@@ -70,7 +70,7 @@ from ._channels import ChannelHandler
 from ._clock import ClockType
 from ._notifier import EventNotifier
 
-__all__ = ["IOThreadWorker", "main"]
+__all__ = ["IOThreadWorker", "main", "set_parent_death_signal"]
 
 log = logging.getLogger("iothreads.worker")
 
@@ -81,13 +81,20 @@ EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """Ask the kernel for SIGTERM when the parent dies; if it already has, go."""
+def set_parent_death_signal() -> None:
+    """Ask the kernel for SIGTERM when this process's parent dies (Linux's
+    PR_SET_PDEATHSIG; safe between fork and exec).  Where it is not to be had,
+    nothing happens: callers keep their own deadline."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
     except (OSError, AttributeError):
-        pass  # the heartbeat deadline still applies
+        pass
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """SIGTERM when the parent dies (else the heartbeat deadline still applies); if it already has, go."""
+    set_parent_death_signal()
     if os.getppid() != parent_pid:
         sys.exit(EXIT_ORPHANED)
 
@@ -158,7 +165,7 @@ class IOThreadWorker:
             log.error("iothread %s: cannot answer %s: %s", self.id, type(msg).KIND, exc)
             request_id = getattr(msg, "request_id", None)
             if request_id is not None:
-                self.channel.send(ErrorReply(request_id, "GenericError", f"the answer cannot be sent: {exc}"[:1024]))
+                self.channel.send(ErrorReply(request_id, "GenericError", _bounded(f"the answer cannot be sent: {exc}")))
 
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
         pass  # being heard is all it says
@@ -389,11 +396,13 @@ class IOThreadWorker:
         self.ctx.close()
 
 
+def _bounded(message: str) -> str:
+    """An error message that stays well within the peer's string limit."""
+    return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS - 3] + "..."
+
+
 def _completion(request_id: int, status: int, message: str, data: bytes = b"") -> BlockCompletion:
-    """A completion whose error message stays well within the peer's string limit."""
-    if len(message) > _MAX_MESSAGE_CHARS:
-        message = message[:_MAX_MESSAGE_CHARS - 3] + "..."
-    return BlockCompletion(request_id, status, message, data)
+    return BlockCompletion(request_id, status, _bounded(message), data)
 
 
 _QMP_OPS = {"read": "rd", "write": "wr", "flush": "flush", "discard": "unmap", "write_zeroes": "zero"}

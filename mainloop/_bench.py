@@ -17,7 +17,6 @@ mismatch fails the run with exit 1.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import hashlib
 import json
 import math
@@ -33,7 +32,7 @@ from dataclasses import dataclass, field
 from collections.abc import Callable
 from typing import Any
 
-from iothreads import BlockClient
+from iothreads import BlockClient, set_parent_death_signal
 
 from ._options import OptionError, parse_size
 
@@ -297,7 +296,7 @@ class EmbeddedCluster:
         # even killed (SIGTERM from the kernel: it cleans up after itself).
         self.log = tempfile.TemporaryFile("w+")
         self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     preexec_fn=_terminate_with_parent)
+                                     preexec_fn=set_parent_death_signal)
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             if json.loads(line).get("event") == "READY":
@@ -326,11 +325,6 @@ class EmbeddedCluster:
         self.log.close()
         shutil.rmtree(self.dir, ignore_errors=True)
 
-
-def _terminate_with_parent() -> None:
-    """In the child, before exec: SIGTERM when the parent dies (Linux's PR_SET_PDEATHSIG)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def _block_size(text: str) -> int:

@@ -72,6 +72,12 @@ __all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
 log = logging.getLogger("mainloop.cluster")
 
+
+def data_endpoint(runtime_dir: str, iothread_id: str) -> str:
+    """Where an iothread serves its clients: ``ipc://RUNTIME_DIR/ID.data``
+    (``ValueError`` if the path is too long for AF_UNIX)."""
+    return ipc_endpoint(runtime_dir, f"{iothread_id}.data")
+
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
 
@@ -227,7 +233,7 @@ class Cluster:
         if self._tcp_host is not None:
             data = f"tcp://{self._tcp_host}:*"
         else:
-            data = ipc_endpoint(self.runtime_dir, f"{c.id}.data")
+            data = data_endpoint(self.runtime_dir, c.id)
             if data.removeprefix("ipc://") not in self._socket_files:
                 self._socket_files.append(data.removeprefix("ipc://"))  # even if it gets killed
         argv = [sys.executable, "-m", "iothreads", "--id", c.id, "--connect", self.endpoint,

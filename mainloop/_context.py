@@ -246,9 +246,7 @@ class MainContext:
 
     def _finalize(self, source: Source) -> None:
         """``source.finalize()``, exactly once: whichever thread gets there first."""
-        try:
-            source._finalize_token.pop()  # atomic: one caller succeeds
-        except IndexError:
+        if not source._claim_finalize():
             return
         try:
             source.finalize()

@@ -201,9 +201,17 @@ class Source:
             self.context._destroy(self)
         elif not self._destroyed:
             self._destroyed = True
-            if self._finalize_token:
-                self._finalize_token.pop()
+            if self._claim_finalize():
                 self.finalize()
+
+    def _claim_finalize(self) -> bool:
+        """True for the one caller that is to run ``finalize`` (any thread:
+        popping the token is atomic)."""
+        try:
+            self._finalize_token.pop()
+        except IndexError:
+            return False
+        return True
 
     def __repr__(self) -> str:
         state = "destroyed" if self._destroyed else f"id={self.id}"

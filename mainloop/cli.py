@@ -33,11 +33,11 @@ from typing import Any, NoReturn, TypeVar
 
 import zmq
 
-from protocol import ErrorReply, QueryReply, StateError, ipc_endpoint, make_runtime_dir
+from protocol import ErrorReply, QueryReply, StateError, make_runtime_dir
 
 from ._bench import add_bench_arguments, run_bench
 from ._bql import bql
-from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState
+from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
 from ._loop import MainLoop
 from ._monitor import Monitor
 from ._options import (
@@ -205,11 +205,10 @@ def _monitors(args: argparse.Namespace) -> list[ChardevSpec]:
 
 
 def _check_socket_paths(runtime_dir: str, configs: list[IOThreadConfig]) -> None:
-    """Every iothread's data socket (``RUNTIME_DIR/ID.data``, as the cluster
-    names it) fits in AF_UNIX's path limit."""
+    """Every iothread's data socket fits in AF_UNIX's path limit."""
     for c in configs:
         try:
-            ipc_endpoint(runtime_dir, f"{c.id}.data")
+            data_endpoint(runtime_dir, c.id)
         except ValueError as exc:
             raise OptionError(f"--object id={c.id}: {exc}") from None
 

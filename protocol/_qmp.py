@@ -67,12 +67,10 @@ class QmpDecoder:
                 # A scalar at top level: read it whole (a string up to its
                 # closing quote: a bracket inside it is no message), refuse it.
                 j = _string_end(buf, i + 1, n) if c == 0x22 else _word_end(buf, i, n)
-                if j == n:
-                    if j - i > self.max_message_bytes:
-                        return self._too_large(out)
-                    break  # it may go on in the next read (rescanned from its start: bounded above)
                 if j - i > self.max_message_bytes:
                     return self._too_large(out)
+                if j == n:
+                    break  # it may go on in the next read (rescanned from its start: bounded above)
                 out.append(QmpInputError("QMP input must be a JSON object"))
                 i = j
                 continue
