@@ -9,8 +9,8 @@ from typing import Any, TypeVar
 
 from protocol import StateError
 
-from ._aio import AioContext
-from ._clock import Clock, ManualClock
+from .aio._context import AioContext
+from .aio._clock import Clock, ManualClock
 
 __all__ = ["FakeClock", "LoopThread", "run_until_idle"]
 

@@ -10,16 +10,16 @@
 
 from __future__ import annotations
 
-from ._channel import Channel as Channel
-from ._channel import channel_socket as channel_socket
-from ._channel import ipc_endpoint as ipc_endpoint
-from ._channel import make_runtime_dir as make_runtime_dir
-from ._codec import Limits as Limits
-from ._codec import decode as decode
-from ._codec import decode_batch as decode_batch
-from ._codec import encode as encode
-from ._codec import encode_batch as encode_batch
-from ._codec import pack as pack
+from .channel import Channel as Channel
+from .channel import channel_socket as channel_socket
+from .channel import ipc_endpoint as ipc_endpoint
+from .channel import make_runtime_dir as make_runtime_dir
+from .wire import Limits as Limits
+from .wire import decode as decode
+from .wire import decode_batch as decode_batch
+from .wire import encode as encode
+from .wire import encode_batch as encode_batch
+from .wire import pack as pack
 from ._errors import BottomHalfLeakError as BottomHalfLeakError
 from ._errors import CoroutineStateError as CoroutineStateError
 from ._errors import EvloopError as EvloopError
@@ -28,29 +28,29 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
-from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
-from ._qmp import QmpDecoder as QmpDecoder
-from ._qmp import QmpInputError as QmpInputError
-from ._qmp import qmp_error as qmp_error
-from ._qmp import qmp_event as qmp_event
-from ._qmp import qmp_line as qmp_line
-from ._qmp import qmp_return as qmp_return
-from ._messages import BlockCompletion as BlockCompletion
-from ._messages import BlockOp as BlockOp
-from ._messages import BlockdevAdd as BlockdevAdd
-from ._messages import BlockdevDel as BlockdevDel
-from ._messages import BlockRequest as BlockRequest
-from ._messages import ErrorReply as ErrorReply
-from ._messages import Event as Event
-from ._messages import Heartbeat as Heartbeat
-from ._messages import Hello as Hello
-from ._messages import Message as Message
-from ._messages import Query as Query
-from ._messages import QueryReply as QueryReply
-from ._messages import SetLatencyHistogram as SetLatencyHistogram
-from ._messages import SetPollParams as SetPollParams
-from ._messages import Stop as Stop
-from ._messages import Welcome as Welcome
+from .wire import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .qmp import QmpDecoder as QmpDecoder
+from .qmp import QmpInputError as QmpInputError
+from .qmp import qmp_error as qmp_error
+from .qmp import qmp_event as qmp_event
+from .qmp import qmp_line as qmp_line
+from .qmp import qmp_return as qmp_return
+from .wire import BlockCompletion as BlockCompletion
+from .wire import BlockOp as BlockOp
+from .wire import BlockdevAdd as BlockdevAdd
+from .wire import BlockdevDel as BlockdevDel
+from .wire import BlockRequest as BlockRequest
+from .wire import ErrorReply as ErrorReply
+from .wire import Event as Event
+from .wire import Heartbeat as Heartbeat
+from .wire import Hello as Hello
+from .wire import Message as Message
+from .wire import Query as Query
+from .wire import QueryReply as QueryReply
+from .wire import SetLatencyHistogram as SetLatencyHistogram
+from .wire import SetPollParams as SetPollParams
+from .wire import Stop as Stop
+from .wire import Welcome as Welcome
 
 __all__ = [
     "BlockCompletion",

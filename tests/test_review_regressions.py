@@ -13,7 +13,7 @@ import pytest
 import zmq
 
 from iothreads import AioContext, ChannelHandler
-from iothreads._block import BlockNode, FileDriver, NullDriver
+from iothreads.block._node import BlockNode, FileDriver, NullDriver
 from mainloop import Cluster, IOThreadConfig, MainLoop, bql
 from protocol import Channel, Heartbeat, QmpDecoder, QmpInputError, encode, ipc_endpoint, make_runtime_dir
 

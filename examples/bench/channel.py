@@ -8,7 +8,7 @@ ours
     (``IOThreadConfig("io0")``, its defaults: busy polling up to 32 us).  The
     main side runs under the BQL and waits with ``loop.main_loop_wait()``
     (the real main-loop iteration: prepare, release the BQL, epoll, retake it,
-    dispatch the channel's source); the iothread is ``python -m iothreads``:
+    dispatch the channel's source); the iothread is ``python -m iothreads.worker``:
     an AioContext serving a DEALER channel.  Every message is encoded and
     decoded by ``protocol``'s codec on both sides.
 raw pyzmq

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import pytest
 
 from iothreads import AioContext, BlockClient, BlockIOError, reschedule
-from mainloop import _bench
+from mainloop.cli import _bench
 
 COMMAND = [sys.executable, "-m", "mainloop"]
 

@@ -253,7 +253,7 @@ def test_an_iothread_id_too_long_for_the_socket_paths_is_refused_before_anything
 FAILING_ADD = """
 import sys
 from mainloop import cli
-from mainloop._cluster import Cluster
+from mainloop.cluster._cluster import Cluster
 
 real_add = Cluster.add
 

@@ -82,7 +82,7 @@ def fake() -> Iterator[FakeMainLoop]:
 @contextmanager
 def spawn(fake: FakeMainLoop, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     """An iothread process connected to ``fake``; killed and reaped on the way out."""
-    proc = subprocess.Popen([sys.executable, "-m", "iothreads", "--id", "io7", "--connect", fake.endpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "iothreads.worker", "--id", "io7", "--connect", fake.endpoint,
                              "--parent-pid", str(os.getpid()), *extra], stderr=subprocess.PIPE)
     try:
         yield proc
@@ -141,7 +141,7 @@ def test_gives_up_without_a_handshake(fake: FakeMainLoop) -> None:
 
 
 def test_exits_at_once_if_its_parent_is_already_gone() -> None:
-    out = subprocess.run([sys.executable, "-m", "iothreads", "--id", "io0", "--connect", "ipc:///nonexistent",
+    out = subprocess.run([sys.executable, "-m", "iothreads.worker", "--id", "io0", "--connect", "ipc:///nonexistent",
                           "--parent-pid", "1"], capture_output=True, timeout=60)
     assert out.returncode == 3
 
@@ -151,7 +151,7 @@ def test_exits_at_once_if_its_parent_is_already_gone() -> None:
 # set the stop notifier, already closed.
 _SIGNAL_WHILE_CLOSING = """
 import os, signal, sys
-from iothreads import _worker
+from iothreads.worker import _worker
 close = _worker.IOThreadWorker.close
 def close_after_a_signal(self):
     os.kill(os.getpid(), signal.SIGTERM)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from iothreads import AioContext
-from iothreads._bh import IDLE_BH_TIMEOUT_NS
+from iothreads.aio._bh import IDLE_BH_TIMEOUT_NS
 from protocol import BottomHalfLeakError, StateError
 
 

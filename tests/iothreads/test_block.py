@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 
 from iothreads import AioContext
-from iothreads._block import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver
+from iothreads.block._node import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver
 
 MiB = 1 << 20
 Result = tuple[int, str, bytes]

@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from iothreads import BlockClient
-from iothreads._channels import ChannelHandler
+from iothreads.aio._channel_handler import ChannelHandler
 from iothreads.testing import LoopThread
 from protocol import BlockCompletion, BlockRequest, Channel, Message, ipc_endpoint, make_runtime_dir
 

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from iothreads import AioContext, EventNotifier, PollParams
-from iothreads._polling import POLL_START_NS, adjust_poll_ns
+from iothreads.aio._polling import POLL_START_NS, adjust_poll_ns
 
 
 @pytest.mark.parametrize(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-import iothreads._threadpool as threadpool_mod
+import iothreads.aio._threadpool as threadpool_mod
 from iothreads import AioContext, RequestState, ThreadPool, ThreadPoolRequest
 
 WAIT_S = 10.0  # bound on every wait for another thread; never reached when passing

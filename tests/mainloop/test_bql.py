@@ -74,7 +74,7 @@ def test_contended_acquisition_is_counted() -> None:
 def test_call_unlocked_releases_around_the_call_and_keeps_the_counters() -> None:
     """The main loop's poll: one call that unlocks, calls and relocks, counted
     as ``bql_unlock(); fn(); bql_lock()`` would be."""
-    from mainloop._bql import BQL
+    from mainloop.loop._bql import BQL
 
     with pytest.raises(StateError, match="not held"):
         BQL.call_unlocked(lambda a, b: a + b, 1, 2)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mainloop.cli import MAX_IOTHREADS, _configs, build_parser
+from mainloop.cli._main import MAX_IOTHREADS, _configs, build_parser
 
 
 def _ids(*argv: str) -> list[str]:

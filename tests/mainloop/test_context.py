@@ -375,7 +375,7 @@ def test_dispatch_time_is_each_sources_own(context: MainContext, monkeypatch: py
     """Sources dispatched in one iteration each get the time of their own
     dispatch (one clock read ends one dispatch and starts the next), and a
     finalize after a dispatch returned False counts for no source."""
-    import mainloop._context as context_module
+    import mainloop.glib._context as context_module
 
     now = [1_000]
     monkeypatch.setattr(context_module, "_perf_counter_ns", lambda: now[0])

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from mainloop._options import (
+from mainloop.cli._options import (
     OptionError,
     parse_blockdev,
     parse_chardev,
@@ -58,7 +58,7 @@ def test_parse_object_values() -> None:
 
 
 def test_parse_blockdev_forms_and_errors() -> None:
-    from mainloop._options import parse_blockdev, parse_size
+    from mainloop.cli._options import parse_blockdev, parse_size
 
     spec = parse_blockdev("driver=file,node-name=disk0,filename=/x.img,cache.direct=on,read-only=off,iothread=io1")
     assert (spec.node_name, spec.driver, spec.iothread) == ("disk0", "file", "io1")

@@ -82,7 +82,7 @@ def test_every_message_round_trips(msg: Message) -> None:
 
 
 def test_all_message_types_are_covered() -> None:
-    from protocol._messages import MESSAGE_TYPES
+    from protocol.wire._messages import MESSAGE_TYPES
 
     assert set(MESSAGE_TYPES.values()) == {
         Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event, ErrorReply,
@@ -317,7 +317,7 @@ class _NoFields(Message):
 def test_unusual_message_shapes_round_trip(msg: Message, monkeypatch: pytest.MonkeyPatch) -> None:
     """A payload field that is not the last one, and a message with no fields
     on the wire: alone and in a batch."""
-    from protocol import _messages
+    from protocol.wire import _messages
 
     monkeypatch.setitem(_messages.MESSAGE_TYPES, type(msg).KIND, type(msg))
     assert decode(encode(msg)) == msg
@@ -332,7 +332,7 @@ def test_an_empty_payload_travels_without_a_frame() -> None:
 
 
 def _message_classes() -> list[type[Message]]:
-    from protocol._messages import MESSAGE_TYPES
+    from protocol.wire._messages import MESSAGE_TYPES
 
     return sorted(MESSAGE_TYPES.values(), key=lambda c: c.KIND)
 

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from protocol import BlockOp
 
-from ._aio import AioContext
+from ..aio._context import AioContext
 
 log = logging.getLogger("iothreads.block")
 

@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING
 from protocol import StateError
 
 if TYPE_CHECKING:
-    from ._aio import AioContext
+    from ._context import AioContext
 
 __all__ = ["BottomHalf", "BottomHalfQueue"]
 

@@ -1,4 +1,4 @@
-"""The iothread process: ``python -m iothreads --id io0 --connect ENDPOINT``.
+"""The iothread process: ``python -m iothreads.worker --id io0 --connect ENDPOINT``.
 
 Theory of operation
 -------------------
@@ -64,11 +64,11 @@ from protocol import (
     channel_socket,
 )
 
-from ._aio import AioContext
-from ._block import BlockNode, make_driver
-from ._channels import ChannelHandler
-from ._clock import ClockType
-from ._notifier import EventNotifier
+from ..aio._context import AioContext
+from ..block._node import BlockNode, make_driver
+from ..aio._channel_handler import ChannelHandler
+from ..aio._clock import ClockType
+from ..aio._notifier import EventNotifier
 
 __all__ = ["IOThreadWorker", "main", "set_parent_death_signal"]
 
@@ -426,7 +426,7 @@ def node_counters(node: BlockNode) -> dict[str, int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m iothreads", description="Run one iothread process.")
+    p = argparse.ArgumentParser(prog="python -m iothreads.worker", description="Run one iothread process.")
     p.add_argument("--id", required=True, help="the iothread's id (QEMU's object id)")
     p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the main loop's control endpoint")
     p.add_argument("--parent-pid", type=int, default=0, help="exit if this process is not our parent")

@@ -48,10 +48,10 @@ from protocol import (
     channel_socket,
 )
 
-from ._aio import AioContext
-from ._channels import ChannelHandler
-from ._clock import ClockType
-from ._coroutine import Future
+from ..aio._context import AioContext
+from ..aio._channel_handler import ChannelHandler
+from ..aio._clock import ClockType
+from ..aio._coroutine import Future
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 

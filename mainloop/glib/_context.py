@@ -278,28 +278,28 @@ class MainContext:
                      priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
         """``callback(fd, condition) -> bool`` when ``fd`` meets ``conditions``
         (``IO_IN | IO_OUT | IO_PRI | IO_HUP | IO_ERR``); return the source id."""
-        from ._sources import FdWatchSource
+        from ._standard import FdWatchSource
 
         return self._attach_new(FdWatchSource(fd, conditions, callback, name, priority))
 
     def timeout_add(self, interval_ms: int, callback: Callable[[], bool],
                     priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
         """``callback() -> bool`` every ``interval_ms`` while it returns True."""
-        from ._sources import TimeoutSource
+        from ._standard import TimeoutSource
 
         return self._attach_new(TimeoutSource(interval_ms * 1_000_000, callback, name, priority))
 
     def timeout_add_seconds(self, interval_s: int, callback: Callable[[], bool],
                             priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
         """``callback() -> bool`` every ``interval_s`` seconds while it returns True."""
-        from ._sources import TimeoutSource
+        from ._standard import TimeoutSource
 
         return self._attach_new(TimeoutSource(interval_s * 1_000_000_000, callback, name, priority))
 
     def idle_add(self, callback: Callable[[], bool], priority: int = PRIORITY_DEFAULT_IDLE,
                  name: str | None = None) -> int:
         """``callback() -> bool`` whenever nothing of higher priority is ready."""
-        from ._sources import IdleSource
+        from ._standard import IdleSource
 
         return self._attach_new(IdleSource(callback, name, priority))
 
@@ -315,14 +315,14 @@ class MainContext:
     def signal_add(self, signals: list[int], callback: Callable[[int], bool],
                    priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
         """``callback(signum) -> bool`` for each of ``signals``, through a signalfd."""
-        from ._sources import SignalSource
+        from ._standard import SignalSource
 
         return self._attach_new(SignalSource(signals, callback, name, priority))
 
     def child_watch_add(self, pid: int, callback: Callable[[int, int], object],
                         priority: int = PRIORITY_DEFAULT, name: str | None = None) -> int:
         """``callback(pid, wait_status)`` once child ``pid`` exits (it is reaped)."""
-        from ._sources import ChildWatchSource
+        from ._standard import ChildWatchSource
 
         return self._attach_new(ChildWatchSource(pid, callback, name, priority))
 

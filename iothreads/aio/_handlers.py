@@ -39,7 +39,7 @@ from ._fdmon import (
 from ._polling import PollParams, adjust_poll_ns
 
 if TYPE_CHECKING:
-    from ._aio import AioContext
+    from ._context import AioContext
 
 __all__ = ["FdHandlers", "Handler", "soonest_timeout"]
 

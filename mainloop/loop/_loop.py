@@ -41,8 +41,8 @@ from iothreads import AioContext, BottomHalf, ClockSpec, ClockType, Timer, Timer
 from protocol import StateError
 
 from ._bql import BQL
-from ._context import MainContext
-from ._sources import AioSource
+from ..glib._context import MainContext
+from ..glib._standard import AioSource
 
 __all__ = ["MainLoop"]
 

@@ -50,9 +50,9 @@ from typing import Any, cast
 
 import zmq
 
-from ._codec import DEFAULT_LIMITS, Limits, decode, decode_batch, encode_batch, pack
-from ._errors import LocalProtocolError, RemoteProtocolError
-from ._messages import Message
+from ..wire._codec import DEFAULT_LIMITS, Limits, decode, decode_batch, encode_batch, pack
+from .._errors import LocalProtocolError, RemoteProtocolError
+from ..wire._messages import Message
 
 __all__ = ["Channel", "channel_socket", "make_runtime_dir", "ipc_endpoint"]
 

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from ._cluster import IOThreadConfig
+from ..cluster._cluster import IOThreadConfig
 
 __all__ = ["BlockdevSpec", "OptionError", "parse_blockdev", "parse_keyval", "parse_object", "parse_size"]
 

@@ -43,7 +43,7 @@ from ._bh import callable_name
 from ._coroutine import Future
 
 if TYPE_CHECKING:
-    from ._aio import AioContext
+    from ._context import AioContext
 
 __all__ = ["RequestState", "ThreadPool", "ThreadPoolRequest"]
 

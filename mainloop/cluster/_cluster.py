@@ -9,7 +9,7 @@ id.  An ``IOThread`` handle follows one process through its states::
     STARTING --Hello--> RUNNING --stop()--> STOPPING --exit--> EXITED
         \\____________________ unexpected exit ____________________/
 
-Spawning is ``posix_spawn`` of ``python -m iothreads``: a fresh interpreter,
+Spawning is ``posix_spawn`` of ``python -m iothreads.worker``: a fresh interpreter,
 never a fork of this process and its ZeroMQ state.  Each process is watched
 by a child-watch source (a pidfd), so an exit is seen at once and the child
 is reaped; an exit that nobody asked for is logged and reported as an
@@ -63,10 +63,10 @@ from protocol import (
     make_runtime_dir,
 )
 
-from ._bql import bql_locked
-from ._channels import ChannelSource
-from ._loop import MainLoop
-from ._sources import ChildWatchSource
+from ..loop._bql import bql_locked
+from ..glib._channel_source import ChannelSource
+from ..loop._loop import MainLoop
+from ..glib._standard import ChildWatchSource
 
 __all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
@@ -236,7 +236,7 @@ class Cluster:
             data = data_endpoint(self.runtime_dir, c.id)
             if data.removeprefix("ipc://") not in self._socket_files:
                 self._socket_files.append(data.removeprefix("ipc://"))  # even if it gets killed
-        argv = [sys.executable, "-m", "iothreads", "--id", c.id, "--connect", self.endpoint,
+        argv = [sys.executable, "-m", "iothreads.worker", "--id", c.id, "--connect", self.endpoint,
                 "--data-endpoint", data,
                 "--parent-pid", str(os.getpid()), "--poll-max-ns", str(c.poll_max_ns),
                 "--poll-grow", str(c.poll_grow), "--poll-shrink", str(c.poll_shrink),

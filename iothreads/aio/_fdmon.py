@@ -17,7 +17,7 @@ from __future__ import annotations
 import select
 from collections.abc import Callable
 
-__all__ = ["EpollMonitor", "EVENT_IN", "EVENT_OUT", "EVENT_READ_MASK", "EVENT_WRITE_MASK"]
+__all__ = ["EpollMonitor", "EVENT_IN", "EVENT_OUT", "EVENT_READ_MASK", "EVENT_WRITE_MASK", "timeout_ns_to_seconds"]
 
 EVENT_IN = select.EPOLLIN
 EVENT_OUT = select.EPOLLOUT

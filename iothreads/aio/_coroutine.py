@@ -33,11 +33,11 @@ from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from protocol import CoroutineStateError, StateError
 
-from ._aio import get_current_aio_context
+from ._context import get_current_aio_context
 from ._clock import ClockType
 
 if TYPE_CHECKING:
-    from ._aio import AioContext
+    from ._context import AioContext
 
 __all__ = [
     "Coroutine",

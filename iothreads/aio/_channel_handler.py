@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from protocol import Channel
 
-from ._aio import AioContext
+from ._context import AioContext
 from ._bh import BottomHalf
 
 __all__ = ["ChannelHandler"]

@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 from ._bh import callable_name
 from ._clock import SCALE_MS, SCALE_NS, SCALE_US, Clock, ClockType, ManualClock, MonotonicClock, WallClock
 
-__all__ = ["Timer", "TimerList", "TimerListGroup"]
+__all__ = ["Timer", "TimerList", "TimerListGroup", "ClockSpec"]
 
 
 class Timer:

@@ -40,7 +40,7 @@ from typing import Any, Union
 
 import msgpack
 
-from ._errors import LocalProtocolError, RemoteProtocolError
+from .._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 __all__ = ["Limits", "decode", "decode_batch", "encode", "encode_batch", "pack"]

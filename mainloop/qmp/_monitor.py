@@ -37,10 +37,10 @@ from protocol import (
     qmp_return,
 )
 
-from ._cluster import Cluster, IOThreadConfig, IOThreadState
-from ._options import _valid_id
-from ._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
-from ._sources import FdWatchSource
+from ..cluster._cluster import Cluster, IOThreadConfig, IOThreadState
+from ..cli._options import _valid_id
+from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
+from ..glib._standard import FdWatchSource
 
 __all__ = ["Monitor", "QmpFailure"]
 

@@ -36,10 +36,10 @@ import zmq
 from protocol import ErrorReply, QueryReply, StateError, make_runtime_dir
 
 from ._bench import add_bench_arguments, run_bench
-from ._bql import bql
-from ._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
-from ._loop import MainLoop
-from ._monitor import Monitor
+from ..loop._bql import bql
+from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
+from ..loop._loop import MainLoop
+from ..qmp._monitor import Monitor
 from ._options import (
     BlockdevSpec,
     ChardevSpec,
@@ -49,7 +49,7 @@ from ._options import (
     parse_monitor,
     parse_object,
 )
-from ._sources import SignalSource
+from ..glib._standard import SignalSource
 
 __all__ = ["main"]
 

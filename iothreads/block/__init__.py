@@ -1,0 +1,25 @@
+"""Block nodes and their drivers (served in an iothread), and the ``BlockClient`` that reaches them."""
+
+from __future__ import annotations
+
+from ._client import CLUSTER_STATE_FILE as CLUSTER_STATE_FILE
+from ._client import BlockClient as BlockClient
+from ._client import BlockIOError as BlockIOError
+from ._node import BlockDriver as BlockDriver
+from ._node import BlockNode as BlockNode
+from ._node import FileDriver as FileDriver
+from ._node import NullDriver as NullDriver
+from ._node import OpStats as OpStats
+from ._node import make_driver as make_driver
+
+__all__ = [
+    "BlockClient",
+    "BlockDriver",
+    "BlockIOError",
+    "BlockNode",
+    "CLUSTER_STATE_FILE",
+    "FileDriver",
+    "NullDriver",
+    "OpStats",
+    "make_driver",
+]

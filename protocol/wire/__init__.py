@@ -1,0 +1,53 @@
+"""The messages of the control and data planes and their msgpack codec (pure: bytes in, bytes out)."""
+
+from __future__ import annotations
+
+from ._codec import Limits as Limits
+from ._codec import decode as decode
+from ._codec import decode_batch as decode_batch
+from ._codec import encode as encode
+from ._codec import encode_batch as encode_batch
+from ._codec import pack as pack
+from ._messages import PROTOCOL_VERSION as PROTOCOL_VERSION
+from ._messages import BlockCompletion as BlockCompletion
+from ._messages import BlockOp as BlockOp
+from ._messages import BlockRequest as BlockRequest
+from ._messages import BlockdevAdd as BlockdevAdd
+from ._messages import BlockdevDel as BlockdevDel
+from ._messages import ErrorReply as ErrorReply
+from ._messages import Event as Event
+from ._messages import Heartbeat as Heartbeat
+from ._messages import Hello as Hello
+from ._messages import Message as Message
+from ._messages import Query as Query
+from ._messages import QueryReply as QueryReply
+from ._messages import SetLatencyHistogram as SetLatencyHistogram
+from ._messages import SetPollParams as SetPollParams
+from ._messages import Stop as Stop
+from ._messages import Welcome as Welcome
+
+__all__ = [
+    "BlockCompletion",
+    "BlockOp",
+    "BlockRequest",
+    "BlockdevAdd",
+    "BlockdevDel",
+    "ErrorReply",
+    "Event",
+    "Heartbeat",
+    "Hello",
+    "Limits",
+    "Message",
+    "PROTOCOL_VERSION",
+    "Query",
+    "QueryReply",
+    "SetLatencyHistogram",
+    "SetPollParams",
+    "Stop",
+    "Welcome",
+    "decode",
+    "decode_batch",
+    "encode",
+    "encode_batch",
+    "pack",
+]
