@@ -5,7 +5,8 @@ A main loop with a listening TCP socket (the document's VNC listener on
 timer.  When a client connects, the accept callback prints how it was reached
 (the Python stack from the loop down to the callback, as the document shows a
 debugger backtrace in ``vnc_listen_io``) and the live view of the loop: every
-source and every polled fd.  Ctrl-C (SIGINT) ends it cleanly.
+source and every polled fd.  Ctrl-C (SIGINT) ends it cleanly: one line,
+exit status 130 (SIGTERM: 143).
 
     python examples/main_loop_tour.py        # then: nc 127.0.0.1 PORT
 """
@@ -48,8 +49,11 @@ def main() -> int:
         sys.stdout.flush()
         return True
 
+    quit_by = 0
+
     def on_signal(signum: int) -> bool:
-        print(f"{signal.Signals(signum).name}: quitting")
+        nonlocal quit_by
+        quit_by = signum
         loop.quit()
         return True
 
@@ -73,9 +77,14 @@ def main() -> int:
             c.close()
         listener.close()
         loop.close()
-    print(f"bye after {ticks} ticks", flush=True)
-    return 0
+    how = "interrupted" if quit_by == signal.SIGINT else signal.Signals(quit_by).name
+    print(f"main_loop_tour.py: {how} after {ticks} ticks", file=sys.stderr)
+    return 128 + quit_by
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # Ctrl-C before the loop watches for it
+        print("main_loop_tour.py: interrupted", file=sys.stderr)
+        sys.exit(130)

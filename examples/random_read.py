@@ -5,7 +5,7 @@
 
 Without RUNTIME_DIR it starts a cluster of its own (a temporary raw image).
 Completions run in this program's own AioContext: the main loop of the
-cluster is not on the path.
+cluster is not on the path.  Ctrl-C stops it: one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -42,6 +42,7 @@ def main(argv: list[str]) -> int:
 
                 client.submit(node, "read", rng.randrange(blocks) * BS, BS, callback=completed)
 
+            print(f"{node}: random {BS // 1024} KiB reads, {DEPTH} in flight, for {SECONDS:.0f} s", flush=True)
             end = time.monotonic() + SECONDS
             while time.monotonic() < end or client.in_flight:
                 while time.monotonic() < end and client.in_flight < DEPTH:
@@ -57,4 +58,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except KeyboardInterrupt:  # Ctrl-C: what was started is stopped on the way out
+        print("random_read.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -4,6 +4,8 @@ and check every block; exit 1 on any mismatch.
     python examples/verify.py RUNTIME_DIR [NODE] [BLOCKS]
 
 Without RUNTIME_DIR it starts a cluster of its own.  Uses the blocking calls.
+A null-co node is refused: it discards what is written.  Ctrl-C stops it:
+one line, exit status 130.
 """
 
 from __future__ import annotations
@@ -28,6 +30,13 @@ def main(argv: list[str]) -> int:
     try:
         with BlockClient(runtime_dir) as client:
             node = argv[2] if len(argv) > 2 else sorted(client.nodes())[0]
+            if node not in client.nodes():
+                print(f"verify.py: no block node named {node!r}", file=sys.stderr)
+                return 1
+            if client.nodes()[node].driver == "null-co":
+                print(f"verify.py: node {node} is null-co, which discards what is written: "
+                      "there is nothing to read back", file=sys.stderr)
+                return 1
             blocks = min(int(argv[3]) if len(argv) > 3 else 256, client.node_size(node) // BS)
             for b in range(blocks):
                 client.write(node, b * BS, pattern(b * BS))
@@ -41,4 +50,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv))
+    try:
+        sys.exit(main(sys.argv))
+    except KeyboardInterrupt:  # Ctrl-C: what was started is stopped on the way out
+        print("verify.py: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,9 +1,10 @@
 """Test helpers, public like ``trio.testing``: a fake clock, an idle-loop
-runner, and a thread running its own AioContext."""
+runner, bounded waits for a condition, and a thread running its own AioContext."""
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -12,9 +13,13 @@ from protocol import StateError
 from .aio._context import AioContext
 from .aio._clock import Clock, ManualClock
 
-__all__ = ["FakeClock", "LoopThread", "run_until_idle"]
+__all__ = ["DEFAULT_TIMEOUT_S", "FakeClock", "LoopThread", "poll_until", "run_until_idle", "wait_until"]
 
 T = TypeVar("T")
+
+DEFAULT_TIMEOUT_S = 30.0
+"""Default bound of ``poll_until`` and ``wait_until``: generous, so that only a
+condition that never comes reaches it, even on a loaded machine."""
 
 
 class FakeClock(ManualClock):
@@ -38,6 +43,73 @@ def run_until_idle(ctx: AioContext, max_iterations: int = 1000) -> int:
         if not ctx.poll(False):
             return i
     raise AssertionError(f"{ctx!r} still busy after {max_iterations} iterations")
+
+
+def poll_until(step: Callable[[], object], condition: Callable[[], object], what: str | Callable[[], str],
+               timeout_s: float = DEFAULT_TIMEOUT_S, *, max_steps: int | None = None,
+               progress: Callable[[], object] | None = None, stall_s: float | None = None) -> int:
+    """Call ``step()`` until ``condition()`` is true; fail if it does not come in time.
+
+    ``step`` is one turn of whatever brings the condition about, usually a
+    blocking loop iteration: ``lambda: ctx.poll(True)``,
+    ``lambda: context.iteration(True)``, ``lambda: loop.main_loop_wait()``.
+    The condition is checked before every step, so one that already holds
+    costs no step.  Returns the number of steps taken.
+
+    The bounds are assertions, not pacing; each one raises
+    ``AssertionError`` naming ``what`` was awaited (a string, or a function
+    returning one, called only on failure, to describe the state then):
+
+    * ``timeout_s``: the condition still false that many seconds after the
+      call;
+    * ``max_steps``: the condition still false after that many steps (a
+      loop that must make progress on every step);
+    * ``progress`` and ``stall_s`` (together): the value ``progress()``
+      returns (a counter, say) has not changed for ``stall_s`` seconds.
+
+    The bounds are checked between steps: a step that blocks for ever is
+    not interrupted.  Give it a timeout of its own where nothing else is
+    sure to wake it (``lambda: ctx.poll(True, 10_000_000)``, or a timer that
+    ticks).  Runs in the caller's thread: the home thread of what ``step``
+    iterates.
+    """
+    if (progress is None) != (stall_s is None):
+        raise ValueError("progress and stall_s go together")
+
+    def fail(why: str) -> AssertionError:
+        return AssertionError(f"{why} waiting for {what if isinstance(what, str) else what()}")
+
+    now = time.monotonic()
+    deadline = now + timeout_s
+    last, last_change = (progress() if progress is not None else None), now
+    steps = 0
+    while not condition():
+        now = time.monotonic()
+        if now >= deadline:
+            raise fail(f"timed out after {timeout_s:g} s")
+        if max_steps is not None and steps >= max_steps:
+            raise fail(f"still false after {max_steps} steps")
+        if progress is not None and stall_s is not None:
+            current = progress()
+            if current != last:
+                last, last_change = current, now
+            elif now - last_change >= stall_s:
+                raise fail(f"no progress for {stall_s:g} s")
+        step()
+        steps += 1
+    return steps
+
+
+def wait_until(condition: Callable[[], object], what: str | Callable[[], str],
+               timeout_s: float = DEFAULT_TIMEOUT_S, *, interval_s: float = 0.01) -> None:
+    """Wait until ``condition()`` is true, checking it every ``interval_s``.
+
+    For a condition that another thread or process brings about, where the
+    caller has no loop to iterate and nothing to block on; where it has
+    one, ``poll_until`` wakes as soon as the event comes.  Fails like
+    ``poll_until`` after ``timeout_s``.  Any thread.
+    """
+    poll_until(lambda: time.sleep(interval_s), condition, what, timeout_s)
 
 
 class LoopThread:

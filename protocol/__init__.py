@@ -20,6 +20,12 @@ from .wire import decode_batch as decode_batch
 from .wire import encode as encode
 from .wire import encode_batch as encode_batch
 from .wire import pack as pack
+from .wire import PendingRequests as PendingRequests
+from .state import CLUSTER_STATE_FILE as CLUSTER_STATE_FILE
+from .state import ClusterState as ClusterState
+from .state import IOThreadEntry as IOThreadEntry
+from .state import NodeEntry as NodeEntry
+from .state import cluster_state_path as cluster_state_path
 from ._errors import BottomHalfLeakError as BottomHalfLeakError
 from ._errors import CoroutineStateError as CoroutineStateError
 from ._errors import EvloopError as EvloopError
@@ -59,17 +65,22 @@ __all__ = [
     "BlockdevAdd",
     "BlockdevDel",
     "BottomHalfLeakError",
+    "CLUSTER_STATE_FILE",
     "Channel",
+    "ClusterState",
     "CoroutineStateError",
     "ErrorReply",
     "Event",
     "EvloopError",
     "Heartbeat",
     "Hello",
+    "IOThreadEntry",
     "Limits",
     "LocalProtocolError",
     "Message",
+    "NodeEntry",
     "PROTOCOL_VERSION",
+    "PendingRequests",
     "ProtocolError",
     "QmpDecoder",
     "QmpInputError",
@@ -83,6 +94,7 @@ __all__ = [
     "ThreadContractError",
     "Welcome",
     "channel_socket",
+    "cluster_state_path",
     "decode",
     "decode_batch",
     "encode",

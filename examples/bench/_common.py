@@ -10,6 +10,9 @@ Rows go to a table on stdout and, with ``--json PATH``, to a JSON list of
 ``{"metric", "unit", "ours", "baseline", "baseline_value", "ratio", "better"}``
 where ``ratio = ours / baseline_value`` and ``better`` says whether a higher or
 a lower value is the better one.
+
+``run(main)`` runs a benchmark: Ctrl-C ends it with one line and exit status
+130, what it started being stopped on the way out.
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Any, Literal, cast
 import msgpack
 import zmq
 
-__all__ = ["Row", "cpu_note", "measure", "parse_args", "print_table", "rows_for", "write_json"]
+from iothreads import set_parent_death_signal
+
+__all__ = ["Row", "cpu_note", "measure", "parse_args", "print_table", "rows_for", "run", "write_json"]
 
 Better = Literal["higher", "lower"]
 
@@ -44,6 +49,16 @@ class Row:
     baseline_value: float
     ratio: float
     better: Better
+
+
+def run(main: Callable[[], None]) -> None:
+    """Run a benchmark's ``main``; Ctrl-C: one line, exit status 130 (its
+    ``finally`` blocks have stopped what it started)."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        print(f"{os.path.basename(sys.argv[0])}: interrupted", file=sys.stderr)
+        sys.exit(130)
 
 
 def parse_args(description: str) -> argparse.Namespace:
@@ -169,7 +184,10 @@ class EchoPeer:
         try:
             self.router.bind(endpoint)
             self._epoll.register(cast(int, self.router.getsockopt(zmq.FD)), select.EPOLLIN | select.EPOLLET)
-            self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, endpoint])
+            # In a session of its own (Ctrl-C at the terminal reaches this
+            # process only, which stops it) and gone with this process.
+            self.proc = subprocess.Popen([sys.executable, "-c", _ECHO, endpoint], start_new_session=True,
+                                         preexec_fn=set_parent_death_signal)
             if not self.router.poll(30_000):
                 raise RuntimeError("the raw echo process did not connect")
             self.identity, ready = self.router.recv_multipart()

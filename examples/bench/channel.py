@@ -66,7 +66,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from _common import EchoPeer, Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
+from _common import (  # noqa: E402
+    EchoPeer, Row, cpu_note, measure, parse_args, print_table, rows_for, run, write_json,
+)
 
 from mainloop import Cluster, IOThreadConfig, IOThreadState, MainLoop, bql  # noqa: E402
 from protocol import (  # noqa: E402
@@ -301,4 +303,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

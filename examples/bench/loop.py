@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
+from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, run, write_json  # noqa: E402
 
 from iothreads import AioContext, ClockType  # noqa: E402
 
@@ -308,4 +308,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
-from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, write_json  # noqa: E402
+from _common import Row, cpu_note, measure, parse_args, print_table, rows_for, run, write_json  # noqa: E402
 
 from mainloop import IO_IN, MainContext, MainLoop, bql  # noqa: E402
 
@@ -186,4 +186,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

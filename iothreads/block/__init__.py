@@ -11,6 +11,7 @@ from ._node import FileDriver as FileDriver
 from ._node import NullDriver as NullDriver
 from ._node import OpStats as OpStats
 from ._node import make_driver as make_driver
+from ._node import open_node as open_node
 
 __all__ = [
     "BlockClient",
@@ -22,4 +23,5 @@ __all__ = [
     "NullDriver",
     "OpStats",
     "make_driver",
+    "open_node",
 ]

@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 A client attaches to a running cluster through its runtime directory, where
-the main loop publishes ``cluster.json``: each iothread's data endpoint and
-which iothread owns which node.  For each iothread it talks to, the client
-connects a DEALER socket (a ``Channel``) served by the client's AioContext;
-requests carry increasing ids, and each ``BlockCompletion`` finds its
-callback by id.  The main loop is not on this path.
+the main loop publishes ``cluster.json`` (a ``protocol.ClusterState``): each
+iothread's data endpoint and which iothread owns which node.  For each
+iothread it talks to, the client connects a DEALER socket (a ``Channel``)
+served by the client's AioContext; the connection's ``PendingRequests``
+gives each request its id, and each ``BlockCompletion`` finds its request by
+id.  The main loop is not on this path.
 
 Three ways to wait, over the same machinery:
 
@@ -15,7 +16,9 @@ Three ways to wait, over the same machinery:
   runs in the client's AioContext (yours, if you passed one; attach it to a
   MainContext with ``mainloop.AioSource`` to get callbacks there);
 * ``await client.aread(...)`` etc. in our coroutines;
-* ``client.read(...)`` etc.: blocking calls that poll the client's context.
+* ``client.read(...)`` etc.: blocking calls that poll the client's context,
+  up to ``timeout_s``; then the request is given up (its answer, if it
+  comes, is dropped) and ``TimeoutError`` raised.
 
 When a node moves to another iothread, the old home answers requests that
 still reach it with ESTALE; the client re-reads the published state and sends
@@ -27,25 +30,30 @@ A failed request raises (or reports) its errno and the iothread's message.
 from __future__ import annotations
 
 import errno
-import itertools
-import json
+import logging
 import os
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
+    CLUSTER_STATE_FILE,
     BlockCompletion,
     BlockRequest,
     Channel,
+    ClusterState,
     LocalProtocolError,
     Message,
+    NodeEntry,
+    PendingRequests,
     RemoteProtocolError,
     StateError,
     channel_socket,
+    cluster_state_path,
 )
 
 from ..aio._context import AioContext
@@ -55,16 +63,45 @@ from ..aio._coroutine import Future
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 
-CLUSTER_STATE_FILE = "cluster.json"  # in the runtime directory; written by the main loop
+log = logging.getLogger("iothreads.block")
 MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little while
 RESEND_DELAY_MS = 1
 RESEND_DELAY_MAX_MS = 100
 Completion = Callable[[int, str, bytes], object]
-Request = tuple[str, str, int, int, bytes, int, str]
 
 
 class BlockIOError(OSError):
     """A block request failed: ``errno`` and the iothread's message."""
+
+
+@dataclass(slots=True)
+class _Request:
+    """A request on its way: what it takes to send it again after its node
+    moved, or to fail it."""
+
+    node: str
+    op: str
+    offset: int
+    length: int
+    data: bytes
+    callback: Completion
+    deadline_ns: int | None = None  # a blocking call's (monotonic clock)
+    tries: int = 0
+
+
+@dataclass(eq=False)
+class _Connection:
+    """The client's connection to one iothread: its channel, the monitor that
+    says when the connection drops, and the requests waiting for completions."""
+
+    channel: Channel
+    handler: ChannelHandler
+    monitor: zmq.Socket[Any]
+    pending: PendingRequests[_Request]
+
+
+def _ignore(status: int, message: str, data: bytes) -> None:
+    pass
 
 
 class BlockClient:
@@ -73,53 +110,55 @@ class BlockClient:
     def __init__(self, runtime_dir: str, ctx: AioContext | None = None, *, timeout_s: float = 30.0) -> None:
         self.runtime_dir = runtime_dir
         self.timeout_s = timeout_s
-        self.state: dict[str, Any] = {}
-        self.refresh()  # first: no cluster there, nothing created
+        self.state = self._read_state()  # first: no cluster there, nothing created
         self._owns_ctx = ctx is None
         self.ctx = ctx or AioContext(name="block-client")
         self.zmq = zmq.Context()
         self._identity = f"client-{os.getpid()}-{id(self):x}".encode()
-        self._channels: dict[str, tuple[Channel, ChannelHandler, zmq.Socket[Any]]] = {}  # and its monitor
-        self._pending: dict[int, Completion] = {}
-        # To resend after a move, or fail if the connection is lost: (node, op,
-        # offset, length, data, tries, iothread).
-        self._requests: dict[int, Request] = {}
+        self._connections: dict[str, _Connection] = {}  # by iothread id
         self._lost: set[str] = set()  # iothreads whose connection dropped (and has not come back)
-        self._ids = itertools.count(1)
         self.resends = 0  # requests sent again because their node had moved
 
     # -- the cluster's shape ---------------------------------------------------
 
-    def refresh(self) -> None:
-        """Re-read the cluster's published state (nodes added or moved)."""
-        path = os.path.join(self.runtime_dir, CLUSTER_STATE_FILE)
+    def _read_state(self) -> ClusterState:
+        path = cluster_state_path(self.runtime_dir)
         try:
-            with open(path, encoding="utf-8") as f:
-                self.state = json.load(f)
+            with open(path, "rb") as f:
+                text = f.read()
         except FileNotFoundError:
             raise StateError(f"no running cluster in {self.runtime_dir} (no {CLUSTER_STATE_FILE})") from None
+        try:
+            return ClusterState.from_json(text)
+        except RemoteProtocolError as exc:
+            raise StateError(f"{path}: {exc}") from None
 
-    def nodes(self) -> dict[str, dict[str, Any]]:
-        return dict(self.state.get("nodes", {}))
+    def refresh(self) -> None:
+        """Re-read the cluster's published state (nodes added or moved);
+        ``StateError`` if there is no cluster, or the file is not its state."""
+        self.state = self._read_state()
+
+    def nodes(self) -> dict[str, NodeEntry]:
+        """The nodes as last read, by name."""
+        return dict(self.state.nodes)
 
     def node_size(self, node: str) -> int:
-        return int(self._node(node)["size"])
+        return self._node(node).size
 
-    def _node(self, node: str) -> dict[str, Any]:
-        info = self.state.get("nodes", {}).get(node)
+    def _node(self, node: str) -> NodeEntry:
+        info = self.state.nodes.get(node)
         if info is None:
             self.refresh()
-            info = self.state.get("nodes", {}).get(node)
+            info = self.state.nodes.get(node)
             if info is None:
-                raise BlockIOError(19, f"no block node named {node!r}")  # ENODEV
-        return info  # type: ignore[no-any-return]  # read only: no copy per request
+                raise BlockIOError(errno.ENODEV, f"no block node named {node!r}")
+        return info
 
-    def _channel(self, iothread: str) -> Channel:
-        entry = self._channels.get(iothread)
-        if entry is None:
-            endpoints = {t["id"]: t["data"] for t in self.state.get("iothreads", [])}
-            endpoint = endpoints.get(iothread)
-            if not endpoint:
+    def _connection(self, iothread: str) -> _Connection:
+        conn = self._connections.get(iothread)
+        if conn is None:
+            entry = self.state.iothread(iothread)
+            if entry is None or not entry.data:
                 raise StateError(f"iothread {iothread!r} has no data endpoint")
             sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
@@ -130,64 +169,76 @@ class BlockClient:
             # Told when the connection drops (the iothread died): its requests
             # in flight will never complete, so they fail then.
             monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
-            sock.connect(endpoint)
-            channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
+            sock.connect(entry.data)
+            pending: PendingRequests[_Request] = PendingRequests()
+            channel = Channel(sock, lambda _identity, msg: self._on_message(iothread, pending, msg),
+                              on_error=self._on_bad_message)
+            handler = ChannelHandler(self.ctx, channel, f"data-{iothread}")
+            conn = _Connection(channel, handler, monitor, pending)
             self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
-                                    io_read=lambda: self._on_monitor(iothread, monitor),
+                                    io_read=lambda: self._on_monitor(iothread, conn),
                                     io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
-            entry = self._channels[iothread] = (channel, ChannelHandler(self.ctx, channel, f"data-{iothread}"),
-                                                monitor)
-            self._on_monitor(iothread, monitor)  # ZeroMQ signals its fd only once a read has found it empty
-        return entry[0]
+            self._connections[iothread] = conn
+            self._on_monitor(iothread, conn)  # ZeroMQ signals its fd only once a read has found it empty
+        return conn
 
-    def _on_monitor(self, iothread: str, monitor: zmq.Socket[Any]) -> None:
+    def _on_monitor(self, iothread: str, conn: _Connection) -> None:
         """Connection events of a data channel (its monitor's fd is edge-triggered: read them all)."""
-        while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+        while cast(int, conn.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            event = parse_monitor_message(conn.monitor.recv_multipart(zmq.NOBLOCK))["event"]
             if event == zmq.EVENT_CONNECTED:
                 self._lost.discard(iothread)
             elif event == zmq.EVENT_DISCONNECTED:
                 self._lost.add(iothread)
-                lost = [rid for rid, r in self._requests.items() if r[6] == iothread]
-                for rid in lost:
-                    del self._requests[rid]
-                    cb = self._pending.pop(rid, None)
-                    if cb is None:
-                        continue
-                    try:  # one callback's bug must not strand the others (the fd's edge is spent)
-                        cb(-errno.EIO, f"the connection to iothread {iothread} was lost", b"")
-                    except Exception as exc:
-                        self.ctx.report_exception(exc, f"completion callback of request {rid}")
+                self._fail(conn.pending.take_all(), -errno.EIO,
+                           f"the connection to iothread {iothread} was lost")
+
+    def _fail(self, requests: list[tuple[int, _Request]], status: int, message: str) -> None:
+        """Complete ``requests`` with an error.  One callback's bug must not
+        strand the others (a monitor's edge is spent): it is reported."""
+        for request_id, request in requests:
+            try:
+                request.callback(status, message, b"")
+            except Exception as exc:
+                self.ctx.report_exception(exc, f"completion callback of request {request_id}")
+
+    def _expire(self, now_ns: int) -> None:
+        """Fail the requests whose deadline has passed with ETIMEDOUT: their
+        answers, if they come later, find nothing."""
+        for iothread, conn in list(self._connections.items()):
+            self._fail(conn.pending.expire(now_ns), -errno.ETIMEDOUT,
+                       f"iothread {iothread} did not answer in time")
 
     # -- completions ---------------------------------------------------------------
 
-    def _on_message(self, identity: bytes, msg: Message) -> None:
+    def _on_message(self, iothread: str, pending: PendingRequests[_Request], msg: Message) -> None:
         if isinstance(msg, BlockCompletion):
-            cb = self._pending.pop(msg.request_id, None)
-            if cb is None:
+            request = pending.match(msg.request_id)
+            if request is None:
+                return  # abandoned: timed out, or failed with its connection
+            if msg.status == -errno.ESTALE and request.tries < MAX_RESENDS:
+                self._resend_later(iothread, request)  # the node moved: look it up again
                 return
-            request = self._requests.pop(msg.request_id, None)
-            if msg.status == -errno.ESTALE and request is not None and request[5] < MAX_RESENDS:
-                self._resend_later(request, cb)  # the node moved: look it up again
-                return
-            cb(msg.status, msg.message, msg.data)
+            request.callback(msg.status, msg.message, msg.data)
 
-    def _resend_later(self, request: Request, cb: Completion) -> None:
-        node, op, offset, length, data, tries, _ = request
+    def _resend_later(self, iothread: str, request: _Request) -> None:
         self.resends += 1
+        log.debug("node %s moved away from iothread %s: %s at %d resent (try %d)", request.node, iothread,
+                  request.op, request.offset, request.tries + 1)
 
         def resend() -> None:
-            self.refresh()
             try:
+                self.refresh()
+                request.tries += 1
                 # Not deferred: a blocking call may be waiting for it inside the
                 # channel's drain (a call made from a completion callback).
-                self._send(node, op, offset, length, data, cb, tries + 1, defer=False)
+                self._send(request, defer=False)
             except (BlockIOError, StateError) as exc:
-                cb(-(getattr(exc, "errno", 0) or errno.ENODEV), str(exc), b"")
+                request.callback(-(getattr(exc, "errno", 0) or errno.ENODEV), str(exc), b"")
 
         # 1, 2, 4 ... 64, then 100 ms between tries: a move that takes long
         # (a node draining a slow flush) is waited for, up to about 100 s.
-        delay_ms = min(RESEND_DELAY_MS << min(tries, 6), RESEND_DELAY_MAX_MS)
+        delay_ms = min(RESEND_DELAY_MS << min(request.tries, 6), RESEND_DELAY_MAX_MS)
         self.ctx.timer_new_ms(ClockType.REALTIME, resend, "resend").mod(
             self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + delay_ms)
 
@@ -196,39 +247,38 @@ class BlockClient:
 
     @property
     def in_flight(self) -> int:
-        return len(self._pending)
+        return sum(len(conn.pending) for conn in self._connections.values())
 
     # -- submitting ----------------------------------------------------------------
 
     def submit(self, node: str, op: str, offset: int = 0, length: int = 0, data: bytes = b"",
                callback: Completion | None = None) -> int:
         """Send one request; ``callback(status, message, data)`` runs in the
-        client's context when it completes.  Returns the request id."""
+        client's context when it completes.  Returns the request id (on its
+        iothread's connection)."""
         if op == "write" and not length:
             length = len(data)
-        return self._send(node, op, offset, length, data, callback or (lambda s, m, d: None), 0)
+        return self._send(_Request(node, op, offset, length, data, callback or _ignore))
 
-    def _send(self, node: str, op: str, offset: int, length: int, data: bytes, callback: Completion,
-              tries: int, defer: bool = True) -> int:
-        info = self._node(node)
-        iothread = info["iothread"]
+    def _send(self, request: _Request, defer: bool = True) -> int:
+        iothread = self._node(request.node).iothread
         if iothread in self._lost:
             self.refresh()  # the node may live elsewhere now
-            iothread = self._node(node)["iothread"]
+            iothread = self._node(request.node).iothread
             if iothread in self._lost:
                 raise BlockIOError(errno.ENOTCONN, f"iothread {iothread} is not connected (it exited?)")
-        request_id = next(self._ids)
-        msg = BlockRequest(request_id, node, op, offset, length, data=data)
-        self._pending[request_id] = callback
-        self._requests[request_id] = (node, op, offset, length, data, tries, iothread)
+        conn = self._connection(iothread)
+        request_id = conn.pending.next_id()
+        msg = BlockRequest(request_id, request.node, request.op, request.offset, request.length,
+                           data=request.data)
+        conn.pending.register(request_id, request, request.deadline_ns)
         try:
             # Deferred: a burst of submissions reaches the socket in one go.
             # A blocking call (not deferred) may come from a completion callback,
             # inside the channel's drain: it must leave at once all the same.
-            self._channel(iothread).send(msg, defer=defer, immediately=not defer)
+            conn.channel.send(msg, defer=defer, immediately=not defer)
         except BaseException as exc:
-            self._pending.pop(request_id, None)
-            self._requests.pop(request_id, None)
+            conn.pending.match(request_id)
             if isinstance(exc, LocalProtocolError):  # too large for one message
                 raise BlockIOError(errno.EINVAL, str(exc)) from None
             raise
@@ -236,14 +286,16 @@ class BlockClient:
 
     def _wait(self, node: str, op: str, offset: int, length: int, data: bytes) -> bytes:
         result: list[tuple[int, str, bytes]] = []
-        # Sent at once: nothing else can join it, so a deferred send would only cost a turn.
-        self._send(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)), 0, defer=False)
         end_ns = time.monotonic_ns() + int(self.timeout_s * 1e9)
+        # Sent at once: nothing else can join it, so a deferred send would only cost a turn.
+        self._send(_Request(node, op, offset, length, data, lambda s, m, d: result.append((s, m, d)), end_ns),
+                   defer=False)
         while not result:
-            left_ns = end_ns - time.monotonic_ns()
-            if left_ns <= 0:
+            now_ns = time.monotonic_ns()
+            if now_ns >= end_ns:
+                self._expire(now_ns)  # this request too: its answer, if it comes, finds nothing
                 raise TimeoutError(f"{op} on node {node!r} did not complete in {self.timeout_s} s")
-            self.ctx.poll(True, left_ns)  # bounded: the answer may never come
+            self.ctx.poll(True, end_ns - now_ns)  # bounded: the answer may never come
         status, message, out = result[0]
         if status < 0:
             raise BlockIOError(-status, message)
@@ -290,14 +342,13 @@ class BlockClient:
     def close(self) -> None:
         """Disconnect (requests still in flight are abandoned; the iothread
         completes them and drops the completions)."""
-        for channel, handler, monitor in self._channels.values():
-            self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)))
-            channel.socket.disable_monitor()
-            monitor.close(linger=0)
-            handler.close()
-        self._channels.clear()
-        self._pending.clear()
-        self._requests.clear()
+        for conn in self._connections.values():
+            self.ctx.set_fd_handler(cast(int, conn.monitor.getsockopt(zmq.FD)))
+            conn.channel.socket.disable_monitor()
+            conn.monitor.close(linger=0)
+            conn.handler.close()
+            conn.pending.take_all()
+        self._connections.clear()
         self.zmq.term()
         if self._owns_ctx:
             self.ctx.close()

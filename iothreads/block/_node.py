@@ -3,8 +3,11 @@
 Theory of operation
 -------------------
 A ``BlockNode`` lives in one AioContext (its iothread's) and is used from that
-context's home thread only.  ``submit`` checks a request (bounds, alignment,
-read-only) and runs it:
+context's home thread only.  ``open_node`` makes one from validated
+``BlockdevOptions`` (the schema's).  ``submit`` checks a request (bounds,
+alignment) and runs it; on a read-only node, whatever its driver, a write,
+discard or write-zeroes fails with EPERM ("Block node is read-only", as
+QEMU says), counted as a failed operation:
 
 * a read first tries ``preadv(..., RWF_NOWAIT)`` inline: data already in the
   page cache is returned without a thread hand-off (how io_uring avoids one);
@@ -36,12 +39,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from protocol import BlockOp
+from protocol.schema import BlockdevOptionsBase, BlockdevOptionsFile, BlockdevOptionsNull
 
 from ..aio._context import AioContext
 
 log = logging.getLogger("iothreads.block")
 
-__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver"]
+__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver", "open_node"]
 
 Completion = Callable[[int, str, bytes], object]  # (status, message, data)
 
@@ -51,6 +55,7 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit
+_WRITING_OPS = frozenset((BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES))
 
 
 class BlockDriver:
@@ -59,7 +64,6 @@ class BlockDriver:
 
     name = "driver"
     size = 0
-    read_only = False
     align = 1  # offsets and lengths must be multiples of this
 
     def read(self, offset: int, length: int) -> bytes:
@@ -92,7 +96,7 @@ class NullDriver(BlockDriver):
 
     name = "null-co"
 
-    def __init__(self, size: int, read_zeroes: bool = True) -> None:
+    def __init__(self, size: int, read_zeroes: bool = False) -> None:
         if size < 0:
             raise ValueError("size must be >= 0")
         self.size = size
@@ -280,10 +284,11 @@ class OpStats:
 class BlockNode:
     """A named block node served by one AioContext.  Home thread only."""
 
-    def __init__(self, ctx: AioContext, name: str, driver: BlockDriver) -> None:
+    def __init__(self, ctx: AioContext, name: str, driver: BlockDriver, *, read_only: bool = False) -> None:
         self.ctx = ctx
         self.name = name
         self.driver = driver
+        self.read_only = read_only
         self.in_flight = 0
         self.stats: dict[str, OpStats] = {op.value: OpStats() for op in BlockOp}
         self._drain_waiters: list[Callable[[], object]] = []
@@ -317,8 +322,8 @@ class BlockNode:
         if problem is not None:
             self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
             return
-        if op != BlockOp.READ and op != BlockOp.FLUSH and self.driver.read_only:
-            self._complete(op, start, 0, -errno.EROFS, f"node '{self.name}' is read-only", b"", callback)
+        if self.read_only and op in _WRITING_OPS:
+            self._complete(op, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
             return
         self.in_flight += 1
         if op == BlockOp.READ:
@@ -393,29 +398,15 @@ class BlockNode:
         self.driver.close()
 
 
-def _flag(options: dict[str, str | int | bool], key: str) -> bool:
-    value = options.get(key, False)
-    if isinstance(value, bool):
-        return value
-    if value in ("on", "true", "yes", 1, "1"):
-        return True
-    if value in ("off", "false", "no", 0, "0"):
-        return False
-    raise ValueError(f"Parameter '{key}' expects 'on' or 'off'")
+def make_driver(options: BlockdevOptionsBase) -> BlockDriver:
+    """The driver validated ``BlockdevOptions`` describe (``OSError`` if it cannot open)."""
+    if isinstance(options, BlockdevOptionsFile):
+        return FileDriver(options.filename, read_only=options.read_only, direct=options.cache.direct)
+    if isinstance(options, BlockdevOptionsNull):
+        return NullDriver(options.size, read_zeroes=options.read_zeroes)
+    raise ValueError(f"the driver '{options.driver}' is not served here")
 
 
-def make_driver(driver: str, options: dict[str, str | int | bool]) -> BlockDriver:
-    """A driver from blockdev-add's options (already checked by the main loop)."""
-    if driver == "file":
-        filename = options.get("filename")
-        if not isinstance(filename, str) or not filename:
-            raise ValueError("Parameter 'filename' is missing")
-        return FileDriver(filename, read_only=_flag(options, "read-only"),
-                          direct=_flag(options, "cache.direct"))
-    if driver == "null-co":
-        size = options.get("size", 1 << 30)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-            raise ValueError("Parameter 'size' expects a size")
-        read_zeroes = "read-zeroes" not in options or _flag(options, "read-zeroes")
-        return NullDriver(size, read_zeroes=read_zeroes)
-    raise ValueError(f"Unsupported driver '{driver}' (supported: file, null-co)")
+def open_node(ctx: AioContext, options: BlockdevOptionsBase) -> BlockNode:
+    """A node of ``ctx`` as validated ``BlockdevOptions`` describe it.  Home thread."""
+    return BlockNode(ctx, options.node_name, make_driver(options), read_only=options.read_only)

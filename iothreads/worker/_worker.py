@@ -63,9 +63,10 @@ from protocol import (
     Welcome,
     channel_socket,
 )
+from protocol.schema import SchemaError, blockdev_from_wire
 
 from ..aio._context import AioContext
-from ..block._node import BlockNode, make_driver
+from ..block._node import BlockNode, open_node
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._notifier import EventNotifier
@@ -230,7 +231,8 @@ class IOThreadWorker:
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
                 # Deferred: completions that finish together leave in one batch.
                 channel.send(_completion(request_id, status, message, data), to, defer=True)
-            if status < 0 and -status not in (errno.EINVAL, errno.ESTALE, errno.ENODEV):
+            # Refused requests (invalid, read-only node, moved, no node) are not I/O errors.
+            if status < 0 and -status not in (errno.EINVAL, errno.EPERM, errno.ESTALE, errno.ENODEV):
                 # What the main loop must know (and handle under its BQL) goes
                 # to it as a message: QEMU's BLOCK_IO_ERROR event.
                 self.channel.send(Event("BLOCK_IO_ERROR", {
@@ -241,17 +243,22 @@ class IOThreadWorker:
         node.submit(msg.op, msg.offset, msg.length, msg.data, done)
 
     def _on_blockdev_add(self, identity: bytes, msg: BlockdevAdd) -> None:
+        """Open the node the message's options describe, checked again by the
+        schema (a peer's input, and the one place that says what a driver takes)."""
         try:
             if msg.node_name in self.nodes:
                 raise ValueError(f"duplicate node name '{msg.node_name}'")
-            driver = make_driver(msg.driver, msg.options)
+            node = open_node(self.ctx, blockdev_from_wire(msg.node_name, msg.driver, msg.options))
+        except SchemaError as exc:
+            self.channel.send(ErrorReply(msg.request_id, exc.error_class, _bounded(exc.desc)))
+            return
         except (ValueError, OSError) as exc:
-            self.channel.send(ErrorReply(msg.request_id, "GenericError", str(exc),
+            self.channel.send(ErrorReply(msg.request_id, "GenericError", _bounded(str(exc)),
                                          getattr(exc, "errno", 0) or 0))
             return
-        self.nodes[msg.node_name] = BlockNode(self.ctx, msg.node_name, driver)
+        self.nodes[msg.node_name] = node
         self.moved.discard(msg.node_name)  # it may come back
-        self.channel.send(QueryReply(msg.request_id, {"size": driver.size}))
+        self.channel.send(QueryReply(msg.request_id, {"size": node.size}))
 
     def _on_blockdev_del(self, identity: bytes, msg: BlockdevDel) -> None:
         node = self.nodes.get(msg.node_name)
@@ -268,8 +275,11 @@ class IOThreadWorker:
         else:
             del self.nodes[msg.node_name]
         self.deleting.add(node)  # still drained (and closed) by an orderly exit
+        log.debug("node %s: draining %d request(s) in flight (%s)", msg.node_name, node.in_flight,
+                  "moving away" if msg.moving else "blockdev-del")
 
         def drained() -> None:
+            log.debug("node %s: drained and closed", msg.node_name)
             self.deleting.discard(node)
             node.close()
             if self.nodes.get(msg.node_name) is node:
@@ -349,6 +359,7 @@ class IOThreadWorker:
             return
         self.shutting_down = True
         nodes = {*self.nodes.values(), *self.deleting}
+        log.debug("exit requested: draining %d node(s)", len(nodes))
         waiting = set(nodes)
 
         def drained(node: BlockNode) -> None:
@@ -434,12 +445,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{name}", type=int, default=default)
     p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
     p.add_argument("--data-endpoint", metavar="ENDPOINT", help="bind the data plane (clients) here")
+    p.add_argument("--log-level", type=_log_level, default=logging.INFO, metavar="LEVEL",
+                   help="messages from this logging level up (a name or a number; default INFO)")
     return p.parse_args(argv)
+
+
+def _log_level(text: str) -> int:
+    level = int(text) if text.isdigit() else logging.getLevelName(text.upper())
+    if not isinstance(level, int):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a logging level")
+    return level
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format=f"iothread {args.id}: %(message)s")
+    logging.basicConfig(level=args.log_level, format=f"iothread {args.id}: %(message)s")
     if args.parent_pid:
         _die_with_parent(args.parent_pid)
     try:
@@ -476,9 +496,13 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    log.debug("pid %d: control %s, data %s", worker.pid, args.connect, args.data_endpoint)
+    exit_code = EXIT_ERROR
     try:
-        return worker.run()
+        exit_code = worker.run()
+        return exit_code
     finally:
+        log.debug("exiting (code %d)", exit_code)
         closing = True
         worker.ctx.set_event_notifier(stop_request, None)
         stop_request.close()

@@ -11,32 +11,42 @@ each job owns a disjoint region of the device and keeps ``--iodepth``
 requests in flight.  All jobs run in this process on one AioContext: the
 client's completions arrive through its channels, never through the main
 loop.  ``--verify`` writes a checksummed pattern and reads it back; any
-mismatch fails the run with exit 1.
+mismatch fails the run with exit 1 (it refuses null-co nodes, which discard
+what is written).  ``--json PATH`` writes the results as JSON (``-``: on
+stdout, the table then going to stderr).
+
+Ctrl-C (SIGINT) ends a run early: no new requests, those in flight complete,
+and what was measured is printed and written, marked interrupted; exit 130.
+A second Ctrl-C gives up at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
+import logging
 import math
 import os
 import random
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
-from iothreads import BlockClient, set_parent_death_signal
+from iothreads import BlockClient, EventNotifier, set_parent_death_signal
 
 from ._options import OptionError, parse_size
 
-__all__ = ["EmbeddedCluster", "add_bench_arguments", "run_bench"]
+__all__ = ["EXIT_INTERRUPTED", "EmbeddedCluster", "add_bench_arguments", "run_bench"]
+
+EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command ended by Ctrl-C
+log = logging.getLogger("mainloop.cli")
 
 PATTERNS = ("randread", "randwrite", "randrw", "read", "write")
 PROGRESS_INTERVAL_S = 0.5
@@ -66,7 +76,7 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", default="256M", help="embedded image size (default 256M)")
     p.add_argument("--node", action="append", default=[], help="with --attach: nodes to use (default all)")
     p.add_argument("--verify", action="store_true", help="write a checksummed pattern, read it back")
-    p.add_argument("--json", metavar="PATH", help="write the results as JSON")
+    p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': on stdout)")
     p.add_argument("--plot", metavar="PATH", help="a latency histogram PNG (needs matplotlib)")
 
 
@@ -118,6 +128,7 @@ class Workload:
         self.submitted = 0
         self.completed = 0
         self.mismatches: list[str] = []
+        self.interrupted = False  # Ctrl-C: no new requests
         self._payload = random.Random(1).randbytes(bs)
 
     def _op(self) -> str:
@@ -169,7 +180,8 @@ class Workload:
         depth = self.args.iodepth
         start_submitted = self.submitted
         while True:
-            more = (self.submitted - start_submitted < total) if total else time.monotonic() < deadline
+            more = not self.interrupted and (
+                (self.submitted - start_submitted < total) if total else time.monotonic() < deadline)
             if more:
                 for j in range(len(self.jobs)):
                     while self.in_flight[j] < depth and (
@@ -203,6 +215,8 @@ class Workload:
                     return True
 
                 self._pump(next_block, total, progress)
+                if self.interrupted:
+                    return
                 if op == "write":
                     for node in sorted({n for n, _, _ in self.jobs}):
                         self.client.flush(node)
@@ -263,7 +277,7 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise OptionError("--plot needs matplotlib (pip install 'evloop[plot]')") from None
+        raise OptionError("--plot needs matplotlib (pip install 'iothreads[plot]')") from None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for op, r in sorted(results.items()):
         ax.hist([ns / 1000 for ns in r.latencies_ns], bins=100, alpha=0.6, label=op, log=True)
@@ -280,29 +294,46 @@ class EmbeddedCluster:
     """``iothreads launch`` in a child process: 2 iothreads, a temporary raw
     image of ``size`` bytes, nodes ``disk0`` (on io0) and ``disk1`` (on io1).
     ``runtime_dir`` is what a ``BlockClient`` attaches to; ``close()`` stops
-    the cluster and removes everything."""
+    the cluster and removes everything.
 
-    def __init__(self, size: int) -> None:
-        self.dir = tempfile.mkdtemp(prefix="evb", dir="/tmp")
-        self.image = os.path.join(self.dir, "disk.img")
-        with open(self.image, "wb") as f:
-            f.truncate(size)
-        self.runtime_dir = os.path.join(self.dir, "run")
-        argv = [sys.executable, "-m", "mainloop", "launch", "--iothreads", "2", "--runtime-dir", self.runtime_dir]
-        for i in range(2):
-            argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={self.image},iothread=io{i}"]
-        # Its messages (iothreads started and stopped) go to a file, shown
-        # only if something goes wrong; and it goes when this process does,
-        # even killed (SIGTERM from the kernel: it cleans up after itself).
+    Nothing outlives this process, even killed (SIGKILL): the image never
+    has a name (a temporary file the iothreads open as ``/proc/PID/fd/N``;
+    the kernel frees it once the last of them has closed it), and the
+    launcher gets SIGTERM from the kernel when this process dies (a
+    parent-death signal): it stops its iothreads and removes its private
+    runtime directory.  It runs in a session of its own, so that Ctrl-C at
+    the terminal reaches this process only, which then stops it in order.
+
+    ``log_level`` is the launcher's ``--log-level``; at ``debug`` its
+    messages go to this process's stderr, else to a file shown only if
+    something goes wrong."""
+
+    def __init__(self, size: int, log_level: str = "info") -> None:
+        self._closed = False
+        self.proc: subprocess.Popen[str] | None = None
         self.log = tempfile.TemporaryFile("w+")
-        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     preexec_fn=set_parent_death_signal)
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            if json.loads(line).get("event") == "READY":
-                return
-        self.close()
-        raise RuntimeError(f"the embedded cluster did not start:\n{self.messages()}")
+        self.image = tempfile.TemporaryFile()  # unnamed (O_TMPFILE), or unlinked at once
+        try:
+            self.image.truncate(size)
+            filename = f"/proc/{os.getpid()}/fd/{self.image.fileno()}"
+            argv = [sys.executable, "-m", "mainloop", "launch", "--iothreads", "2", "--log-level", log_level]
+            for i in range(2):
+                argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={filename},iothread=io{i}"]
+            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
+                                         stderr=None if log_level == "debug" else self.log, text=True,
+                                         start_new_session=True, preexec_fn=set_parent_death_signal)
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                event = json.loads(line)
+                if event["event"] == "READY":
+                    self.runtime_dir: str = event["data"]["runtime_dir"]
+                    log.debug("embedded cluster started (launcher pid %d) in %s", self.proc.pid, self.runtime_dir)
+                    return
+            self.proc.wait(30)
+            raise RuntimeError(f"the embedded cluster did not start:\n{self.messages()}")
+        except BaseException:
+            self.close()
+            raise
 
     def messages(self) -> str:
         """What the cluster said on stderr."""
@@ -310,21 +341,60 @@ class EmbeddedCluster:
         return self.log.read().rstrip()
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        if self.proc.returncode not in (0, None):
-            print(f"the embedded cluster exited with status {self.proc.returncode}:\n{self.messages()}",
-                  file=sys.stderr)
-        self.log.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        """Stop the cluster (SIGTERM, then SIGKILL after 30 s).  Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            proc = self.proc
+            if proc is None:
+                return
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            if proc.returncode not in (0, None):
+                print(f"the embedded cluster exited with status {proc.returncode}:\n{self.messages()}",
+                      file=sys.stderr)
+        finally:
+            self.log.close()
+            self.image.close()
 
+
+@contextlib.contextmanager
+def _ended_by_sigint(workload: Workload) -> Iterator[None]:
+    """While the block runs, a first SIGINT (Ctrl-C) ends the workload early
+    (``workload.interrupted``: no new requests, those in flight complete); a
+    second one raises KeyboardInterrupt.  Main thread, the client's home."""
+    ctx = workload.client.ctx
+    wakeup = EventNotifier()
+    woken = False  # read by busy polling, as QEMU's notifiers read theirs in memory
+
+    def on_wakeup(notifier: EventNotifier) -> None:
+        nonlocal woken
+        woken = False
+        notifier.test_and_clear()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        nonlocal woken
+        if workload.interrupted:
+            raise KeyboardInterrupt
+        workload.interrupted = woken = True
+        wakeup.set()  # a poll waiting for completions returns now
+
+    ctx.set_event_notifier(wakeup, on_wakeup, io_poll=lambda: woken)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        ctx.set_event_notifier(wakeup, None)
+        wakeup.close()
 
 
 def _block_size(text: str) -> int:
@@ -345,7 +415,7 @@ def run_bench(args: argparse.Namespace) -> int:
             raise OptionError("--plot needs matplotlib (pip install -e '.[plot]')") from None
     embedded = None
     if args.attach is None:
-        embedded = EmbeddedCluster(parse_size("--size", args.size))
+        embedded = EmbeddedCluster(parse_size("--size", args.size), args.log_level)
         runtime_dir = embedded.runtime_dir
     else:
         runtime_dir = args.attach
@@ -356,29 +426,44 @@ def run_bench(args: argparse.Namespace) -> int:
                 raise OptionError(f"the cluster in {runtime_dir} has no block nodes")
             for n in nodes:
                 client.node_size(n)  # unknown names fail here, clearly
+            discarding = [n for n in nodes if client.nodes()[n].driver == "null-co"]
+            if args.verify and discarding:
+                raise OptionError(f"--verify: node {', '.join(discarding)} is null-co, which discards what is "
+                                  "written: there is nothing to read back (choose other nodes with --node)")
             workload = Workload(client, nodes, args, bs)
             what = "verify" if args.verify else args.rw
             print(f"{what}: bs={bs} iodepth={args.iodepth} jobs={len(workload.jobs)} on "
                   f"{', '.join(nodes)}", file=sys.stderr)
             progress = Progress(bs)
             t0 = time.monotonic()
-            workload.run(progress)
+            with _ended_by_sigint(workload):
+                workload.run(progress)
             elapsed = time.monotonic() - t0
             progress.update(workload, final=True)
     finally:
         if embedded is not None:
             embedded.close()
-    text, data = _table(workload.results, elapsed, bs)
-    print(text)
+    return _report(workload, args, elapsed)
+
+
+def _report(workload: Workload, args: argparse.Namespace, elapsed: float) -> int:
+    """The table (stdout; stderr when the JSON goes there), the JSON and the
+    plot; the exit status."""
+    text, data = _table(workload.results, elapsed, workload.bs)
+    print(text, file=sys.stderr if args.json == "-" else sys.stdout)
     data.update({"rw": args.rw, "iodepth": args.iodepth, "jobs": len(workload.jobs), "verify": args.verify,
-                 "errors": workload.mismatches})
-    if args.json:
+                 "errors": workload.mismatches, "interrupted": workload.interrupted})
+    if args.json == "-":
+        json.dump(data, sys.stdout, indent=2)
+        print()
+    elif args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
     if args.plot:
         _plot(workload.results, args.plot)
-    if workload.mismatches:
-        for m in workload.mismatches:
-            print(f"iothreads: {m}", file=sys.stderr)
-        return 1
-    return 0
+    for m in workload.mismatches:
+        print(f"iothreads: {m}", file=sys.stderr)
+    if workload.interrupted:
+        print(f"iothreads: interrupted after {elapsed:.1f} s: the results are partial", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 1 if workload.mismatches else 0

@@ -1,13 +1,17 @@
 """The ``iothreads`` command (also ``python -m mainloop``).
 
 ``iothreads launch`` runs a cluster in the foreground: a main loop and its
-iothread processes, configured with qemu-storage-daemon's options.  Once
-every iothread has answered it prints one JSON line::
+iothread processes, configured with qemu-storage-daemon's options.  It
+prints one JSON line per event on stdout, every one in QMP's event shape
+``{"event": NAME, "data": {...}}``: ``IOTHREAD_READY`` as each iothread
+answers, then, once every iothread has answered and every ``--blockdev`` is
+added, ``READY``::
 
-    {"event": "READY", "pid": ..., "runtime_dir": ..., "control": ..., "iothreads": [...]}
+    {"event": "READY", "data": {"pid": ..., "qmp": [...], "runtime_dir": ..., "control": ...,
+                                "iothreads": [...], "nodes": {...}}}
 
-and later one JSON line per cluster event (an iothread that exits
-unexpectedly: ``IOTHREAD_EXITED``).  SIGTERM or SIGINT stops every iothread,
+and later one line per cluster event (``IOTHREAD_EXITED`` for an iothread
+that exits unexpectedly, ...).  SIGTERM or SIGINT stops every iothread,
 reaps it, removes the socket files and exits 0.  A bad option or value prints
 one line naming it and exits 1.  The runtime directory (``RUNTIME_DIR/lock``)
 and the ``--pidfile`` are locked while it runs: a second launcher on either
@@ -20,6 +24,7 @@ import argparse
 import contextlib
 import errno
 import fcntl
+import functools
 import itertools
 import json
 import logging
@@ -27,7 +32,6 @@ import os
 import shutil
 import signal
 import sys
-from importlib import metadata
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
 
@@ -35,11 +39,11 @@ import zmq
 
 from protocol import ErrorReply, QueryReply, StateError, make_runtime_dir
 
-from ._bench import add_bench_arguments, run_bench
+from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
 from ..loop._bql import bql
 from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
 from ..loop._loop import MainLoop
-from ..qmp._monitor import Monitor
+from ..qmp._monitor import Monitor, package_version
 from ._options import (
     BlockdevSpec,
     ChardevSpec,
@@ -57,14 +61,8 @@ PROG = "iothreads"
 EXIT_OK, EXIT_FAILURE = 0, 1
 MAX_IOTHREADS = 256  # for --iothreads: each one is a process
 LOCK_FILE = "lock"  # in the runtime directory: the launcher's pid, locked while it runs
+LOG_LEVELS = ("debug", "info", "warning", "error")
 log = logging.getLogger("mainloop.cli")
-
-
-def _version() -> str:
-    try:
-        return metadata.version("evloop")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -88,10 +86,20 @@ def _iothread_count(text: str) -> int:
     return value
 
 
+def _add_log_arguments(p: argparse.ArgumentParser) -> None:
+    """-v / --log-level, for this process and the iothread processes it starts."""
+    level = p.add_mutually_exclusive_group()
+    level.add_argument("--log-level", choices=LOG_LEVELS, default="info",
+                       help="messages on stderr from this level up, here and in the iothreads (default info)")
+    level.add_argument("-v", "--verbose", dest="log_level", action="store_const", const="debug",
+                       help="--log-level debug: also processes started and exiting, node moves, drains, "
+                            "requests resent")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="QEMU's event-loop architecture: a main loop and iothread "
                                             "processes, managed like qemu-storage-daemon.")
-    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {_version()}")
+    parser.add_argument("-V", "--version", action="version", version=f"{PROG} {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     launch = sub.add_parser("launch", help="run a cluster in the foreground",
                             description="Run a main loop and its iothread processes until SIGTERM or "
@@ -124,10 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "in the runtime directory (port 0: any free port)")
     launch.add_argument("--restart", action="store_true",
                         help="restart iothreads that exit unexpectedly")
+    _add_log_arguments(launch)
     bench = sub.add_parser("bench", help="run a block-I/O workload (fio-like)",
                            description="Run a block-I/O workload against an embedded cluster (2 iothreads, "
                                        "a temporary raw image) or, with --attach, a launched one.")
     add_bench_arguments(bench)
+    _add_log_arguments(bench)
     return parser
 
 
@@ -166,8 +176,9 @@ def _configs(args: argparse.Namespace) -> list[IOThreadConfig]:
     return configs
 
 
-def _emit(event: dict[str, Any]) -> None:
-    print(json.dumps(event), flush=True)
+def _emit(name: str, data: dict[str, Any]) -> None:
+    """One line on stdout, in QMP's event shape (without its timestamp)."""
+    print(json.dumps({"event": name, "data": data}), flush=True)
 
 
 def _blockdevs(args: argparse.Namespace, configs: list[IOThreadConfig]) -> list[BlockdevSpec]:
@@ -184,13 +195,16 @@ def _blockdevs(args: argparse.Namespace, configs: list[IOThreadConfig]) -> list[
 
 
 def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
-    """Create the nodes; the first error, or None."""
-    replies: list[QueryReply | ErrorReply] = []
+    """Create the nodes, all at once (several iothreads open theirs in
+    parallel); the first error in the options' order, naming its node, or None."""
+    replies: dict[str, QueryReply | ErrorReply] = {}  # by node name: the answers come in any order
     for spec in specs:
-        cluster.blockdev_add(spec.node_name, spec.driver, spec.options, replies.append, spec.iothread)
+        cluster.blockdev_add(spec.node_name, spec.driver, spec.options,
+                             functools.partial(replies.__setitem__, spec.node_name), spec.iothread)
     if not cluster.wait_for(lambda: len(replies) == len(specs), 30):
         return "block nodes were not created in time"
-    for spec, reply in zip(specs, replies):
+    for spec in specs:
+        reply = replies[spec.node_name]
         if isinstance(reply, ErrorReply):
             return f"--blockdev node-name={spec.node_name}: {reply.message}"
     return None
@@ -346,7 +360,7 @@ def launch(args: argparse.Namespace) -> int:
         with bql():
             cluster = _new_cluster(loop, args, runtime_dir)
             try:
-                cluster.add_listener(lambda name, data: _emit({"event": name, "data": data}))
+                cluster.add_listener(_emit)
                 for config in configs:
                     cluster.add(config)
                 def failed() -> list[IOThread]:
@@ -385,7 +399,7 @@ def launch(args: argparse.Namespace) -> int:
                             monitor.close()
                             cluster.shutdown()
                             return EXIT_FAILURE
-                    _emit({"event": "READY", "pid": os.getpid(), "qmp": qmp, **cluster.describe()})
+                    _emit("READY", {"pid": os.getpid(), "qmp": qmp, **cluster.describe()})
             except BaseException:
                 if monitor is not None:
                     monitor.close()
@@ -407,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"{PROG}: a command is required (try '{PROG} launch')", file=sys.stderr)
         return EXIT_FAILURE
-    logging.basicConfig(level=logging.INFO, format=f"{PROG}: %(message)s", stream=sys.stderr)
+    # The iothreads started from here log from the same level (Cluster passes it on).
+    logging.basicConfig(level=args.log_level.upper(), format=f"{PROG}: %(message)s", stream=sys.stderr)
     try:
         if args.command == "bench":
             return run_bench(args)
@@ -415,6 +430,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    except KeyboardInterrupt:  # Ctrl-C in bench (launch takes SIGINT through its loop): cleaned up already
+    except KeyboardInterrupt:  # Ctrl-C in bench outside its run (launch takes SIGINT through its loop)
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED

@@ -1,10 +1,16 @@
-"""qemu-storage-daemon's option syntax for objects: QEMU's keyval and JSON forms.
+"""qemu-storage-daemon's option syntax: QEMU's keyval and JSON forms.
 
 ``--object iothread,id=io0,poll-max-ns=32768`` and
 ``--object '{"qom-type": "iothread", "id": "io0", "poll-max-ns": 32768}'``
 describe the same iothread.  In the keyval form the first element, without
 ``=``, is the implied ``qom-type``; a literal comma inside a value is written
-``,,``.
+``,,``; a dotted key is a member of a nested object (``cache.direct=on``).
+
+What ``--object`` and ``--blockdev`` take is declared once, in
+``protocol.schema`` (ObjectOptions, BlockdevOptions): keyval strings are
+converted per the declared types, JSON values must have them, and QMP's
+``object-add`` and ``blockdev-add`` check the same declarations.
+``--chardev`` and ``--monitor`` follow QEMU's older option syntax (QemuOpts).
 """
 
 from __future__ import annotations
@@ -12,14 +18,27 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+from protocol.schema import (
+    INT64_MAX,
+    BlockdevOptions,
+    FlatUnion,
+    ObjectOptions,
+    SchemaError,
+    blockdev_to_wire,
+    id_wellformed,
+    parse,
+    unflatten,
+)
+from protocol.schema import parse_size as schema_parse_size
 
 from ..cluster._cluster import IOThreadConfig
+from ..qmp._monitor import iothread_config
 
 __all__ = ["BlockdevSpec", "OptionError", "parse_blockdev", "parse_keyval", "parse_object", "parse_size"]
 
-_IOTHREAD_INTS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
-_MAX_U64 = 2**64 - 1
+T = TypeVar("T")
 
 
 class OptionError(ValueError):
@@ -63,70 +82,44 @@ def parse_keyval(text: str, implied_key: str | None = None) -> dict[str, str]:
     return result
 
 
+def _is_json(text: str) -> bool:
+    return text.lstrip().startswith("{")
+
+
+def _json(text: str) -> dict[str, Any]:
+    try:
+        value: dict[str, Any] = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise OptionError(f"JSON parse error: {exc.msg}") from None
+    except RecursionError:
+        raise OptionError("JSON parse error: nested too deeply") from None
+    return value
+
+
 def _properties(text: str, implied_key: str | None) -> dict[str, Any]:
     """An option's properties from its JSON form (``{...}``) or keyval form."""
-    if text.lstrip().startswith("{"):
-        try:
-            props: dict[str, Any] = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise OptionError(f"JSON parse error: {exc.msg}") from None
-        except RecursionError:
-            raise OptionError("JSON parse error: nested too deeply") from None
-        return props
-    return dict(parse_keyval(text, implied_key=implied_key))
+    return _json(text) if _is_json(text) else dict(parse_keyval(text, implied_key=implied_key))
+
+
+def _parse_declared(declared: FlatUnion[T], text: str, implied_key: str | None) -> T:
+    """An option value (keyval or JSON) checked against its declaration."""
+    try:
+        if _is_json(text):
+            return parse(declared, _json(text))
+        return parse(declared, unflatten(parse_keyval(text, implied_key)), keyval=True)
+    except SchemaError as exc:
+        raise OptionError(exc.desc) from None
 
 
 def parse_object(text: str) -> IOThreadConfig:
-    """An ``--object`` value (keyval or JSON) describing an iothread."""
-    props = _properties(text, implied_key="qom-type")
-    qom_type = props.pop("qom-type", None)
-    if qom_type is None:
-        raise OptionError("Parameter 'qom-type' is missing")
-    if qom_type != "iothread":
-        raise OptionError(f"invalid object type: {qom_type}")
-    object_id = props.pop("id", None)
-    if object_id is None:
-        raise OptionError("Parameter 'id' is missing")
-    if not isinstance(object_id, str) or not _valid_id(object_id):
-        raise OptionError(f"Parameter 'id' expects an identifier, not {object_id!r}")
-    values: dict[str, int] = {}
-    for key in _IOTHREAD_INTS:
-        if key in props:
-            values[key] = _u64(key, props.pop(key))
-    if props:
-        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
-    return IOThreadConfig(
-        object_id,
-        poll_max_ns=values.get("poll-max-ns", 32768),
-        poll_grow=values.get("poll-grow", 0),
-        poll_shrink=values.get("poll-shrink", 0),
-        aio_max_batch=values.get("aio-max-batch", 0),
-    )
-
-
-def _valid_id(name: str) -> bool:
-    """QEMU's id_wellformed: a letter, then letters, digits, '-', '.', '_'."""
-    return bool(name) and name[0].isascii() and name[0].isalpha() and all(
-        c.isascii() and (c.isalnum() or c in "-._") for c in name
-    )
-
-
-def _u64(key: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise OptionError(f"Parameter '{key}' expects an integer")
-    if isinstance(value, str):
-        try:
-            value = int(value, 0)
-        except ValueError:
-            raise OptionError(f"Parameter '{key}' expects an integer") from None
-    if not isinstance(value, int) or not 0 <= value <= _MAX_U64:
-        raise OptionError(f"Parameter '{key}' expects a non-negative integer")
-    return value
+    """An ``--object`` value (keyval or JSON): an ObjectOptions, an iothread."""
+    return iothread_config(_parse_declared(ObjectOptions, text, implied_key="qom-type"))
 
 
 @dataclass(frozen=True)
 class BlockdevSpec:
-    """A ``--blockdev`` value: node name, driver, its options, and the iothread."""
+    """A ``--blockdev`` value: node name, driver, its validated options as the
+    ``BlockdevAdd`` message carries them, and the iothread."""
 
     node_name: str
     driver: str
@@ -134,27 +127,22 @@ class BlockdevSpec:
     iothread: str | None = None
 
 
-_SUFFIXES = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40, "p": 1 << 50, "e": 1 << 60}
+def parse_blockdev(text: str) -> BlockdevSpec:
+    """A ``--blockdev`` value (keyval or JSON): a BlockdevOptions."""
+    options = _parse_declared(BlockdevOptions, text, implied_key=None)
+    return BlockdevSpec(options.node_name, options.driver.value, blockdev_to_wire(options), options.iothread)
 
 
-def parse_size(key: str, value: object) -> int:
-    """QEMU sizes: ``4096``, ``512K``, ``1G`` (powers of 1024)."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower()
-        number, suffix = (text[:-1], text[-1]) if text and text[-1] in _SUFFIXES else (text, "")
-        try:
-            size = int(float(number) * _SUFFIXES[suffix]) if "." in number else int(number) * _SUFFIXES[suffix]
-        except (ValueError, OverflowError):  # not a number; a float that is infinite
-            pass
-        else:
-            if 0 <= size < 2**63:
-                return size
-    raise OptionError(f"Parameter '{key}' expects a size (e.g. 4096, 512K, 1G)")
+def parse_size(key: str, text: str) -> int:
+    """A size in QEMU's notation: ``4096``, ``512K``, ``1.5G`` (powers of 1024)."""
+    size = schema_parse_size(text)
+    if size is None or size > INT64_MAX:
+        raise OptionError(f"Parameter '{key}' expects a size (e.g. 4096, 512K, 1G)")
+    return size
 
 
 def _on_off(key: str, value: object) -> bool:
+    """A QemuOpts boolean (it takes more spellings than keyval's ``on``/``off``)."""
     if isinstance(value, bool):
         return value
     if value in ("on", "yes", "true"):
@@ -162,48 +150,6 @@ def _on_off(key: str, value: object) -> bool:
     if value in ("off", "no", "false"):
         return False
     raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
-
-
-def parse_blockdev(text: str) -> BlockdevSpec:
-    """A ``--blockdev`` value (keyval or JSON): drivers ``file`` and ``null-co``."""
-    props = _properties(text, implied_key=None)
-    if isinstance(props.get("cache"), dict):  # the JSON form nests cache.direct
-        cache = props.pop("cache")
-        if "direct" in cache:
-            props["cache.direct"] = cache.pop("direct")
-        if cache:
-            raise OptionError(f"Invalid parameter 'cache.{sorted(cache)[0]}'")
-    driver = props.pop("driver", None)
-    if driver is None:
-        raise OptionError("Parameter 'driver' is missing")
-    node_name = props.pop("node-name", None)
-    if node_name is None:
-        raise OptionError("Parameter 'node-name' is missing")
-    if not isinstance(node_name, str) or not _valid_id(node_name):
-        raise OptionError(f"Invalid node-name: '{node_name}'")
-    iothread = props.pop("iothread", None)
-    if iothread is not None and not isinstance(iothread, str):
-        raise OptionError("Parameter 'iothread' expects an iothread id")
-    options: dict[str, str | int | bool] = {}
-    if driver == "file":
-        filename = props.pop("filename", None)
-        if not isinstance(filename, str) or not filename:
-            raise OptionError("Parameter 'filename' is missing")
-        options["filename"] = os.path.abspath(filename)
-        for key in ("read-only", "cache.direct"):
-            if key in props:
-                options[key] = _on_off(key, props.pop(key))
-    elif driver == "null-co":
-        options["size"] = parse_size("size", props.pop("size", "1G"))
-        if "read-zeroes" in props:
-            options["read-zeroes"] = _on_off("read-zeroes", props.pop("read-zeroes"))
-        if "read-only" in props:
-            options["read-only"] = _on_off("read-only", props.pop("read-only"))
-    else:
-        raise OptionError(f"Invalid parameter value for 'driver': '{driver}' (supported: file, null-co)")
-    if props:
-        raise OptionError(f"Invalid parameter '{sorted(props)[0]}'")
-    return BlockdevSpec(node_name, str(driver), options, iothread)
 
 
 @dataclass(frozen=True)
@@ -223,7 +169,7 @@ def parse_chardev(text: str) -> ChardevSpec:
     if backend != "socket":
         raise OptionError(f"chardev backend '{backend}' is not supported (only 'socket')")
     ident = props.pop("id", None)
-    if not isinstance(ident, str) or not _valid_id(ident):
+    if not isinstance(ident, str) or not id_wellformed(ident):
         raise OptionError("Parameter 'id' is missing" if ident is None else f"Invalid id: '{ident}'")
     if not _on_off("server", props.pop("server", "off")):
         raise OptionError("only server=on sockets are supported")

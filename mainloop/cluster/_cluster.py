@@ -26,7 +26,6 @@ Everything here runs in the main-loop thread with the BQL held.
 from __future__ import annotations
 
 import enum
-import json
 import logging
 import os
 import shutil
@@ -39,17 +38,21 @@ from typing import Any
 
 import zmq
 
-from iothreads import CLUSTER_STATE_FILE, ClockType, Timer
+from iothreads import ClockType, Timer
 from protocol import (
     BlockdevAdd,
     BlockdevDel,
     Channel,
+    ClusterState,
     ErrorReply,
     Event,
     Heartbeat,
     Hello,
+    IOThreadEntry,
     Message,
+    NodeEntry,
     PROTOCOL_VERSION,
+    PendingRequests,
     Query,
     QueryReply,
     RemoteProtocolError,
@@ -59,6 +62,7 @@ from protocol import (
     Stop,
     Welcome,
     channel_socket,
+    cluster_state_path,
     ipc_endpoint,
     make_runtime_dir,
 )
@@ -119,7 +123,7 @@ class IOThread:
     quick_exits: int = 0  # unexpected exits in a row, each soon after its start: restarts back off
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
-    _pending: dict[int, tuple[ReplyCallback, int]] = field(default_factory=dict)  # id: (callback, sent_ns)
+    _pending: PendingRequests[ReplyCallback] = field(default_factory=PendingRequests)  # monotonic deadlines
     _watch: ChildWatchSource | None = None
     _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
     _deadline: Timer | None = None
@@ -164,7 +168,6 @@ class Cluster:
         self._adding: dict[str, str] = {}  # node name: iothread, for a blockdev-add not answered yet
         self._tcp_host = tcp.removeprefix("tcp://").rsplit(":", 1)[0] if tcp else None
         self._listeners: list[EventCallback] = []
-        self._next_request = 1
         self._socket_files: list[str] = []
         self.zmq = zmq.Context()
         sock = channel_socket(self.zmq, zmq.ROUTER)
@@ -241,8 +244,10 @@ class Cluster:
                 "--parent-pid", str(os.getpid()), "--poll-max-ns", str(c.poll_max_ns),
                 "--poll-grow", str(c.poll_grow), "--poll-shrink", str(c.poll_shrink),
                 "--aio-max-batch", str(c.aio_max_batch),
-                "--handshake-timeout-ms", str(self.handshake_timeout_ms)]
+                "--handshake-timeout-ms", str(self.handshake_timeout_ms),
+                "--log-level", str(log.getEffectiveLevel())]  # the iothreads log as this process does
         t.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        log.debug("iothread %s started (pid %d): %s", c.id, t.pid, " ".join(argv[1:]))
         t.started_ns = time.monotonic_ns()
         t.state = IOThreadState.STARTING
         t.exit_status = None
@@ -290,9 +295,8 @@ class Cluster:
         dropped = self.channel.discard_backlog(t.id.encode())  # not for a restarted successor
         if dropped:
             log.info("iothread %s: %d message(s) it never took were dropped", t.id, dropped)
-        pending, t._pending = t._pending, {}
-        for cb, _ in pending.values():
-            self._call(cb, ErrorReply(0, "GenericError", f"iothread {t.id} exited"))
+        for rid, cb in t._pending.take_all():
+            self._call(cb, ErrorReply(rid, "GenericError", f"iothread {t.id} exited"))
         callbacks, t._exit_callbacks = t._exit_callbacks, []
         for on_exit in callbacks:
             self._call(on_exit)
@@ -372,9 +376,9 @@ class Cluster:
             return
         t.last_heard_ns = time.monotonic_ns()
         if isinstance(msg, (QueryReply, ErrorReply)):  # the common case first
-            entry = t._pending.pop(msg.request_id, None)
-            if entry is not None:
-                self._call(entry[0], msg)
+            cb = t._pending.match(msg.request_id)
+            if cb is not None:
+                self._call(cb, msg)
         elif isinstance(msg, Hello):
             self._on_hello(t, msg)
         elif isinstance(msg, Heartbeat):
@@ -410,11 +414,12 @@ class Cluster:
         t = self.iothreads.get(iothread_id)
         if t is None or t.state is not IOThreadState.RUNNING:
             raise StateError(f"iothread {iothread_id!r} is not running")
-        request_id = self._next_request
-        self._next_request += 1
+        request_id = t._pending.next_id()
         # Sent first: a request the channel refuses (LocalProtocolError) leaves nothing pending.
         self.channel.send(make(request_id), t.id.encode())
-        t._pending[request_id] = (callback, time.monotonic_ns())
+        # An iothread that leaves it unanswered (it hangs, or is stopped) fails
+        # it after the request timeout: a QMP command must get an answer.
+        t._pending.register(request_id, callback, time.monotonic_ns() + self.request_timeout_ms * 1_000_000)
 
     def query(self, iothread_id: str, callback: ReplyCallback) -> None:
         """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""
@@ -439,14 +444,15 @@ class Cluster:
     def blockdev_add(self, node_name: str, driver: str, options: dict[str, str | int | bool],
                      callback: ReplyCallback, iothread: str | None = None) -> None:
         """Create a node in ``iothread`` (or the running iothread with the fewest
-        nodes); ``callback(reply)`` once it exists or failed."""
+        nodes, counting those still being added or moved to it: several adds
+        in a row are spread); ``callback(reply)`` once it exists or failed."""
         if node_name in self.nodes or node_name in self._adding:
             raise StateError(f"Duplicate nodes with node-name='{node_name}'")
         if iothread is None:
             running = [t for t in self.iothreads.values() if t.state is IOThreadState.RUNNING]
             if not running:
                 raise StateError("no iothread is running")
-            iothread = min(running, key=lambda t: sum(n.iothread == t.id for n in self.nodes.values())).id
+            iothread = min(running, key=lambda t: len(self.nodes_of(t.id))).id
         home = iothread
 
         def done(reply: QueryReply | ErrorReply) -> None:
@@ -496,6 +502,7 @@ class Cluster:
             raise StateError(f"node '{node_name}' is already moving to {info.moving_to}")
         old = info.iothread
         info.moving_to = iothread
+        log.debug("moving node %s from %s to %s: draining it in %s", node_name, old, iothread, old)
 
         def complete(reply: QueryReply | ErrorReply) -> None:
             info.moving_to = None
@@ -576,10 +583,10 @@ class Cluster:
         (replaced atomically)."""
         if self._closed:
             return
-        path = os.path.join(self.runtime_dir, CLUSTER_STATE_FILE)
+        path = cluster_state_path(self.runtime_dir)
         tmp = path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.describe(), f)
+            f.write(self.cluster_state().to_json())
         os.replace(tmp, path)
         if path not in self._socket_files:
             self._socket_files.append(path)
@@ -587,15 +594,10 @@ class Cluster:
     def _on_heartbeat_timer(self) -> None:
         now = time.monotonic_ns()
         self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)  # first: whatever follows
-        oldest = now - self.request_timeout_ms * 1_000_000
         for t in list(self.iothreads.values()):
             if t.state is IOThreadState.RUNNING:
                 self.channel.send(Heartbeat(0, now), t.id.encode())
-            # A request an iothread leaves unanswered (it hangs, or is stopped)
-            # fails after the request timeout: a QMP command must get an answer.
-            late = [rid for rid, (_, sent_ns) in t._pending.items() if sent_ns < oldest]
-            for rid in late:
-                cb, _ = t._pending.pop(rid)
+            for rid, cb in t._pending.expire(now):
                 log.error("iothread %s did not answer request %d in %d ms", t.id, rid, self.request_timeout_ms)
                 self._call(cb, ErrorReply(rid, "GenericError",
                                           f"iothread {t.id} did not answer in {self.request_timeout_ms} ms"))
@@ -672,13 +674,14 @@ class Cluster:
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
+    def cluster_state(self) -> ClusterState:
+        """The cluster's shape as clients see it (what ``write_state`` publishes)."""
+        return ClusterState(
+            self.runtime_dir, self.endpoint,
+            tuple(IOThreadEntry(t.id, t.pid, t.state.value, t.data_endpoint) for t in self.iothreads.values()),
+            {n.name: NodeEntry(n.iothread, n.driver, n.size) for n in self.nodes.values()})
+
     def describe(self) -> dict[str, Any]:
-        """The machine-readable summary printed in the launcher's ready line."""
-        return {
-            "runtime_dir": self.runtime_dir,
-            "control": self.endpoint,
-            "iothreads": [{"id": t.id, "pid": t.pid, "state": t.state.value, "data": t.data_endpoint}
-                          for t in self.iothreads.values()],
-            "nodes": {n.name: {"iothread": n.iothread, "driver": n.driver, "size": n.size}
-                      for n in self.nodes.values()},
-        }
+        """The machine-readable summary printed in the launcher's ready line:
+        the state file's content."""
+        return self.cluster_state().as_dict()

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 One iteration has glib's steps, each a method so that a main loop can put
 work between them (QEMU's ``main_loop_wait`` releases the BQL around the
-poll):
+wait for fds):
 
 1. ``prepare()``: walk the sources that take part in every iteration (those
    with a ``prepare`` or ``check`` hook, or a ready time) in priority order;
@@ -12,7 +12,7 @@ poll):
    source of a numerically higher priority is asked.
 2. ``query(max_priority)``: the timeout and the number of polled fds; clears
    the "fd set changed" flag.
-3. ``poll(timeout_ns)``: the only blocking call: epoll, whose interest set is
+3. ``wait_fds(timeout_ns)``: the only blocking call: epoll, whose interest set is
    kept up to date incrementally as sources add and remove fds, so idle fd
    watches cost nothing per iteration.  Ready fds get ``revents``.
 4. ``check(max_priority)``: if the fd set changed since ``query``, dispatch
@@ -30,7 +30,7 @@ step, so the two paths cannot drift apart.
 
 Any thread may attach and destroy sources, add and remove their fds, and
 change ready times; each such change from a thread that does not own the
-context writes the context's wakeup eventfd, so a blocked poll notices.
+context writes the context's wakeup eventfd, so a blocked ``wait_fds`` notices.
 Iterating requires owning the context (``acquire``, recursive, one thread at a
 time), as in glib.
 """
@@ -161,7 +161,7 @@ class MainContext:
             raise StateError(f"{what}: acquire MainContext {self.name!r} first")
 
     def wakeup(self) -> None:
-        """Make a poll in progress return (any thread)."""
+        """Make a ``wait_fds`` in progress return (any thread)."""
         self._wakeup.set()
 
     def _wake_if_foreign(self) -> None:
@@ -376,7 +376,7 @@ class MainContext:
     # One iteration, step by step (owner only)
     # ------------------------------------------------------------------
     # Each public step checks ownership and calls the step's one
-    # implementation (``_prepare``, ``_poll``, ``_check``, ``_dispatch``);
+    # implementation (``_prepare``, ``_wait_fds``, ``_check``, ``_dispatch``);
     # ``_iterate`` chains the same implementations for ``iteration`` and
     # ``MainLoop.main_loop_wait``, without the per-step checks.
 
@@ -397,10 +397,12 @@ class MainContext:
         self._poll_changed = False
         return self._timeout_ns, len(self._records)
 
-    def poll(self, timeout_ns: int) -> int:
-        """Step 3: wait up to ``timeout_ns`` (-1: forever) for fds; return how many
-        fds polled ready.  The only blocking call; needs no lock held."""
-        return self._poll(timeout_ns, None)
+    def wait_fds(self, timeout_ns: int) -> int:
+        """Step 3 (glib's poll step): wait up to ``timeout_ns`` (-1: forever) for
+        fds; return how many fds polled ready.  The only blocking call; needs no
+        lock held.  (Not to be confused with ``AioContext.poll``, which is a whole
+        iteration of an AioContext, QEMU's ``aio_poll``.)"""
+        return self._wait_fds(timeout_ns, None)
 
     def check(self, max_priority: int) -> bool:
         """Step 4: choose the sources to dispatch; return whether there are any."""
@@ -417,7 +419,7 @@ class MainContext:
         return self._dispatch(pending)
 
     def iteration(self, may_block: bool) -> bool:
-        """One prepare/query/poll/check/dispatch cycle; True if anything was dispatched."""
+        """One prepare/query/wait_fds/check/dispatch cycle; True if anything was dispatched."""
         acquired = self._owner != _get_ident()  # already owned: nothing to take
         if acquired and not self.acquire():
             raise StateError(f"MainContext {self.name!r} is owned by another thread")
@@ -428,8 +430,8 @@ class MainContext:
                 self.release()
 
     def _iterate(self, timeout_ns: int, lock: UnlockedCaller | None) -> bool:
-        """The five steps in one call, as ``prepare``, ``query``, ``poll``,
-        ``check`` and ``dispatch`` do them: the poll waits at most
+        """The five steps in one call, as ``prepare``, ``query``, ``wait_fds``,
+        ``check`` and ``dispatch`` do them: the wait lasts at most
         ``timeout_ns`` (-1: no bound of the caller's), less if a source's
         prepare asks for less, and not at all if one is ready.  ``lock`` (the
         BQL), if given, is released around the blocking wait alone.  The
@@ -451,7 +453,7 @@ class MainContext:
             max_priority = MAX_PRIORITY  # nothing to prepare: no ready source, no timeout
             self._timeout_ns = -1
         self._poll_changed = False  # query
-        self._poll(timeout_ns, lock)
+        self._wait_fds(timeout_ns, lock)
         pending = self._check(max_priority)
         if pending:
             return self._dispatch(pending)
@@ -496,7 +498,7 @@ class MainContext:
         self._timeout_ns = 0 if max_priority != MAX_PRIORITY else timeout_ns
         return max_priority
 
-    def _poll(self, timeout_ns: int, lock: UnlockedCaller | None) -> int:
+    def _wait_fds(self, timeout_ns: int, lock: UnlockedCaller | None) -> int:
         """Step 3's work; ``lock``, if given, is released around the wait."""
         for pfd in self._touched:
             pfd.revents = 0
@@ -652,7 +654,7 @@ class MainContext:
         try:
             _, max_priority = self.prepare()
             self.query(max_priority)
-            self.poll(0)
+            self.wait_fds(0)
             ready = self.check(max_priority)
             for src in self._pending:
                 src._ready = True  # keep them ready for the next iteration

@@ -26,7 +26,7 @@ throughout except around the one blocking call:
 
 Steps 1 to 3 run as one call into the context (``MainContext._iterate``,
 the same code as ``MainContext.iteration``, which shares each step's
-implementation with the public ``prepare``/``query``/``poll``/``check``/
+implementation with the public ``prepare``/``query``/``wait_fds``/``check``/
 ``dispatch``), with the BQL handed over as the lock to release around the
 epoll wait alone (``call_unlocked``: one call that unlocks, waits and
 relocks, keeping the BQL's counters).

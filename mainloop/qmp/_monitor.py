@@ -7,8 +7,11 @@ each accepted connection is a session with its own sources.  Everything runs
 in the main loop, under the BQL.  A session starts with the greeting and is in
 negotiation mode until ``qmp_capabilities``; then commands run one at a time,
 in order (no OOB): a command may answer at once or later (when iothreads have
-answered), and the next command of that session waits for it.  Arguments are
-checked (unknown keys, missing ones, types) before any side effect.  Events go
+answered), and the next command of that session waits for it.  The commands,
+their arguments and their results are declared in ``protocol.schema``
+(``COMMANDS``): arguments are checked against it (unknown keys, missing ones,
+types, values) before any side effect, a command runs with them typed, and
+its result goes out in the declared form.  Events go
 to every negotiated session.  Output is buffered and written as the socket
 takes it, so a slow client never blocks the loop.
 """
@@ -21,7 +24,8 @@ import os
 import socket
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from importlib import metadata
 from typing import Any
 
 from protocol import (
@@ -37,20 +41,59 @@ from protocol import (
     qmp_return,
 )
 
-from ..cluster._cluster import Cluster, IOThreadConfig, IOThreadState
-from ..cli._options import _valid_id
+from protocol.schema import (
+    COMMANDS,
+    BlockDeviceInfo,
+    BlockdevDelArguments,
+    BlockdevOptionsBase,
+    BlockdevOptionsFile,
+    BlockLatencyHistogramSetArguments,
+    CommandInfo,
+    ImageInfo,
+    IOThreadInfo,
+    IothreadOptions,
+    IothreadProperties,
+    NoArguments,
+    ObjectDelArguments,
+    ObjectOptionsBase,
+    QomGetArguments,
+    QomSetArguments,
+    QueryBlockstatsArguments,
+    SchemaError,
+    StatusInfo,
+    VersionInfo,
+    XBlockdevSetIothreadArguments,
+    blockdev_from_wire,
+    blockdev_to_wire,
+    dump,
+    members,
+    parse,
+    parse_member,
+)
+from protocol.schema import Command as CommandDeclaration
+
+from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
 from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
 from ..glib._standard import FdWatchSource
 
-__all__ = ["Monitor", "QmpFailure"]
+__all__ = ["Monitor", "QmpFailure", "iothread_config"]
 
 log = logging.getLogger("mainloop.qmp")
 
-VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "evloop 0.1.0"}
-IOTHREAD_PROPS = ("poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch")
+DISTRIBUTION = "iothreads"  # the project's name on PyPI, as its command's
+
+
+def package_version() -> str:
+    """The installed version of this project ("unknown" in a tree never installed)."""
+    try:
+        return metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": f"{DISTRIBUTION} {package_version()}"}
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # unread output a session may pile up
 MAX_HISTOGRAM_BOUNDARIES = 32  # a node's counters, bins included, must fit one message (256 entries)
-_TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", dict: "object", list: "array"}
 
 
 @dataclass(frozen=True)
@@ -64,10 +107,24 @@ Done = Callable[[Any], None]  # a result, or a QmpFailure
 
 @dataclass(frozen=True)
 class Command:
-    name: str
-    params: dict[str, tuple[type | None, bool]]  # name -> (type or None for any, required)
-    run: Callable[[dict[str, Any], Done], None]
-    extra_ok: bool = False  # accepts further keys (checked by the command itself)
+    """A QMP command: its declaration (arguments, result) and what runs it."""
+
+    declaration: CommandDeclaration
+    impl: Callable[[Any, Done], None]  # (the typed arguments, done with a typed result or a QmpFailure)
+
+    @property
+    def name(self) -> str:
+        return self.declaration.name
+
+    def run(self, args: dict[str, Any], done: Done) -> None:
+        """Run with arguments ``_check_args`` accepted (checked again here: it
+        is pure, and the typed value is what the command takes)."""
+        declaration = self.declaration
+
+        def finish(result: Any) -> None:
+            done(result if isinstance(result, QmpFailure) else declaration.dump_result(result))
+
+        self.impl(declaration.parse_arguments(args), finish)
 
 
 class Session:
@@ -218,33 +275,32 @@ class Session:
 
 
 def _check_args(command: Command, args: dict[str, Any]) -> str | None:
-    if not command.extra_ok:
-        for key in args:
-            if key not in command.params:
-                return f"Parameter '{key}' is unexpected"
-    for key, (tp, required) in command.params.items():
-        if key not in args:
-            if required:
-                return f"Parameter '{key}' is missing"
-            continue
-        value = args[key]
-        if tp is not None and type(value) is not tp:
-            return f"Invalid parameter type for '{key}', expected: {_TYPE_NAMES.get(tp, tp.__name__)}"
-        if tp is int:
-            problem = _int_problem(key, value)
-            if problem is not None:
-                return problem
+    """What is wrong with a command's arguments (QEMU's words), or None."""
+    try:
+        command.declaration.parse_arguments(args)
+    except SchemaError as exc:
+        return exc.desc
     return None
 
 
-INT64_MAX = (1 << 63) - 1
+def iothread_config(options: ObjectOptionsBase) -> IOThreadConfig:
+    """The cluster's configuration of an iothread from its validated ObjectOptions."""
+    if not isinstance(options, IothreadOptions):
+        raise TypeError(f"objects of type '{options.qom_type}' are not served here")
+    return IOThreadConfig(options.id, **{m.attr: getattr(options, m.attr) for m in members(IothreadProperties)})
 
 
-def _int_problem(key: str, value: object) -> str | None:
-    """What is wrong with ``value`` for an integer parameter (QEMU's are int64, these non-negative)."""
-    if type(value) is not int or not 0 <= value <= INT64_MAX:
-        return f"Parameter '{key}' expects an integer in the range [0, {INT64_MAX}]"
-    return None
+def _iothread_properties(config: IOThreadConfig) -> IothreadProperties:
+    """An iothread's properties (the configuration's fields of the same names)."""
+    return IothreadProperties(**{m.attr: getattr(config, m.attr) for m in members(IothreadProperties)})
+
+
+def _block_device_info(node: NodeInfo) -> BlockDeviceInfo:
+    """QMP's description of a node, from the validated options it was made with."""
+    options = blockdev_from_wire(node.name, node.driver, node.options)
+    return BlockDeviceInfo(node_name=node.name, drv=options.driver,
+                           file=options.filename if isinstance(options, BlockdevOptionsFile) else "",
+                           ro=options.read_only, image=ImageInfo(virtual_size=node.size), iothread=node.iothread)
 
 
 class Monitor:
@@ -353,32 +409,30 @@ class Monitor:
     # -- commands -------------------------------------------------------------------
 
     def _register_commands(self) -> None:
-        def add(name: str, params: dict[str, tuple[type | None, bool]],
-                run: Callable[[dict[str, Any], Done], None], extra_ok: bool = False) -> None:
-            self.commands[name] = Command(name, params, run, extra_ok)
-
-        add("qmp_capabilities", {"enable": (list, False)}, lambda a, d: d({}))
-        add("query-version", {}, lambda a, d: d(VERSION))
-        add("query-commands", {}, lambda a, d: d([{"name": n} for n in sorted(self.commands)]))
-        add("query-status", {}, lambda a, d: d({"status": "running", "running": True}))
-        add("quit", {}, self._quit)
-        add("query-iothreads", {}, self._query_iothreads)
-        add("object-add", {"qom-type": (str, True), "id": (str, True),
-                           **{p: (int, False) for p in IOTHREAD_PROPS}}, self._object_add)
-        add("object-del", {"id": (str, True)}, self._object_del)
-        add("qom-get", {"path": (str, True), "property": (str, True)}, self._qom_get)
-        add("qom-set", {"path": (str, True), "property": (str, True), "value": (None, True)}, self._qom_set)
-        add("blockdev-add", {"driver": (str, True), "node-name": (str, True), "filename": (str, False),
-                             "read-only": (bool, False), "cache": (dict, False), "size": (int, False),
-                             "read-zeroes": (bool, False), "iothread": (str, False)}, self._blockdev_add)
-        add("blockdev-del", {"node-name": (str, True)}, self._blockdev_del)
-        add("query-named-block-nodes", {"flat": (bool, False)}, self._query_nodes)
-        add("x-blockdev-set-iothread", {"node-name": (str, True), "iothread": (str, True),
-                                        "force": (bool, False)}, self._set_iothread)
-        add("x-query-main-loop", {}, lambda a, d: d(self.loop.context.describe().as_dict()))
-        add("query-blockstats", {"query-nodes": (bool, False)}, self._query_blockstats)
-        add("block-latency-histogram-set", {"id": (str, True), "boundaries": (list, False)},
-            self._histogram_set)
+        """Every command ``COMMANDS`` declares, with what runs it."""
+        impls: dict[str, Callable[[Any, Done], None]] = {
+            "qmp_capabilities": lambda a, d: d(None),  # the session itself negotiates
+            "query-version": lambda a, d: d(parse(VersionInfo, VERSION)),
+            "query-commands": lambda a, d: d([CommandInfo(name=n) for n in sorted(COMMANDS)]),
+            "query-status": lambda a, d: d(StatusInfo(running=True, status="running")),
+            "quit": self._quit,
+            "query-iothreads": self._query_iothreads,
+            "object-add": self._object_add,
+            "object-del": self._object_del,
+            "qom-get": self._qom_get,
+            "qom-set": self._qom_set,
+            "blockdev-add": self._blockdev_add,
+            "blockdev-del": self._blockdev_del,
+            "query-named-block-nodes": lambda a, d: d([_block_device_info(n) for n in self.cluster.nodes.values()]),
+            "x-blockdev-set-iothread": self._set_iothread,
+            "x-query-main-loop": lambda a, d: d(self.loop.context.describe().as_dict()),
+            "query-blockstats": self._query_blockstats,
+            "block-latency-histogram-set": self._histogram_set,
+        }
+        if set(impls) != set(COMMANDS):
+            raise AssertionError(f"commands declared but not implemented, or the reverse: "
+                                 f"{sorted(set(impls) ^ set(COMMANDS))}")
+        self.commands = {name: Command(COMMANDS[name], impls[name]) for name in COMMANDS}
 
     @staticmethod
     def _reply(done: Done, ok: Callable[[QueryReply], Any] = lambda r: {}) -> Callable[
@@ -390,35 +444,24 @@ class Monitor:
                 done(ok(reply))
         return on_reply
 
-    def _quit(self, args: dict[str, Any], done: Done) -> None:
-        done({})
+    def _quit(self, args: NoArguments, done: Done) -> None:
+        done(None)
         self.broadcast("SHUTDOWN", {"guest": False, "reason": "host-qmp-quit"})
         self.on_quit()
 
-    def _query_iothreads(self, args: dict[str, Any], done: Done) -> None:
-        done([{"id": t.id, "thread-id": t.pid, "poll-max-ns": t.config.poll_max_ns,
-               "poll-grow": t.config.poll_grow, "poll-shrink": t.config.poll_shrink,
-               "aio-max-batch": t.config.aio_max_batch}
+    def _query_iothreads(self, args: NoArguments, done: Done) -> None:
+        done([IOThreadInfo(id=t.id, thread_id=t.pid, **vars(_iothread_properties(t.config)))
               for t in self.cluster.iothreads.values() if t.state is IOThreadState.RUNNING])
 
-    def _object_add(self, args: dict[str, Any], done: Done) -> None:
-        if args["qom-type"] != "iothread":
-            done(QmpFailure("GenericError", f"Invalid parameter value for 'qom-type': {args['qom-type']}"))
-            return
-        if not _valid_id(args["id"]):
-            done(QmpFailure("GenericError", "Parameter 'id' expects an identifier"))
-            return
-        config = IOThreadConfig(args["id"], poll_max_ns=args.get("poll-max-ns", 32768),
-                                poll_grow=args.get("poll-grow", 0), poll_shrink=args.get("poll-shrink", 0),
-                                aio_max_batch=args.get("aio-max-batch", 0))
+    def _object_add(self, args: IothreadOptions, done: Done) -> None:
         try:
-            t = self.cluster.add(config)
+            t = self.cluster.add(iothread_config(args))
         except StateError:
-            done(QmpFailure("GenericError", f"attempt to add duplicate property '{args['id']}' to object "
+            done(QmpFailure("GenericError", f"attempt to add duplicate property '{args.id}' to object "
                                             "(type 'container')"))
             return
         except (ValueError, OSError) as exc:  # e.g. an id too long for the runtime directory's socket paths
-            done(QmpFailure("GenericError", f"iothread '{args['id']}' cannot start: {exc}"))
+            done(QmpFailure("GenericError", f"iothread '{args.id}' cannot start: {exc}"))
             return
         answered = False
 
@@ -431,105 +474,67 @@ class Monitor:
 
         def ready(name: str, data: dict[str, Any]) -> None:
             if name == "IOTHREAD_READY" and data.get("id") == t.id:
-                answer({})
+                answer(None)
 
         self.cluster.add_listener(ready)
         # Whatever ends it before it is ready (a crash, the handshake deadline,
         # an object-del meanwhile) answers too.
         self.cluster.on_exit(t.id, lambda: answer(QmpFailure("GenericError", f"iothread {t.id} failed to start")))
 
-    def _object_del(self, args: dict[str, Any], done: Done) -> None:
-        t = self.cluster.iothreads.get(args["id"])
+    def _object_del(self, args: ObjectDelArguments, done: Done) -> None:
+        t = self.cluster.iothreads.get(args.id)
         if t is None or t.state is IOThreadState.EXITED:
-            done(QmpFailure("GenericError", f"object '{args['id']}' not found"))
+            done(QmpFailure("GenericError", f"object '{args.id}' not found"))
             return
         owned = self.cluster.nodes_of(t.id)
         if owned:
             done(QmpFailure("GenericError", f"iothread '{t.id}' is in use by block node(s) "
                                             f"{', '.join(owned)}; move or delete them first"))
             return
-        self.cluster.stop(t.id, on_exit=lambda: done({}))
+        self.cluster.stop(t.id, on_exit=lambda: done(None))
 
-    def _iothread_of_path(self, path: str) -> Any:
-        ident = path.removeprefix("/objects/")
-        t = self.cluster.iothreads.get(ident)
+    def _iothread_of_path(self, path: str, done: Done) -> IOThread | None:
+        """The running iothread at ``/objects/ID``; else None, and ``done`` has the error."""
+        t = self.cluster.iothreads.get(path.removeprefix("/objects/"))
         if not path.startswith("/objects/") or t is None or t.state is not IOThreadState.RUNNING:
+            done(QmpFailure("DeviceNotFound", f"Device '{path}' not found"))
             return None
         return t
 
-    def _qom_get(self, args: dict[str, Any], done: Done) -> None:
-        t = self._iothread_of_path(args["path"])
-        if t is None:
-            done(QmpFailure("DeviceNotFound", f"Device '{args['path']}' not found"))
-            return
-        prop = args["property"]
-        values = {"poll-max-ns": t.config.poll_max_ns, "poll-grow": t.config.poll_grow,
-                  "poll-shrink": t.config.poll_shrink, "aio-max-batch": t.config.aio_max_batch}
-        if prop not in values:
-            done(QmpFailure("GenericError", f"Property 'iothread.{prop}' not found"))
-            return
-        done(values[prop])
+    @staticmethod
+    def _known_property(name: str, done: Done) -> bool:
+        if any(m.name == name for m in members(IothreadProperties)):
+            return True
+        done(QmpFailure("GenericError", f"Property 'iothread.{name}' not found"))
+        return False
 
-    def _qom_set(self, args: dict[str, Any], done: Done) -> None:
-        t = self._iothread_of_path(args["path"])
-        if t is None:
-            done(QmpFailure("DeviceNotFound", f"Device '{args['path']}' not found"))
-            return
-        prop, value = args["property"], args["value"]
-        if prop not in IOTHREAD_PROPS:
-            done(QmpFailure("GenericError", f"Property 'iothread.{prop}' not found"))
-            return
-        problem = _int_problem(prop, value)
-        if problem is not None:
-            done(QmpFailure("GenericError", problem))
-            return
-        c = t.config
-        params = {"poll-max-ns": c.poll_max_ns, "poll-grow": c.poll_grow, "poll-shrink": c.poll_shrink,
-                  "aio-max-batch": c.aio_max_batch, prop: value}
-        self.cluster.set_poll_params(t.id, self._reply(done), poll_max_ns=params["poll-max-ns"],
-                                     poll_grow=params["poll-grow"], poll_shrink=params["poll-shrink"],
-                                     aio_max_batch=params["aio-max-batch"])
+    def _qom_get(self, args: QomGetArguments, done: Done) -> None:
+        t = self._iothread_of_path(args.path, done)
+        if t is not None and self._known_property(args.property, done):
+            done(dump(_iothread_properties(t.config))[args.property])
 
-    def _blockdev_add(self, args: dict[str, Any], done: Done) -> None:
-        driver, name = args["driver"], args["node-name"]
-        if not _valid_id(name):
-            done(QmpFailure("GenericError", f"Invalid node-name: '{name}'"))
+    def _qom_set(self, args: QomSetArguments, done: Done) -> None:
+        t = self._iothread_of_path(args.path, done)
+        if t is None or not self._known_property(args.property, done):
             return
-        options: dict[str, str | int | bool] = {}
-        if driver == "file":
-            if "filename" not in args:
-                done(QmpFailure("GenericError", "Parameter 'filename' is missing"))
-                return
-            options["filename"] = os.path.abspath(args["filename"])
-            if "read-only" in args:
-                options["read-only"] = args["read-only"]
-            cache = args.get("cache", {})
-            if set(cache) - {"direct"} or not isinstance(cache.get("direct", False), bool):
-                done(QmpFailure("GenericError", "Parameter 'cache' accepts only 'direct' (boolean)"))
-                return
-            if "direct" in cache:
-                options["cache.direct"] = cache["direct"]
-        elif driver == "null-co":
-            options["size"] = args.get("size", 1 << 30)
-            if "read-zeroes" in args:
-                options["read-zeroes"] = args["read-zeroes"]
-        else:
-            done(QmpFailure("GenericError", f"Parameter 'driver' does not accept value '{driver}' "
-                                            "(supported here: file, null-co)"))
+        try:
+            value = parse_member(IothreadProperties, args.property, args.value)
+        except SchemaError as exc:
+            done(QmpFailure(exc.error_class, exc.desc))
             return
-        self.cluster.blockdev_add(name, driver, options, self._reply(done), args.get("iothread"))
+        current = _iothread_properties(t.config)
+        attr = next(m.attr for m in members(IothreadProperties) if m.name == args.property)
+        self.cluster.set_poll_params(t.id, self._reply(done), **vars(replace(current, **{attr: value})))
 
-    def _blockdev_del(self, args: dict[str, Any], done: Done) -> None:
-        self.cluster.blockdev_del(args["node-name"], self._reply(done))
+    def _blockdev_add(self, args: BlockdevOptionsBase, done: Done) -> None:
+        self.cluster.blockdev_add(args.node_name, args.driver.value, blockdev_to_wire(args), self._reply(done),
+                                  args.iothread)
 
-    def _query_nodes(self, args: dict[str, Any], done: Done) -> None:
-        done([{"node-name": n.name, "drv": n.driver, "file": str(n.options.get("filename", "")),
-               "ro": bool(n.options.get("read-only", False)), "image": {"virtual-size": n.size},
-               "iothread": n.iothread}
-              for n in self.cluster.nodes.values()])
+    def _blockdev_del(self, args: BlockdevDelArguments, done: Done) -> None:
+        self.cluster.blockdev_del(args.node_name, self._reply(done))
 
-    def _query_blockstats(self, args: dict[str, Any], done: Done) -> None:
-        if not args.get("query-nodes", False):
+    def _query_blockstats(self, args: QueryBlockstatsArguments, done: Done) -> None:
+        if not args.query_nodes:
             done([])  # no device (frontend) is attached to any node here
             return
         names = sorted(self.cluster.nodes)
@@ -549,9 +554,9 @@ class Monitor:
         for name in names:
             self.cluster.node_stats(name, one(name))
 
-    def _histogram_set(self, args: dict[str, Any], done: Done) -> None:
-        boundaries = args.get("boundaries", [])
-        if not all(type(b) is int and b > 0 for b in boundaries) or boundaries != sorted(set(boundaries)):
+    def _histogram_set(self, args: BlockLatencyHistogramSetArguments, done: Done) -> None:
+        boundaries = args.boundaries
+        if 0 in boundaries or list(boundaries) != sorted(set(boundaries)):
             done(QmpFailure("GenericError", "Parameter 'boundaries' expects a sorted list of positive integers"))
             return
         if len(boundaries) > MAX_HISTOGRAM_BOUNDARIES:
@@ -559,13 +564,13 @@ class Monitor:
             done(QmpFailure("GenericError", f"Parameter 'boundaries' takes at most {MAX_HISTOGRAM_BOUNDARIES} "
                                             "values"))
             return
-        if args["id"] not in self.cluster.nodes:
-            done(QmpFailure("GenericError", f"Device '{args['id']}' not found"))
+        if args.id not in self.cluster.nodes:
+            done(QmpFailure("GenericError", f"Device '{args.id}' not found"))
             return
-        self.cluster.set_latency_histogram(args["id"], tuple(boundaries), self._reply(done))
+        self.cluster.set_latency_histogram(args.id, boundaries, self._reply(done))
 
-    def _set_iothread(self, args: dict[str, Any], done: Done) -> None:
-        self.cluster.move_node(args["node-name"], args["iothread"], self._reply(done))
+    def _set_iothread(self, args: XBlockdevSetIothreadArguments, done: Done) -> None:
+        self.cluster.move_node(args.node_name, args.iothread, self._reply(done))
 
 
 _STAT_PREFIXES = ("rd", "wr", "flush", "unmap", "zero")

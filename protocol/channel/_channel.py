@@ -50,7 +50,18 @@ from typing import Any, cast
 
 import zmq
 
-from ..wire._codec import DEFAULT_LIMITS, Limits, decode, decode_batch, encode_batch, pack
+from ..wire._codec import (
+    DEFAULT_LIMITS,
+    Limits,
+    Packed,
+    batch_budget,
+    batch_length,
+    check_sendable,
+    decode_batch,
+    encode_batch,
+    max_frame_bytes,
+    pack,
+)
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ..wire._messages import Message
 
@@ -72,7 +83,6 @@ SPLIT_AFTER_NS = 100_000
 more than SPLIT_AFTER_NS to handle sends the replies to that half at once."""
 
 Handler = Callable[[bytes, Message], object]
-Packed = tuple[bytes, "bytes | None"]  # a message as ``pack`` gives it
 ErrorHandler = Callable[[bytes, RemoteProtocolError], object]
 
 
@@ -95,19 +105,15 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
     return "ipc://" + path
 
 
-def _max_frame_bytes(limits: Limits) -> int:
-    """No frame of ours is larger: libzmq disconnects a peer that sends one,
-    instead of buffering it whole for the codec to refuse."""
-    return max(limits.max_header_bytes, limits.max_payload_bytes)
-
-
 def channel_socket(zctx: zmq.Context[Any], socket_type: int, limits: Limits = DEFAULT_LIMITS) -> zmq.Socket[Any]:
     """A new socket for a ``Channel``, with the options that only take effect
     if set before ``bind`` or ``connect`` (libzmq copies them into each
-    listener and connection then): the largest frame a peer may send."""
+    listener and connection then): the largest frame a peer may send (libzmq
+    disconnects a peer that sends a larger one, instead of buffering it whole
+    for the codec to refuse)."""
     sock: zmq.Socket[Any] = zctx.socket(socket_type)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
-    sock.setsockopt(zmq.MAXMSGSIZE, _max_frame_bytes(limits))
+    sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))
     return sock
 
 
@@ -172,7 +178,7 @@ class Channel:
         socket.setsockopt(zmq.LINGER, LINGER_MS)
         if self.router:
             socket.setsockopt(zmq.ROUTER_MANDATORY, 1)  # unknown peer: an error, not a silent drop
-        socket.setsockopt(zmq.MAXMSGSIZE, _max_frame_bytes(limits))  # for later binds and connects
+        socket.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))  # for later binds and connects
         self.on_message = on_message
         self.on_error = on_error
         self.limits = limits
@@ -181,18 +187,7 @@ class Channel:
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
         self._outq: deque[Packed] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
-        # A batch must pass the peer's limits (assumed to be ours).
-        self._batch_items = limits.max_container_len
-        # Room for the payload sizes: one per item at most, 5 bytes each (a
-        # uint32), 9 if a payload may reach 4 GiB.
-        size_bytes = 5 if limits.max_payload_bytes < 1 << 32 else 9
-        self._batch_header_bytes = limits.max_header_bytes - size_bytes * limits.max_container_len - 16
-        self._batch_payload_bytes = limits.max_payload_bytes
-        # An item this short cannot break a limit: a string over max_str_len
-        # takes more bytes than that, and so does a container of more than
-        # max_container_len elements, with the item's own envelope around it.
-        self._unchecked_item_bytes = min(limits.max_str_len + 3, limits.max_container_len + 7,
-                                         limits.max_header_bytes - 1)
+        self._budget = batch_budget(limits)  # a batch must pass the peer's limits (assumed to be ours)
         self._queued = 0
         # Received, not yet handed over: the rest of a batch (see _deliver_unread).
         self._unread: deque[tuple[bytes, Message | RemoteProtocolError]] = deque()
@@ -251,9 +246,10 @@ class Channel:
         end, unless ``immediately``: a handler about to wait for the answer
         (a blocking call in a completion callback) needs it sent now."""
         packed = pack(msg)
-        if len(packed[0]) > self._unchecked_item_bytes or (
-                packed[1] is not None and len(packed[1]) > self._batch_payload_bytes):
-            self._refuse_unsendable(msg, *packed)
+        budget = self._budget
+        if len(packed[0]) > budget.unchecked_item_bytes or (
+                packed[1] is not None and len(packed[1]) > budget.max_payload_bytes):
+            check_sendable(msg.KIND, *packed, self.limits)
         if self.router:
             if identity is None:
                 raise LocalProtocolError("a ROUTER channel needs the peer's identity to send")
@@ -273,19 +269,6 @@ class Channel:
             # message of *this* queue: another peer's backlog (a full peer
             # waiting for room) must not hold this one back.
             self.kick()
-
-    def _refuse_unsendable(self, msg: Message, item: bytes, payload: bytes | None) -> None:
-        """Raise ``LocalProtocolError`` if the peer would refuse ``msg`` (it
-        could not even say which request to fail: the requester would wait
-        for ever).  The peer's limits are assumed to be ours."""
-        limits = self.limits
-        if payload is not None and len(payload) > limits.max_payload_bytes:
-            raise LocalProtocolError(f"{msg.KIND}: a payload of {len(payload)} bytes exceeds the limit "
-                                     f"of {limits.max_payload_bytes}")
-        try:
-            decode(encode_batch([(item, None)])[:1], limits)
-        except RemoteProtocolError as exc:
-            raise LocalProtocolError(f"{msg.KIND} would be refused by the peer: {exc}") from None
 
     def _send_queue(self, q: deque[Packed], identity: bytes | None) -> None:
         """Send ``q`` as batches (one ZeroMQ message each) until the socket refuses."""
@@ -310,15 +293,7 @@ class Channel:
             if len(q) == 1:
                 n, batch = 1, [q[0]]
             else:
-                n = size = payload_bytes = 0
-                for item, payload in q:
-                    size += len(item)
-                    if payload is not None:
-                        payload_bytes += len(payload)
-                    if n and (n == self._batch_items or size > self._batch_header_bytes
-                              or payload_bytes > self._batch_payload_bytes):
-                        break
-                    n += 1
+                n = batch_length(q, self._budget)
                 batch = list(islice(q, n))
             try:
                 _send_frames(send, encode_batch(batch))

@@ -1,4 +1,5 @@
-"""The messages of the control and data planes and their msgpack codec (pure: bytes in, bytes out)."""
+"""The messages of the control and data planes, their msgpack codec (pure: bytes in, bytes out)
+and the table of requests waiting for their replies."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from ._messages import SetLatencyHistogram as SetLatencyHistogram
 from ._messages import SetPollParams as SetPollParams
 from ._messages import Stop as Stop
 from ._messages import Welcome as Welcome
+from ._pending import PendingRequests as PendingRequests
 
 __all__ = [
     "BlockCompletion",
@@ -39,6 +41,7 @@ __all__ = [
     "Limits",
     "Message",
     "PROTOCOL_VERSION",
+    "PendingRequests",
     "Query",
     "QueryReply",
     "SetLatencyHistogram",

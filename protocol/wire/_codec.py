@@ -33,7 +33,7 @@ from __future__ import annotations
 import threading
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
 from typing import Any, Union
@@ -43,7 +43,20 @@ import msgpack
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ._messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
-__all__ = ["Limits", "decode", "decode_batch", "encode", "encode_batch", "pack"]
+__all__ = [
+    "BatchBudget",
+    "Limits",
+    "Packed",
+    "batch_budget",
+    "batch_length",
+    "check_sendable",
+    "decode",
+    "decode_batch",
+    "encode",
+    "encode_batch",
+    "max_frame_bytes",
+    "pack",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,9 +70,77 @@ class Limits:
 
 
 DEFAULT_LIMITS = Limits()
+Packed = tuple[bytes, bytes | None]  # a message as ``pack`` gives it: its batch item and its payload
 
 
-def pack(msg: Message) -> tuple[bytes, bytes | None]:
+def max_frame_bytes(limits: Limits) -> int:
+    """The largest frame a sender keeping to ``limits`` ever sends: a batch's
+    header or its payload frame.  A receiver may refuse larger ones outright."""
+    return max(limits.max_header_bytes, limits.max_payload_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class BatchBudget:
+    """What one batch may carry for a receiver with given limits (the
+    sender's own, assumed to be the peer's): see ``batch_budget``."""
+
+    max_items: int
+    max_items_bytes: int
+    """The packed items' bytes in all: the header less its envelope and the payload sizes."""
+    max_payload_bytes: int
+    """The payloads' bytes in all (one frame)."""
+    unchecked_item_bytes: int
+    """An item no longer than this cannot break a limit: no need to check it alone."""
+
+
+def batch_budget(limits: Limits) -> BatchBudget:
+    """The budget of a batch under ``limits``."""
+    # The header holds the items, then one payload size per item at most:
+    # 5 bytes each (a uint32), 9 if a payload may reach 4 GiB; 16 bytes of
+    # envelope (the version, two array headers).
+    size_bytes = 5 if limits.max_payload_bytes < 1 << 32 else 9
+    # A string over max_str_len takes more bytes than that, and so does a
+    # container of more than max_container_len elements, with the item's own
+    # envelope around it.
+    return BatchBudget(
+        max_items=limits.max_container_len,
+        max_items_bytes=limits.max_header_bytes - size_bytes * limits.max_container_len - 16,
+        max_payload_bytes=limits.max_payload_bytes,
+        unchecked_item_bytes=min(limits.max_str_len + 3, limits.max_container_len + 7,
+                                 limits.max_header_bytes - 1),
+    )
+
+
+def batch_length(queue: Iterable[Packed], budget: BatchBudget) -> int:
+    """How many of the first packed messages of ``queue`` go in one batch
+    (at least one, if there is one: a message alone was checked when it was
+    queued)."""
+    n = items_bytes = payload_bytes = 0
+    for item, payload in queue:
+        items_bytes += len(item)
+        if payload is not None:
+            payload_bytes += len(payload)
+        if n and (n == budget.max_items or items_bytes > budget.max_items_bytes
+                  or payload_bytes > budget.max_payload_bytes):
+            break
+        n += 1
+    return n
+
+
+def check_sendable(kind: str, item: bytes, payload: bytes | None, limits: Limits) -> None:
+    """``LocalProtocolError`` if a receiver with ``limits`` would refuse this
+    packed message (it could not even say which request to fail: the
+    requester would wait for ever)."""
+    if payload is not None and len(payload) > limits.max_payload_bytes:
+        raise LocalProtocolError(f"{kind}: a payload of {len(payload)} bytes exceeds the limit "
+                                 f"of {limits.max_payload_bytes}")
+    try:
+        decode(encode_batch([(item, None)])[:1], limits)
+    except RemoteProtocolError as exc:
+        raise LocalProtocolError(f"{kind} would be refused by the peer: {exc}") from None
+
+
+def pack(msg: Message) -> Packed:
     """``msg`` as a packed batch item, msgpack ``[kind, [fields]]``, and its
     payload (None for kinds without one).  Raises ``LocalProtocolError`` for a
     message the other side could not decode (e.g. a non-encodable value)."""
@@ -92,7 +173,7 @@ def encode(msg: Message) -> list[bytes]:
     return encode_batch([pack(msg)])
 
 
-def encode_batch(items: Sequence[tuple[bytes, bytes | None]]) -> list[bytes]:
+def encode_batch(items: Sequence[Packed]) -> list[bytes]:
     """The frames of one ZeroMQ message carrying the packed ``items``
     (at least one; at most ``max_container_len`` for the receiver to accept).
 

@@ -168,9 +168,11 @@ class ErrorReply(Message):
 @dataclass(frozen=True, slots=True)
 class BlockdevAdd(Message):
     """Create block node ``node_name`` in the receiving iothread (QMP's
-    ``blockdev-add``): ``driver`` is ``file`` or ``null-co``; ``options`` are
-    the driver's (``filename``, ``read-only``, ``cache.direct``, ``size``,
-    ``read-zeroes``)."""
+    ``blockdev-add``).  ``driver`` and ``options`` are the schema's validated
+    ``BlockdevOptions``: the rest of its members (``read-only``, the driver's
+    own), defaults filled in, nested ones flattened (``cache.direct``); see
+    ``protocol.schema.blockdev_to_wire``.  The iothread checks them again
+    with the same declaration."""
 
     KIND: ClassVar[str] = "blockdev-add"
     request_id: int

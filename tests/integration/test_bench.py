@@ -7,7 +7,7 @@ import argparse
 import errno
 import json
 import os
-import shutil
+import pathlib
 import signal
 import subprocess
 import sys
@@ -16,11 +16,13 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from iothreads import AioContext, BlockClient, BlockIOError, reschedule
 from mainloop.cli import _bench
 
 COMMAND = [sys.executable, "-m", "mainloop"]
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
 def test_bench_verify_end_to_end(tmp_path: object) -> None:
@@ -43,13 +45,36 @@ def test_bench_default_pattern_short_run() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines()[1].startswith("read ")
     assert "IOPS" in out.stderr  # the progress line
+    assert "started (pid" not in out.stderr  # no debug messages by default
 
 
-def _running_bench() -> tuple[subprocess.Popen[str], list[int]]:
-    """``iothreads bench`` with its embedded cluster, once it reports progress:
-    (the process, the pids of its embedded cluster: launcher and iothreads)."""
-    proc = subprocess.Popen([*COMMAND, "bench", "--runtime", "60", "--size", "8M"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_bench_verbose_shows_its_embedded_cluster_starting_and_stopping() -> None:
+    out = subprocess.run([*COMMAND, "bench", "-v", "--ops", "200", "--size", "4M"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for line in ("iothreads: embedded cluster started (launcher pid", "iothreads: iothread io0 started (pid",
+                 "iothread io1: pid", "iothread io1: exiting (code 0)", "iothreads: iothread io1 (pid"):
+        assert line in out.stderr, out.stderr
+
+
+def test_bench_json_dash_goes_to_stdout(tmp_path: pathlib.Path) -> None:
+    """Regression: ``--json -`` wrote a file named ``-``.  Now the JSON is all
+    of stdout (the table goes to stderr)."""
+    out = subprocess.run([*COMMAND, "bench", "--ops", "300", "--size", "4M", "--json", "-"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    data = json.loads(out.stdout)
+    assert sum(op["ops"] for op in data["ops"].values()) == 300 and data["interrupted"] is False
+    assert "p99.9 us" in out.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _running_bench(*args: str) -> tuple[subprocess.Popen[str], list[int]]:
+    """``iothreads bench`` with its embedded cluster, in a session of its own
+    (as at a terminal), once it reports progress: (the process, the pids of
+    its embedded cluster: launcher first, then iothreads)."""
+    proc = subprocess.Popen([*COMMAND, "bench", "--runtime", "60", "--size", "8M", *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stderr is not None
     for line in proc.stderr:
         if "IOPS" in line:
@@ -82,27 +107,44 @@ def _wait_gone(pids: list[int]) -> None:
             os.close(fd)
 
 
-def test_bench_interrupted_cleans_up() -> None:
-    """Ctrl-C: one line, exit 130, no traceback, and the embedded cluster is gone."""
-    proc, pids = _running_bench()
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and "interrupted" in err and "Traceback" not in err, err
+def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: pathlib.Path) -> None:
+    """Regression: Ctrl-C threw the measurements away.  Now (Ctrl-C at a
+    terminal: SIGINT to the bench's process group) the run stops, the table
+    and the JSON come out marked interrupted, exit 130, no traceback; the
+    embedded cluster (a session of its own) served to the end, then is gone."""
+    result = tmp_path / "result.json"
+    proc, pids = _running_bench("--json", str(result))
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert err.rstrip().splitlines()[-1].startswith("iothreads: interrupted after ")
+    assert [line.split()[0] for line in out.splitlines()] == ["op", "read", "write"]
+    data = json.loads(result.read_text())
+    assert data["interrupted"] is True and data["ops"]["read"]["ops"] > 0
+    assert data["ops"]["read"]["errors"] == data["ops"]["write"]["errors"] == 0
     _wait_gone(pids)
 
 
-def test_a_killed_bench_takes_its_embedded_cluster_along() -> None:
-    """SIGKILL leaves no chance to clean up: the embedded launcher gets SIGTERM
-    from the kernel (parent-death signal) and stops its iothreads."""
+def test_a_killed_bench_leaves_nothing_behind() -> None:
+    """Regression: a bench killed with SIGKILL left its temporary image behind.
+    The image never has a name (the iothreads open it through the bench's
+    /proc/PID/fd); the embedded launcher gets SIGTERM from the kernel
+    (parent-death signal), stops its iothreads and removes its runtime directory."""
     proc, pids = _running_bench()
-    with open(f"/proc/{pids[0]}/cmdline") as f:  # the launcher's: where the bench keeps its image
-        argv = f.read().split("\0")
-    run_dir = argv[argv.index("--runtime-dir") + 1]
+    with open(f"/proc/{pids[0]}/cmdline") as f:
+        launcher = f.read().split("\0")
+    images = {arg.split("filename=")[1].split(",")[0] for arg in launcher if "filename=" in arg}
+    assert len(images) == 1, launcher
+    assert os.stat(images.pop()).st_nlink == 0  # in no directory: the kernel frees it with its last user
+    with open(f"/proc/{pids[1]}/cmdline") as f:
+        iothread = f.read().split("\0")
+    control = iothread[iothread.index("--connect") + 1]
+    run_dir = os.path.dirname(control.removeprefix("ipc://"))
+    assert os.path.isdir(run_dir)
     proc.kill()
     proc.communicate(timeout=60)
     _wait_gone(pids)
-    assert not os.path.exists(run_dir) or os.listdir(run_dir) == []  # the launcher cleaned up its sockets
-    shutil.rmtree(os.path.dirname(run_dir))  # the image: the killed bench could not remove it
+    assert not os.path.exists(run_dir)
 
 
 @pytest.mark.parametrize(
@@ -152,10 +194,84 @@ def cluster() -> Iterator[tuple[str, str]]:
         os.rmdir(d)
 
 
+def test_verify_refuses_a_null_co_node(cluster: tuple[str, str]) -> None:
+    """Regression: null-co discards what is written, so ``bench --verify`` and
+    examples/verify.py reported every block of it as a mismatch.  Both refuse
+    it, in one line, before any I/O."""
+    run, _ = cluster
+    out = subprocess.run([*COMMAND, "bench", "--attach", run, "--verify", "--ops", "64"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        "iothreads: --verify: node null0 is null-co, which discards what is written: there is nothing to "
+        "read back (choose other nodes with --node)"]
+    example = subprocess.run([sys.executable, str(EXAMPLES / "verify.py"), run, "null0"],
+                             capture_output=True, text=True, timeout=60)
+    assert example.returncode == 1 and example.stdout == "", example.stdout
+    assert example.stderr.strip().splitlines() == [
+        "verify.py: node null0 is null-co, which discards what is written: there is nothing to read back"]
+    assert subprocess.run([*COMMAND, "bench", "--attach", run, "--verify", "--ops", "64", "--node", "disk0"],
+                          capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.mark.parametrize("verbose", [True, False])
+def test_verbose_shows_processes_moves_drains_and_resends(verbose: bool) -> None:
+    """``-v`` (on launch, passed on to the iothreads, and on bench) shows what
+    debugging a cluster needs: iothread processes started and exiting, a
+    node's move and its drain, the requests a client resent after it; by
+    default none of it.  The node moves under a running bench."""
+    flags = ["-v"] if verbose else []
+    launcher = subprocess.Popen([*COMMAND, "launch", *flags, "--iothreads", "2",
+                                 "--blockdev", "driver=null-co,node-name=null0,size=64M,iothread=io0"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    bench: subprocess.Popen[str] | None = None
+    assert launcher.stdout is not None
+    try:
+        ready = next(e for e in map(json.loads, launcher.stdout) if e["event"] == "READY")["data"]
+        bench = subprocess.Popen([*COMMAND, "bench", *flags, "--attach", ready["runtime_dir"], "--rw", "randread",
+                                  "--runtime", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert bench.stderr is not None
+        bench_err = [next(line for line in bench.stderr if "IOPS" in line)]  # running
+        qmp = QEMUMonitorProtocol(ready["qmp"][0])
+        qmp.connect()
+        try:
+            assert qmp.cmd("x-blockdev-set-iothread", **{"node-name": "null0", "iothread": "io1"}) == {}
+        finally:
+            qmp.close()
+        # The bench's next requests go to io0, which answers ESTALE: resent to io1.
+        for line in bench.stderr:  # bounded by the bench's --runtime
+            bench_err.append(line)
+            if (" resent " in line) if verbose else sum("IOPS" in x for x in bench_err) > 3:
+                break
+        bench.send_signal(signal.SIGINT)
+        bench_err.append(bench.communicate(timeout=60)[1])
+        assert bench.returncode == 130, bench_err
+    finally:
+        if bench is not None and bench.poll() is None:
+            bench.kill()
+            bench.communicate()
+        launcher.send_signal(signal.SIGTERM)
+        launcher_err = launcher.communicate(timeout=30)[1]
+    assert launcher.returncode == 0, launcher_err
+    assert "iothreads: node null0 moved from io0 to io1" in launcher_err  # info: shown by default
+    debug = {
+        "launcher": ["iothreads: iothread io0 started (pid", "iothreads: iothread io1 started (pid",
+                     "iothreads: moving node null0 from io0 to io1: draining it in io0"],
+        "iothreads": ["iothread io0: pid ", "iothread io0: node null0: draining ",
+                      "iothread io0: node null0: drained and closed", "iothread io0: exit requested: draining",
+                      "iothread io0: exiting (code 0)", "iothread io1: exiting (code 0)"],
+        "client": ["iothreads: node null0 moved away from iothread io0: read at "],
+    }
+    text = launcher_err + "".join(bench_err)
+    for where, lines in debug.items():
+        for line in lines:
+            assert (line in text) == verbose, f"{where}: {line!r} in:\n{text}"
+
+
 def test_client_every_op_type_and_errors(cluster: tuple[str, str]) -> None:
     run, image = cluster
     with BlockClient(run) as c:
-        assert c.nodes()["disk0"]["iothread"] == "io0" and c.node_size("null0") == 1 << 20
+        assert c.nodes()["disk0"].iothread == "io0" and c.node_size("null0") == 1 << 20
         c.write("disk0", 8192, b"\x11" * 8192)
         c.flush("disk0")
         assert c.read("disk0", 8192, 8192) == b"\x11" * 8192
@@ -208,7 +324,7 @@ def test_client_blocking_call_times_out(cluster: tuple[str, str]) -> None:
     TimeoutError after ``timeout_s``, instead of a poll that never returns."""
     run, _ = cluster
     with BlockClient(run, timeout_s=0.3) as c:
-        pid = next(t["pid"] for t in c.state["iothreads"] if t["id"] == c.nodes()["null0"]["iothread"])
+        pid = next(t.pid for t in c.state.iothreads if t.id == c.nodes()["null0"].iothread)
         os.kill(pid, signal.SIGSTOP)
         try:
             with pytest.raises(TimeoutError, match="did not complete in 0.3 s"):
@@ -225,7 +341,7 @@ def test_client_requests_to_an_iothread_that_dies_fail(cluster: tuple[str, str])
     run, _ = cluster
     with BlockClient(run, timeout_s=20) as c:
         assert c.read("null0", 0, 4) == bytes(4)  # connected
-        pid = next(t["pid"] for t in c.state["iothreads"] if t["id"] == "io1")
+        pid = next(t.pid for t in c.state.iothreads if t.id == "io1")
         os.kill(pid, signal.SIGSTOP)  # they queue up, unanswered
         statuses: list[tuple[int, str]] = []
         reported: list[str] = []

@@ -16,6 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from protocol import ClusterState, cluster_state_path
+
 COMMAND = [sys.executable, "-m", "mainloop"]
 
 
@@ -33,7 +35,7 @@ def launch(*args: str) -> tuple[subprocess.Popen[str], dict[str, object]]:
     for line in proc.stdout:  # bounded by the launcher's own handshake deadline
         event = json.loads(line)
         if event["event"] == "READY":
-            return proc, event
+            return proc, event["data"]
     proc.wait(30)
     raise AssertionError(f"no READY line; stderr: {proc.stderr.read() if proc.stderr else ''}")
 
@@ -94,6 +96,35 @@ def run_alone(argv: list[str]) -> subprocess.CompletedProcess[str]:
             proc.communicate()
     assert left == [], f"processes outlived the launcher: {left}"
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def test_every_line_is_an_event_and_ready_comes_last(short_dir: str) -> None:
+    """Regression: the ready line was flat (``{"event": "READY", "pid": ...}``)
+    while the IOTHREAD_READY lines before it were ``{"event", "data"}``.  Every
+    line has the one shape, and READY comes last, once every iothread has
+    answered and every --blockdev is added."""
+    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", short_dir,
+                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    try:
+        events = []
+        for line in proc.stdout:  # bounded by the launcher's own handshake deadline
+            events.append(json.loads(line))
+            if events[-1]["event"] == "READY":
+                break
+        assert all(set(e) == {"event", "data"} and isinstance(e["data"], dict) for e in events), events
+        assert [e["event"] for e in events] == ["IOTHREAD_READY", "IOTHREAD_READY", "READY"]
+        assert sorted(e["data"]["id"] for e in events[:2]) == ["io0", "io1"]
+        ready = events[-1]["data"]
+        assert ready["pid"] == proc.pid and ready["runtime_dir"] == short_dir
+        assert ready["qmp"] == [f"{short_dir}/qmp.sock"]
+        assert [t["state"] for t in ready["iothreads"]] == ["running", "running"]
+        assert ready["nodes"]["null0"] == {"iothread": "io1", "driver": "null-co", "size": 1 << 20}
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -318,3 +349,67 @@ def test_bad_control_endpoint() -> None:
     out = subprocess.run([*COMMAND, "launch", "--control", "udp://x"], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 1 and "expected tcp://HOST:PORT" in out.stderr
+
+
+def test_blockdevs_without_an_iothread_are_spread_over_the_iothreads(short_dir: str) -> None:
+    """Regression: several --blockdev without iothread= all went to io0 (the
+    placement counted the nodes added, not the adds still waiting for their
+    answers).  Each goes to the iothread with the fewest nodes, those counted."""
+    blockdevs = [arg for i in range(4) for arg in ("--blockdev", f"driver=null-co,node-name=n{i},size=1M")]
+    proc, _ = launch("--iothreads", "2", "--runtime-dir", short_dir, *blockdevs)
+    try:
+        with open(cluster_state_path(short_dir), encoding="utf-8") as f:
+            state = ClusterState.from_json(f.read())
+        assert sorted(state.nodes) == ["n0", "n1", "n2", "n3"]
+        assert sorted(n.iothread for n in state.nodes.values()) == ["io0", "io0", "io1", "io1"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+# cli.main with io0 held (SIGSTOP) from the blockdev-add sent to it until the
+# main loop has the answers of both nodes in io1: the answers come in another
+# order than the --blockdev options.
+HELD_IO0 = """
+import os
+import signal
+import sys
+from mainloop import cli
+from mainloop.cluster._cluster import Cluster
+
+real_add, real_write_state = Cluster.blockdev_add, Cluster.write_state
+held = []
+
+
+def blockdev_add(self, node_name, driver, options, callback, iothread=None):
+    if iothread == "io0":
+        held.append(self.iothreads["io0"].pid)
+        os.kill(held[-1], signal.SIGSTOP)
+    real_add(self, node_name, driver, options, callback, iothread)
+
+
+def write_state(self):
+    real_write_state(self)
+    if held and {"first", "last"} <= set(self.nodes):
+        os.kill(held.pop(), signal.SIGCONT)
+
+
+Cluster.blockdev_add, Cluster.write_state = blockdev_add, write_state
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+
+def test_a_failing_blockdev_is_named_whatever_the_order_of_the_answers(short_dir: str) -> None:
+    """Regression: the answers to the --blockdev adds were matched to the
+    options in the order they arrived, so a node that failed after others in
+    other iothreads had answered was reported under another node's name."""
+    run, missing = os.path.join(short_dir, "run"), os.path.join(short_dir, "missing.img")
+    out = run_alone([sys.executable, "-c", HELD_IO0, "launch", "--iothreads", "2", "--runtime-dir", run,
+                     "--blockdev", "driver=null-co,node-name=first,size=1M,iothread=io1",
+                     "--blockdev", f"driver=file,node-name=bad,filename={missing},iothread=io0",
+                     "--blockdev", "driver=null-co,node-name=last,size=1M,iothread=io1"])
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if "--blockdev" in line] == [
+        f"iothreads: --blockdev node-name=bad: could not open '{missing}': No such file or directory"]
+    assert os.listdir(run) == []

@@ -33,8 +33,9 @@ def cluster() -> Iterator[dict[str, Any]]:
     assert proc.stdout is not None
     ready: dict[str, Any] = {}
     for line in proc.stdout:
-        ready = json.loads(line)
-        if ready["event"] == "READY":
+        event = json.loads(line)
+        if event["event"] == "READY":
+            ready = event["data"]
             break
     ready["image"] = image
     ready["proc"] = proc
@@ -239,10 +240,10 @@ def test_tcp_monitor() -> None:
     assert proc.stdout is not None
     try:
         for line in proc.stdout:
-            ready = json.loads(line)
-            if ready["event"] == "READY":
+            event = json.loads(line)
+            if event["event"] == "READY":
                 break
-        host, port = ready["qmp"][0].rsplit(":", 1)
+        host, port = event["data"]["qmp"][0].rsplit(":", 1)
         q = QEMUMonitorProtocol((host, int(port)))
         q.connect()
         assert q.cmd("query-status")["running"] is True
@@ -424,3 +425,40 @@ def test_object_add_refuses_what_cannot_work(cluster: dict[str, Any]) -> None:
     finally:
         r.close()
     assert cluster["proc"].poll() is None  # the launcher is alive (the fixture checks its clean exit)
+
+
+def test_ten_thousand_pipelined_commands_in_one_write_all_get_answers(cluster: dict[str, Any]) -> None:
+    """Regression: each command answered at once ran the next one from inside
+    its answer, so a few hundred commands pipelined in one write ended in a
+    RecursionError and most of them got no reply."""
+    r = _session(cluster["qmp"][0])
+    try:
+        count = 10_000
+        r.send(b"".join(b'{"execute": "query-status", "id": %d}' % i for i in range(count)))
+        for i in range(count):
+            assert r.line() == {"return": {"status": "running", "running": True}, "id": i}
+        r.send(b'{"execute": "query-version", "id": "after"}')
+        assert r.line()["id"] == "after"
+    finally:
+        r.close()
+
+
+def test_async_client_many_commands_in_flight(cluster: dict[str, Any]) -> None:
+    """qemu.qmp sends every execute at once and matches the replies by id: each gets its own."""
+    async def scenario() -> None:
+        qmp = QMPClient("test")
+        await qmp.connect(cluster["qmp"][0])
+        try:
+            names = ["query-status", "query-version", "query-iothreads"] * 700
+            results = await asyncio.gather(*(qmp.execute(name) for name in names))
+            for name, result in zip(names, results, strict=True):
+                if name == "query-status":
+                    assert result == {"status": "running", "running": True}
+                elif name == "query-version":
+                    assert result["qemu"]["major"] == 10
+                else:
+                    assert [t["id"] for t in result] == ["io0", "io1"]
+        finally:
+            await qmp.disconnect()
+
+    asyncio.run(scenario())

@@ -193,7 +193,9 @@ def test_the_iothread_busy_polls(fake: FakeMainLoop) -> None:
     """poll-max-ns takes effect in a real iothread: its own handlers (the
     stop-request notifier included) all have io_poll, so busy polling is not
     switched off for the whole context (it used to be: busy_poll_runs stayed 0)."""
-    with spawn(fake, "--poll-max-ns", "10000000") as proc:
+    # A window of up to 1 s: the gaps between requests stay inside it even on a loaded machine (with
+    # 10 ms, a busy machine's gaps shrank the window to 0 at every dispatch and nothing busy-polled).
+    with spawn(fake, "--poll-max-ns", "1000000000") as proc:
         identity, _ = fake.recv()
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
         counters: dict[str, int] = {}

@@ -6,13 +6,13 @@ from __future__ import annotations
 import errno
 import os
 import random
-import time
 from collections.abc import Iterator
 
 import pytest
 
 from iothreads import AioContext
 from iothreads.block._node import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver
+from iothreads.testing import poll_until
 
 MiB = 1 << 20
 Result = tuple[int, str, bytes]
@@ -29,10 +29,7 @@ def image(tmp_path: object) -> Iterator[str]:
 def run(ctx: AioContext, node: BlockNode, op: str, offset: int, length: int, data: bytes = b"") -> Result:
     results: list[Result] = []
     node.submit(op, offset, length, data, lambda s, m, d: results.append((s, m, d)))
-    end = time.monotonic() + 30
-    while not results:
-        assert time.monotonic() < end, "request never completed"
-        ctx.poll(True)
+    poll_until(lambda: ctx.poll(True), lambda: results, f"the {op} request to complete", 30)
     assert len(results) == 1
     return results[0]
 
@@ -52,10 +49,7 @@ def test_random_writes_then_reads_verify(ctx: AioContext, image: str) -> None:
         expected[off:off + len(data)] = data
         written += len(data)
         node.submit("write", off, len(data), data, lambda s, m, d: pending.append((s, m, d)))
-    end = time.monotonic() + 60
-    while len(pending) < 200:
-        assert time.monotonic() < end
-        ctx.poll(True)
+    poll_until(lambda: ctx.poll(True), lambda: len(pending) >= 200, "200 writes to complete", 60)
     assert all(s == 0 for s, _, _ in pending)
     assert run(ctx, node, "flush", 0, 0)[0] == 0
     for off in range(0, 4 * MiB, 256 * 1024):
@@ -160,10 +154,7 @@ def test_drain(ctx: AioContext, image: str) -> None:
     for i in range(16):
         node.submit("write", i * 4096, 4096, bytes(4096), lambda s, m, d: done.append(s))
     node.drain(lambda: drained.append(len(done)))
-    end = time.monotonic() + 30
-    while len(drained) < 2:
-        assert time.monotonic() < end
-        ctx.poll(True)
+    poll_until(lambda: ctx.poll(True), lambda: len(drained) >= 2, "the drain to end", 30)
     assert drained == [0, 16]
     node.close()
 

@@ -5,9 +5,7 @@ does, to the first attempt of a request."""
 from __future__ import annotations
 
 import errno
-import json
 import os
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -15,8 +13,19 @@ import zmq
 
 from iothreads import BlockClient
 from iothreads.aio._channel_handler import ChannelHandler
-from iothreads.testing import LoopThread
-from protocol import BlockCompletion, BlockRequest, Channel, Message, ipc_endpoint, make_runtime_dir
+from iothreads.testing import LoopThread, poll_until
+from protocol import (
+    BlockCompletion,
+    BlockRequest,
+    Channel,
+    ClusterState,
+    IOThreadEntry,
+    Message,
+    NodeEntry,
+    cluster_state_path,
+    ipc_endpoint,
+    make_runtime_dir,
+)
 
 DEADLINE_S = 20.0
 
@@ -27,9 +36,9 @@ def fake_iothread() -> Iterator[tuple[str, list[int]]]:
     the first request at each offset with ESTALE, the next with zeros."""
     rt = make_runtime_dir()
     endpoint = ipc_endpoint(rt, "io0.data")
-    with open(os.path.join(rt, "cluster.json"), "w", encoding="utf-8") as f:
-        json.dump({"iothreads": [{"id": "io0", "data": endpoint}],
-                   "nodes": {"n0": {"iothread": "io0", "size": 1 << 20}}}, f)
+    with open(cluster_state_path(rt), "w", encoding="utf-8") as f:
+        f.write(ClusterState(rt, "", (IOThreadEntry("io0", os.getpid(), "running", endpoint),),
+                             {"n0": NodeEntry("io0", "null-co", 1 << 20)}).to_json())
     zctx = zmq.Context()
     arrivals: list[int] = []
     with LoopThread("fake-io0") as loop:
@@ -56,7 +65,7 @@ def fake_iothread() -> Iterator[tuple[str, list[int]]]:
             loop.run_sync(handler.close)
     zctx.term()
     os.unlink(endpoint.removeprefix("ipc://"))
-    os.unlink(os.path.join(rt, "cluster.json"))
+    os.unlink(cluster_state_path(rt))
     os.rmdir(rt)
 
 
@@ -74,9 +83,6 @@ def test_a_blocking_call_in_a_completion_callback_survives_a_resend(fake_iothrea
             result.append(client.read("n0", 4096, 512))  # ESTALE, then the resend
 
         client.submit("n0", "read", 0, 512, callback=on_done)
-        end = time.monotonic() + DEADLINE_S
-        while not result:
-            assert time.monotonic() < end, "the nested call did not complete"
-            client.ctx.poll(True, 100_000_000)
+        poll_until(lambda: client.ctx.poll(True, 100_000_000), lambda: result, "the nested call", DEADLINE_S)
         assert result == [bytes(512)]
         assert arrivals == [0, 0, 0, 4096, 4096] and client.resends == 2

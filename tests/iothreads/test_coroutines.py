@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import random
 import threading
-import time
 from typing import Any
 
 import pytest
@@ -20,15 +19,10 @@ from iothreads import (
     reschedule,
     sleep_ns,
 )
-from iothreads.testing import FakeClock, LoopThread, run_until_idle
+from iothreads.testing import FakeClock, LoopThread, poll_until, run_until_idle
 from protocol import CoroutineStateError, StateError
 
-
-def _poll_until_done(ctx: AioContext, fut: Future[Any], bound_s: float = 30.0) -> None:
-    end = time.monotonic() + bound_s
-    while not fut.done():
-        assert time.monotonic() < end, "timed out"
-        ctx.poll(True)
+BOUND_S = 30.0
 
 
 def test_spawn_runs_at_next_poll_and_returns_a_value(ctx: AioContext) -> None:
@@ -55,12 +49,11 @@ def test_await_thread_pool_work_and_timers(fake_ctx: AioContext, fake_clock: Fak
         return value
 
     co = fake_ctx.spawn(work())
-    while "pool" not in steps:
-        fake_ctx.poll(True)
+    poll_until(lambda: fake_ctx.poll(True), lambda: "pool" in steps, "the thread-pool work", BOUND_S)
     run_until_idle(fake_ctx)
     assert steps == ["pool"] and not co.done()
     fake_clock.advance_ns(5_000)
-    _poll_until_done(fake_ctx, co)
+    poll_until(lambda: fake_ctx.poll(True), co.done, "the coroutine", BOUND_S)
     assert co.result() == 6 and steps == ["pool", "slept"]
 
 
@@ -77,7 +70,7 @@ def test_future_completed_from_another_thread(ctx: AioContext) -> None:
     run_until_idle(ctx)
     t = threading.Thread(target=fut.set_result, args=("hi",))
     t.start()
-    _poll_until_done(ctx, co)
+    poll_until(lambda: ctx.poll(True), co.done, "the coroutine", BOUND_S)
     t.join()
     assert co.result() == "hi"
     assert where == [threading.get_ident()]
@@ -265,9 +258,6 @@ def test_a_raising_done_callback_strands_nobody(ctx: AioContext) -> None:
     ran: list[int] = []
     req = ctx.thread_pool.submit(lambda: 7, callback=lambda r: ran.append(r.result()))
     req.add_done_callback(bad)
-    end = time.monotonic() + 20
-    while not ran:
-        assert time.monotonic() < end, "the request's callback did not run"
-        ctx.poll(True, 100_000_000)
+    poll_until(lambda: ctx.poll(True, 100_000_000), lambda: ran, "the request's callback", 20)
     assert ran == [7]
     assert len(reported) == 2 and all("done callback" in where for where in reported)

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 import pytest
 
 from iothreads import AioContext, EventNotifier
-from iothreads.testing import run_until_idle
+from iothreads.testing import poll_until, run_until_idle
 from protocol import StateError
 
 
@@ -147,12 +147,9 @@ def test_set_fd_handler_from_another_thread_wakes_the_loop(
 
     t = threading.Thread(target=register)
     t.start()
-    for _ in range(5):  # one poll may return for the notify alone
-        ctx.poll(True)
-        if got.is_set():
-            break
+    # One poll may return for the notify alone.
+    poll_until(lambda: ctx.poll(True), got.is_set, "the handler registered from another thread", max_steps=5)
     t.join()
-    assert got.is_set()
     ctx.set_fd_handler(a.fileno())
 
 

@@ -7,16 +7,9 @@ import threading
 import time
 
 from iothreads import AioContext, ClockType
+from iothreads.testing import poll_until, wait_until
 
 DEADLINE_S = 60.0
-
-
-def _poll_until(ctx: AioContext, cond: object, what: str) -> None:
-    """Blocking polls until ``cond()``; the deadline is an assertion, not pacing."""
-    end = time.monotonic() + DEADLINE_S
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, f"timed out waiting for {what}"
-        ctx.poll(True)
 
 
 def test_many_threads_scheduling_oneshots_while_home_blocks(ctx: AioContext) -> None:
@@ -37,7 +30,8 @@ def test_many_threads_scheduling_oneshots_while_home_blocks(ctx: AioContext) -> 
     threads = [threading.Thread(target=producer, args=(i,)) for i in range(n_threads)]
     for t in threads:
         t.start()
-    _poll_until(ctx, lambda: sum(counts) >= n_threads * per_thread, "all oneshots")
+    poll_until(lambda: ctx.poll(True), lambda: sum(counts) >= n_threads * per_thread, "all oneshots",
+               DEADLINE_S)
     for t in threads:
         t.join()
     assert not ctx.poll(False)
@@ -60,7 +54,8 @@ def test_coalesced_schedules_never_lose_the_last_one(ctx: AioContext) -> None:
     threads = [threading.Thread(target=producer, args=(i,)) for i in range(n_threads)]
     for t in threads:
         t.start()
-    _poll_until(ctx, lambda: seen == [per_thread] * n_threads, "the final values")
+    poll_until(lambda: ctx.poll(True), lambda: seen == [per_thread] * n_threads, "the final values",
+               DEADLINE_S)
     for t in threads:
         t.join()
     bh.delete()
@@ -88,10 +83,7 @@ def test_cross_thread_schedule_wakes_a_blocked_poll(ctx: AioContext) -> None:
     def other() -> None:
         # Wait until the home thread has announced it will block: then the
         # schedule must go through the eventfd.
-        end = time.monotonic() + DEADLINE_S
-        while not ctx._notify_me:
-            if time.monotonic() > end:
-                return
+        wait_until(lambda: ctx._notify_me, "the home thread to block", DEADLINE_S)
         blocked.set()
         ctx.bh_schedule_oneshot(ran.set)
 
@@ -130,8 +122,6 @@ def test_a_blocking_poll_with_a_timeout_returns_when_it_passes(ctx: AioContext) 
     fired: list[int] = []
     timer = ctx.timer_new_ns(ClockType.REALTIME, lambda: fired.append(1))
     timer.mod_ns(ctx.clock_now_ns(ClockType.REALTIME) + 1_000_000)
-    end = time.monotonic() + DEADLINE_S
-    while not fired:  # the timer, not the 60 s bound, ends the sleep
-        assert time.monotonic() < end, "the timer did not fire"
-        ctx.poll(True, int(DEADLINE_S * 1e9))
+    # The timer, not the poll's 60 s timeout, ends the sleep.
+    poll_until(lambda: ctx.poll(True, int(DEADLINE_S * 1e9)), lambda: fired, "the timer to fire", DEADLINE_S)
     timer.delete()

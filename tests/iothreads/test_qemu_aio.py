@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from types import FrameType
 
 from iothreads import AioContext, BottomHalf, ClockType, Coroutine, EventNotifier, Future
-from iothreads.testing import FakeClock
+from iothreads.testing import FakeClock, poll_until, run_until_idle
 
 # ---------------------------------------------------------------------------
 # Helpers: QEMU's BHTestData / EventNotifierTestData and their callbacks
@@ -78,19 +78,8 @@ def set_event_notifier(ctx: AioContext, data: EventNotifierTestData, on: bool) -
 
 def wait_until_inactive(ctx: AioContext, data: EventNotifierTestData) -> None:
     """QEMU's wait_until_inactive, bounded."""
-    for _ in range(1000):
-        if data.active <= 0:
-            return
-        ctx.poll(True)
-    raise AssertionError(f"notifier still active after 1000 polls: {data}")
-
-
-def drain(ctx: AioContext) -> None:
-    """``while (aio_poll(ctx, false));``, bounded."""
-    for _ in range(1000):
-        if not ctx.poll(False):
-            return
-    raise AssertionError("context still busy after 1000 polls")
+    poll_until(lambda: ctx.poll(True), lambda: data.active <= 0, lambda: f"the notifier to go inactive: {data}",
+               max_steps=1000)
 
 
 # ---------------------------------------------------------------------------
@@ -182,10 +171,7 @@ def test_bh_delete_from_cb(ctx: AioContext) -> None:
     bh.schedule()
     assert data1.n == 0
 
-    for _ in range(100):
-        if data1.n >= data1.max:
-            break
-        ctx.poll(True)
+    poll_until(lambda: ctx.poll(True), lambda: data1.n >= data1.max, "the BH's last run", max_steps=100)
     assert data1.n == data1.max
     assert data1.bh is None
     assert bh.deleted
@@ -207,10 +193,8 @@ def test_bh_delete_from_cb_many(ctx: AioContext) -> None:
     assert [d.n for d in datas] == [1, 1, 1, 1]
     assert datas[0].bh is None
 
-    for _ in range(100):
-        if all(d.n >= d.max for d in datas):
-            break
-        ctx.poll(True)
+    poll_until(lambda: ctx.poll(True), lambda: all(d.n >= d.max for d in datas), "the BHs' last runs",
+               max_steps=100)
     assert [d.n for d in datas] == [d.max for d in datas]
     assert all(d.bh is None for d in datas)
     assert all(bh.deleted for bh in bhs)
@@ -260,7 +244,7 @@ def test_wait_event_notifier(ctx: AioContext) -> None:
     data = EventNotifierTestData(active=1)
     try:
         set_event_notifier(ctx, data, True)
-        drain(ctx)
+        run_until_idle(ctx)
         assert data.n == 0
         assert data.active == 1
 
@@ -334,7 +318,7 @@ def test_flush_event_notifier(ctx: AioContext) -> None:
     data = EventNotifierTestData(active=10, auto_set=True)
     try:
         set_event_notifier(ctx, data, True)
-        drain(ctx)
+        run_until_idle(ctx)
         assert data.n == 0
         assert data.active == 10
 
@@ -386,7 +370,7 @@ def test_timer_schedule(fake_ctx: AioContext, fake_clock: FakeClock) -> None:
         assert n == 0
 
         # timer_mod may well have notified the context, so clear that.
-        drain(ctx)
+        run_until_idle(ctx)
         assert not ctx.poll(False)
         assert n == 0
 
@@ -402,7 +386,7 @@ def test_timer_schedule(fake_ctx: AioContext, fake_clock: FakeClock) -> None:
         assert timer.pending  # re-armed by its callback
         assert timer.expire_time_ns == 1_000_000_000 + ns
 
-        drain(ctx)
+        run_until_idle(ctx)
         assert not ctx.poll(False)
         assert n == 1
 

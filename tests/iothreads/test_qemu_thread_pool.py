@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import errno
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -18,17 +17,10 @@ import pytest
 
 import iothreads.aio._threadpool as threadpool_mod
 from iothreads import AioContext, RequestState, ThreadPool, ThreadPoolRequest
+from iothreads.testing import poll_until, run_until_idle
 
 WAIT_S = 10.0  # bound on every wait for another thread; never reached when passing
-
-
-def poll_until(ctx: AioContext, cond: Callable[[], bool], max_polls: int = 10_000) -> None:
-    """``while (!cond) aio_poll(ctx, true);``, bounded."""
-    for _ in range(max_polls):
-        if cond():
-            return
-        ctx.poll(True)
-    assert cond(), f"condition still false after {max_polls} blocking polls"
+MAX_POLLS = 10_000  # bound on ``while (!cond) aio_poll(ctx, true);``
 
 
 def worker_threads(ctx: AioContext) -> list[threading.Thread]:
@@ -77,9 +69,9 @@ def test_submit(ctx: AioContext) -> None:
     """/thread-pool/submit: a fire-and-forget request runs the worker once."""
     data = WorkerTestData()
     req = ctx.thread_pool.submit(worker_cb, data)
-    poll_until(ctx, lambda: data.n != 0)
+    poll_until(lambda: ctx.poll(True), lambda: data.n != 0, "the worker to run", WAIT_S, max_steps=MAX_POLLS)
     assert data.n == 1
-    poll_until(ctx, req.done)
+    poll_until(lambda: ctx.poll(True), req.done, "the request", WAIT_S, max_steps=MAX_POLLS)
     assert req.result() == 0
     assert req.state is RequestState.DONE
 
@@ -104,16 +96,14 @@ def test_submit_aio(ctx: AioContext) -> None:
     assert data.callbacks == 0
     assert not req.done()
 
-    poll_until(ctx, lambda: data.ret is not None)
+    poll_until(lambda: ctx.poll(True), lambda: data.ret is not None, "the callback",
+               WAIT_S, max_steps=MAX_POLLS)
     assert data.callbacks == 1
     assert data.n == 1
     assert data.ret == 0
     assert callback_threads == [home]
 
-    drain_polls = 0
-    while ctx.poll(False):
-        drain_polls += 1
-        assert drain_polls < 100
+    run_until_idle(ctx, max_iterations=100)
     assert data.callbacks == 1  # exactly once
 
 
@@ -163,7 +153,8 @@ def test_submit_co(ctx: AioContext) -> None:
     assert not co.done()
 
     # Polling executes the rest of the coroutine.
-    poll_until(ctx, lambda: data.ret is not None)
+    poll_until(lambda: ctx.poll(True), lambda: data.ret is not None, "the coroutine",
+               WAIT_S, max_steps=MAX_POLLS)
 
     assert co.done()
     co.result()
@@ -175,7 +166,8 @@ def submit_many(ctx: AioContext, count: int = 100) -> list[WorkerTestData]:
     datas = [WorkerTestData() for _ in range(count)]
     for d in datas:
         ctx.thread_pool.submit(worker_cb, d, callback=done_cb(d))
-    poll_until(ctx, lambda: all(d.callbacks for d in datas))
+    poll_until(lambda: ctx.poll(True), lambda: all(d.callbacks for d in datas), "every callback",
+               WAIT_S, max_steps=MAX_POLLS)
     return datas
 
 
@@ -263,7 +255,8 @@ def test_cancel(ctx: AioContext, long_jobs: LongJobs, sync: bool) -> None:
             assert req.state is RequestState.DONE
             assert req.cancelled
             if sync:  # bdrv_aio_cancel waits for the completion
-                poll_until(ctx, req.done)
+                poll_until(lambda: ctx.poll(True), req.done, "the cancelled request",
+                           WAIT_S, max_steps=MAX_POLLS)
                 assert datas[i].callbacks == 1
         else:
             assert req.state is RequestState.ACTIVE
@@ -275,7 +268,8 @@ def test_cancel(ctx: AioContext, long_jobs: LongJobs, sync: bool) -> None:
 
     # Finish execution and run any remaining callbacks.
     long_jobs.gate.set()
-    poll_until(ctx, lambda: all(d.callbacks for d in datas))
+    poll_until(lambda: ctx.poll(True), lambda: all(d.callbacks for d in datas), "every callback",
+               WAIT_S, max_steps=MAX_POLLS)
 
     for i, (req, d) in enumerate(zip(reqs, datas)):
         assert d.callbacks == 1, i
@@ -335,7 +329,8 @@ def test_max_threads(ctx: AioContext, long_jobs: LongJobs) -> None:
     assert long_jobs.started == {0, 1}
 
     long_jobs.gate.set()
-    poll_until(ctx, lambda: all(r.done() for r in reqs))
+    poll_until(lambda: ctx.poll(True), lambda: all(r.done() for r in reqs), "every request",
+               WAIT_S, max_steps=MAX_POLLS)
     assert [r.result() for r in reqs] == [0] * 6
     assert long_jobs.finished == set(range(6))
     assert max_concurrent == 2
@@ -376,13 +371,13 @@ def test_idle_threads_above_min_exit(
     assert len(workers) == 4
     monkeypatch.setattr(threadpool_mod, "IDLE_TIMEOUT_S", 0.05)
     long_jobs.gate.set()
-    poll_until(ctx, lambda: all(r.done() for r in reqs))
+    poll_until(lambda: ctx.poll(True), lambda: all(r.done() for r in reqs), "every request",
+               WAIT_S, max_steps=MAX_POLLS)
 
     # Wait (bounded) for the extra workers to time out and exit.
-    deadline = time.monotonic() + WAIT_S
-    while sum(t.is_alive() for t in workers) > 1:
-        assert time.monotonic() < deadline, pool.stats()
-        next(t for t in workers if t.is_alive()).join(0.05)
+    poll_until(lambda: next(t for t in workers if t.is_alive()).join(0.05),
+               lambda: sum(t.is_alive() for t in workers) <= 1,
+               lambda: f"the workers above min to exit: {pool.stats()}", WAIT_S)
     assert pool.stats()["threads"] == 1
     [survivor] = [t for t in workers if t.is_alive()]
 
@@ -394,7 +389,7 @@ def test_idle_threads_above_min_exit(
     # The pool still works with its remaining worker.
     data = WorkerTestData()
     req = pool.submit(worker_cb, data)
-    poll_until(ctx, req.done)
+    poll_until(lambda: ctx.poll(True), req.done, "the request", WAIT_S, max_steps=MAX_POLLS)
     assert data.n == 1
 
 

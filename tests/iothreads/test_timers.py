@@ -9,7 +9,7 @@ import time
 import pytest
 
 from iothreads import AioContext, ClockType, ManualClock
-from iothreads.testing import FakeClock
+from iothreads.testing import FakeClock, poll_until
 
 
 class StoppedClock:
@@ -151,10 +151,7 @@ def test_a_blocking_poll_wakes_for_a_realtime_timer(ctx: AioContext) -> None:
     ctx.poll(False)  # consume the set-up notification
     t.mod(t.now() + 20)
     expire_ns = t.expire_time_ns
-    polls = 0
-    while not fired_at:
-        ctx.poll(True)
-        polls += 1
+    polls = poll_until(lambda: ctx.poll(True), lambda: fired_at, "the timer")
     assert fired_at[0] >= expire_ns
     assert polls <= 3  # a ms-rounded sleep may end a hair early once; never many times
 
@@ -177,8 +174,8 @@ def test_virtual_clock_moves_only_when_told(ctx: AioContext) -> None:
     t = threading.Thread(target=clock.advance_ns, args=(5_000_000,))
     ctx.poll(False)
     t.start()
-    while not fired:  # the advance from another thread wakes the blocked poll
-        ctx.poll(True)
+    # The advance from another thread wakes the blocked poll.
+    poll_until(lambda: ctx.poll(True), lambda: fired, "the timer")
     t.join()
     assert fired == [1]
 
@@ -192,8 +189,7 @@ def test_fake_clock_advanced_from_another_thread_wakes_a_blocked_poll(
     fake_ctx.poll(False)
     th = threading.Thread(target=fake_clock.advance_ns, args=(10**12,))
     th.start()
-    while not fired:
-        fake_ctx.poll(True)
+    poll_until(lambda: fake_ctx.poll(True), lambda: fired, "the timer")
     th.join()
     assert fired == [10**12]
 
@@ -214,7 +210,6 @@ def test_timer_mod_from_another_thread_wakes_the_loop(fake_ctx: AioContext) -> N
     fake_ctx.poll(False)
     th = threading.Thread(target=t.mod_ns, args=(0,))
     th.start()
-    while not fired:
-        fake_ctx.poll(True)
+    poll_until(lambda: fake_ctx.poll(True), lambda: fired, "the timer")
     th.join()
     assert fired == [1]

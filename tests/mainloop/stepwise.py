@@ -2,8 +2,8 @@
 
 ``MainContext.iteration`` and ``MainLoop.main_loop_wait`` run the five steps
 through one fused internal call.  These functions do the same iteration the
-long way, step by step through ``prepare``, ``query``, ``poll``, ``check`` and
-``dispatch`` (and ``bql_unlock``/``bql_lock`` around the poll), as glib's
+long way, step by step through ``prepare``, ``query``, ``wait_fds``, ``check``
+and ``dispatch`` (and ``bql_unlock``/``bql_lock`` around the wait), as glib's
 ``g_main_context_iteration`` and QEMU's ``main_loop_wait`` spell it out.  The
 fixtures run every scenario through both paths, so the fused one must behave
 exactly like the steps.
@@ -26,7 +26,7 @@ def stepwise_iteration(ctx: MainContext, may_block: bool) -> bool:
         timeout_ns, _ = ctx.query(max_priority)
         if ready or not may_block:
             timeout_ns = 0
-        ctx.poll(timeout_ns)
+        ctx.wait_fds(timeout_ns)
         return ctx.check(max_priority) and ctx.dispatch()
     finally:
         if acquired:
@@ -54,7 +54,7 @@ def stepwise_main_loop_wait(loop: MainLoop, nonblocking: bool = False) -> bool:
         bql_unlock()
         try:
             loop.waits += 1
-            ctx.poll(timeout_ns)
+            ctx.wait_fds(timeout_ns)
         finally:
             bql_lock()
         ran = ctx.check(max_priority) and ctx.dispatch()

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
+from iothreads.testing import poll_until
 from mainloop import (
     IO_HUP,
     IO_IN,
@@ -57,13 +58,6 @@ class Recorder(Source):
         self.finalized += 1
 
 
-def iterate_until(ctx: MainContext, cond: object) -> None:
-    end = time.monotonic() + BOUND_S
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "timed out"
-        ctx.iteration(True)
-
-
 def test_only_the_highest_ready_priority_is_dispatched(context: MainContext) -> None:
     log: list[str] = []
     low = Recorder(log, "low", PRIORITY_LOW, ready=True)
@@ -93,7 +87,7 @@ def test_prepare_timeout_bounds_the_poll_and_check_decides(context: MainContext)
         timeout_ns, n_fds = context.query(max_priority)
         assert timeout_ns == 5_000_000
         assert n_fds == 1  # the context's own wakeup fd
-        context.poll(0)
+        context.wait_fds(0)
         assert context.check(max_priority) is False
     finally:
         context.release()
@@ -151,7 +145,8 @@ def test_attach_from_another_thread_wakes_a_blocked_iteration(context: MainConte
     context.iteration(False)
     t = threading.Thread(target=context.idle_add, args=(lambda: (ran.set(), SOURCE_REMOVE)[1],))
     t.start()
-    iterate_until(context, ran.is_set)
+    poll_until(lambda: context.iteration(True), ran.is_set, "the idle source added from another thread",
+               BOUND_S)
     t.join()
 
 
@@ -168,7 +163,7 @@ def test_fd_set_change_after_query_makes_check_dispatch_nothing(context: MainCon
                              args=(a.fileno(), IO_IN, lambda fd, cond: bool(got.append(cond))))
         t.start()
         t.join()
-        context.poll(0)
+        context.wait_fds(0)
         assert context.check(max_priority) is False  # re-query first
     finally:
         context.release()
@@ -200,7 +195,7 @@ def test_ready_time(context: MainContext) -> None:
         assert 0 < timeout_ns <= 2_000_000
     finally:
         context.release()
-    iterate_until(context, lambda: src.runs == 1)
+    poll_until(lambda: context.iteration(True), lambda: src.runs == 1, "the source's ready time", BOUND_S)
     assert context.iteration(False) is False
 
 
@@ -291,7 +286,8 @@ def test_idle_and_timeout_sources(context: MainContext) -> None:
     runs: list[str] = []
     context.attach(IdleSource(lambda: bool(runs.append("idle")) or runs.count("idle") < 2))
     context.timeout_add(1, lambda: bool(runs.append("timeout")) or SOURCE_REMOVE, priority=PRIORITY_HIGH)
-    iterate_until(context, lambda: runs.count("idle") == 2 and "timeout" in runs)
+    poll_until(lambda: context.iteration(True), lambda: runs.count("idle") == 2 and "timeout" in runs,
+               "both sources", BOUND_S)
     assert runs.count("timeout") == 1
     assert context.sources() == []
 
@@ -303,7 +299,8 @@ def test_destroy_from_another_thread_wakes_the_context(context: MainContext) -> 
     context.iteration(False)
     t = threading.Thread(target=src.destroy)
     t.start()
-    iterate_until(context, lambda: src.destroyed)
+    poll_until(lambda: context.iteration(True), lambda: src.destroyed, "the destroy from another thread",
+               BOUND_S)
     t.join()
     assert src.finalized == 1 and context.sources() == []
 
@@ -356,7 +353,7 @@ def test_aio_source_sets_notify_me_bit_0_between_prepare_and_check() -> None:
             _, maxp = ctx.prepare()
             assert aio._notify_me & 1
             ctx.query(maxp)
-            ctx.poll(0)
+            ctx.wait_fds(0)
             ctx.check(maxp)
             assert not aio._notify_me & 1
         finally:
@@ -367,7 +364,8 @@ def test_aio_source_sets_notify_me_bit_0_between_prepare_and_check() -> None:
         ctx.iteration(False)
         t = threading.Thread(target=aio.bh_schedule_oneshot, args=(ran.set,))
         t.start()
-        iterate_until(ctx, ran.is_set)
+        poll_until(lambda: ctx.iteration(True), ran.is_set, "the oneshot BH scheduled from another thread",
+                   BOUND_S)
         t.join()
 
 
@@ -413,7 +411,7 @@ def test_a_new_aio_source_does_not_see_what_an_old_one_polled() -> None:
         try:
             _, maxp = old.prepare()
             old.query(maxp)
-            old.poll(0)  # a's handler fd polled ready: recorded for check
+            old.wait_fds(0)  # a's handler fd polled ready: recorded for check
             assert [p.fd for p in first.pending_pollfds()] == [a.fileno()]
         finally:
             old.release()

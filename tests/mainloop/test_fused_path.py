@@ -110,7 +110,7 @@ def run_scenario(scenario: list[Spec], bh_turns: list[int],
                     bound = "none" if timeout_ns < 0 else "now" if timeout_ns == 0 else \
                         "far" if timeout_ns > FAR // 2 else "soon"
                     log.append(f"timeout {bound}, {n_fds} fds")
-                    ctx.poll(0)
+                    ctx.wait_fds(0)
                     ctx.check(max_priority)
                     log.append(f"pending {[s.name for s in ctx._pending]}")
                     for pending in ctx._pending:

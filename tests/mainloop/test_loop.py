@@ -10,18 +10,11 @@ import time
 import pytest
 
 from iothreads import ClockType
+from iothreads.testing import poll_until
 from mainloop import IO_IN, MainLoop, bql, bql_locked
 from protocol import StateError
 
 BOUND_S = 30.0
-
-
-def wait_until(loop: MainLoop, cond: object) -> None:
-    end = time.monotonic() + BOUND_S
-    with bql():
-        while not cond():  # type: ignore[operator]
-            assert time.monotonic() < end, "timed out"
-            loop.main_loop_wait(False)
 
 
 def test_another_thread_takes_the_bql_while_the_loop_polls(loop: MainLoop) -> None:
@@ -72,7 +65,8 @@ def test_every_kind_of_callback_runs_under_the_bql(loop: MainLoop) -> None:
     loop.run_in_main_loop(lambda: record("bottom half"))
     b.send(b"x")
     d.send(b"y")
-    wait_until(loop, lambda: len(held_in) == 7)
+    with bql():
+        poll_until(loop.main_loop_wait, lambda: len(held_in) == 7, "every kind of callback", BOUND_S)
     assert held_in == dict.fromkeys(
         ["fd watch", "iohandler fd", "idle", "timeout", "aio timer", "main-loop timer", "bottom half"], True
     )
@@ -118,7 +112,8 @@ def test_nested_poll_of_the_main_aio_context_never_dispatches_iohandler_work(loo
     loop.set_fd_handler(a.fileno(), io_read=iohandler)
     b.send(b"x")
     loop.run_in_main_loop(block_layer_wait)
-    wait_until(loop, lambda: "iohandler" in order)
+    with bql():
+        poll_until(loop.main_loop_wait, lambda: "iohandler" in order, "the iohandler", BOUND_S)
     assert order.index("nested end") < order.index("iohandler")
     assert order[:3] == ["nested start", "inner bh", "nested end"]
     a.close()

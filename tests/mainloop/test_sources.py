@@ -11,17 +11,11 @@ import time
 
 import pytest
 
+from iothreads.testing import poll_until
 from mainloop import IO_IN, MainContext, MainLoop, SignalSource, bql
 from protocol import StateError
 
 BOUND_S = 30.0
-
-
-def iterate_until(ctx: MainContext, cond: object) -> None:
-    end = time.monotonic() + BOUND_S
-    while not cond():  # type: ignore[operator]
-        assert time.monotonic() < end, "timed out"
-        ctx.iteration(True)
 
 
 def test_signal_arrives_as_a_dispatch(context: MainContext) -> None:
@@ -35,7 +29,7 @@ def test_signal_arrives_as_a_dispatch(context: MainContext) -> None:
     me = threading.get_ident()
     signal.pthread_kill(me, signal.SIGUSR1)
     signal.pthread_kill(me, signal.SIGUSR2)
-    iterate_until(context, lambda: len(got) == 2)
+    poll_until(lambda: context.iteration(True), lambda: len(got) == 2, "both signals", BOUND_S)
     assert sorted(got) == [signal.SIGUSR1, signal.SIGUSR2]
     src.destroy()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
@@ -45,7 +39,7 @@ def test_child_watch_reaps_and_reports_the_status(context: MainContext) -> None:
     pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "raise SystemExit(3)"], os.environ)
     statuses: list[tuple[int, int]] = []
     context.child_watch_add(pid, lambda p, status: statuses.append((p, os.waitstatus_to_exitcode(status))))
-    iterate_until(context, lambda: statuses)
+    poll_until(lambda: context.iteration(True), lambda: statuses, "the child's exit", BOUND_S)
     assert statuses == [(pid, 3)]
     assert context.sources() == []  # a child watch is done once the child is reaped
 
@@ -55,7 +49,7 @@ def test_child_killed_by_a_signal(context: MainContext) -> None:
     statuses: list[int] = []
     context.child_watch_add(pid, lambda p, status: statuses.append(os.waitstatus_to_exitcode(status)))
     os.kill(pid, signal.SIGKILL)
-    iterate_until(context, lambda: statuses)
+    poll_until(lambda: context.iteration(True), lambda: statuses, "the child's exit", BOUND_S)
     assert statuses == [-signal.SIGKILL]
 
 
@@ -105,7 +99,7 @@ def test_a_raising_callback_leaves_its_source_sane(context: MainContext) -> None
         raise RuntimeError("timeout callback bug")
 
     sid = context.timeout_add(1, tick)
-    iterate_until(context, lambda: fires)
+    poll_until(lambda: context.iteration(True), lambda: fires, "the timeout", BOUND_S)
     src = context.find_source_by_id(sid)
     assert src is not None and src.ready_time_ns > time.monotonic_ns()  # re-armed: due in an interval
     src.destroy()
@@ -123,7 +117,8 @@ def test_a_raising_callback_leaves_its_source_sane(context: MainContext) -> None
     me = threading.get_ident()
     signal.pthread_kill(me, signal.SIGUSR1)
     signal.pthread_kill(me, signal.SIGUSR2)
-    iterate_until(context, lambda: len(got) == 2)  # the second, read in the same batch, comes too
+    # The second, read in the same batch, comes too.
+    poll_until(lambda: context.iteration(True), lambda: len(got) == 2, "both signals", BOUND_S)
     sig.destroy()
 
     pid = os.posix_spawn(sys.executable, [sys.executable, "-c", "raise SystemExit(7)"], os.environ)
@@ -134,7 +129,8 @@ def test_a_raising_callback_leaves_its_source_sane(context: MainContext) -> None
         raise RuntimeError("child watch callback bug")
 
     context.child_watch_add(pid, on_exit)
-    iterate_until(context, lambda: codes and not context.sources())
+    poll_until(lambda: context.iteration(True), lambda: codes and not context.sources(), "the child's exit",
+               BOUND_S)
     assert codes == [7]
     assert len(reported) == 3
 
@@ -170,7 +166,7 @@ def test_two_sources_of_one_signal(context: MainContext) -> None:
     a.destroy()
     assert signal.SIGUSR1 in signal.pthread_sigmask(signal.SIG_BLOCK, [])
     signal.pthread_kill(threading.get_ident(), signal.SIGUSR1)
-    iterate_until(context, lambda: got)
+    poll_until(lambda: context.iteration(True), lambda: got, "the signal", BOUND_S)
     assert got == ["B"]
     b.destroy()
     assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before

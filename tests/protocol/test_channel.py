@@ -40,8 +40,8 @@ import msgpack
 import pytest
 import zmq
 
-from iothreads import AioContext, BottomHalf, ChannelHandler, ClockType, Timer
-from iothreads.testing import LoopThread, run_until_idle
+from iothreads import AioContext, BottomHalf, ChannelHandler
+from iothreads.testing import LoopThread, poll_until, run_until_idle
 from mainloop import ChannelSource, MainContext
 from protocol import (
     BlockCompletion,
@@ -69,6 +69,9 @@ DEADLINE_S = 20.0
 
 TICK_MS = 10
 """Period of the tick that keeps a blocking loop iteration from waiting forever."""
+
+TICK_NS = TICK_MS * 1_000_000
+"""The same as a blocking AioContext poll's timeout: ``ctx.poll(True, TICK_NS)``."""
 
 
 def _raise(owner: object, exc: Exception, where: str) -> None:
@@ -126,8 +129,8 @@ def dealer_channel(zctx: zmq.Context[Any], endpoint: str, identity: bytes,
 
 def wait_readable(fd: int, deadline: float) -> None:
     """Block until ``fd`` polls readable (the ZMQ_FD fired), at most until ``deadline``."""
-    while not select.select([fd], [], [], 0.05)[0]:
-        assert time.monotonic() < deadline, f"fd {fd} never became readable"
+    timeout_s = max(0.0, deadline - time.monotonic())
+    assert select.select([fd], [], [], timeout_s)[0], f"fd {fd} never became readable"
 
 
 def zmq_events(channel: Channel) -> int:
@@ -143,51 +146,18 @@ def fd_readable(fd: int) -> bool:
 def iterate_until(context: MainContext, done: Callable[[], bool], what: str | Callable[[], str],
                   deadline_s: float = DEADLINE_S, progress: Callable[[], int] | None = None,
                   stall_s: float = 2.0) -> None:
-    """Blocking iterations of ``context`` until ``done()``; fails past the deadline,
-    or, given ``progress`` (a counter), when it did not move for ``stall_s``.
+    """Blocking iterations of ``context`` until ``done()``, with the bounds of
+    ``poll_until`` (``progress``, a counter, must not stand still for ``stall_s``).
 
     A timeout source ticks every ``TICK_MS`` so that a stalled channel (an
-    edge lost for good) shows up as a failed assertion, not a hang.  ``what``
-    (or what it returns) says what was awaited, in the failure message.
+    edge lost for good) shows up as a failed assertion, not a hang.
     """
-
-    def describe() -> str:
-        return what if isinstance(what, str) else what()
-
     tick = context.timeout_add(TICK_MS, lambda: True, name="test tick")
-    now = time.monotonic()
-    deadline = now + deadline_s
-    last, last_change = (progress() if progress else 0), now
     try:
-        while not done():
-            now = time.monotonic()
-            assert now < deadline, f"timed out waiting for {describe()}"
-            if progress is not None:
-                if progress() != last:
-                    last, last_change = progress(), now
-                assert now - last_change < stall_s, f"stalled for {stall_s} s waiting for {describe()}"
-            context.iteration(True)
+        poll_until(lambda: context.iteration(True), done, what, deadline_s,
+                   progress=progress, stall_s=stall_s if progress is not None else None)
     finally:
         context.source_remove(tick)
-
-
-def poll_until(ctx: AioContext, done: Callable[[], bool], what: str, deadline_s: float = DEADLINE_S) -> None:
-    """Blocking polls of ``ctx`` until ``done()``; fails past the deadline (a
-    timer ticks every ``TICK_MS`` so that a stall cannot block for ever)."""
-    tick: Timer
-
-    def rearm() -> None:
-        tick.mod(tick.now() + TICK_MS)
-
-    tick = ctx.timer_new_ms(ClockType.REALTIME, rearm, "test tick")
-    rearm()
-    deadline = time.monotonic() + deadline_s
-    try:
-        while not done():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            ctx.poll(True)
-    finally:
-        tick.delete()
 
 
 class Echo:
@@ -347,7 +317,7 @@ def _attach_main(context: MainContext, channels: list[Channel]) -> Callable[[Cal
 def _attach_aio(ctx: AioContext, channels: list[Channel]) -> tuple[Callable[[Callable[[], bool], str], None],
                                                                   list[ChannelHandler]]:
     handlers = [ChannelHandler(ctx, ch, f"ch{i}") for i, ch in enumerate(channels)]
-    return (lambda done, what: poll_until(ctx, done, what)), handlers
+    return (lambda done, what: poll_until(lambda: ctx.poll(True, TICK_NS), done, what, DEADLINE_S)), handlers
 
 
 @pytest.mark.parametrize("loop", ["main", "aio"])
@@ -518,7 +488,7 @@ def test_garbage_from_a_raw_router(runtime_dir: str, zctx: zmq.Context[Any], ctx
         raw.send_multipart([b"d", _VALID[0][:-1]])
         raw.send_multipart([b"d", b"\xc1"])  # msgpack's "never used" byte
         raw.send_multipart([b"d", *_VALID])
-        poll_until(ctx, lambda: bool(got), "the valid message")
+        poll_until(lambda: ctx.poll(True, TICK_NS), lambda: bool(got), "the valid message", DEADLINE_S)
         assert [i for i, _ in errors] == [b"", b""]
         assert all(isinstance(e, RemoteProtocolError) for _, e in errors)
         assert dealer.bad_messages == 2 and dealer.received == 1 and got == [Heartbeat(1, 2)]
@@ -578,7 +548,8 @@ def test_a_drain_delivers_at_most_batch_and_kicks(runtime_dir: str, zctx: zmq.Co
             iterate_until(main_context, lambda: len(got) == 100, "all 100 messages")
         else:
             handler = ChannelHandler(ctx, router, "router")
-            poll_until(ctx, lambda: len(got) == 100, "all 100 messages")
+            poll_until(lambda: ctx.poll(True, TICK_NS), lambda: len(got) == 100, "all 100 messages",
+                       DEADLINE_S)
         assert got == list(range(100))
         assert max(drains) == 4
         assert sum(drains) == 96 and len([n for n in drains if n]) == 24
@@ -1092,7 +1063,7 @@ def _aio_router_with_a_full_and_an_idle_peer(
         raw = raw_dealer(zctx, endpoint, identity=name, rcvhwm=10)
         raw.send_multipart(encode(Heartbeat(0, 0)))
         peers.append(raw)
-    poll_until(ctx, lambda: router.received == 2, "both peers")
+    poll_until(lambda: ctx.poll(True, TICK_NS), lambda: router.received == 2, "both peers", DEADLINE_S)
     for i in range(1024):
         router.send(BlockCompletion(i, 0, "", bytes(4096)), b"a")
     assert router.backlog > 0
@@ -1110,7 +1081,8 @@ def test_a_deferred_send_does_not_wait_behind_a_full_peer(runtime_dir: str, zctx
         zctx, ipc_endpoint(runtime_dir, "r"), ctx)[:4]
     try:
         router.send(BlockCompletion(7, 0, "", b"x"), b"b", defer=True)
-        poll_until(ctx, lambda: bool(b.poll(0)), "the completion for the idle peer")
+        poll_until(lambda: ctx.poll(True, TICK_NS), lambda: bool(b.poll(0)), "the completion for the idle peer",
+                   DEADLINE_S)
         assert decode(b.recv_multipart()) == BlockCompletion(7, 0, "", b"x")
     finally:
         handler.close()
@@ -1140,7 +1112,8 @@ def test_busy_polling_sleeps_on_a_full_peers_backlog(runtime_dir: str, zctx: zmq
                 received += len(decode_batch(a.recv_multipart()))
             return router.backlog == 0 and received == 1024
 
-        poll_until(ctx, a_reads_and_the_backlog_is_gone, "the backlog to go out")
+        poll_until(lambda: ctx.poll(True, TICK_NS), a_reads_and_the_backlog_is_gone, "the backlog to go out",
+                   DEADLINE_S)
     finally:
         handler.close()
         a.close()
