@@ -35,8 +35,11 @@ from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
 from .wire import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .qmp import QmpCommand as QmpCommand
 from .qmp import QmpDecoder as QmpDecoder
 from .qmp import QmpInputError as QmpInputError
+from .qmp import QmpSession as QmpSession
+from .qmp import QmpSessionState as QmpSessionState
 from .qmp import qmp_error as qmp_error
 from .qmp import qmp_event as qmp_event
 from .qmp import qmp_line as qmp_line
@@ -82,8 +85,11 @@ __all__ = [
     "PROTOCOL_VERSION",
     "PendingRequests",
     "ProtocolError",
+    "QmpCommand",
     "QmpDecoder",
     "QmpInputError",
+    "QmpSession",
+    "QmpSessionState",
     "Query",
     "QueryReply",
     "RemoteProtocolError",

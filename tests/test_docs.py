@@ -7,7 +7,7 @@ follows the page would run it: a page's shell blocks in order in one shell
 ``<!-- doc-test: ... -->`` just before a block changes how it runs:
 
 - ``skip: REASON``: not run; the reason is required.
-- ``foreground until="TEXT" [exit=N]``: a command that runs until stopped
+- ``foreground until="TEXT" [exit=N]`` (or ``until='TEXT'``): a command that runs until stopped
   (one command, no comments): it runs in the background until its output
   shows TEXT (within a bound), then gets SIGTERM and must exit with status N
   (default 0).
@@ -44,7 +44,7 @@ FOREGROUND_BOUND_S = 60  # for a foreground command's TEXT, between two lines of
 
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.M | re.S)
 MARK = re.compile(r"<!-- doc-test: (.*?) -->[ \t]*\n\Z")
-FOREGROUND = re.compile(r'foreground until="([^"]+)"(?: exit=(\d+))?')
+FOREGROUND = re.compile(r"""foreground until=(?:"([^"]+)"|'([^']+)')(?: exit=(\d+))?""")
 EXIT = re.compile(r"exit=(\d+)")
 
 
@@ -132,6 +132,15 @@ def test_links_and_paths_exist(page: pathlib.Path) -> None:
             assert (ROOT / name).exists(), f"{page.name} names `{name}`, which does not exist"
 
 
+def test_the_qmp_page_lists_every_command_the_monitor_has() -> None:
+    from protocol.schema import COMMANDS
+
+    table = (ROOT / "docs" / "qmp.md").read_text().split("\n## Commands\n", 1)[1]
+    rows = [line.split("|")[1] for line in table.splitlines() if line.startswith("| `")]
+    listed = {name for row in rows for name in re.findall(r"`([a-z_-]+)`", row)}
+    assert listed == set(COMMANDS)
+
+
 def test_readme_starts_with_the_quickstart_and_ci_runs_its_test_command() -> None:
     readme = (ROOT / "README.md").read_text()
     first_section = readme.split("\n## ", 2)[1]
@@ -202,7 +211,7 @@ def _shell_step(b: Block) -> str:
             f'{text} > "$__fifo" 2>&1 &',
             "__pid=$!",
             'exec {__fd}<"$__fifo"; rm -f "$__fifo"',
-            f'__doc_foreground "$__pid" "$__fd" {shlex.quote(fg.group(1))} {fg.group(2) or 0}',
+            f'__doc_foreground "$__pid" "$__fd" {shlex.quote(fg.group(1) or fg.group(2))} {fg.group(3) or 0}',
         ])
     if b.mark is not None and (ex := EXIT.fullmatch(b.mark)):
         return "\n".join([

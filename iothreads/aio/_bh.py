@@ -7,7 +7,10 @@ Anyone may schedule one from any thread; scheduling is cheap and never runs
 the callback directly.
 
 State lives in flag bits, changed under the queue's lock (QEMU uses atomic
-fetch-or / fetch-and; a short lock is the Python equivalent):
+fetch-or / fetch-and; a short lock is the Python equivalent).  The home
+thread also reads the flags and the queue without the lock, relying on the
+GIL's ordering of plain loads and stores (see "Memory ordering" in
+``_context.py``); each such site says so and names its partner:
 
 ``PENDING``    the BH sits in the queue, waiting for the next ``poll``
 ``SCHEDULED``  its callback should run when dequeued
@@ -20,7 +23,7 @@ fetch-or / fetch-and; a short lock is the Python equivalent):
 Enqueueing sets ``PENDING`` plus the new bits and appends the BH to the queue
 only if it was not already pending, so scheduling twice before it runs runs it
 once.  Every enqueue notifies the context (``ctx.notify()``), which wakes a
-blocked poll only when one may be sleeping (see ``_aio.py``).
+blocked poll only when one may be sleeping (see ``_context.py``).
 
 ``poll`` carves off everything enqueued so far into a *slice* and runs it.  A
 BH scheduled while a slice runs, including from its own callback, lands in the
@@ -88,6 +91,8 @@ class BottomHalf:
     @property
     def scheduled(self) -> bool:
         """Whether the callback will run at the next ``poll``."""
+        # GIL ordering: one plain read of the flags, a snapshot (partner:
+        # BottomHalfQueue.enqueue and .poll, which change them under the lock).
         return self._flags & (BH_SCHEDULED | BH_DELETED) == BH_SCHEDULED
 
     @property
@@ -113,6 +118,9 @@ class BottomHalf:
 
         Deleting an already deleted BH does nothing.
         """
+        # GIL ordering: a lock-free read for the common repeat; one that
+        # misses a concurrent delete only enqueues again, and enqueue decides
+        # under the lock (partner: BottomHalfQueue.enqueue).
         if self._flags & (BH_DELETED | BH_FREED):
             return
         self._queue.enqueue(self, BH_DELETED)
@@ -163,6 +171,12 @@ class BottomHalfQueue:
             bh._flags = old | new_flags
         lock.release()
         # ctx.notify(), inlined: this is the hottest path of the loop.
+        # GIL ordering (QEMU's smp_wmb, then smp_mb, in aio_notify): the BH is
+        # queued (published by the lock's release) before ``notified`` is
+        # stored, and ``notified`` is stored before ``notify_me`` is read.
+        # Partners: AioContext.poll step 3 (stores notify_me, then reads
+        # notified) and step 5 (clears notified, then BottomHalfQueue.poll
+        # takes the queue); AioContext.gsource_prepare / gsource_check.
         ctx = self.ctx
         ctx._notifies += 1
         ctx._notified = True
@@ -174,6 +188,10 @@ class BottomHalfQueue:
 
     def compute_timeout_ns(self) -> int:
         """0 if a BH is runnable, 10 ms if only idle ones are, else -1."""
+        # GIL ordering: the queue and the flags are read without the lock, as
+        # in any_scheduled.  A BH enqueued meanwhile is not missed: its
+        # enqueue notifies after queueing it (partner: enqueue; the notify is
+        # caught at AioContext.poll step 3 or by gsource_check).
         if not self._queue and not self._slices:
             return -1
         timeout = -1
@@ -194,6 +212,7 @@ class BottomHalfQueue:
 
     def any_scheduled(self) -> bool:
         """Whether any BH, idle ones included, is scheduled (GSource check)."""
+        # GIL ordering: lock-free reads, as in compute_timeout_ns (partner: enqueue).
         if not self._queue and not self._slices:
             return False
         return any(

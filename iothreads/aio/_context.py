@@ -38,8 +38,22 @@ yet raised ``notify_me`` when ``notify()`` read it, and then it sees
 ``notified`` afterwards and does not sleep; or it had, and the eventfd write
 ends its sleep.  Either way E is seen before the next sleep.  The eventfd may
 stay readable after the accept; its handler drains it like any other fd.
-(Python's GIL orders these plain attribute reads and writes as QEMU's memory
-barriers do.)
+
+Memory ordering
+---------------
+QEMU puts a memory barrier on each side of every cross-thread handshake, and
+its comments name each barrier's partner.  Here CPython's GIL does the
+barriers' work: one thread at a time runs bytecode, and a plain load or store
+of an attribute (an int, a bool, a reference to a list or a dict) is one
+indivisible step, so every thread sees all such loads and stores in one
+order that keeps each thread's program order (sequential consistency).  A
+store followed by a load on each side (``notified``, then ``notify_me`` in
+``notify``; ``notify_me``, then ``notified`` in ``poll``) therefore behaves
+as with QEMU's ``smp_mb``: at least one side sees the other's store.  Each
+site that relies on this says "GIL ordering" and names its partner.  What the
+GIL does not give: a read-modify-write (``notify_me += 2``) is a load and a
+store, not one step, so every such field has a single writing thread.  (A
+free-threaded CPython build would need atomics at these sites.)
 
 Handlers are level-triggered and replaced copy-on-write: changing an fd's
 handler makes a new node and marks the old one deleted, so a dispatch in
@@ -140,6 +154,9 @@ class AioContext:
 
         # notify_me / notified (module docstring).  notify_me bit 0 belongs to
         # a GSource adapter (the main loop); bits 1.. count blocking polls.
+        # Only the home thread writes notify_me (its += and |= are not atomic);
+        # any thread reads it (notify).  Any thread sets notified; the home
+        # thread clears it (the accept).
         self._notify_me = 0
         self._notified = False
         self._notifier = EventNotifier()
@@ -239,7 +256,13 @@ class AioContext:
         be, blocked (``notify_me != 0``); otherwise setting ``notified`` is
         enough, because the home thread checks it before it sleeps.
         """
-        self._notifies += 1
+        self._notifies += 1  # a statistic: racing notifiers may lose an increment
+        # GIL ordering (QEMU's smp_wmb, then smp_mb, in aio_notify): the
+        # caller's event is stored before ``notified``, and ``notified`` before
+        # ``notify_me`` is read.  Partners: poll() step 3 (stores notify_me,
+        # then reads notified), gsource_prepare() (stores bit 0, then reads the
+        # BHs and timers), and the accept in poll() step 5 / gsource_check().
+        # BottomHalfQueue.enqueue inlines this same sequence.
         self._notified = True
         if self._notify_me:
             self._notifier_writes += 1
@@ -249,6 +272,8 @@ class AioContext:
         self._notifier.test_and_clear()
 
     def _notifier_poll(self) -> bool:
+        # GIL ordering: a plain read of the flag that notify() stores (partner:
+        # notify), so busy polling sees a notify without a syscall.
         return self._notified
 
     def _notifier_poll_ready(self) -> None:
@@ -369,10 +394,6 @@ class AioContext:
         """Read the context's clock of ``clock_type``.  Any thread."""
         return self._timers.now_ns(clock_type)
 
-    def timers_deadline_ns(self) -> int:
-        """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
-        return self._timers.deadline_ns()
-
     # ------------------------------------------------------------------
     # Busy polling parameters (any thread)
     # ------------------------------------------------------------------
@@ -455,6 +476,11 @@ class AioContext:
         params = self._poll_params
         try:
             # -- 1. timeout -------------------------------------------------
+            # GIL ordering: the BH queue, its flags and the timer heaps are read
+            # without their locks (each read is one step).  A read that misses
+            # a change made meanwhile is harmless: the notify() that follows
+            # each change that could shorten the wait (partners:
+            # BottomHalfQueue.enqueue, TimerList.mod_ns) is caught at step 3.
             start_ns = time.monotonic_ns() if params.max_ns else 0
             bhs = self._bhs
             queue = bhs._queue
@@ -478,6 +504,11 @@ class AioContext:
             # -- 3. announce the intent to block ---------------------------
             use_notify_me = timeout_ns != 0
             if use_notify_me:
+                # GIL ordering (QEMU's smp_mb after notify_me += 2): notify_me
+                # is stored before notified is read.  Partner: notify() (and
+                # BottomHalfQueue.enqueue), which stores notified before it
+                # reads notify_me: either we see notified here and do not
+                # sleep, or it sees notify_me raised and writes the eventfd.
                 self._notify_me += 2
                 if self._notified:
                     timeout_ns = 0
@@ -496,9 +527,16 @@ class AioContext:
                     fds.wait(ready, timeout_ns)
             finally:
                 if use_notify_me:  # even if the wait raised: or every notify() writes the eventfd
+                    # GIL ordering (QEMU: a store-release): after the wait.  A
+                    # notify() that read the raised value a moment ago only
+                    # writes the eventfd once too often (drained by _notifier_read).
                     self._notify_me -= 2
 
             # -- 5. accept the notification --------------------------------
+            # GIL ordering (QEMU's smp_mb in aio_notify_accept): notified is
+            # cleared before step 6 reads the BH queue.  Partner:
+            # BottomHalfQueue.enqueue (queues the BH, then sets notified): a BH
+            # queued after step 6's read leaves notified set for the next poll.
             self._notified = False
             block_ns = time.monotonic_ns() - start_ns if params.max_ns else 0
 
@@ -549,6 +587,11 @@ class AioContext:
     def gsource_prepare(self) -> tuple[bool, int]:
         """Before the main loop polls: announce it (``notify_me`` bit 0) and
         return ``(ready, timeout_ns)`` (-1: no timeout).  Home thread."""
+        # GIL ordering (QEMU's smp_mb in aio_ctx_prepare): bit 0 is stored
+        # before the BHs and timers are read below.  Partner: notify() (and
+        # BottomHalfQueue.enqueue): a notify that read notify_me before this
+        # store followed an event that the reads below see; one after it
+        # writes the eventfd, which the main loop polls.
         self._notify_me |= 1
         if self._fds.poll_started:
             self._fds.set_poll_started([], False)  # no busy polling under a glib-style loop
@@ -562,6 +605,9 @@ class AioContext:
         """After the poll: whether to dispatch: one of the context's fds
         polled ready (``gsource_ready_fds`` is not empty), a bottom half is
         scheduled or a timer is due.  Home thread."""
+        # GIL ordering (QEMU: a store-release of bit 0, then aio_notify_accept):
+        # as poll() steps 3-5, notified is cleared before the BHs are read.
+        # Partner: notify() / BottomHalfQueue.enqueue.
         self._notify_me &= ~1
         self._notified = False
         if self.gsource_ready_fds:

@@ -7,9 +7,10 @@ thin wrapper.  Registration is level-triggered, so a handler that does not
 consume all input is called again on the next poll, as QEMU documents for
 ``qemu_set_fd_handler``.
 
-``wait`` is the only blocking call of an AioContext.  Timeouts are integer
-nanoseconds until here, where they become the milliseconds epoll takes,
-rounded up so that we wait *at least* as long as asked, and capped at a day.
+Waiting on the epoll fd is the only blocking call of an AioContext.
+Timeouts are integer nanoseconds until then, when ``timeout_ns_to_seconds``
+turns them into what epoll takes: whole milliseconds, rounded up so that we
+wait *at least* as long as asked, and capped at a day.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ __all__ = ["EpollMonitor", "EVENT_IN", "EVENT_OUT", "EVENT_READ_MASK", "EVENT_WR
 
 EVENT_IN = select.EPOLLIN
 EVENT_OUT = select.EPOLLOUT
-EVENT_PRI = select.EPOLLPRI
 EVENT_ERR = select.EPOLLERR
 EVENT_HUP = select.EPOLLHUP
 # What makes io_read / io_write run (QEMU: G_IO_IN|G_IO_HUP|G_IO_ERR and G_IO_OUT|G_IO_ERR).
@@ -41,8 +41,8 @@ def timeout_ns_to_seconds(timeout_ns: int) -> float:
 
 
 class EpollMonitor:
-    """One epoll instance.  ``update`` is safe from any thread; ``wait`` is
-    called by the owning context's home thread."""
+    """One epoll instance.  ``update`` is safe from any thread; the wait
+    (``poll_seconds``) is the owning context's home thread's."""
 
     __slots__ = ("_epoll",)
 
@@ -93,21 +93,9 @@ class EpollMonitor:
 
     @property
     def poll_seconds(self) -> Callable[[float, int], list[tuple[int, int]]]:
-        """The raw ``epoll.poll(timeout_s, max_events)``, for callers that
-        convert the timeout themselves (with ``timeout_ns_to_seconds``)."""
+        """The raw ``epoll.poll(timeout_s, max_events)``: the wait itself, a
+        timeout in ns converted once by the caller (``timeout_ns_to_seconds``)."""
         return self._epoll.poll
-
-    def wait(self, timeout_ns: int, max_events: int = 128) -> list[tuple[int, int]]:
-        """Block up to ``timeout_ns`` (-1: forever); return ``(fd, events)`` pairs."""
-        if timeout_ns == 0:
-            return self._epoll.poll(0, max_events)
-        if timeout_ns < 0:
-            return self._epoll.poll(-1, max_events)
-        return self._epoll.poll(timeout_ns_to_seconds(timeout_ns), max_events)
 
     def close(self) -> None:
         self._epoll.close()
-
-    @property
-    def closed(self) -> bool:
-        return self._epoll.closed

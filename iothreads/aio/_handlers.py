@@ -127,7 +127,9 @@ class FdHandlers:
                 is_notifier,
             )
             # Publish the node before epoll can report the fd, so a poll
-            # running in the home thread never sees an fd it cannot map.
+            # running in the home thread never sees an fd it cannot map (GIL
+            # ordering: the dict store precedes the epoll syscall; partner:
+            # wait, which maps each reported fd through ``nodes``).
             if new is None:
                 del self.nodes[fd]
             else:
@@ -150,6 +152,9 @@ class FdHandlers:
                 old is not None and old.io_poll is None
             )
             if old is not None:
+                # GIL ordering: a plain store, read without the lock by the
+                # home thread (partner: dispatch, which skips a deleted node):
+                # a dispatch that reads it after this store skips the old handler.
                 old.deleted = True
                 if old.polling:
                     old.polling = False

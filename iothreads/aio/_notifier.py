@@ -41,6 +41,13 @@ class EventNotifier:
 
     def set(self) -> None:
         """Make the notifier readable (any thread)."""
+        # The wake-up half of AioContext.notify(): what the caller stored
+        # before (``notified``, GIL ordering) precedes this write, and the
+        # write is a syscall, which orders it like a full barrier.  Partner:
+        # the home thread's epoll wait (AioContext.poll step 4), then
+        # test_and_clear (AioContext._notifier_read).  ``_fd`` is read once:
+        # one plain load (GIL), so a concurrent close() leaves either the fd or
+        # -1 here, never a mix; set() after close() is the caller's bug.
         fd = self._fd
         if fd < 0:
             raise StateError("EventNotifier is closed")
@@ -62,6 +69,8 @@ class EventNotifier:
 
     def close(self) -> None:
         """Close the eventfd.  Idempotent."""
+        # A load and a store, not one atomic swap: close() is the owner's, and
+        # is not to race with another close() (partner: set, which reads _fd once).
         fd, self._fd = self._fd, -1
         if fd >= 0:
             os.close(fd)

@@ -146,6 +146,9 @@ class ThreadPool:
     def _cancel(self, req: ThreadPoolRequest[Any]) -> bool:
         self._ctx._assert_home("ThreadPoolRequest.cancel")
         with self._lock:
+            # A request leaves QUEUED only under this lock (_worker), so the
+            # check is exact; the worker's later store of DONE, outside the
+            # lock, is one plain store (GIL) that never makes it QUEUED again.
             if req.state is not RequestState.QUEUED:
                 return False
             self._queue.remove(req)
@@ -158,6 +161,10 @@ class ThreadPool:
     def _completion_bh_cb(self) -> None:
         finished = self._finished
         while finished:
+            # GIL ordering (QEMU's smp_rmb in the completion BH): the request
+            # is taken from _finished (popleft is one step) before its result
+            # is read.  Partner: _worker, which stores the result and the DONE
+            # state before it appends the request.
             req = finished.popleft()
             self._in_flight -= 1
             self._completed_total += 1
@@ -184,7 +191,7 @@ class ThreadPool:
     @property
     def threads(self) -> int:
         """Worker threads now (``stats()["threads"]`` without the rest).  Any thread."""
-        return self._cur_threads
+        return self._cur_threads  # GIL: one plain read, a snapshot (written under the lock)
 
     def stats(self) -> dict[str, int]:
         """Thread and request counts.  Any thread."""
@@ -251,6 +258,11 @@ class ThreadPool:
                     req._value = req.fn(*req.args)
                 except BaseException as exc:  # delivered to the submitter
                     req._error = exc
+                # GIL ordering (QEMU's smp_wmb between ret and state = DONE):
+                # the result, then DONE, are stored before the request is
+                # published in _finished (append is one step) and before the
+                # BH is scheduled.  Partner: _completion_bh_cb, which pops it
+                # and only then reads the result.
                 req.state = RequestState.DONE
                 self._finished.append(req)
                 try:

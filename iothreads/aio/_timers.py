@@ -93,7 +93,6 @@ class TimerList:
 
     def __init__(self, clock_type: ClockType, clock: Clock, notify: Callable[[], None]) -> None:
         self.clock_type = clock_type
-        self.clock = clock
         # The built-in clocks are read through the C function itself: one
         # Python call less on every poll that has a timer armed.
         self.now_ns: Callable[[], int] = (
@@ -201,10 +200,6 @@ class TimerList:
             except Exception as exc:  # reported; the loop goes on
                 report(exc, f"timer {timer.name!r}")
 
-    def pending_timers(self) -> list[Timer]:
-        with self._lock:
-            return [e[2] for e in sorted(self._heap) if e[2] is not None]  # type: ignore[misc]
-
 
 ClockSpec = Clock | Mapping[ClockType, Clock] | None
 
@@ -298,9 +293,6 @@ class TimerListGroup:
                 fired += tl.run(report)
         self.fired += fired
         return fired > 0
-
-    def pending_timers(self) -> list[Timer]:
-        return [t for tl in self.lists for t in tl.pending_timers()]
 
     def close(self) -> None:
         """Stop listening to manual clocks."""

@@ -20,6 +20,12 @@ Heartbeats go both ways every ``heartbeat_interval_ms``: the iothreads use
 them to notice a dead main loop (besides the parent-death signal); the
 cluster uses any message as a sign of life.
 
+Requests to an iothread (a query, a blockdev-add ...) wait in its
+``PendingRequests`` table until the reply that names them: one left
+unanswered fails after ``request_timeout_ms`` (checked at each heartbeat),
+and all of them fail when the iothread exits.  The cluster's shape is
+published for clients as a ``ClusterState`` (``write_state``).
+
 Everything here runs in the main-loop thread with the BQL held.
 """
 

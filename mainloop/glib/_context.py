@@ -32,7 +32,11 @@ Any thread may attach and destroy sources, add and remove their fds, and
 change ready times; each such change from a thread that does not own the
 context writes the context's wakeup eventfd, so a blocked ``wait_fds`` notices.
 Iterating requires owning the context (``acquire``, recursive, one thread at a
-time), as in glib.
+time), as in glib.  The owner reads what other threads change (the watched
+sources, the poll records, "fd set changed", a source's destroyed flag)
+without the lock, relying on the GIL's ordering of plain loads and stores
+(see "Memory ordering" in ``iothreads/aio/_context.py``); each such site says
+"GIL ordering" and names its partner.
 """
 
 from __future__ import annotations
@@ -165,13 +169,14 @@ class MainContext:
         self._wakeup.set()
 
     def _wake_if_foreign(self) -> None:
+        # GIL ordering: the change was made (under the lock) before this
+        # eventfd write, and the owner reads sources and poll records only
+        # after its wait returns (partner: _check, which drains the wakeup
+        # after _wait_fds).  _owner is read without the lock: a thread finds
+        # its own ident there only if it stored it itself (acquire), so the
+        # test is exact for the calling thread.
         if self._owner != threading.get_ident():
             self._wakeup.set()
-
-    @property
-    def wakeup_fd(self) -> int:
-        """The context's own wakeup eventfd (glib's GWakeup)."""
-        return self._wakeup.fileno()
 
     # ------------------------------------------------------------------
     # Sources (any thread)
@@ -229,6 +234,11 @@ class MainContext:
             for pfd in source.pollfds:
                 self._remove_pollfd_locked(pfd)
         self._wake_if_foreign()
+        # GIL ordering (a store, then a load, on each side, as around
+        # smp_mb): _destroyed is stored above before _dispatching is read
+        # here, and _dispatch stores _dispatching before it reads _destroyed
+        # (partner).  At least one side sees the other's store, so finalize
+        # is never skipped; _claim_finalize keeps it to one call.
         if not self._in_dispatch(source):
             self._finalize(source)
         # else: its dispatch is running (in the loop thread): finalize follows
@@ -260,6 +270,9 @@ class MainContext:
             # The hooks are looked up once, here (glib's GSourceFuncs are fixed too).
             hooks = (source, source.prepare if source._has_prepare else None,
                      source.check if source._has_check else None)
+            # Copied on write, for the owner iterates it without the lock (GIL
+            # ordering: the new list is whole before its reference is stored;
+            # partners: _prepare, _check).
             self._watched = sorted([*self._watched, hooks], key=lambda w: (w[0].priority, w[0].id))
         elif source._watched and not watch:
             self._watched = [w for w in self._watched if w[0] is not source]
@@ -394,6 +407,9 @@ class MainContext:
         """Step 2: ``(timeout_ns, number of polled fds)``; clears "fd set changed"."""
         if self._owner != _get_ident():
             self._assert_owner("MainContext.query")
+        # GIL ordering: cleared without the lock; a writer stores True after
+        # changing the poll set (partners: _add_pollfd_locked,
+        # _remove_pollfd_locked), so _check sees any change made after this.
         self._poll_changed = False
         return self._timeout_ns, len(self._records)
 
@@ -452,7 +468,7 @@ class MainContext:
         else:
             max_priority = MAX_PRIORITY  # nothing to prepare: no ready source, no timeout
             self._timeout_ns = -1
-        self._poll_changed = False  # query
+        self._poll_changed = False  # query (GIL ordering: as in query())
         self._wait_fds(timeout_ns, lock)
         pending = self._check(max_priority)
         if pending:
@@ -465,6 +481,8 @@ class MainContext:
         now_ns = -1  # read the clock only for a source with a ready time
         timeout_ns = -1
         max_priority = MAX_PRIORITY
+        # GIL ordering: _watched is read once, without the lock (partner:
+        # _update_watched_locked, which replaces it whole).
         for src, prepare, _ in self._watched:
             if src._destroyed:
                 continue
@@ -505,6 +523,9 @@ class MainContext:
             if pfd.source is not None:
                 pfd.source._fired.clear()
         touched: list[PollFD] = []
+        # GIL ordering: the poll records are read without the lock: each dict
+        # operation is one step, and each fd's list is replaced, never changed
+        # in place (partners: _add_pollfd_locked, _remove_pollfd_locked).
         records = self._records
         timeout_s = 0 if timeout_ns == 0 else -1 if timeout_ns < 0 else timeout_ns_to_seconds(timeout_ns)
         if lock is None:
@@ -594,7 +615,9 @@ class MainContext:
             if self._nestings != nestings:
                 break  # a callback iterated the context: that iteration took over the rest
             src._outer_dispatch = outer
-            self._dispatching = src  # first: a destroy from another thread now leaves finalize to us
+            # First, and before src._destroyed is read (GIL ordering; partner:
+            # _destroy): a destroy from another thread now leaves finalize to us.
+            self._dispatching = src
             if src._destroyed:
                 self._dispatching = outer
                 if not self._in_dispatch(src):

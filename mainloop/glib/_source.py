@@ -27,7 +27,6 @@ records ``revents`` for the source's own ``check`` to read (glib's
 
 from __future__ import annotations
 
-import threading
 from typing import TYPE_CHECKING
 
 from protocol import StateError
@@ -122,7 +121,6 @@ class Source:
         self._has_prepare = cls.prepare is not Source.prepare
         self._has_check = cls.check is not Source.check
         self._fired: list[PollFD] = []  # poll fds with revents in this iteration
-        self._lock = threading.Lock()
 
     # -- hooks (override what you need) -----------------------------------
 

@@ -162,7 +162,7 @@ class SignalSource(Source):
         except BaseException:
             self._restore_mask()
             raise
-        self._pfd = self.add_unix_fd(self._fd, IO_IN, f"signalfd ({names})")
+        self.add_unix_fd(self._fd, IO_IN, f"signalfd ({names})")
 
     def _restore_mask(self) -> None:
         me = self._thread

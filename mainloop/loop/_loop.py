@@ -67,7 +67,6 @@ class MainLoop:
         self._notify_bh: BottomHalf = self.aio_context.bh_new(lambda: None, "notify_event")
         self._running = False
         self._home = threading.get_ident()
-        self.waits = 0
 
     # -- any thread -------------------------------------------------------
 
@@ -115,7 +114,6 @@ class MainLoop:
             # 1. fill: the main-loop timers bound the sources' timeout;
             # 2. poll with the BQL released;  3. check and dispatch.
             timeout_ns = 0 if nonblocking else (timers.deadline_ns() if any(timers.heaps) else -1)
-            self.waits += 1
             ran = ctx._iterate(timeout_ns, bql)
         finally:
             if acquired:

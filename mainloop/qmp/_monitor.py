@@ -4,10 +4,13 @@ Theory of operation
 -------------------
 A listening socket (Unix or TCP) is an fd-watch source of the main context;
 each accepted connection is a session with its own sources.  Everything runs
-in the main loop, under the BQL.  A session starts with the greeting and is in
+in the main loop, under the BQL.  A session's protocol is a sans-I/O
+``QmpSession`` (``protocol.qmp``): it starts with the greeting and is in
 negotiation mode until ``qmp_capabilities``; then commands run one at a time,
 in order (no OOB): a command may answer at once or later (when iothreads have
-answered), and the next command of that session waits for it.  The commands,
+answered), and the next command of that session waits for it.  ``Session``
+here feeds it the socket's bytes, writes out its output, and runs each command
+it hands out (any number answered at once, in a loop, not by recursion).  The commands,
 their arguments and their results are declared in ``protocol.schema``
 (``COMMANDS``): arguments are checked against it (unknown keys, missing ones,
 types, values) before any side effect, a command runs with them typed, and
@@ -22,7 +25,6 @@ import errno
 import logging
 import os
 import socket
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
@@ -31,14 +33,11 @@ from typing import Any
 from protocol import (
     ErrorReply,
     LocalProtocolError,
-    QmpDecoder,
-    QmpInputError,
+    QmpCommand,
+    QmpSession,
     QueryReply,
     StateError,
-    qmp_error,
     qmp_event,
-    qmp_line,
-    qmp_return,
 )
 
 from protocol.schema import (
@@ -93,6 +92,7 @@ def package_version() -> str:
 
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": f"{DISTRIBUTION} {package_version()}"}
 MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # unread output a session may pile up
+SEND_CHUNK_BYTES = 256 * 1024  # output handed to the socket per send
 MAX_HISTOGRAM_BOUNDARIES = 32  # a node's counters, bins included, must fit one message (256 entries)
 
 
@@ -128,38 +128,41 @@ class Command:
 
 
 class Session:
+    """One QMP connection: its socket, and the dispatch of its commands to the
+    monitor's.  The protocol (greeting, negotiation, order of replies, input
+    errors, the output bound) is its ``QmpSession``'s.  Main-loop thread, BQL held.
+    """
+
     def __init__(self, monitor: Monitor, conn: socket.socket, peer: str) -> None:
         self.monitor = monitor
         self.conn = conn
         self.peer = peer
-        self.decoder = QmpDecoder(monitor.max_message_bytes)
-        self.negotiated = False
-        self.queue: deque[dict[str, Any] | QmpInputError] = deque()
-        self.busy = False
-        self.out = bytearray()
+        self.qmp = QmpSession(VERSION, max_message_bytes=monitor.max_message_bytes,
+                              max_output_bytes=MAX_OUTPUT_BYTES)
         self.closed = False
+        self._dispatching = False  # in _dispatch's loop: an answer given meanwhile does not start it again
         ctx = monitor.loop.context
         self._in = FdWatchSource(conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
                                  name=f"qmp session {peer}", role=f"QMP session socket ({peer})")
         ctx.attach(self._in)
         self._out: FdWatchSource | None = None
-        self.send({"QMP": {"version": VERSION, "capabilities": []}})
+        self._flush()  # the greeting
+
+    def send_event(self, event: dict[str, Any]) -> None:
+        """Send an event (once the session is negotiated)."""
+        self.qmp.send_event(event)
+        self._flush()
 
     # -- output ------------------------------------------------------------
 
-    def send(self, obj: dict[str, Any]) -> None:
-        if self.closed:
-            return
-        self.out += qmp_line(obj)
-        self._flush()
-        if len(self.out) > MAX_OUTPUT_BYTES:
-            log.error("QMP session %s does not read its replies and events: closing it", self.peer)
-            self.close()
-
     def _flush(self) -> None:
-        while self.out and not self.closed:
+        """Write what the session has to send, as far as the socket takes it."""
+        while not self.closed:
+            data = self.qmp.data_to_send(SEND_CHUNK_BYTES)
+            if not data:
+                break
             try:
-                n = self.conn.send(self.out)
+                n = self.conn.send(data)
             except BlockingIOError:
                 if self._out is None:
                     self._out = FdWatchSource(self.conn.fileno(), IO_OUT, self._on_writable,
@@ -169,10 +172,14 @@ class Session:
             except OSError:
                 self.close()
                 return
-            del self.out[:n]
+            self.qmp.data_sent(n)
         if self._out is not None:
             self._out.destroy()
             self._out = None
+        if self.qmp.closed and not self.closed:  # the protocol ended it: its last words are out, or lost
+            if self.qmp.close_reason is not None:
+                log.error("QMP session %s closed: %s", self.peer, self.qmp.close_reason)
+            self.close()
 
     def _on_writable(self, fd: int, cond: int) -> bool:
         self._out = None  # _flush re-arms if needed
@@ -188,75 +195,46 @@ class Session:
             return True
         except OSError:
             data = b""
-        if not data:
-            self.close()
-            return False
-        self.queue.extend(self.decoder.feed(data))
-        self._run_queue()
+        self.qmp.receive_data(data)  # b"": the peer hung up
+        self._dispatch()
         return not self.closed
 
-    def _run_queue(self) -> None:
-        while self.queue and not self.busy and not self.closed:
-            item = self.queue.popleft()
-            if isinstance(item, QmpInputError):
-                self.send(qmp_error("GenericError", item.desc))
-                if item.fatal:
-                    self.close()
-                continue
-            self._execute(item)
+    def _dispatch(self) -> None:
+        """Run the session's commands, one after the other, until one waits or none is left."""
+        if self._dispatching:
+            return
+        self._dispatching = True
+        try:
+            while (command := self.qmp.next_command()) is not None:
+                self._run(command)
+        finally:
+            self._dispatching = False
+        self._flush()
 
-    def _execute(self, msg: dict[str, Any]) -> None:
-        has_id, ident = "id" in msg, msg.get("id")
-
-        def fail(cls: str, desc: str) -> None:
-            self.send(qmp_error(cls, desc, has_id, ident))
-
-        for key in msg:
-            if key not in ("execute", "arguments", "id"):
-                fail("GenericError", f"QMP input member '{key}' is unexpected")
-                return
-        name = msg.get("execute")
-        if name is None:
-            fail("GenericError", "QMP input lacks member 'execute'")
-            return
-        if not isinstance(name, str):
-            fail("GenericError", "QMP input member 'execute' must be a string")
-            return
-        args = msg.get("arguments", {})
-        if not isinstance(args, dict):
-            fail("GenericError", "QMP input member 'arguments' must be an object")
-            return
-        if not self.negotiated and name != "qmp_capabilities":
-            fail("CommandNotFound", "Expecting capabilities negotiation with 'qmp_capabilities'")
-            return
-        if self.negotiated and name == "qmp_capabilities":
-            fail("CommandNotFound", "Capabilities negotiation is already complete, command ignored")
-            return
-        command = self.monitor.commands.get(name)
-        if command is None:
-            fail("CommandNotFound", f"The command {name} has not been found")
-            return
-        problem = _check_args(command, args)
-        if problem is not None:
-            fail("GenericError", problem)
-            return
-        self.busy = True
+    def _run(self, request: QmpCommand) -> None:
+        """Run one command: look it up, check its arguments, run it; its answer goes to the session."""
+        answered = False
 
         def done(result: Any) -> None:
-            self.busy = False
-            if isinstance(result, QmpFailure):
-                fail(result.error_class, result.desc)
-            else:
-                self.send(qmp_return(result, has_id, ident))
-            self._run_queue()
-
-        if name == "qmp_capabilities":
-            enable = args.get("enable", [])
-            if enable:
-                done(QmpFailure("GenericError", f"Capability {enable[0]} not available"))
+            nonlocal answered
+            if answered:
+                log.error("QMP command %s answered twice: the second answer is dropped", request.name)
                 return
-            self.negotiated = True
-            done({})
+            answered = True
+            if isinstance(result, QmpFailure):
+                self.qmp.fail(result.error_class, result.desc)
+            else:
+                self.qmp.reply(result)
+            self._dispatch()
+
+        command = self.monitor.commands.get(request.name)
+        if command is None:
+            done(QmpFailure("CommandNotFound", f"The command {request.name} has not been found"))
+            return
+        args = request.arguments
+        problem = _check_args(command, args)
+        if problem is not None:
+            done(QmpFailure("GenericError", problem))
             return
         try:
             command.run(args, done)
@@ -267,9 +245,11 @@ class Session:
         if self.closed:
             return
         self.closed = True
+        self.qmp.close()
         self._in.destroy()
         if self._out is not None:
             self._out.destroy()
+            self._out = None
         self.conn.close()
         self.monitor.sessions.discard(self)
 
@@ -386,8 +366,7 @@ class Monitor:
         """Send an event to every negotiated session."""
         event = qmp_event(name, data)
         for s in list(self.sessions):
-            if s.negotiated:
-                s.send(event)
+            s.send_event(event)
 
     def _on_cluster_event(self, name: str, data: dict[str, Any]) -> None:
         if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED"):

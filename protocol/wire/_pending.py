@@ -39,7 +39,7 @@ class PendingRequests(Generic[T]):
 
     def __init__(self, first_id: int = 1) -> None:
         self._next_id = first_id
-        self._entries: dict[int, tuple[T, int | None]] = {}  # id: (value, deadline_ns); in id order
+        self._entries: dict[int, tuple[T, int | None]] = {}  # id: (value, deadline_ns), as registered
 
     def next_id(self) -> int:
         """A new request id."""
@@ -60,25 +60,16 @@ class PendingRequests(Generic[T]):
         entry = self._entries.pop(request_id, None)
         return None if entry is None else entry[0]
 
-    def get(self, request_id: int) -> T | None:
-        """The pending request ``request_id`` (left pending), or None."""
-        entry = self._entries.get(request_id)
-        return None if entry is None else entry[0]
-
     def expire(self, now_ns: int) -> list[tuple[int, T]]:
-        """The requests due by ``now_ns`` (deadline reached), no longer pending, oldest first."""
+        """The requests due by ``now_ns`` (deadline reached), no longer pending, in the order registered."""
         late = [request_id for request_id, (_, deadline_ns) in self._entries.items()
                 if deadline_ns is not None and deadline_ns <= now_ns]
         return [(request_id, self._entries.pop(request_id)[0]) for request_id in late]
 
     def take_all(self) -> list[tuple[int, T]]:
-        """Every pending request, in id order; none is pending after."""
+        """Every pending request, in the order registered; none is pending after."""
         entries, self._entries = self._entries, {}
         return [(request_id, value) for request_id, (value, _) in entries.items()]
-
-    def next_deadline_ns(self) -> int | None:
-        """The soonest deadline of a pending request, or None."""
-        return min((d for _, d in self._entries.values() if d is not None), default=None)
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -11,17 +11,15 @@ import pathlib
 import signal
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from iothreads import AioContext, BlockClient, BlockIOError, reschedule
+from iothreads.testing import poll_until
 from mainloop.cli import _bench
 
-COMMAND = [sys.executable, "-m", "mainloop"]
+from .support import COMMAND, Clusters, wait_gone
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -92,21 +90,6 @@ def _running_bench(*args: str) -> tuple[subprocess.Popen[str], list[int]]:
     return proc, pids
 
 
-def _wait_gone(pids: list[int]) -> None:
-    """Wait (bounded) for processes that are not our children to exit: their pidfds become readable."""
-    import select
-
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            assert select.select([fd], [], [], 30)[0], f"process {pid} is still running"
-        finally:
-            os.close(fd)
-
-
 def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: pathlib.Path) -> None:
     """Regression: Ctrl-C threw the measurements away.  Now (Ctrl-C at a
     terminal: SIGINT to the bench's process group) the run stops, the table
@@ -122,7 +105,7 @@ def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: path
     data = json.loads(result.read_text())
     assert data["interrupted"] is True and data["ops"]["read"]["ops"] > 0
     assert data["ops"]["read"]["errors"] == data["ops"]["write"]["errors"] == 0
-    _wait_gone(pids)
+    assert wait_gone(pids, 30) == []
 
 
 def test_a_killed_bench_leaves_nothing_behind() -> None:
@@ -143,7 +126,7 @@ def test_a_killed_bench_leaves_nothing_behind() -> None:
     assert os.path.isdir(run_dir)
     proc.kill()
     proc.communicate(timeout=60)
-    _wait_gone(pids)
+    assert wait_gone(pids, 30) == []
     assert not os.path.exists(run_dir)
 
 
@@ -167,31 +150,14 @@ def test_bench_bad_options(args: list[str], message: str) -> None:
 
 
 @pytest.fixture
-def cluster() -> Iterator[tuple[str, str]]:
+def cluster(clusters: Clusters) -> tuple[str, str]:
     """A launched cluster with a file node and a null-co node; (runtime_dir, image)."""
-    d = tempfile.mkdtemp(prefix="evc", dir="/tmp")
-    image = os.path.join(d, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(8 << 20)
-    run = os.path.join(d, "run")
-    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", run,
-                             "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
-                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1"],
-                            stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if json.loads(line)["event"] == "READY":
-            break
-    try:
-        yield run, image
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        assert os.listdir(run) == []
-        os.unlink(image)
-        os.rmdir(run)
-        os.rmdir(d)
+    image = clusters.image(8 << 20)
+    run = os.path.join(clusters.scratch_dir, "run")
+    clusters.launch("--iothreads", "2", "--runtime-dir", run,
+                    "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
+                    "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1")
+    return run, image
 
 
 def test_verify_refuses_a_null_co_node(cluster: tuple[str, str]) -> None:
@@ -312,10 +278,7 @@ def test_client_blocking_call_from_a_completion_callback(cluster: tuple[str, str
             got.append(data + c.read("disk0", 0, 6))
 
         c.submit("disk0", "read", 0, 3, callback=completed)  # the same node: the same channel
-        deadline = time.monotonic() + 20
-        while not got:
-            assert time.monotonic() < deadline, "the completion did not come"
-            c.ctx.poll(True)
+        poll_until(lambda: c.ctx.poll(True), lambda: got, "the completion", 20)
         assert got == [b"nes" + b"nested"]
 
 
@@ -355,10 +318,8 @@ def test_client_requests_to_an_iothread_that_dies_fail(cluster: tuple[str, str])
         for i in range(8):
             c.submit("null0", "read", i * 4096, 4096, callback=done)
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 20
-        while len(statuses) < 8:
-            assert time.monotonic() < deadline, f"only {len(statuses)} of 8 failed"
-            c.ctx.poll(True, 100_000_000)
+        poll_until(lambda: c.ctx.poll(True, 100_000_000), lambda: len(statuses) >= 8,
+                   lambda: f"8 failures, got {len(statuses)}", 20)
         assert statuses == [(-errno.EIO, "the connection to iothread io1 was lost")] * 8
         assert c.in_flight == 0 and len(reported) == 1
         with pytest.raises(BlockIOError) as info:
@@ -375,8 +336,7 @@ def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]
             c.submit("disk0", "write", i * 4096, 4096, bytes([i]) * 4096,
                      lambda s, m, d: statuses.append(s))
         assert c.in_flight == 64
-        while len(statuses) < 64:
-            ctx.poll(True)
+        poll_until(lambda: ctx.poll(True), lambda: len(statuses) >= 64, "64 completions")
         assert statuses == [0] * 64
 
         async def check() -> list[bytes]:
@@ -384,8 +344,7 @@ def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]
             return [await c.aread("disk0", i * 4096, 1) for i in range(0, 64, 9)]
 
         co = ctx.spawn(check())
-        while not co.done():
-            ctx.poll(True)
+        poll_until(lambda: ctx.poll(True), co.done, "the reads")
         assert co.result() == [bytes([i]) for i in range(0, 64, 9)]
 
 

@@ -7,28 +7,19 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
 
 import pytest
 
-from mainloop import Cluster, IOThreadConfig, IOThreadState, MainLoop, bql
+from mainloop import Cluster, IOThreadConfig, IOThreadState, bql
 from protocol import ErrorReply, QueryReply, StateError
 
-START_S = 30.0
+from .support import START_S, Clusters
 
 
 @pytest.fixture
-def cluster() -> Iterator[Cluster]:
-    loop = MainLoop(name="cluster-test")
-    with bql():
-        c = Cluster(loop, heartbeat_interval_ms=200)
-    try:
-        yield c
-    finally:
-        with bql():
-            c.shutdown()
-        loop.close()
-    assert not os.path.exists(c.runtime_dir)
+def cluster(clusters: Clusters) -> Cluster:
+    """A cluster with no iothread yet: the tests add theirs, after their listeners."""
+    return clusters.start(heartbeat_interval_ms=200)
 
 
 def query_all(c: Cluster, ids: list[str]) -> dict[str, QueryReply | ErrorReply]:
@@ -140,3 +131,22 @@ def test_duplicate_ids_are_refused(cluster: Cluster) -> None:
         cluster.add(IOThreadConfig("io0"))
         with pytest.raises(StateError, match="already exists"):
             cluster.add(IOThreadConfig("io0"))
+
+
+def test_a_raising_reply_callback_does_not_stop_exit_handling(clusters: Clusters) -> None:
+    """Regression: a reply callback that raised, called for a request pending
+    when its iothread exited, stopped the handling of that exit (the other
+    callbacks, the exit callbacks, the IOTHREAD_EXITED event)."""
+    c = clusters.start()
+    events: list[str] = []
+    with bql():
+        c.add_listener(lambda name, data: events.append(name))
+        t = c.add(IOThreadConfig("io0"))
+        assert c.wait_for(c.all_running, START_S)
+
+        def bad(reply: object) -> None:
+            raise RuntimeError("callback failed")
+
+        c.query("io0", bad)  # may be answered before or after the kill: either way it raises
+        os.kill(t.pid, signal.SIGKILL)
+        assert c.wait_for(lambda: "IOTHREAD_EXITED" in events, 10)

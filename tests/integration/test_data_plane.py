@@ -6,41 +6,32 @@ from __future__ import annotations
 import errno
 import os
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from iothreads import BlockClient, BlockIOError
-from iothreads.testing import LoopThread
-from mainloop import Cluster, IOThreadConfig, MainLoop, bql
+from iothreads.testing import LoopThread, poll_until
+from mainloop import Cluster, bql
 from protocol import ErrorReply, QueryReply
+
+from .support import Clusters
 
 BS = 4096
 
 
 @pytest.fixture
-def cluster(tmp_path: object) -> Iterator[tuple[Cluster, str]]:
-    image = os.path.join(str(tmp_path), "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(4 << 20)
-    loop = MainLoop(name="data-plane")
+def cluster(clusters: Clusters) -> tuple[Cluster, str]:
+    """io0 and io1, disk0 (a file) in io0 and null0 in io1: (the cluster, disk0's image)."""
+    image = clusters.image(4 << 20)
+    c = clusters.start("io0", "io1")
     with bql():
-        c = Cluster(loop)
-        c.add(IOThreadConfig("io0"))
-        c.add(IOThreadConfig("io1"))
-        assert c.wait_for(c.all_running, 30)
         replies: list[QueryReply | ErrorReply] = []
         c.blockdev_add("disk0", "file", {"filename": image}, replies.append, "io0")
         c.blockdev_add("null0", "null-co", {"size": 1 << 30}, replies.append, "io1")
         assert c.wait_for(lambda: len(replies) == 2, 10)
         assert all(isinstance(r, QueryReply) for r in replies)
-    try:
-        yield c, image
-    finally:
-        with bql():
-            c.shutdown()
-        loop.close()
+    return c, image
 
 
 def test_many_clients_at_once(cluster: tuple[Cluster, str]) -> None:
@@ -57,8 +48,8 @@ def test_many_clients_at_once(cluster: tuple[Cluster, str]) -> None:
                     client.submit("disk0", "write", base + i * BS, BS, bytes([k]) * BS,
                                   lambda s, m, d: results.append(s))
                     client.submit("null0", "read", i * BS, BS, callback=lambda s, m, d: results.append(s))
-                while len(results) < per_client:
-                    client.ctx.poll(True)
+                poll_until(lambda: client.ctx.poll(True), lambda: len(results) >= per_client,
+                           f"client {k}'s {per_client} completions", 60)
                 if results != [0] * per_client:
                     errors.append(f"client {k}: {results}")
                 if client.read("disk0", base, BS) != bytes([k]) * BS:

@@ -9,8 +9,10 @@ import threading
 
 from iothreads import BlockClient
 from iothreads.testing import LoopThread
-from mainloop import Cluster, IOThreadConfig, MainLoop, bql
+from mainloop import bql
 from protocol import ErrorReply, QueryReply
+
+from .support import Clusters
 
 BS = 4096
 N = 2000  # distinct blocks: concurrent writes never overlap
@@ -20,19 +22,12 @@ def block(i: int) -> bytes:
     return i.to_bytes(4, "little") * (BS // 4)
 
 
-def test_move_node_under_load(tmp_path: object) -> None:
-    image = os.path.join(str(tmp_path), "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(N * BS)
-    loop = MainLoop(name="move")
-    with bql():
-        cluster = Cluster(loop)
+def test_move_node_under_load(clusters: Clusters) -> None:
+    image = clusters.image(N * BS)
+    cluster = clusters.start("io0", "io1")
     client_thread: LoopThread | None = None
     try:
         with bql():
-            cluster.add(IOThreadConfig("io0"))
-            cluster.add(IOThreadConfig("io1"))
-            assert cluster.wait_for(cluster.all_running, 30)
             added: list[QueryReply | ErrorReply] = []
             cluster.blockdev_add("disk0", "file", {"filename": image}, added.append, "io0")
             assert cluster.wait_for(lambda: bool(added), 10) and isinstance(added[0], QueryReply)
@@ -89,12 +84,9 @@ def test_move_node_under_load(tmp_path: object) -> None:
     finally:
         if client_thread is not None:
             client_thread.stop()
-        with bql():
-            cluster.shutdown()
-        loop.close()
 
 
-def test_a_move_survives_its_old_home_dying_after_letting_the_node_go() -> None:
+def test_a_move_survives_its_old_home_dying_after_letting_the_node_go(clusters: Clusters) -> None:
     """Regression: the old home detached the node, then died before the new
     home answered: the move reported success but the registry had dropped the
     node (lost with the dead iothread).  The new home is held (SIGSTOP) so that
@@ -103,68 +95,50 @@ def test_a_move_survives_its_old_home_dying_after_letting_the_node_go() -> None:
 
     from protocol import BlockdevAdd
 
-    loop = MainLoop(name="move-dies")
+    cluster = clusters.start("io0", "io1")
     with bql():
-        cluster = Cluster(loop)
-    try:
-        with bql():
-            cluster.add(IOThreadConfig("io0"))
-            new = cluster.add(IOThreadConfig("io1"))
-            assert cluster.wait_for(cluster.all_running, 30)
-            added: list[QueryReply | ErrorReply] = []
-            cluster.blockdev_add("n0", "null-co", {"size": 1 << 20}, added.append, "io0")
-            assert cluster.wait_for(lambda: bool(added), 10) and isinstance(added[0], QueryReply)
-            old = cluster.iothreads["io0"]
-            request = cluster._request
+        added: list[QueryReply | ErrorReply] = []
+        cluster.blockdev_add("n0", "null-co", {"size": 1 << 20}, added.append, "io0")
+        assert cluster.wait_for(lambda: bool(added), 10) and isinstance(added[0], QueryReply)
+        old, new = cluster.iothreads["io0"], cluster.iothreads["io1"]
+        request = cluster._request
 
-            def request_holding_the_new_home(iothread_id: str, make: object, callback: object) -> None:
-                if iothread_id == "io1" and isinstance(make(0), BlockdevAdd):  # type: ignore[operator]
-                    os.kill(new.pid, signal.SIGSTOP)  # its answer waits
-                    os.kill(old.pid, signal.SIGKILL)  # and the old home dies, node let go
-                request(iothread_id, make, callback)  # type: ignore[arg-type]
+        def request_holding_the_new_home(iothread_id: str, make: object, callback: object) -> None:
+            if iothread_id == "io1" and isinstance(make(0), BlockdevAdd):  # type: ignore[operator]
+                os.kill(new.pid, signal.SIGSTOP)  # its answer waits
+                os.kill(old.pid, signal.SIGKILL)  # and the old home dies, node let go
+            request(iothread_id, make, callback)  # type: ignore[arg-type]
 
-            cluster._request = request_holding_the_new_home  # type: ignore[method-assign]
-            moved: list[QueryReply | ErrorReply] = []
-            cluster.move_node("n0", "io1", moved.append)
-            assert cluster.wait_for(lambda: old.exit_status is not None, 10)
-            os.kill(new.pid, signal.SIGCONT)
-            assert cluster.wait_for(lambda: bool(moved), 10)
-            assert isinstance(moved[0], QueryReply), moved
-            assert cluster.nodes["n0"].iothread == "io1"
-            with open(os.path.join(cluster.runtime_dir, "cluster.json"), encoding="utf-8") as f:
-                assert json.load(f)["nodes"]["n0"]["iothread"] == "io1"
-    finally:
-        with bql():
-            cluster.shutdown()
-        loop.close()
+        cluster._request = request_holding_the_new_home  # type: ignore[method-assign]
+        moved: list[QueryReply | ErrorReply] = []
+        cluster.move_node("n0", "io1", moved.append)
+        assert cluster.wait_for(lambda: old.exit_status is not None, 10)
+        os.kill(new.pid, signal.SIGCONT)
+        assert cluster.wait_for(lambda: bool(moved), 10)
+        assert isinstance(moved[0], QueryReply), moved
+        assert cluster.nodes["n0"].iothread == "io1"
+        with open(os.path.join(cluster.runtime_dir, "cluster.json"), encoding="utf-8") as f:
+            assert json.load(f)["nodes"]["n0"]["iothread"] == "io1"
 
 
-def test_a_request_an_iothread_leaves_unanswered_fails_after_the_timeout() -> None:
+def test_a_request_an_iothread_leaves_unanswered_fails_after_the_timeout(clusters: Clusters) -> None:
     """Regression: a stopped (hung) iothread left QMP commands waiting for
     ever.  Its requests now fail after ``request_timeout_ms``; a late answer
     is dropped, and the iothread goes on once resumed."""
     import signal
 
-    loop = MainLoop(name="timeout")
+    cluster = clusters.start("io0", heartbeat_interval_ms=100, request_timeout_ms=300)
+    t = cluster.iothreads["io0"]
     with bql():
-        cluster = Cluster(loop, heartbeat_interval_ms=100, request_timeout_ms=300)
-    try:
-        with bql():
-            t = cluster.add(IOThreadConfig("io0"))
-            assert cluster.wait_for(cluster.all_running, 30)
-            os.kill(t.pid, signal.SIGSTOP)
-            try:
-                replies: list[QueryReply | ErrorReply] = []
-                cluster.query("io0", replies.append)
-                assert cluster.wait_for(lambda: bool(replies), 10)
-                assert isinstance(replies[0], ErrorReply) and "did not answer in 300 ms" in replies[0].message
-            finally:
-                os.kill(t.pid, signal.SIGCONT)
-            again: list[QueryReply | ErrorReply] = []
-            cluster.query("io0", again.append)
-            assert cluster.wait_for(lambda: bool(again), 10) and isinstance(again[0], QueryReply)
-            assert len(replies) == 1  # the late answer to the first query was dropped
-    finally:
-        with bql():
-            cluster.shutdown()
-        loop.close()
+        os.kill(t.pid, signal.SIGSTOP)
+        try:
+            replies: list[QueryReply | ErrorReply] = []
+            cluster.query("io0", replies.append)
+            assert cluster.wait_for(lambda: bool(replies), 10)
+            assert isinstance(replies[0], ErrorReply) and "did not answer in 300 ms" in replies[0].message
+        finally:
+            os.kill(t.pid, signal.SIGCONT)
+        again: list[QueryReply | ErrorReply] = []
+        cluster.query("io0", again.append)
+        assert cluster.wait_for(lambda: bool(again), 10) and isinstance(again[0], QueryReply)
+        assert len(replies) == 1  # the late answer to the first query was dropped

@@ -10,48 +10,25 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-COMMAND = [sys.executable, "-m", "mainloop"]
+from .support import Clusters
 
 
 @pytest.fixture
-def cluster() -> Iterator[dict[str, Any]]:
-    d = tempfile.mkdtemp(prefix="evq", dir="/tmp")
-    image = os.path.join(d, "disk.img")
-    with open(image, "wb") as f:
-        f.truncate(1 << 20)
-    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", os.path.join(d, "run"),
-                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    ready: dict[str, Any] = {}
-    for line in proc.stdout:
-        event = json.loads(line)
-        if event["event"] == "READY":
-            ready = event["data"]
-            break
-    ready["image"] = image
-    ready["proc"] = proc
-    try:
-        yield ready
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        assert proc.returncode == 0
-        for root, dirs, files in os.walk(d, topdown=False):
-            for name in files:
-                os.unlink(os.path.join(root, name))
-            for name in dirs:
-                os.rmdir(os.path.join(root, name))
-        os.rmdir(d)
+def cluster(clusters: Clusters) -> dict[str, Any]:
+    """Two iothreads, null0 in io0: the READY event's data, with ``proc`` (the
+    launcher, which must exit with status 0, whoever stops it) and ``image``
+    (a 1 MiB file that no node uses yet)."""
+    image = clusters.image(1 << 20)
+    run = os.path.join(clusters.scratch_dir, "run")
+    proc, ready = clusters.launch("--iothreads", "2", "--runtime-dir", run,
+                                  "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io0")
+    return {**ready, "image": image, "proc": proc}
 
 
 def test_async_client_commands_and_events(cluster: dict[str, Any]) -> None:
@@ -232,27 +209,15 @@ def test_qmp_shell_session(cluster: dict[str, Any]) -> None:
     assert '"running": true' in out.stdout and '"id": "io0"' in out.stdout
 
 
-def test_tcp_monitor() -> None:
-    d = tempfile.mkdtemp(prefix="evq", dir="/tmp")
-    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "1", "--runtime-dir", d,
-                             "--chardev", "socket,id=m0,host=127.0.0.1,port=0,server=on,wait=off",
-                             "--monitor", "chardev=m0"], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None
-    try:
-        for line in proc.stdout:
-            event = json.loads(line)
-            if event["event"] == "READY":
-                break
-        host, port = event["data"]["qmp"][0].rsplit(":", 1)
-        q = QEMUMonitorProtocol((host, int(port)))
-        q.connect()
-        assert q.cmd("query-status")["running"] is True
-        q.close()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.communicate(timeout=30)
-        os.rmdir(d)
-    assert proc.returncode == 0
+def test_tcp_monitor(clusters: Clusters, short_dir: str) -> None:
+    _, ready = clusters.launch("--iothreads", "1", "--runtime-dir", short_dir,
+                               "--chardev", "socket,id=m0,host=127.0.0.1,port=0,server=on,wait=off",
+                               "--monitor", "chardev=m0")
+    host, port = ready["qmp"][0].rsplit(":", 1)
+    q = QEMUMonitorProtocol((host, int(port)))
+    q.connect()
+    assert q.cmd("query-status")["running"] is True
+    q.close()
 
 
 def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
@@ -450,7 +415,7 @@ def test_async_client_many_commands_in_flight(cluster: dict[str, Any]) -> None:
         await qmp.connect(cluster["qmp"][0])
         try:
             names = ["query-status", "query-version", "query-iothreads"] * 700
-            results = await asyncio.gather(*(qmp.execute(name) for name in names))
+            results = await asyncio.wait_for(asyncio.gather(*(qmp.execute(name) for name in names)), 60)
             for name, result in zip(names, results, strict=True):
                 if name == "query-status":
                     assert result == {"status": "running", "running": True}

@@ -4,6 +4,7 @@ bounds, read-only, short reads, counters, drain."""
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import random
 from collections.abc import Iterator
@@ -11,7 +12,8 @@ from collections.abc import Iterator
 import pytest
 
 from iothreads import AioContext
-from iothreads.block._node import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver
+from iothreads.block._node import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver, open_node
+from protocol.schema import BlockdevOptions, parse
 from iothreads.testing import poll_until
 
 MiB = 1 << 20
@@ -95,12 +97,27 @@ def test_bad_requests_get_einval(ctx: AioContext, image: str, op: str, offset: i
     node.close()
 
 
-def test_read_only_node(ctx: AioContext, image: str) -> None:
-    node = BlockNode(ctx, "ro", FileDriver(image, read_only=True))
-    status, message, _ = run(ctx, node, "write", 0, 3, b"abc")
-    assert status == -errno.EROFS and "read-only" in message
+@pytest.mark.parametrize("driver", ["file", "null-co"])
+def test_read_only_node(ctx: AioContext, image: str, driver: str) -> None:
+    """read-only=on holds for every driver (null-co used to take writes): a
+    write, discard or write-zeroes fails with EPERM, counted as failed."""
+    options = parse(BlockdevOptions, {"driver": driver, "node-name": "ro", "read-only": True,
+                                      **({"filename": image} if driver == "file" else {"size": MiB})})
+    node = open_node(ctx, options)
+    for op, data in (("write", b"abc"), ("discard", b""), ("write_zeroes", b"")):
+        status, message, _ = run(ctx, node, op, 0, 3, data)
+        assert (status, message) == (-errno.EPERM, "Block node is read-only")
+        assert (node.stats[op].ops, node.stats[op].errors, node.stats[op].invalid) == (0, 1, 0)
     assert run(ctx, node, "read", 0, 3)[0] == 0
-    assert (node.stats["write"].ops, node.stats["write"].errors) == (0, 1)  # failed, not invalid
+    assert run(ctx, node, "flush", 0, 0)[0] == 0
+    node.close()
+
+
+def test_a_read_only_file_node_opens_its_file_read_only(ctx: AioContext, image: str) -> None:
+    options = parse(BlockdevOptions, {"driver": "file", "node-name": "ro", "filename": image, "read-only": True})
+    node = open_node(ctx, options)
+    assert isinstance(node.driver, FileDriver)
+    assert fcntl.fcntl(node.driver.fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
     node.close()
 
 
@@ -162,3 +179,24 @@ def test_drain(ctx: AioContext, image: str) -> None:
 def test_open_errors_are_clear(tmp_path: object) -> None:
     with pytest.raises(OSError, match="could not open"):
         FileDriver(os.path.join(str(tmp_path), "missing.img"))
+
+
+def test_open_errors_leak_no_fd(tmp_path: object) -> None:
+    """Regression: a file node's open that fails after the ``open`` (here: a
+    directory, not a regular file or a block device) must close the fd it got."""
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(OSError, match="not a regular file"):
+            FileDriver(str(tmp_path), read_only=True)
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_huge_requests_are_refused_and_complete() -> None:
+    """Regression: a request larger than a request may be (16 GiB, far over
+    the limit a message can carry) is refused with EINVAL through its
+    callback, at once, and leaves nothing in flight."""
+    with AioContext() as ctx:
+        node = BlockNode(ctx, "null0", NullDriver(1 << 40))
+        results: list[int] = []
+        node.submit("read", 0, 1 << 34, b"", lambda s, m, d: results.append(s))
+        assert results == [-errno.EINVAL] and node.in_flight == 0

@@ -53,7 +53,6 @@ def stepwise_main_loop_wait(loop: MainLoop, nonblocking: bool = False) -> bool:
             timeout_ns = sources_timeout_ns
         bql_unlock()
         try:
-            loop.waits += 1
             ctx.wait_fds(timeout_ns)
         finally:
             bql_lock()

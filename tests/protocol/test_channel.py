@@ -133,6 +133,18 @@ def wait_readable(fd: int, deadline: float) -> None:
     assert select.select([fd], [], [], timeout_s)[0], f"fd {fd} never became readable"
 
 
+def drain_until(channel: Channel, done: Callable[[], bool], what: str, deadline: float | None = None) -> None:
+    """``drain()`` a channel served by no loop until ``done()``, waiting on its fd
+    when a drain found nothing; at most until ``deadline`` (``DEADLINE_S`` from now)."""
+    end = time.monotonic() + DEADLINE_S if deadline is None else deadline
+
+    def step() -> None:
+        if not channel.drain():
+            wait_readable(channel.fileno(), end)
+
+    poll_until(step, done, what, end - time.monotonic())
+
+
 def zmq_events(channel: Channel) -> int:
     """The channel's socket's ZMQ_EVENTS (reading it processes libzmq's commands)."""
     return cast(int, channel.socket.getsockopt(zmq.EVENTS))
@@ -308,13 +320,13 @@ class LocalPeer:
         self.pump()
 
 
-def _attach_main(context: MainContext, channels: list[Channel]) -> Callable[[Callable[[], bool], str], None]:
+def _attach_main(context: MainContext, channels: list[Channel]) -> Callable[[Callable[[], bool], str], object]:
     for i, ch in enumerate(channels):
         context.attach(ChannelSource(ch, f"ch{i}"))
     return lambda done, what: iterate_until(context, done, what)
 
 
-def _attach_aio(ctx: AioContext, channels: list[Channel]) -> tuple[Callable[[Callable[[], bool], str], None],
+def _attach_aio(ctx: AioContext, channels: list[Channel]) -> tuple[Callable[[Callable[[], bool], str], object],
                                                                   list[ChannelHandler]]:
     handlers = [ChannelHandler(ctx, ch, f"ch{i}") for i, ch in enumerate(channels)]
     return (lambda done, what: poll_until(lambda: ctx.poll(True, TICK_NS), done, what, DEADLINE_S)), handlers
@@ -399,9 +411,12 @@ def test_input_announced_during_a_send_is_not_lost(runtime_dir: str, zctx: zmq.C
         deadline = time.monotonic() + DEADLINE_S
         # The dealer must be known to the router before the router can send to it.
         dealer.send(Heartbeat(0, 0))
-        while not got:
+
+        def wait_and_step() -> None:
             wait_readable(router.fileno(), deadline)
             step()
+
+        poll_until(wait_and_step, lambda: got, "the first message", deadline - time.monotonic())
         edge_consumed = 0
         rounds = 50
         for seq in range(1, rounds + 1):
@@ -587,9 +602,8 @@ def test_busy_poll_probe_does_not_swallow_room_to_send(runtime_dir: str, zctx: z
             dealer.send(Heartbeat(seq, 0))
         assert dealer.backlog > 0
         deadline = time.monotonic() + 5
-        while len(got) < dealer.sent:  # the router (served by no loop) reads all that went out
-            if not router.drain():  # batches of 256: the router has no loop to kick
-                wait_readable(router.fileno(), deadline)
+        # The router (served by no loop: batches of 256, nobody to kick) reads all that went out.
+        drain_until(router, lambda: len(got) >= dealer.sent, "the router to read everything", deadline)
         wait_readable(dealer.fileno(), deadline)  # libzmq announces room to send
         sent = dealer.sent
         if dealer.pending_input():  # busy polling: the probe (io_poll) ...
@@ -671,9 +685,7 @@ def test_room_announced_during_the_last_message_of_a_batch(runtime_dir: str, zct
 
     def on_message(identity: bytes, msg: Message) -> None:
         # Meanwhile the peer reads all that was sent, and room is announced.
-        while len(got) < dealer.sent:
-            if not router.drain():
-                wait_readable(router.fileno(), deadline)
+        drain_until(router, lambda: len(got) >= dealer.sent, "the router to read everything", deadline)
         wait_readable(dealer.fileno(), deadline)
 
     dealer = dealer_channel(zctx, endpoint, b"d", on_message, batch=1)
@@ -684,8 +696,8 @@ def test_room_announced_during_the_last_message_of_a_batch(runtime_dir: str, zct
             dealer.send(Heartbeat(seq, 0))
         assert dealer.backlog > 0
         router.send(Query(1), b"d")  # exactly one message for the dealer
-        while not zmq_events(dealer) & zmq.POLLIN:
-            wait_readable(dealer.fileno(), deadline)
+        poll_until(lambda: wait_readable(dealer.fileno(), deadline), lambda: zmq_events(dealer) & zmq.POLLIN,
+                   "the message for the dealer", deadline - time.monotonic())
         sent = dealer.sent
         assert dealer.drain() == 1  # as the loop would, for the fd
         run_until_idle(ctx)
@@ -742,10 +754,7 @@ def _router_with_a_full_and_an_idle_peer(
         raw.connect(endpoint)
         raw.send_multipart(encode(Heartbeat(0, 0)))
         peers.append(raw)
-    deadline = time.monotonic() + DEADLINE_S
-    while router.received < 2:  # both peers are known to the router
-        if not router.drain():
-            wait_readable(router.fileno(), deadline)
+    drain_until(router, lambda: router.received >= 2, "both peers to be known to the router")
     proxy.limit = proxy.events_reads + 100_000
     return router, proxy, peers[0], peers[1]
 
@@ -825,15 +834,6 @@ def raw_dealer(zctx: zmq.Context[Any], endpoint: str, identity: bytes | None = N
     return raw
 
 
-def drain_until(channel: Channel, done: Callable[[], bool], what: str) -> None:
-    """``drain()`` a channel served by no loop until ``done()``, waiting on its fd."""
-    deadline = time.monotonic() + DEADLINE_S
-    while not done():
-        if not channel.drain():
-            assert time.monotonic() < deadline, f"timed out waiting for {what}"
-            wait_readable(channel.fileno(), deadline)
-
-
 def test_messages_queued_together_leave_as_one_batch(runtime_dir: str, zctx: zmq.Context[Any]) -> None:
     """50 deferred sends reach the peer as one ZeroMQ message: one header for
     all, the payloads after it in order; the ``batch`` limits of the codec cut
@@ -883,21 +883,52 @@ def test_a_raising_handler_keeps_the_rest_of_its_batch(runtime_dir: str, zctx: z
         raw.send_multipart(encode_batch([pack(Heartbeat(i, 0)) for i in range(5)]))
         raw.send_multipart(encode(Heartbeat(5, 0)))
         deadline = time.monotonic() + DEADLINE_S
-        while not router.pending_input():
-            wait_readable(router.fileno(), deadline)
+        poll_until(lambda: wait_readable(router.fileno(), deadline), router.pending_input, "the batch",
+                   DEADLINE_S)
         with pytest.raises(RuntimeError, match="handler failed"):
             router.drain()
         assert got == [0, 1]
         assert router.pending_input()  # the rest counts as input (a busy-poll probe sees it)
-        while len(got) < 6:
-            assert time.monotonic() < deadline, f"stranded after {got}"
+
+        def drain_and_wait() -> None:
             router.drain()
             if len(got) < 6:
                 wait_readable(router.fileno(), deadline)
+
+        poll_until(drain_and_wait, lambda: len(got) >= 6, lambda: f"all 6 messages: stranded after {got}",
+                   deadline - time.monotonic())
         assert got == [0, 1, 2, 3, 4, 5]
     finally:
         router.close()
         raw.close()
+
+
+def test_a_raising_handler_does_not_strand_queued_messages(runtime_dir: str, zctx: zmq.Context[Any],
+                                                           ctx: AioContext) -> None:
+    """Regression: served by an AioContext, a handler that raised left the
+    messages queued behind its one stranded (the drain had taken the fd's
+    edge, and nothing came back for them).  They are delivered, in order,
+    and the exception goes to the context's exception handler."""
+    endpoint = ipc_endpoint(runtime_dir, "r")
+    got: list[int] = []
+    errors: list[str] = []
+    ctx.set_exception_handler(lambda c, exc, where: errors.append(str(exc)))
+
+    def on_message(identity: bytes, msg: Message) -> None:
+        got.append(cast(Heartbeat, msg).seq)
+        if len(got) == 1:
+            raise RuntimeError("handler failed")
+
+    handler = ChannelHandler(ctx, router_channel(zctx, endpoint, on_message), "router")
+    dealer = raw_dealer(zctx, endpoint)
+    try:
+        for i in range(3):
+            dealer.send_multipart(encode(Heartbeat(i, 0)))
+        poll_until(lambda: ctx.poll(True), lambda: len(got) >= 3, lambda: f"3 messages: stranded after {got}", 20)
+        assert got == [0, 1, 2] and errors == ["handler failed"]
+    finally:
+        handler.close()
+        dealer.close()
 
 
 @pytest.mark.parametrize(("half_took_ns", "batches"), [(50_000, [16]), (150_000, [8, 8])])
@@ -1067,8 +1098,7 @@ def _aio_router_with_a_full_and_an_idle_peer(
     for i in range(1024):
         router.send(BlockCompletion(i, 0, "", bytes(4096)), b"a")
     assert router.backlog > 0
-    while ctx.poll(False):
-        pass
+    run_until_idle(ctx)
     return router, handler, peers[0], peers[1], probes
 
 

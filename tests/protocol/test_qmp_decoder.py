@@ -79,3 +79,14 @@ def test_nan_and_the_infinities_are_refused() -> None:
     for word in (b"NaN", b"Infinity", b"-Infinity"):
         out = QmpDecoder().feed(b'{"execute": "x", "id": ' + word + b"}")
         assert out == [QmpInputError(f"JSON parse error, invalid keyword '{word.decode()}'")]
+
+
+def test_qmp_top_level_scalar_is_bounded() -> None:
+    """Regression: a top-level scalar (no braces around it: here a bare word
+    that never ends) was buffered without bound; past ``max_message_bytes``
+    it is a fatal error."""
+    d = QmpDecoder(max_message_bytes=100_000)
+    out: list[object] = []
+    for _ in range(4):
+        out += d.feed(b"a" * 65536)
+    assert out and isinstance(out[-1], QmpInputError) and out[-1].fatal

@@ -1,0 +1,175 @@
+"""Clusters for the integration tests, in the two shapes the tests need, and
+a bounded wait for processes to exit.
+
+``Clusters`` (the ``clusters`` fixture of ``conftest.py``) starts them and
+makes sure that none outlives its test:
+
+* ``start``: a ``Cluster`` in the test's own process, on a ``MainLoop`` of
+  its own, that the test drives under the BQL (``Cluster.wait_for``);
+* ``launch``: ``iothreads launch`` as a user runs it, a process that prints
+  its events on stdout; the test talks to it as a user would (QMP, the
+  block client, signals).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from mainloop import Cluster, IOThreadConfig, MainLoop, bql
+
+COMMAND = [sys.executable, "-m", "mainloop"]
+"""The ``iothreads`` command, as a user runs it."""
+
+START_S = 30.0
+"""Bound on a cluster's start (every iothread running)."""
+
+STOP_S = 30.0
+"""Bound on a launcher's exit once it is told to stop."""
+
+GONE_S = 10.0
+"""Bound on a stopped launcher's iothreads' exit."""
+
+
+def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
+    """The pids still alive after ``timeout_s`` (waiting on pidfds, no polling loop).
+
+    For processes that are not the caller's children (a launcher's iothreads);
+    an exited child that was not reaped yet counts as gone.
+    """
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            pass
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    alive = set(fds)
+    deadline_ms = int(timeout_s * 1000)
+    end = time.monotonic() + timeout_s
+    while alive and deadline_ms > 0:
+        for fd, _ in p.poll(deadline_ms):
+            alive.discard(fd)
+            p.unregister(fd)
+        deadline_ms = int((end - time.monotonic()) * 1000)
+    for fd in fds:
+        os.close(fd)
+    return [fds[fd] for fd in alive]
+
+
+@dataclass
+class _Launcher:
+    proc: subprocess.Popen[str]
+    clean_exit: bool
+    ready: dict[str, Any] = field(default_factory=dict)  # the READY event's data, once it came
+
+
+class Clusters:
+    """The clusters of one test; ``close`` ends them and checks they left nothing.
+
+    At the end of the test, in the reverse order of their start:
+
+    * an in-process cluster is shut down; its runtime directory must be gone;
+    * a launcher still running gets SIGTERM.  Unless it was started with
+      ``clean_exit=False`` (a test that kills it checks what it expects
+      itself), it must exit with status 0, however it was stopped, and
+      leave its runtime directory empty or removed.  The iothreads of its
+      READY line must be gone.
+    """
+
+    def __init__(self, scratch_dir: str) -> None:
+        self.scratch_dir = scratch_dir
+        self._exit = contextlib.ExitStack()
+
+    def image(self, size_bytes: int, name: str = "disk.img") -> str:
+        """A sparse file of ``size_bytes`` in the scratch directory, for a file node."""
+        path = os.path.join(self.scratch_dir, name)
+        with open(path, "wb") as f:
+            f.truncate(size_bytes)
+        return path
+
+    # -- in process ----------------------------------------------------------------
+
+    def start(self, *iothreads: str | IOThreadConfig, **options: Any) -> Cluster:
+        """A ``Cluster`` on a ``MainLoop`` of its own, with ``iothreads`` (ids or
+        configs) added and running; ``options`` go to ``Cluster`` (say
+        ``heartbeat_interval_ms``).  Home thread: the test's."""
+        loop = MainLoop(name="test")
+        self._exit.callback(loop.close)
+        with bql():
+            cluster = Cluster(loop, **options)
+        self._exit.callback(self._shut_down, cluster)
+        with bql():
+            for t in iothreads:
+                cluster.add(t if isinstance(t, IOThreadConfig) else IOThreadConfig(t))
+            assert cluster.wait_for(cluster.all_running, START_S), f"not all running: {cluster.iothreads}"
+        return cluster
+
+    @staticmethod
+    def _shut_down(cluster: Cluster) -> None:
+        with bql():
+            cluster.shutdown()
+        assert not os.path.exists(cluster.runtime_dir), f"{cluster.runtime_dir} outlived the cluster"
+
+    # -- launched ------------------------------------------------------------------
+
+    def spawn(self, *args: str, clean_exit: bool = True) -> subprocess.Popen[str]:
+        """``iothreads launch ARGS``, stdout and stderr piped, at once (the test
+        reads its events itself)."""
+        return self._spawn(args, clean_exit).proc
+
+    def launch(self, *args: str, clean_exit: bool = True) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+        """``iothreads launch ARGS`` once it is ready: the process and the data
+        of its READY event."""
+        launcher = self._spawn(args, clean_exit)
+        proc = launcher.proc
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded by the launcher's own handshake deadline
+            event = json.loads(line)
+            if event["event"] == "READY":
+                launcher.ready = event["data"]
+                return proc, launcher.ready
+        _, err = proc.communicate(timeout=STOP_S)
+        raise AssertionError(f"no READY line; exit status {proc.returncode}; stderr: {err}")
+
+    def _spawn(self, args: tuple[str, ...], clean_exit: bool) -> _Launcher:
+        proc = subprocess.Popen([*COMMAND, "launch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        launcher = _Launcher(proc, clean_exit)
+        self._exit.callback(self._stop, launcher)
+        return launcher
+
+    @staticmethod
+    def _stop(launcher: _Launcher) -> None:
+        proc = launcher.proc
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=STOP_S)  # again, if the test did: it returns what it read
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise AssertionError(f"the launcher did not exit in {STOP_S:g} s after SIGTERM") from None
+        ready = launcher.ready
+        if launcher.clean_exit:
+            assert proc.returncode == 0, f"the launcher exited with status {proc.returncode}: {err}"
+            runtime_dir = ready.get("runtime_dir")
+            left = os.listdir(runtime_dir) if runtime_dir is not None and os.path.exists(runtime_dir) else []
+            assert left == [], f"left in the runtime directory {runtime_dir}: {left}"
+        pids = [t["pid"] for t in ready.get("iothreads", ())]
+        assert wait_gone(pids, GONE_S) == [], f"iothreads outlived their launcher: {pids}"
+
+    def close(self) -> None:
+        """End every cluster (any order of failures: each is ended, the first
+        failure is raised)."""
+        self._exit.close()
