@@ -36,6 +36,7 @@ from .aio import ThreadPoolRequest as ThreadPoolRequest
 from .aio import ClockSpec as ClockSpec
 from .aio import Timer as Timer
 from .aio import TimerListGroup as TimerListGroup
+from .worker import die_with_parent as die_with_parent
 from .worker import set_parent_death_signal as set_parent_death_signal
 
 __all__ = [
@@ -63,6 +64,7 @@ __all__ = [
     "TimerListGroup",
     "WallClock",
     "current_coroutine",
+    "die_with_parent",
     "get_current_aio_context",
     "reschedule",
     "set_parent_death_signal",

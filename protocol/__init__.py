@@ -14,6 +14,13 @@ from .channel import Channel as Channel
 from .channel import channel_socket as channel_socket
 from .channel import ipc_endpoint as ipc_endpoint
 from .channel import make_runtime_dir as make_runtime_dir
+from .channel import bind_owner_only as bind_owner_only
+from .channel import open_own_file as open_own_file
+from .channel import owner_only_umask as owner_only_umask
+from .channel import prepare_runtime_dir as prepare_runtime_dir
+from .channel import remove_stale_socket as remove_stale_socket
+from .channel import replace_file as replace_file
+from .channel import ThrottledLog as ThrottledLog
 from .wire import Limits as Limits
 from .wire import decode as decode
 from .wire import decode_batch as decode_batch
@@ -26,6 +33,7 @@ from .state import ClusterState as ClusterState
 from .state import IOThreadEntry as IOThreadEntry
 from .state import NodeEntry as NodeEntry
 from .state import cluster_state_path as cluster_state_path
+from ._errors import BadRequestError as BadRequestError
 from ._errors import BottomHalfLeakError as BottomHalfLeakError
 from ._errors import CoroutineStateError as CoroutineStateError
 from ._errors import EvloopError as EvloopError
@@ -34,6 +42,7 @@ from ._errors import ProtocolError as ProtocolError
 from ._errors import RemoteProtocolError as RemoteProtocolError
 from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
+from ._errors import UnsafePathError as UnsafePathError
 from .wire import PROTOCOL_VERSION as PROTOCOL_VERSION
 from .qmp import QmpCommand as QmpCommand
 from .qmp import QmpDecoder as QmpDecoder
@@ -62,6 +71,7 @@ from .wire import Stop as Stop
 from .wire import Welcome as Welcome
 
 __all__ = [
+    "BadRequestError",
     "BlockCompletion",
     "BlockOp",
     "BlockRequest",
@@ -98,7 +108,10 @@ __all__ = [
     "StateError",
     "Stop",
     "ThreadContractError",
+    "ThrottledLog",
+    "UnsafePathError",
     "Welcome",
+    "bind_owner_only",
     "channel_socket",
     "cluster_state_path",
     "decode",
@@ -107,9 +120,14 @@ __all__ = [
     "encode_batch",
     "ipc_endpoint",
     "make_runtime_dir",
+    "open_own_file",
+    "owner_only_umask",
     "pack",
+    "prepare_runtime_dir",
     "qmp_error",
     "qmp_event",
     "qmp_line",
     "qmp_return",
+    "remove_stale_socket",
+    "replace_file",
 ]

@@ -8,9 +8,11 @@ can catch "anything the framework refused" with a single ``except``::
      |    +-- BottomHalfLeakError   a context closed with bottom halves not deleted
      |    +-- CoroutineStateError   a coroutine scheduled twice, or awaited wrongly
      +-- ThreadContractError     a "home thread only" call made from another thread
+     +-- UnsafePathError         a file or directory that is not safe to use (its owner, mode, a symlink)
      +-- ProtocolError           a message broke the wire protocol
           +-- LocalProtocolError    we were about to send something invalid
           +-- RemoteProtocolError   a peer sent something invalid
+               +-- BadRequestError     ... but which request it was can be read
 
 Errors that have a builtin category also derive from it (``StateError`` is a
 ``RuntimeError``), so code written against the builtins keeps working.
@@ -22,6 +24,7 @@ This module lives in ``protocol``, the leaf package, so that ``iothreads`` and
 from __future__ import annotations
 
 __all__ = [
+    "BadRequestError",
     "BottomHalfLeakError",
     "CoroutineStateError",
     "EvloopError",
@@ -30,6 +33,7 @@ __all__ = [
     "RemoteProtocolError",
     "StateError",
     "ThreadContractError",
+    "UnsafePathError",
 ]
 
 
@@ -73,6 +77,22 @@ class ThreadContractError(EvloopError, RuntimeError):
     """A function documented as "home thread only" was called from another thread."""
 
 
+class UnsafePathError(EvloopError, ValueError):
+    """A path this project was to create files in, or a file it was to open
+    there, is not safe to use: a symbolic link, not a directory or regular
+    file, owned by another user, writable by others.  The text names the path
+    and the reason.
+
+    :ivar path: the path refused.
+    :ivar reason: why, as a phrase ("is a symbolic link", ...).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
 class ProtocolError(EvloopError):
     """A message broke the wire protocol.  The text says what was wrong."""
 
@@ -90,3 +110,19 @@ class RemoteProtocolError(ProtocolError):
     def __init__(self, message: str, raw: bytes = b"") -> None:
         super().__init__(message)
         self.raw = raw
+
+
+class BadRequestError(RemoteProtocolError):
+    """A peer's message was refused, but it names its request and that id
+    could be read: the receiver can answer that request with an error (a
+    request) or fail it (a reply to one) rather than leave someone waiting
+    for ever.  A plain ``RemoteProtocolError`` means no id could be read.
+
+    :ivar request_id: the id the message carried.
+    :ivar kind: the wire kind it claimed (``"block-request"``, ...).
+    """
+
+    def __init__(self, message: str, request_id: int, kind: str, raw: bytes = b"") -> None:
+        super().__init__(message, raw)
+        self.request_id = request_id
+        self.kind = kind

@@ -14,6 +14,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # runs vulture: a tool, in a process of its own
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 USED_ALL_THE_SAME: dict[str, str] = {

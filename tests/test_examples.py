@@ -1,22 +1,54 @@
-"""The examples run: each is started as a user would start it."""
+"""The examples run: each is started as a user would start it (these tests
+start processes: marked ``integration``); and the parts of the benchmarks
+that can be checked without running them."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pathlib
 import re
-import select
 import signal
 import socket
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
+
+from .integration.support import descendants, wait_gone
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
 
 
+def _load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """A benchmark of examples/bench imported (not run), as its folder sees it."""
+    path = EXAMPLES / "bench" / f"{name}.py"
+    monkeypatch.syspath_prepend(str(path.parent))  # its ``_common``
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_fio_row_reads_the_cached_file_like_the_other_rows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression: fio dropped the image from the page cache before its run
+    (its default ``invalidate=1``), so its row measured the disk while every
+    other row read the cached file.  Its command line keeps the cache, and
+    reads the benchmark's image, 4 KiB at random offsets, for the time given."""
+    blockio = _load_benchmark("blockio", monkeypatch)
+    argv = blockio.fio_argv("/images/disk.img", 256 << 20, 3)
+    assert argv[0] == "fio"
+    options = {name: value for name, _, value in (arg.removeprefix("--").partition("=") for arg in argv[1:])}
+    assert [a for a in argv if a.startswith("--invalidate")] == ["--invalidate=0"]
+    assert options["filename"] == "/images/disk.img" and options["size"] == str(256 << 20)
+    assert (options["rw"], options["bs"], options["ioengine"]) == ("randread", "4096", "psync")
+    assert options["runtime"] == "3" and "time_based" in options and options["output-format"] == "json"
+
+
+@pytest.mark.integration
 def test_main_loop_tour() -> None:
     proc = subprocess.Popen(
         [sys.executable, str(EXAMPLES / "main_loop_tour.py")],
@@ -55,18 +87,21 @@ def _run_example(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120, cwd=ROOT)
 
 
+@pytest.mark.integration
 def test_random_read_example() -> None:
     out = _run_example(str(EXAMPLES / "random_read.py"))
     assert out.returncode == 0, out.stderr
     assert "reads in 2 s" in out.stdout and "errors 0" in out.stdout
 
 
+@pytest.mark.integration
 def test_verify_example() -> None:
     out = _run_example(str(EXAMPLES / "verify.py"))
     assert out.returncode == 0, out.stderr
     assert "256 blocks written and read back, 0 mismatches" in out.stdout
 
 
+@pytest.mark.integration
 def test_bql_contention_example_gives_the_median_and_range_of_several_rounds() -> None:
     """Regression: one round, one figure, which did not reproduce.  Now
     several rounds, the order of the cases alternating, and the median and
@@ -85,36 +120,7 @@ def test_bql_contention_example_gives_the_median_and_range_of_several_rounds() -
     assert re.fullmatch(pattern.format("reads/s"), reads), reads
 
 
-def _descendants(pid: int) -> list[int]:
-    """The processes below ``pid`` (from /proc), whatever their session."""
-    found: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in os.listdir(f"/proc/{parent}/task"):
-            with open(f"/proc/{parent}/task/{task}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        if parent != pid:
-            found.append(parent)
-    return found
-
-
-def _wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """The pids still alive after ``timeout_s`` (their pidfds become readable when they exit)."""
-    alive = []
-    for pid in pids:
-        try:
-            fd = os.pidfd_open(pid)
-        except ProcessLookupError:
-            continue
-        try:
-            if not select.select([fd], [], [], timeout_s)[0]:
-                alive.append(pid)
-        finally:
-            os.close(fd)
-    return alive
-
-
+@pytest.mark.integration
 @pytest.mark.parametrize(("example", "point"), [
     (["bql_contention.py", "--seconds", "5"], "(a) completions in the main loop"),  # a case measured
     (["random_read.py"], "disk0: random 4 KiB reads"),  # reading
@@ -135,7 +141,7 @@ def test_ctrl_c_ends_an_example_with_one_line_and_status_130(example: list[str],
                 break
         else:
             raise AssertionError(f"{script} ended before {point!r}")
-        started = _descendants(proc.pid)
+        started = descendants(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     finally:
@@ -143,4 +149,4 @@ def test_ctrl_c_ends_an_example_with_one_line_and_status_130(example: list[str],
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
     assert proc.returncode == 130 and err == f"{os.path.basename(script)}: interrupted\n", err
-    assert _wait_gone(started, 30) == []
+    wait_gone(started, 30, f"what {script} started")

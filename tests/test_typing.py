@@ -6,6 +6,10 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # runs mypy: a tool, in a process of its own
+
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 

@@ -178,13 +178,20 @@ def pread_loop(s: Setup, n: int) -> float:
     return rate
 
 
+def fio_argv(image: str, size_bytes: int, seconds: float) -> list[str]:
+    """fio's command line for its row: 4 KiB random reads of ``image`` with the
+    psync engine for ``seconds``, the result as JSON.  ``--invalidate=0`` keeps
+    the page cache that ``Setup.warm`` filled: by default fio drops the file
+    from it first, and would measure the disk, not the cached file that every
+    other row reads."""
+    return ["fio", "--name=r", f"--filename={image}", "--rw=randread", f"--bs={BS}", "--ioengine=psync",
+            "--invalidate=0", f"--runtime={seconds}", "--time_based", "--output-format=json",
+            f"--size={size_bytes}"]
+
+
 def fio_psync(s: Setup, seconds: float) -> float:
     s.warm()
-    out = subprocess.run(
-        ["fio", "--name=r", f"--filename={s.image}", "--rw=randread", f"--bs={BS}", "--ioengine=psync",
-         "--invalidate=0",  # keep the page cache that warm() filled, as for the other rows
-         f"--runtime={seconds}", "--time_based", "--output-format=json", f"--size={s.size}"],
-        capture_output=True, text=True, timeout=120)
+    out = subprocess.run(fio_argv(s.image, s.size, seconds), capture_output=True, text=True, timeout=120)
     return float(json.loads(out.stdout)["jobs"][0]["read"]["iops"])
 
 

@@ -25,6 +25,10 @@ still reach it with ESTALE; the client re-reads the published state and sends
 them to the new home, so the caller sees one completion per request.
 
 A failed request raises (or reports) its errno and the iothread's message.
+A request no node could take (an unknown op, a negative offset or length,
+more than a request may carry) is refused at once: ``BlockIOError`` EINVAL,
+nothing sent.  A completion the client cannot decode but whose request id it
+can read fails that request with EIO.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
     CLUSTER_STATE_FILE,
+    BadRequestError,
     BlockCompletion,
     BlockRequest,
     Channel,
@@ -52,6 +57,7 @@ from protocol import (
     PendingRequests,
     RemoteProtocolError,
     StateError,
+    ThrottledLog,
     channel_socket,
     cluster_state_path,
 )
@@ -60,6 +66,7 @@ from ..aio._context import AioContext
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._coroutine import Future
+from ._node import request_problem
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
 
@@ -118,6 +125,7 @@ class BlockClient:
         self._connections: dict[str, _Connection] = {}  # by iothread id
         self._lost: set[str] = set()  # iothreads whose connection dropped (and has not come back)
         self.resends = 0  # requests sent again because their node had moved
+        self._bad_input = ThrottledLog(log)  # what iothreads send wrong: a few lines each, then counts
 
     # -- the cluster's shape ---------------------------------------------------
 
@@ -172,7 +180,7 @@ class BlockClient:
             sock.connect(entry.data)
             pending: PendingRequests[_Request] = PendingRequests()
             channel = Channel(sock, lambda _identity, msg: self._on_message(iothread, pending, msg),
-                              on_error=self._on_bad_message)
+                              on_error=lambda _identity, exc: self._on_bad_message(iothread, pending, exc))
             handler = ChannelHandler(self.ctx, channel, f"data-{iothread}")
             conn = _Connection(channel, handler, monitor, pending)
             self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
@@ -242,8 +250,14 @@ class BlockClient:
         self.ctx.timer_new_ms(ClockType.REALTIME, resend, "resend").mod(
             self.ctx.clock_now_ns(ClockType.REALTIME) // 1_000_000 + delay_ms)
 
-    def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
-        self.ctx.report_exception(exc, "block client: bad completion")
+    def _on_bad_message(self, iothread: str, pending: PendingRequests[_Request],
+                        exc: RemoteProtocolError) -> None:
+        self._bad_input.log((iothread, type(exc)), logging.ERROR,
+                            "block client: bad message from iothread %s: %s", iothread, exc)
+        if isinstance(exc, BadRequestError) and exc.kind == BlockCompletion.KIND:
+            request = pending.match(exc.request_id)
+            if request is not None:  # its answer came, unreadable: it failed
+                request.callback(-errno.EIO, f"iothread {iothread} sent a bad completion: {exc}", b"")
 
     @property
     def in_flight(self) -> int:
@@ -255,12 +269,17 @@ class BlockClient:
                callback: Completion | None = None) -> int:
         """Send one request; ``callback(status, message, data)`` runs in the
         client's context when it completes.  Returns the request id (on its
-        iothread's connection)."""
+        iothread's connection).  ``BlockIOError`` at once, nothing sent: EINVAL
+        for a request no node could take (an unknown op, a negative offset or
+        length, a length over the limit), ENODEV for an unknown node."""
         if op == "write" and not length:
             length = len(data)
         return self._send(_Request(node, op, offset, length, data, callback or _ignore))
 
     def _send(self, request: _Request, defer: bool = True) -> int:
+        problem = request_problem(request.op, request.offset, request.length, request.data)
+        if problem is not None:
+            raise BlockIOError(errno.EINVAL, problem)
         iothread = self._node(request.node).iothread
         if iothread in self._lost:
             self.refresh()  # the node may live elsewhere now
@@ -342,6 +361,7 @@ class BlockClient:
     def close(self) -> None:
         """Disconnect (requests still in flight are abandoned; the iothread
         completes them and drops the completions)."""
+        self._bad_input.flush()
         for conn in self._connections.values():
             self.ctx.set_fd_handler(cast(int, conn.monitor.getsockopt(zmq.FD)))
             conn.channel.socket.disable_monitor()

@@ -45,7 +45,8 @@ from ..aio._context import AioContext
 
 log = logging.getLogger("iothreads.block")
 
-__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver", "open_node"]
+__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver", "open_node",
+           "request_problem"]
 
 Completion = Callable[[int, str, bytes], object]  # (status, message, data)
 
@@ -56,6 +57,25 @@ _ZERO_CHUNK = 1 << 20
 HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit
 _WRITING_OPS = frozenset((BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES))
+_BLOCK_OPS = frozenset(op.value for op in BlockOp)
+
+
+def request_problem(op: str, offset: int, length: int, data: bytes = b"") -> str | None:
+    """Why a request is invalid on any node (QEMU's EINVAL), or None: an
+    unknown operation, a write whose data is not its length, more than
+    ``MAX_REQUEST_BYTES``, a negative offset or length.  A node checks the
+    rest (its size, its alignment); a client checks this before sending."""
+    if op not in _BLOCK_OPS:
+        return f"unknown operation {op!r}"
+    if op == BlockOp.FLUSH:
+        return None
+    if op == BlockOp.WRITE and length != len(data):
+        return f"write of {len(data)} bytes declared as {length}"
+    if length > MAX_REQUEST_BYTES:
+        return f"a request of {length} bytes exceeds the limit of {MAX_REQUEST_BYTES}"
+    if offset < 0 or length < 0:
+        return f"offset and length must be >= 0, not {offset} and {length}"
+    return None
 
 
 class BlockDriver:
@@ -299,15 +319,10 @@ class BlockNode:
 
     def _check(self, op: str, offset: int, length: int, data: bytes) -> str | None:
         """The reason a request is invalid, or None."""
-        if op not in self.stats:
-            return f"unknown operation {op!r}"
-        if op == BlockOp.FLUSH:
-            return None
-        if op == BlockOp.WRITE and length != len(data):
-            return f"write of {len(data)} bytes declared as {length}"
-        if length > MAX_REQUEST_BYTES:
-            return f"request of {length} bytes is larger than the limit of {MAX_REQUEST_BYTES}"
-        if offset < 0 or length < 0 or offset + length > self.driver.size:
+        problem = request_problem(op, offset, length, data)
+        if problem is not None or op == BlockOp.FLUSH:
+            return problem
+        if offset + length > self.driver.size:
             return (f"request [{offset}, {offset + length}) is out of range: node "
                     f"'{self.name}' has {self.driver.size} bytes")
         align = self.driver.align

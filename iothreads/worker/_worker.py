@@ -20,10 +20,32 @@ context's counters; ``Stop`` schedules a oneshot bottom half that clears
 ``running`` (as QEMU stops an iothread), after which the loop ends and the
 process exits 0.
 
-The process never outlives the main loop: the kernel sends it SIGTERM when
-its parent dies (``PR_SET_PDEATHSIG``), and, as a second line, a timer ends it
-when no heartbeat arrived for ``3 x`` the heartbeat period.  SIGTERM and
-SIGINT stop it cleanly.
+Liveness: a process, not a silence
+----------------------------------
+Block I/O never passes through the main loop, so a main loop that is slow,
+busy or stopped (Ctrl-Z, SIGSTOP, a frozen cgroup) is no reason for an
+iothread to drop its block nodes: QEMU's iothreads do not die because the
+main loop is slow.  The rule:
+
+* A *local* iothread, started by its main loop (``--parent-pid``: the main
+  loop is its parent; the launcher's iothreads all are, over ipc:// or
+  tcp://), stops when its main loop's *process* is gone, and only then:
+  through the parent's pidfd, an fd handler of its AioContext (readable once
+  the process has exited), and the parent-death signal (the kernel sends
+  SIGTERM, ``PR_SET_PDEATHSIG``).  No timer ends it: not the main loop's
+  silence, however long, nor a missing ``Welcome`` (the main loop kills an
+  iothread whose handshake it did not get in time).  It sends no heartbeats.
+* An iothread with no main-loop process to watch (no ``--parent-pid``: a
+  remote one, reached over tcp://) has only the main loop's silence to go by:
+  it sends a heartbeat every period the ``Welcome`` gave and stops (exit 3)
+  when nothing came for ``3 x`` that period, or when the ``Welcome`` did not
+  come within the handshake timeout.  Time this process itself was stopped
+  is not counted as the main loop's silence.
+
+Whoever started it, it starts with an empty signal mask (``main`` clears the
+one it inherited: a main loop blocks SIGINT and SIGTERM for its signalfd,
+and a mask survives fork and exec).  SIGTERM and SIGINT stop it cleanly: no
+new requests, those in flight complete.
 """
 
 from __future__ import annotations
@@ -42,6 +64,7 @@ from typing import Any
 import zmq
 
 from protocol import (
+    BadRequestError,
     BlockCompletion,
     BlockRequest,
     BlockdevAdd,
@@ -60,10 +83,11 @@ from protocol import (
     SetLatencyHistogram,
     SetPollParams,
     Stop,
+    ThrottledLog,
     Welcome,
     channel_socket,
 )
-from protocol.schema import SchemaError, blockdev_from_wire
+from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
 
 from ..aio._context import AioContext
 from ..block._node import BlockNode, open_node
@@ -71,7 +95,7 @@ from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._notifier import EventNotifier
 
-__all__ = ["IOThreadWorker", "main", "set_parent_death_signal"]
+__all__ = ["IOThreadWorker", "die_with_parent", "main", "set_parent_death_signal"]
 
 log = logging.getLogger("iothreads.worker")
 
@@ -93,8 +117,12 @@ def set_parent_death_signal() -> None:
         pass
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """SIGTERM when the parent dies (else the heartbeat deadline still applies); if it already has, go."""
+def die_with_parent(parent_pid: int) -> None:
+    """SIGTERM when this process's parent, ``parent_pid``, dies; exit at once
+    (status 3) if it already has.  For a process started by ``posix_spawn``,
+    which runs nothing of its parent's between fork and exec: the child asks
+    for its parent-death signal itself, first thing, and then checks that the
+    parent did not die before it asked."""
     set_parent_death_signal()
     if os.getppid() != parent_pid:
         sys.exit(EXIT_ORPHANED)
@@ -117,6 +145,7 @@ class IOThreadWorker:
         self.heartbeat_interval_ms = 0
         self.last_heard_ns = time.monotonic_ns()
         self.welcomed = False
+        self._bad_input = ThrottledLog(log)  # what peers send wrong: a few lines each, then counts
         # The control messages, by type: one lookup instead of a chain of isinstance tests.
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
             Welcome: self._on_welcome, Heartbeat: self._on_heartbeat, Query: self._on_query,
@@ -141,6 +170,8 @@ class IOThreadWorker:
             dsock.bind(data_endpoint)
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
+        self.main_loop_pid = 0  # the main loop's process, once watched (watch_main_loop)
+        self._main_loop_pidfd = -1
         self._heartbeat_seq = 0
         self._watchdog_due_ns = 0
         self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
@@ -196,7 +227,21 @@ class IOThreadWorker:
         self._submit(self.channel, identity, msg)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
-        log.error("iothread %s: bad message from the main loop: %s", self.id, exc)
+        self._bad_input.log(("control", type(exc)), logging.ERROR,
+                            "iothread %s: bad message from the main loop: %s", self.id, exc)
+        self._answer_refused(self.channel, identity, exc)
+
+    def _answer_refused(self, channel: Channel, identity: bytes, exc: RemoteProtocolError) -> None:
+        """A refused request whose id could be read is answered with EINVAL:
+        its sender must not wait for ever (as QEMU fails a malformed request)."""
+        if not isinstance(exc, BadRequestError):
+            return
+        if exc.kind == BlockRequest.KIND:
+            channel.send(_completion(exc.request_id, -errno.EINVAL, str(exc)),
+                         identity if channel.router else None)
+        elif channel is self.channel and exc.kind in {
+                cls.KIND for cls in self._handlers if "request_id" in cls.__dataclass_fields__}:
+            channel.send(ErrorReply(exc.request_id, "GenericError", _bounded(str(exc)), errno.EINVAL))
 
     # -- the data plane ------------------------------------------------------
 
@@ -205,10 +250,15 @@ class IOThreadWorker:
             assert self.data is not None
             self._submit(self.data, identity, msg)
         else:
-            log.warning("iothread %s: %s on the data channel ignored", self.id, type(msg).KIND)
+            self._bad_input.log(("data", identity, "unexpected"), logging.WARNING,
+                                "iothread %s: %s on the data channel ignored", self.id, type(msg).KIND)
 
     def _on_bad_data(self, identity: bytes, exc: RemoteProtocolError) -> None:
-        log.warning("iothread %s: bad request from client %r: %s", self.id, identity, exc)
+        self._bad_input.log(("data", identity, type(exc)), logging.WARNING,
+                            "iothread %s: bad request from client %r: %s%s", self.id, identity, exc,
+                            " (answered EINVAL)" if isinstance(exc, BadRequestError) else "")
+        assert self.data is not None
+        self._answer_refused(self.data, identity, exc)
 
     def _submit(self, channel: Channel, identity: bytes, msg: BlockRequest) -> None:
         """Run a block request; its completion goes back to whoever sent it."""
@@ -322,8 +372,45 @@ class IOThreadWorker:
 
     # -- liveness -----------------------------------------------------------
 
+    def watch_main_loop(self, pid: int) -> bool:
+        """Stop when process ``pid``, this iothread's main loop and parent, is
+        gone (its pidfd, an fd handler of the context), and never because
+        the main loop is silent: no watchdog from now on (see the module's
+        docstring).  False if ``pid`` is not this process's parent (any more)."""
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        if os.getppid() != pid:  # it died before the pidfd was had: the pid may be another's now
+            os.close(pidfd)
+            return False
+        self.main_loop_pid, self._main_loop_pidfd = pid, pidfd
+        self._watchdog.delete()
+        # With an io_poll that never finds it (the fd does, at the next real
+        # poll): a handler without one would turn busy polling off.
+        self.ctx.set_fd_handler(pidfd, self._on_main_loop_exit, io_poll=lambda: False)
+        return True
+
+    def _on_main_loop_exit(self) -> None:
+        self.ctx.set_fd_handler(self._main_loop_pidfd)  # readable for good: once is enough
+        self._lost_main_loop()
+
+    def main_loop_gone(self) -> bool:
+        """Whether the watched main loop's process is gone (this process has
+        another parent now); if so, stop (exit 3).  What tells the
+        parent-death signal, a SIGTERM like any other, from the others."""
+        if not self.main_loop_pid or os.getppid() == self.main_loop_pid:
+            return False
+        self._lost_main_loop()
+        return True
+
+    def _lost_main_loop(self) -> None:
+        if not self.shutting_down:
+            log.warning("iothread %s: main loop (pid %d) is gone: stopping", self.id, self.main_loop_pid)
+            self.shutdown(EXIT_ORPHANED)
+
     def _arm_watchdog(self) -> None:
-        if self.heartbeat_interval_ms:
+        if self.heartbeat_interval_ms and not self.main_loop_pid:
             self._watchdog_due_ns = time.monotonic_ns() + self.heartbeat_interval_ms * 1_000_000
             self._watchdog.mod(self._watchdog.now() + self.heartbeat_interval_ms)
 
@@ -392,7 +479,12 @@ class IOThreadWorker:
         return self.exit_code
 
     def close(self) -> None:
+        self._bad_input.flush()
         self._watchdog.delete()
+        if self._main_loop_pidfd >= 0:
+            self.ctx.set_fd_handler(self._main_loop_pidfd)
+            os.close(self._main_loop_pidfd)
+            self._main_loop_pidfd = -1
         self.handler.close()
         if self.data_handler is not None:
             self.data_handler.close()
@@ -441,8 +533,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--id", required=True, help="the iothread's id (QEMU's object id)")
     p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the main loop's control endpoint")
     p.add_argument("--parent-pid", type=int, default=0, help="exit if this process is not our parent")
-    for name, default in (("poll-max-ns", 32768), ("poll-grow", 0), ("poll-shrink", 0), ("aio-max-batch", 0)):
-        p.add_argument(f"--{name}", type=int, default=default)
+    for m in members(IothreadProperties):  # the iothread object's properties, as the schema declares them
+        p.add_argument(f"--{m.name}", type=int, default=m.default(), help=m.doc)
     p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
     p.add_argument("--data-endpoint", metavar="ENDPOINT", help="bind the data plane (clients) here")
     p.add_argument("--log-level", type=_log_level, default=logging.INFO, metavar="LEVEL",
@@ -458,10 +550,16 @@ def _log_level(text: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # First of all: no signal blocked, whatever the mask inherited (a main
+    # loop blocks SIGINT and SIGTERM for its signalfd; a mask survives fork
+    # and exec).  The main loop spawns its iothreads clean already; this is
+    # for whoever else starts one.  Before ZeroMQ's threads exist: they
+    # inherit this thread's mask.
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"iothread {args.id}: %(message)s")
     if args.parent_pid:
-        _die_with_parent(args.parent_pid)
+        die_with_parent(args.parent_pid)
     try:
         worker = IOThreadWorker(
             args.id, args.connect, poll_max_ns=args.poll_max_ns, poll_grow=args.poll_grow,
@@ -471,6 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, zmq.ZMQError) as exc:
         print(f"iothread {args.id}: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    if args.parent_pid and not worker.watch_main_loop(args.parent_pid):
+        worker.close()
+        return EXIT_ORPHANED
 
     # A signal handler may run while this thread holds a loop lock: it only
     # sets an eventfd, whose handler (an ordinary fd handler) stops the loop.
@@ -482,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
         nonlocal stopping
         stopping = False  # handled: busy polling must not find it again (it would spin)
         notifier.test_and_clear()
-        worker.shutdown(EXIT_OK)
+        if not worker.main_loop_gone():  # else it was the parent-death signal: stopping already
+            worker.shutdown(EXIT_OK)
 
     # With an io_poll (a flag, as QEMU's notifiers read theirs in memory), so
     # that this handler does not turn busy polling off for the whole context.

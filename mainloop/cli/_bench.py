@@ -30,17 +30,18 @@ import logging
 import math
 import os
 import random
+import select
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import IO, Any
 
-from iothreads import BlockClient, EventNotifier, set_parent_death_signal
+from iothreads import BlockClient, EventNotifier
 
+from ..cluster._spawn import spawn
 from ._options import OptionError, parse_size
 
 __all__ = ["EXIT_INTERRUPTED", "EmbeddedCluster", "add_bench_arguments", "run_bench"]
@@ -290,6 +291,17 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
     plt.close(fig)
 
 
+# The embedded launcher: ``iothreads launch`` that first asks for its
+# parent-death signal (and exits if its parent, argv[1], is gone already).
+_LAUNCHER = """\
+import sys
+from iothreads import die_with_parent
+die_with_parent(int(sys.argv[1]))
+from mainloop.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
 class EmbeddedCluster:
     """``iothreads launch`` in a child process: 2 iothreads, a temporary raw
     image of ``size`` bytes, nodes ``disk0`` (on io0) and ``disk1`` (on io1).
@@ -300,9 +312,11 @@ class EmbeddedCluster:
     has a name (a temporary file the iothreads open as ``/proc/PID/fd/N``;
     the kernel frees it once the last of them has closed it), and the
     launcher gets SIGTERM from the kernel when this process dies (a
-    parent-death signal): it stops its iothreads and removes its private
-    runtime directory.  It runs in a session of its own, so that Ctrl-C at
-    the terminal reaches this process only, which then stops it in order.
+    parent-death signal, which it asks for itself, first thing): it stops
+    its iothreads and removes its private runtime directory.  It runs in a
+    session of its own, so that Ctrl-C at the terminal reaches this process
+    only, which then stops it in order; and it starts clean of this
+    process's signal state (``spawn``: no signal blocked or ignored).
 
     ``log_level`` is the launcher's ``--log-level``; at ``debug`` its
     messages go to this process's stderr, else to a file shown only if
@@ -310,26 +324,36 @@ class EmbeddedCluster:
 
     def __init__(self, size: int, log_level: str = "info") -> None:
         self._closed = False
-        self.proc: subprocess.Popen[str] | None = None
+        self.pid = 0
+        """The launcher's process id."""
+        self.returncode: int | None = None
+        """Its exit code once it has exited and was reaped (minus a signal's number)."""
+        self._pidfd = -1
+        self._events: IO[str] | None = None  # its stdout: one JSON event a line; open while it runs
         self.log = tempfile.TemporaryFile("w+")
         self.image = tempfile.TemporaryFile()  # unnamed (O_TMPFILE), or unlinked at once
         try:
             self.image.truncate(size)
             filename = f"/proc/{os.getpid()}/fd/{self.image.fileno()}"
-            argv = [sys.executable, "-m", "mainloop", "launch", "--iothreads", "2", "--log-level", log_level]
+            argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()),
+                    "launch", "--iothreads", "2", "--log-level", log_level]
             for i in range(2):
                 argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={filename},iothread=io{i}"]
-            self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
-                                         stderr=None if log_level == "debug" else self.log, text=True,
-                                         start_new_session=True, preexec_fn=set_parent_death_signal)
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
+            read_fd, write_fd = os.pipe()
+            self._events = open(read_fd, encoding="utf-8")
+            try:
+                self.pid = spawn(argv, new_session=True, stdout_fd=write_fd,
+                                 stderr_fd=None if log_level == "debug" else self.log.fileno())
+            finally:
+                os.close(write_fd)
+            self._pidfd = os.pidfd_open(self.pid)
+            for line in self._events:
                 event = json.loads(line)
                 if event["event"] == "READY":
                     self.runtime_dir: str = event["data"]["runtime_dir"]
-                    log.debug("embedded cluster started (launcher pid %d) in %s", self.proc.pid, self.runtime_dir)
+                    log.debug("embedded cluster started (launcher pid %d) in %s", self.pid, self.runtime_dir)
                     return
-            self.proc.wait(30)
+            self._wait(30)
             raise RuntimeError(f"the embedded cluster did not start:\n{self.messages()}")
         except BaseException:
             self.close()
@@ -340,28 +364,39 @@ class EmbeddedCluster:
         self.log.seek(0)
         return self.log.read().rstrip()
 
+    def _wait(self, timeout_s: float | None) -> bool:
+        """Wait up to ``timeout_s`` (None: for ever) for the launcher to exit,
+        then reap it; whether it has exited."""
+        if self.returncode is None:
+            waiter = select.poll()
+            waiter.register(self._pidfd, select.POLLIN)
+            if not waiter.poll(None if timeout_s is None else int(timeout_s * 1000)):
+                return False
+            _, status = os.waitpid(self.pid, 0)
+            self.returncode = os.waitstatus_to_exitcode(status)
+        return True
+
     def close(self) -> None:
         """Stop the cluster (SIGTERM, then SIGKILL after 30 s).  Idempotent."""
         if self._closed:
             return
         self._closed = True
         try:
-            proc = self.proc
-            if proc is None:
+            if self._pidfd < 0:
                 return
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-            if proc.returncode not in (0, None):
-                print(f"the embedded cluster exited with status {proc.returncode}:\n{self.messages()}",
+            if self.returncode is None:
+                os.kill(self.pid, signal.SIGTERM)
+                if not self._wait(30):
+                    os.kill(self.pid, signal.SIGKILL)
+                    self._wait(None)
+            if self.returncode != 0:
+                print(f"the embedded cluster exited with status {self.returncode}:\n{self.messages()}",
                       file=sys.stderr)
         finally:
+            if self._pidfd >= 0:
+                os.close(self._pidfd)
+            if self._events is not None:
+                self._events.close()
             self.log.close()
             self.image.close()
 

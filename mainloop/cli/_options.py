@@ -29,6 +29,7 @@ from protocol.schema import (
     blockdev_to_wire,
     id_wellformed,
     parse,
+    parse_bool,
     unflatten,
 )
 from protocol.schema import parse_size as schema_parse_size
@@ -86,11 +87,18 @@ def _is_json(text: str) -> bool:
     return text.lstrip().startswith("{")
 
 
+def _no_constant(name: str) -> Any:
+    """NaN and the infinities are not JSON: refused, as QMP refuses them."""
+    raise ValueError(f"invalid keyword '{name}'")
+
+
 def _json(text: str) -> dict[str, Any]:
     try:
-        value: dict[str, Any] = json.loads(text)
+        value: dict[str, Any] = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as exc:
         raise OptionError(f"JSON parse error: {exc.msg}") from None
+    except ValueError as exc:
+        raise OptionError(f"JSON parse error: {exc}") from None
     except RecursionError:
         raise OptionError("JSON parse error: nested too deeply") from None
     return value
@@ -142,14 +150,13 @@ def parse_size(key: str, text: str) -> int:
 
 
 def _on_off(key: str, value: object) -> bool:
-    """A QemuOpts boolean (it takes more spellings than keyval's ``on``/``off``)."""
+    """A QemuOpts boolean: the spellings keyval takes (``on``, ``off``, ...), or a JSON boolean."""
     if isinstance(value, bool):
         return value
-    if value in ("on", "yes", "true"):
-        return True
-    if value in ("off", "no", "false"):
-        return False
-    raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+    flag = parse_bool(value) if isinstance(value, str) else None
+    if flag is None:
+        raise OptionError(f"Parameter '{key}' expects 'on' or 'off'")
+    return flag
 
 
 @dataclass(frozen=True)

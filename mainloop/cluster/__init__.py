@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ._cluster import HEARTBEAT_INTERVAL_MS as HEARTBEAT_INTERVAL_MS
 from ._cluster import Cluster as Cluster
 from ._cluster import IOThread as IOThread
 from ._cluster import IOThreadConfig as IOThreadConfig
@@ -10,6 +11,7 @@ from ._cluster import NodeInfo as NodeInfo
 
 __all__ = [
     "Cluster",
+    "HEARTBEAT_INTERVAL_MS",
     "IOThread",
     "IOThreadConfig",
     "IOThreadState",

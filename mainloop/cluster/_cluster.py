@@ -10,19 +10,33 @@ id.  An ``IOThread`` handle follows one process through its states::
         \\____________________ unexpected exit ____________________/
 
 Spawning is ``posix_spawn`` of ``python -m iothreads.worker``: a fresh interpreter,
-never a fork of this process and its ZeroMQ state.  Each process is watched
+never a fork of this process and its ZeroMQ state, started clean of this
+process's signal state (``_spawn.spawn``: an empty mask, default actions) in a
+session of its own (Ctrl-C or Ctrl-Z at the terminal reaches the launcher,
+which stops its iothreads in order; a stopped launcher stops no iothread).
+Each process is watched
 by a child-watch source (a pidfd), so an exit is seen at once and the child
 is reaped; an exit that nobody asked for is logged and reported as an
 ``IOTHREAD_EXITED`` event, and the iothread is restarted if configured so.
 A handshake that does not come within its deadline kills the process.
 
-Heartbeats go both ways every ``heartbeat_interval_ms``: the iothreads use
-them to notice a dead main loop (besides the parent-death signal); the
-cluster uses any message as a sign of life.
+A heartbeat goes to every iothread each ``heartbeat_interval_ms``: for an
+iothread with no main-loop process to watch (a remote one), the sign that the
+main loop lives.  The iothreads started here watch this process instead (a
+pidfd, the parent-death signal) and never stop because it is silent: block
+I/O does not pass through the main loop.  Any message from an iothread is a
+sign of life.
+
+The deadlines here (a handshake, a stop, a request's answer) run on the
+main loop's own time: monotonic time less the time this process was away
+(stopped: SIGSTOP, Ctrl-Z, a frozen cgroup; or its loop held up), measured by
+the heartbeat timer, which looks at least once a period while the loop runs.
+Nothing can be heard while nobody listens: a main loop resumed after a stop
+does not take its own absence for an iothread's silence.
 
 Requests to an iothread (a query, a blockdev-add ...) wait in its
 ``PendingRequests`` table until the reply that names them: one left
-unanswered fails after ``request_timeout_ms`` (checked at each heartbeat),
+unanswered fails after ``request_timeout_ms`` of loop time (checked at each heartbeat),
 and all of them fail when the iothread exits.  The cluster's shape is
 published for clients as a ``ClusterState`` (``write_state``).
 
@@ -46,6 +60,7 @@ import zmq
 
 from iothreads import ClockType, Timer
 from protocol import (
+    BadRequestError,
     BlockdevAdd,
     BlockdevDel,
     Channel,
@@ -66,17 +81,20 @@ from protocol import (
     SetPollParams,
     StateError,
     Stop,
+    ThrottledLog,
     Welcome,
     channel_socket,
     cluster_state_path,
     ipc_endpoint,
     make_runtime_dir,
 )
+from protocol.schema import IothreadProperties, members
 
 from ..loop._bql import bql_locked
 from ..glib._channel_source import ChannelSource
 from ..loop._loop import MainLoop
 from ..glib._standard import ChildWatchSource
+from ._spawn import spawn
 
 __all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
@@ -88,6 +106,7 @@ def data_endpoint(runtime_dir: str, iothread_id: str) -> str:
     (``ValueError`` if the path is too long for AF_UNIX)."""
     return ipc_endpoint(runtime_dir, f"{iothread_id}.data")
 
+HEARTBEAT_INTERVAL_MS = 500  # the default period of the heartbeats (and of the checks of request deadlines)
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
 
@@ -95,15 +114,19 @@ EventCallback = Callable[[str, dict[str, Any]], object]
 ReplyCallback = Callable[[QueryReply | ErrorReply], object]
 
 
+_PROPERTY_DEFAULTS: dict[str, int] = {m.attr: m.default() for m in members(IothreadProperties)}
+
+
 @dataclass
 class IOThreadConfig:
-    """An iothread as ``--object iothread,...`` describes it."""
+    """An iothread as ``--object iothread,...`` describes it (its properties'
+    defaults are the schema's)."""
 
     id: str
-    poll_max_ns: int = 32768
-    poll_grow: int = 0
-    poll_shrink: int = 0
-    aio_max_batch: int = 0
+    poll_max_ns: int = _PROPERTY_DEFAULTS["poll_max_ns"]
+    poll_grow: int = _PROPERTY_DEFAULTS["poll_grow"]
+    poll_shrink: int = _PROPERTY_DEFAULTS["poll_shrink"]
+    aio_max_batch: int = _PROPERTY_DEFAULTS["aio_max_batch"]
     restart: bool = False
 
 
@@ -129,10 +152,11 @@ class IOThread:
     quick_exits: int = 0  # unexpected exits in a row, each soon after its start: restarts back off
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
-    _pending: PendingRequests[ReplyCallback] = field(default_factory=PendingRequests)  # monotonic deadlines
+    _pending: PendingRequests[ReplyCallback] = field(default_factory=PendingRequests)  # deadlines: loop time
     _watch: ChildWatchSource | None = None
     _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
     _deadline: Timer | None = None
+    _deadline_ns: int = 0  # when the deadline is due, on the cluster's loop time (Cluster._loop_time_ns)
     _restart: Timer | None = None  # a restart to come
 
     @property
@@ -158,7 +182,7 @@ class Cluster:
     """Iothread processes of one main loop.  Main-loop thread, BQL held."""
 
     def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
-                 heartbeat_interval_ms: int = 500, handshake_timeout_ms: int = 15_000,
+                 heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS, handshake_timeout_ms: int = 15_000,
                  stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000) -> None:
         self.loop = loop
         self._own_runtime_dir = runtime_dir is None
@@ -190,10 +214,13 @@ class Cluster:
             self.zmq.term()
             self._remove_runtime_dir()
             raise
+        self._bad_input = ThrottledLog(log)  # what iothreads send wrong: a few lines each, then counts
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
         self._source = ChannelSource(self.channel, "iothread-control",
                                      role=f"ZMQ_FD of the iothreads' control channel ({self.endpoint})")
         loop.context.attach(self._source)
+        self._looked_ns = time.monotonic_ns()  # the main loop's last look (see _loop_time_ns)
+        self._away_ns = 0  # the time it was seen away, in all
         self._heartbeat = loop.timer_new_ms(ClockType.REALTIME, self._on_heartbeat_timer, "heartbeat")
         self._heartbeat.mod(self._heartbeat.now() + heartbeat_interval_ms)
         self._closed = False
@@ -247,12 +274,11 @@ class Cluster:
                 self._socket_files.append(data.removeprefix("ipc://"))  # even if it gets killed
         argv = [sys.executable, "-m", "iothreads.worker", "--id", c.id, "--connect", self.endpoint,
                 "--data-endpoint", data,
-                "--parent-pid", str(os.getpid()), "--poll-max-ns", str(c.poll_max_ns),
-                "--poll-grow", str(c.poll_grow), "--poll-shrink", str(c.poll_shrink),
-                "--aio-max-batch", str(c.aio_max_batch),
+                "--parent-pid", str(os.getpid()),
+                *(arg for m in members(IothreadProperties) for arg in (f"--{m.name}", str(getattr(c, m.attr)))),
                 "--handshake-timeout-ms", str(self.handshake_timeout_ms),
                 "--log-level", str(log.getEffectiveLevel())]  # the iothreads log as this process does
-        t.pid = os.posix_spawn(sys.executable, argv, os.environ)
+        t.pid = spawn(argv, new_session=True)
         log.debug("iothread %s started (pid %d): %s", c.id, t.pid, " ".join(argv[1:]))
         t.started_ns = time.monotonic_ns()
         t.state = IOThreadState.STARTING
@@ -267,9 +293,32 @@ class Cluster:
         t._watch = ChildWatchSource(t.pid, on_exit, name=f"iothread {c.id} (pid {t.pid})")
         self.loop.context.attach(t._watch)
         t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, f"deadline {c.id}")
-        t._deadline.mod(t._deadline.now() + self.handshake_timeout_ms)
+        self._arm_deadline(t, self.handshake_timeout_ms)
+
+    def _loop_time_ns(self) -> int:
+        """The clock of the cluster's deadlines: monotonic time less the time
+        the main loop was away (its process stopped, its loop held up).  The
+        heartbeat timer looks every period while the loop runs: a longer gap
+        between two looks (the timer's or any caller's) was time away.  An
+        absence shorter than a period is not seen: deadlines are longer than that."""
+        now = time.monotonic_ns()
+        away_ns = now - self._looked_ns - self.heartbeat_interval_ms * 1_000_000
+        if away_ns > 0:
+            self._away_ns += away_ns
+        self._looked_ns = now
+        return now - self._away_ns
+
+    def _arm_deadline(self, t: IOThread, timeout_ms: int) -> None:
+        """``t``'s handshake or stop must come within ``timeout_ms`` of loop time."""
+        assert t._deadline is not None
+        t._deadline_ns = self._loop_time_ns() + timeout_ms * 1_000_000
+        t._deadline.mod(t._deadline.now() + timeout_ms)
 
     def _on_deadline(self, t: IOThread) -> None:
+        left_ms = -(-(t._deadline_ns - self._loop_time_ns()) // 1_000_000)
+        if left_ms > 0 and t._deadline is not None:  # the main loop was away meanwhile: not the iothread's time
+            t._deadline.mod(t._deadline.now() + left_ms)
+            return
         if t.state is IOThreadState.STARTING:
             log.error("iothread %s (pid %d) did not complete its handshake in %d ms: killing it",
                       t.id, t.pid, self.handshake_timeout_ms)
@@ -371,7 +420,7 @@ class Cluster:
         t.state = IOThreadState.STOPPING
         self.channel.send(Stop("requested"), t.id.encode())
         if t._deadline is not None:
-            t._deadline.mod(t._deadline.now() + self.stop_timeout_ms)
+            self._arm_deadline(t, self.stop_timeout_ms)
 
     # -- messages -------------------------------------------------------------
 
@@ -396,7 +445,15 @@ class Cluster:
             log.warning("iothread %s sent an unexpected %s", t.id, type(msg).KIND)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
-        log.error("bad control message from %r: %s", identity, exc)
+        self._bad_input.log((identity, type(exc)), logging.ERROR,
+                            "bad control message from %r: %s", identity, exc)
+        t = self.iothreads.get(identity.decode(errors="replace"))
+        if t is not None and isinstance(exc, BadRequestError) and exc.kind in (QueryReply.KIND,
+                                                                                ErrorReply.KIND):
+            cb = t._pending.match(exc.request_id)  # its answer came, unreadable: the request failed
+            if cb is not None:
+                self._call(cb, ErrorReply(exc.request_id, "GenericError",
+                                          f"iothread {t.id} sent an unreadable reply: {exc}"))
 
     def _on_hello(self, t: IOThread, msg: Hello) -> None:
         if msg.version != PROTOCOL_VERSION or msg.iothread_id != t.id or msg.pid != t.pid:
@@ -425,7 +482,7 @@ class Cluster:
         self.channel.send(make(request_id), t.id.encode())
         # An iothread that leaves it unanswered (it hangs, or is stopped) fails
         # it after the request timeout: a QMP command must get an answer.
-        t._pending.register(request_id, callback, time.monotonic_ns() + self.request_timeout_ms * 1_000_000)
+        t._pending.register(request_id, callback, self._loop_time_ns() + self.request_timeout_ms * 1_000_000)
 
     def query(self, iothread_id: str, callback: ReplyCallback) -> None:
         """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""
@@ -599,11 +656,12 @@ class Cluster:
 
     def _on_heartbeat_timer(self) -> None:
         now = time.monotonic_ns()
+        loop_now_ns = self._loop_time_ns()  # a late timer (this process was away) counts the time away out
         self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)  # first: whatever follows
         for t in list(self.iothreads.values()):
             if t.state is IOThreadState.RUNNING:
                 self.channel.send(Heartbeat(0, now), t.id.encode())
-            for rid, cb in t._pending.expire(now):
+            for rid, cb in t._pending.expire(loop_now_ns):
                 log.error("iothread %s did not answer request %d in %d ms", t.id, rid, self.request_timeout_ms)
                 self._call(cb, ErrorReply(rid, "GenericError",
                                           f"iothread {t.id} did not answer in {self.request_timeout_ms} ms"))
@@ -667,6 +725,7 @@ class Cluster:
                     pass
             if t._deadline is not None:
                 t._deadline.delete()
+        self._bad_input.flush()
         self._source.destroy()  # closes the channel (LINGER 0)
         self.zmq.term()
         for path in self._socket_files:

@@ -3,20 +3,25 @@
 Theory of operation
 -------------------
 A listening socket (Unix or TCP) is an fd-watch source of the main context;
-each accepted connection is a session with its own sources.  Everything runs
-in the main loop, under the BQL.  A session's protocol is a sans-I/O
-``QmpSession`` (``protocol.qmp``): it starts with the greeting and is in
-negotiation mode until ``qmp_capabilities``; then commands run one at a time,
-in order (no OOB): a command may answer at once or later (when iothreads have
-answered), and the next command of that session waits for it.  ``Session``
-here feeds it the socket's bytes, writes out its output, and runs each command
-it hands out (any number answered at once, in a loop, not by recursion).  The commands,
-their arguments and their results are declared in ``protocol.schema``
-(``COMMANDS``): arguments are checked against it (unknown keys, missing ones,
-types, values) before any side effect, a command runs with them typed, and
-its result goes out in the declared form.  Events go
-to every negotiated session.  Output is buffered and written as the socket
-takes it, so a slow client never blocks the loop.
+each accepted connection is a ``Session`` with its own sources.  Everything
+runs in the main loop, under the BQL.
+
+The protocol is the sans-I/O ``QmpSession``'s (``protocol.qmp``): greeting,
+negotiation, one command at a time in input order (no OOB), ids echoed, bad
+input answered, input and output bounded.  ``Session`` holds only the socket
+and the dispatch: it feeds the session what it reads, writes out what the
+session queued as far as the socket takes it (the rest when it is writable:
+a slow client never blocks the loop), and runs the commands the session hands
+out, in a loop until one waits for an answer from an iothread, so any number
+of pipelined commands answered at once costs no stack.  An answer given later
+starts that loop again.  At end of file it stops reading, lets what is queued
+go out, and closes.
+
+The commands, their arguments and their results are declared in
+``protocol.schema`` (``COMMANDS``): ``Monitor.execute`` checks the arguments
+against the declaration before any side effect, runs the command with them
+typed, and answers with its result in the declared form.  Events go to every
+session; the ones not negotiated yet drop them.
 """
 
 from __future__ import annotations
@@ -91,7 +96,6 @@ def package_version() -> str:
 
 
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": f"{DISTRIBUTION} {package_version()}"}
-MAX_OUTPUT_BYTES = 16 * 1024 * 1024  # unread output a session may pile up
 SEND_CHUNK_BYTES = 256 * 1024  # output handed to the socket per send
 MAX_HISTOGRAM_BOUNDARIES = 32  # a node's counters, bins included, must fit one message (256 entries)
 
@@ -117,14 +121,20 @@ class Command:
         return self.declaration.name
 
     def run(self, args: dict[str, Any], done: Done) -> None:
-        """Run with arguments ``_check_args`` accepted (checked again here: it
-        is pure, and the typed value is what the command takes)."""
+        """Check the arguments against the declaration (QEMU's error texts),
+        before anything else happens; then run with them typed.  ``done``
+        gets the result in its declared JSON form, or a ``QmpFailure``."""
         declaration = self.declaration
+        try:
+            typed = declaration.parse_arguments(args)
+        except SchemaError as exc:
+            done(QmpFailure(exc.error_class, exc.desc))
+            return
 
         def finish(result: Any) -> None:
             done(result if isinstance(result, QmpFailure) else declaration.dump_result(result))
 
-        self.impl(declaration.parse_arguments(args), finish)
+        self.impl(typed, finish)
 
 
 class Session:
@@ -137,8 +147,7 @@ class Session:
         self.monitor = monitor
         self.conn = conn
         self.peer = peer
-        self.qmp = QmpSession(VERSION, max_message_bytes=monitor.max_message_bytes,
-                              max_output_bytes=MAX_OUTPUT_BYTES)
+        self.qmp = QmpSession(VERSION, max_message_bytes=monitor.max_message_bytes)
         self.closed = False
         self._dispatching = False  # in _dispatch's loop: an answer given meanwhile does not start it again
         ctx = monitor.loop.context
@@ -195,7 +204,16 @@ class Session:
             return True
         except OSError:
             data = b""
-        self.qmp.receive_data(data)  # b"": the peer hung up
+        if not data:
+            # The peer hung up (or shut down its writing side): its pending
+            # input is dropped and nothing more is read (end of file stays
+            # readable: watching it would spin); what is queued still goes out
+            # (a peer that half-closed reads it), then the socket is closed.
+            self.qmp.receive_data(b"")
+            self._in.destroy()
+            self._flush()
+            return False
+        self.qmp.receive_data(data)
         self._dispatch()
         return not self.closed
 
@@ -227,19 +245,7 @@ class Session:
                 self.qmp.reply(result)
             self._dispatch()
 
-        command = self.monitor.commands.get(request.name)
-        if command is None:
-            done(QmpFailure("CommandNotFound", f"The command {request.name} has not been found"))
-            return
-        args = request.arguments
-        problem = _check_args(command, args)
-        if problem is not None:
-            done(QmpFailure("GenericError", problem))
-            return
-        try:
-            command.run(args, done)
-        except (StateError, LocalProtocolError) as exc:  # LocalProtocolError: arguments too large to pass on
-            done(QmpFailure("GenericError", str(exc)))
+        self.monitor.execute(request.name, request.arguments, done)
 
     def close(self) -> None:
         if self.closed:
@@ -252,15 +258,6 @@ class Session:
             self._out = None
         self.conn.close()
         self.monitor.sessions.discard(self)
-
-
-def _check_args(command: Command, args: dict[str, Any]) -> str | None:
-    """What is wrong with a command's arguments (QEMU's words), or None."""
-    try:
-        command.declaration.parse_arguments(args)
-    except SchemaError as exc:
-        return exc.desc
-    return None
 
 
 def iothread_config(options: ObjectOptionsBase) -> IOThreadConfig:
@@ -386,6 +383,20 @@ class Monitor:
         self._listeners.clear()
 
     # -- commands -------------------------------------------------------------------
+
+    def execute(self, name: str, args: dict[str, Any], done: Done) -> None:
+        """Run command ``name`` with a session's ``args``: look it up, check the
+        arguments against its declaration before any side effect, run it.
+        ``done`` gets its result (in the declared JSON form) or a ``QmpFailure``,
+        at once or later; exactly once."""
+        command = self.commands.get(name)
+        if command is None:
+            done(QmpFailure("CommandNotFound", f"The command {name} has not been found"))
+            return
+        try:
+            command.run(args, done)
+        except (StateError, LocalProtocolError) as exc:  # LocalProtocolError: arguments too large to pass on
+            done(QmpFailure("GenericError", str(exc)))
 
     def _register_commands(self) -> None:
         """Every command ``COMMANDS`` declares, with what runs it."""

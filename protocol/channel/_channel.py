@@ -40,8 +40,6 @@ a channel into an AioContext (an fd handler) or a MainContext (a source).
 from __future__ import annotations
 
 import os
-import stat
-import tempfile
 import time
 from collections import deque
 from collections.abc import Callable
@@ -65,7 +63,7 @@ from ..wire._codec import (
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ..wire._messages import Message
 
-__all__ = ["Channel", "channel_socket", "make_runtime_dir", "ipc_endpoint"]
+__all__ = ["Channel", "channel_socket", "ipc_endpoint"]
 
 # Plain ints: zmq's constants are IntFlag/IntEnum members, and ``int & IntFlag``
 # goes through the enum machinery (about 1.5 us a time on a small VM).
@@ -84,14 +82,6 @@ more than SPLIT_AFTER_NS to handle sends the replies to that half at once."""
 
 Handler = Callable[[bytes, Message], object]
 ErrorHandler = Callable[[bytes, RemoteProtocolError], object]
-
-
-def make_runtime_dir(parent: str | None = None, prefix: str = "evl") -> str:
-    """A new private directory (mode 0700) for socket files, short enough for
-    ipc:// paths (AF_UNIX allows 107 bytes)."""
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent or "/tmp")
-    os.chmod(path, stat.S_IRWXU)
-    return path
 
 
 def ipc_endpoint(runtime_dir: str, name: str) -> str:

@@ -31,7 +31,8 @@ Rules:
   ``next_command`` until it returns ``None`` (a command is running, or the
   input is used up), so any number of commands answered at once costs no stack.
 - Every input gets exactly one reply, in input order, with its ``id`` when it
-  had one: bad JSON and bad envelopes are answered by the session itself
+  had one (any JSON value, null included, echoed as it came; none when
+  absent): bad JSON and bad envelopes are answered by the session itself
   (GenericError, QEMU's texts), when their turn comes.
 - Arguments are the owner's business (which commands exist and what they
   take), ``qmp_capabilities``' included: the session yields it like any
@@ -162,11 +163,11 @@ class QmpSession:
             if key not in _ENVELOPE_MEMBERS:
                 refuse("GenericError", f"QMP input member '{key}' is unexpected")
                 return None
-        name = msg.get("execute")
-        if name is None:
+        if "execute" not in msg:
             refuse("GenericError", "QMP input lacks member 'execute'")
             return None
-        if not isinstance(name, str):
+        name = msg["execute"]
+        if not isinstance(name, str):  # null included
             refuse("GenericError", "QMP input member 'execute' must be a string")
             return None
         arguments = msg.get("arguments", {})

@@ -16,6 +16,7 @@ Replies are one JSON object per line, CRLF-terminated, ASCII only.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -134,7 +135,7 @@ class QmpDecoder:
         except UnicodeDecodeError:
             return QmpInputError("JSON parse error, invalid UTF-8 sequence in string")
         try:
-            obj = json.loads(text, parse_constant=_refuse_constant)
+            obj = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except (ValueError, RecursionError) as exc:
             return QmpInputError(f"JSON parse error, {exc}")
         if not isinstance(obj, dict):
@@ -145,6 +146,14 @@ class QmpDecoder:
 def _refuse_constant(name: str) -> Any:
     """NaN and the infinities are not JSON (Python's parser takes them; QEMU's does not)."""
     raise ValueError(f"invalid keyword '{name}'")
+
+
+def _finite_float(text: str) -> float:
+    """A number too large for a double would be an infinity, not JSON once echoed back."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError("number out of range")
+    return value
 
 
 def _string_end(buf: bytearray, i: int, n: int) -> int:

@@ -65,6 +65,7 @@ from ._types import flatten as flatten
 from ._types import id_wellformed as id_wellformed
 from ._types import members as members
 from ._types import parse as parse
+from ._types import parse_bool as parse_bool
 from ._types import parse_member as parse_member
 from ._types import parse_size as parse_size
 from ._types import member as member
@@ -115,6 +116,7 @@ __all__ = [
     "member",
     "members",
     "parse",
+    "parse_bool",
     "parse_member",
     "parse_size",
     "struct",

@@ -30,7 +30,8 @@ defaults filled in, or raises ``SchemaError``:
   must have the declared JSON type (``true``, not ``"on"``);
 * keyval input (the CLI's ``a=1,b.c=on`` form): every scalar is a string,
   converted per the declared type as QEMU's keyval visitor does (integers in
-  C syntax, ``on``/``off``, sizes with suffixes).
+  C syntax, booleans ``on``/``off`` and the other spellings QEMU takes, sizes
+  with suffixes).
 
 Unknown members are reported first (a typo names itself rather than passing
 as a missing member), then members in their declared order.
@@ -64,6 +65,7 @@ __all__ = [
     "member",
     "members",
     "parse",
+    "parse_bool",
     "parse_member",
     "parse_size",
     "struct",
@@ -225,13 +227,29 @@ class _Str(_Scalar):
         return value
 
 
+_TRUE_TEXTS = ("on", "yes", "true", "y")
+_FALSE_TEXTS = ("off", "no", "false", "n")
+
+
+def parse_bool(text: str) -> bool | None:
+    """A boolean as QEMU's keyval and QemuOpts read one (``qapi_bool_parse``):
+    ``on``, ``yes``, ``true``, ``y`` or ``off``, ``no``, ``false``, ``n``
+    (lower case); None for anything else."""
+    if text in _TRUE_TEXTS:
+        return True
+    if text in _FALSE_TEXTS:
+        return False
+    return None
+
+
 class _Bool(_Scalar):
     name, json_type, py_type = "bool", "boolean", bool
 
     def from_text(self, text: str, path: str) -> Any:
-        if text in ("on", "off"):
-            return text == "on"
-        raise _wrong_value(path, "'on' or 'off'")
+        value = parse_bool(text)
+        if value is None:
+            raise _wrong_value(path, "'on' or 'off'")  # QEMU names the preferred spelling only
+        return value
 
 
 _C_INTEGER = re.compile(r"\s*([-+]?)(0[xX][0-9a-fA-F]+|0[0-7]*|[1-9][0-9]*)")

@@ -26,6 +26,13 @@ more, exact field types.  Fields travel as a list rather than a map: no key
 strings to pack, unpack and match, which is most of a small message's cost.  Anything wrong raises
 ``RemoteProtocolError`` saying what, and nothing else escapes: a loop that
 reads peers' frames catches one exception class.
+
+A refused message whose kind names its request (a first field
+``request_id``) and whose id can still be read is a ``BadRequestError``
+carrying that id, even when the rest of the header is garbage (an over-long
+string, a truncated frame): its receiver answers it with an error instead of
+leaving the sender waiting for ever.  A plain ``RemoteProtocolError`` means
+no id could be read.
 """
 
 from __future__ import annotations
@@ -36,11 +43,11 @@ import typing
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, fields
 from operator import attrgetter
-from typing import Any, Union
+from typing import Any, Union, cast
 
 import msgpack
 
-from .._errors import LocalProtocolError, RemoteProtocolError
+from .._errors import BadRequestError, LocalProtocolError, RemoteProtocolError
 from ._messages import MESSAGE_TYPES, PROTOCOL_VERSION, Message
 
 __all__ = [
@@ -199,14 +206,15 @@ def _array_header(n: int) -> bytes:
 
 
 def decode(frames: Sequence[bytes | memoryview], limits: Limits = DEFAULT_LIMITS) -> Message:
-    """The one message in ``frames``; ``RemoteProtocolError`` if anything is off."""
+    """The one message in ``frames``; ``RemoteProtocolError`` if anything is
+    off (the first, if several messages were refused)."""
     results = decode_batch(frames, limits)
+    for result in results:
+        if isinstance(result, RemoteProtocolError):
+            raise result
     if len(results) != 1:
         raise RemoteProtocolError(f"expected one message, got a batch of {len(results)}")
-    result = results[0]
-    if isinstance(result, RemoteProtocolError):
-        raise result
-    return result
+    return cast(Message, results[0])
 
 
 def decode_batch(frames: Sequence[bytes | memoryview],
@@ -214,9 +222,13 @@ def decode_batch(frames: Sequence[bytes | memoryview],
     """The messages of one ZeroMQ message, in order, each decoded or the
     ``RemoteProtocolError`` saying what is wrong with it.  An item after which
     the payloads cannot be told apart (an unknown kind, a malformed item, a
-    payload size missing or left over) ends the list with its error.  A header
-    that is not an envelope at all, or payload sizes that do not match the
-    payload frame, raise ``RemoteProtocolError``."""
+    payload size missing or left over) ends the list with its error, followed
+    by a ``BadRequestError`` for each later item whose request id can be read.
+    A header that is not an envelope at all, or payload sizes that do not
+    match the payload frame, refuse the whole message: a ``BadRequestError``
+    for each message whose request id can still be read (and one more
+    ``RemoteProtocolError`` for those whose id cannot), or, if there is none,
+    ``RemoteProtocolError`` raised."""
     if not frames:
         raise RemoteProtocolError("empty message: no header frame")
     header = frames[0]
@@ -225,17 +237,14 @@ def decode_batch(frames: Sequence[bytes | memoryview],
             f"header frame of {len(header)} bytes exceeds the limit of {limits.max_header_bytes}"
         )
     try:
-        obj = msgpack.unpackb(
-            header, raw=False, strict_map_key=True, use_list=True,
-            max_str_len=limits.max_str_len, max_bin_len=limits.max_str_len,
-            max_array_len=limits.max_container_len, max_map_len=limits.max_container_len,
-            max_ext_len=0, ext_hook=_reject_ext,
-        )
-    except RemoteProtocolError:
-        raise
+        obj = msgpack.unpackb(header, **_unpack_options(limits))
     except Exception as exc:  # msgpack raises many kinds: all mean "garbage"
-        raise RemoteProtocolError(f"undecodable header: {type(exc).__name__}: {exc}",
-                                  raw=bytes(header[:64])) from None
+        message = str(exc) if isinstance(exc, RemoteProtocolError) else \
+            f"undecodable header: {type(exc).__name__}: {exc}"
+        refused = _salvage(header, limits, message)
+        if refused:
+            return refused
+        raise RemoteProtocolError(message, raw=bytes(header[:64])) from None
     if not isinstance(obj, list) or len(obj) != 3:
         raise RemoteProtocolError("header must be [version, kind, fields] or [version, [[kind, fields], ...], sizes]",
                                   raw=bytes(header[:64]))
@@ -249,11 +258,93 @@ def decode_batch(frames: Sequence[bytes | memoryview],
         raise RemoteProtocolError(f"unknown message kind {kind!r}")
     if cls.PAYLOAD is None:
         if len(frames) != 1:
-            return [RemoteProtocolError(f"{kind}: expected 1 frame, got {len(frames)}")]
+            return [_refusal(kind, body, f"{kind}: expected 1 frame, got {len(frames)}")]
         return [_decode_one(cls, body, None, limits)]
     if len(frames) > 2:
-        return [RemoteProtocolError(f"{kind}: expected 1 or 2 frames, got {len(frames)}")]
+        return [_refusal(kind, body, f"{kind}: expected 1 or 2 frames, got {len(frames)}")]
     return [_decode_one(cls, body, frames[1] if len(frames) == 2 else b"", limits)]
+
+
+def _unpack_options(limits: Limits) -> dict[str, Any]:
+    """msgpack's unpacking options under ``limits``: nothing unbounded, no extension types."""
+    return {
+        "raw": False, "strict_map_key": True, "use_list": True,
+        "max_str_len": limits.max_str_len, "max_bin_len": limits.max_str_len,
+        "max_array_len": limits.max_container_len, "max_map_len": limits.max_container_len,
+        "max_ext_len": 0, "ext_hook": _reject_ext,
+    }
+
+
+def _refusal(kind: object, body: object, message: str, raw: bytes = b"") -> RemoteProtocolError:
+    """The error refusing a message of ``kind`` with fields ``body``: a
+    ``BadRequestError`` when the kind's first field is its ``request_id`` and
+    that can be read from ``body``."""
+    cls = _kind_class(kind)
+    if cls is not None and type(body) is list and body and type(body[0]) is int:
+        plan = _PLANS.get(cls) or _plan(cls)
+        if plan.names_request:
+            return BadRequestError(message, body[0], plan.kind, raw)
+    return RemoteProtocolError(message, raw)
+
+
+def _refuse_all(items: list[Any], message: str, raw: bytes) -> list[Message | RemoteProtocolError]:
+    """A whole batch refused: the ``BadRequestError`` of each item whose
+    request id can be read, and one ``RemoteProtocolError`` for the rest (if any)."""
+    refused: list[Message | RemoteProtocolError] = []
+    for item in items:
+        error = _refusal(item[0], item[1], message, raw) if type(item) is list and len(item) == 2 else None
+        if isinstance(error, BadRequestError):
+            refused.append(error)
+    if len(refused) < len(items):
+        refused.append(RemoteProtocolError(message, raw))
+    return refused
+
+
+_ARRAY_MARKERS = frozenset([*range(0x90, 0xA0), 0xDC, 0xDD])
+
+
+def _salvage(header: bytes | memoryview, limits: Limits, message: str) -> list[Message | RemoteProtocolError]:
+    """The refusals of a header msgpack could not read as a whole (a string
+    too long, a truncated frame, trailing bytes): read again a value at a
+    time, with the same limits, a ``BadRequestError`` for each message whose
+    request id comes before the point where it stops being readable, and one
+    ``RemoteProtocolError`` for the other messages; nothing if no id could be read."""
+    raw = bytes(header[:64])
+    unpacker = msgpack.Unpacker(max_buffer_size=max(len(header), 1), **_unpack_options(limits))
+    unpacker.feed(header)
+    found: list[Message | RemoteProtocolError] = []
+
+    def read_item() -> None:
+        """``kind, [field, ...]``: a refusal if the first field is its request id."""
+        kind = unpacker.unpack()
+        n = unpacker.read_array_header()
+        if n:
+            error = _refusal(kind, [unpacker.unpack()], message, raw)
+            if isinstance(error, BadRequestError):
+                found.append(error)
+            for _ in range(n - 1):
+                unpacker.skip()
+
+    items = 1
+    try:
+        if unpacker.read_array_header() != 3:
+            return []
+        version = unpacker.unpack()
+        if version != PROTOCOL_VERSION or type(version) is not int:
+            return []
+        if header[unpacker.tell()] not in _ARRAY_MARKERS:  # one message: [version, kind, fields]
+            read_item()
+        else:  # a batch: [version, [[kind, fields], ...], sizes]
+            items = unpacker.read_array_header()
+            for _ in range(items):
+                if unpacker.read_array_header() != 2:
+                    break
+                read_item()
+    except Exception:  # noqa: S110 -- where it stops being readable, the salvage ends
+        pass
+    if found and len(found) < items:
+        found.append(RemoteProtocolError(message, raw))
+    return found
 
 
 def _kind_class(kind: object) -> type[Message] | None:
@@ -265,30 +356,42 @@ def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memo
     """A batch's messages; the payload sizes must match the items and the payload frame."""
     if not items:
         raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
+    problem = None
     if type(sizes) is not list or not {*map(type, sizes)} <= {int} or min(sizes, default=0) < 0:
-        raise RemoteProtocolError("a batch's payload sizes must be a list of sizes", raw=bytes(header[:64]))
-    if len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
-        raise RemoteProtocolError(f"a batch with payloads of {sum(sizes)} bytes in all came with "
-                                  f"{len(frames) - 1} payload frame(s) of {sum(len(f) for f in frames[1:])} bytes",
-                                  raw=bytes(header[:64]))
+        problem = "a batch's payload sizes must be a list of sizes"
+    elif len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
+        problem = (f"a batch with payloads of {sum(sizes)} bytes in all came with "
+                   f"{len(frames) - 1} payload frame(s) of {sum(len(f) for f in frames[1:])} bytes")
+    if problem is not None:
+        refused = _refuse_all(items, problem, bytes(header[:64]))
+        if not any(isinstance(r, BadRequestError) for r in refused):
+            raise RemoteProtocolError(problem, raw=bytes(header[:64]))
+        return refused
+    assert isinstance(sizes, list)
     view = memoryview(frames[1]) if sizes else memoryview(b"")
     results: list[Message | RemoteProtocolError] = []
     at = 0  # the next payload size
     pos = 0  # where its payload starts
-    for item in items:
+
+    def framing_lost(i: int, error: RemoteProtocolError) -> list[Message | RemoteProtocolError]:
+        """The list ends with ``error`` at item ``i``; the later items are not
+        read, but those whose request id can be are refused by id."""
+        results.append(error)
+        later = _refuse_all(items[i + 1:], f"not read: item {i} of its batch was malformed", b"")
+        results.extend(r for r in later if isinstance(r, BadRequestError))
+        return results
+
+    for i, item in enumerate(items):
         if type(item) is not list or len(item) != 2:
-            results.append(RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
-            return results
+            return framing_lost(i, RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
         kind, body = item
         cls = _kind_class(kind)
         if cls is None:
-            results.append(RemoteProtocolError(f"unknown message kind {kind!r}"))
-            return results
+            return framing_lost(i, RemoteProtocolError(f"unknown message kind {kind!r}"))
         payload = None
         if cls.PAYLOAD is not None:
             if at == len(sizes):
-                results.append(RemoteProtocolError(f"{kind}: no payload size for it"))
-                return results
+                return framing_lost(i, _refusal(kind, body, f"{kind}: no payload size for it"))
             payload = view[pos:pos + sizes[at]]
             pos += sizes[at]
             at += 1
@@ -304,15 +407,14 @@ def _decode_one(cls: type[Message], body: object, payload: bytes | memoryview | 
     plan = _PLANS.get(cls) or _plan(cls)
     if payload is not None:
         if len(payload) > limits.max_payload_bytes:
-            return RemoteProtocolError(
-                f"{plan.kind}: payload of {len(payload)} bytes exceeds the limit of {limits.max_payload_bytes}"
-            )
+            return _refusal(plan.kind, body, f"{plan.kind}: payload of {len(payload)} bytes exceeds "
+                                             f"the limit of {limits.max_payload_bytes}")
         payload = bytes(payload)
     try:
         msg = plan.build(body, payload)
     except (TypeError, ValueError) as exc:  # the dataclass's own checks (__post_init__)
-        return RemoteProtocolError(f"{plan.kind}: {exc}")
-    return msg if msg is not None else plan.explain(body)
+        return _refusal(plan.kind, body, f"{plan.kind}: {exc}")
+    return msg if msg is not None else _refusal(plan.kind, body, plan.explain(body))
 
 
 @dataclass(frozen=True, slots=True)
@@ -326,19 +428,20 @@ class _Plan:
     values: Callable[[Message], tuple[Any, ...]]
     build: Callable[[object, bytes | None], Message | None]
     """The message, or None when the fields are not exactly right (then ``explain`` says why)."""
+    names_request: bool
+    """Whether the first field is the ``request_id`` of the request it is or answers."""
 
-    def explain(self, body: object) -> RemoteProtocolError:
+    def explain(self, body: object) -> str:
         if not isinstance(body, list):
-            return RemoteProtocolError(f"{self.kind}: fields must be a list, not {type(body).__name__}")
+            return f"{self.kind}: fields must be a list, not {type(body).__name__}"
         if len(body) != len(self.names):
-            return RemoteProtocolError(
-                f"{self.kind}: expected {len(self.names)} field(s) ({', '.join(self.names)}), got {len(body)}")
+            return (f"{self.kind}: expected {len(self.names)} field(s) ({', '.join(self.names)}), "
+                    f"got {len(body)}")
         for name, value in zip(self.names, body, strict=True):
             if not _checker(self.hints[name])(value):
-                return RemoteProtocolError(
-                    f"{self.kind}: field {name!r} has type {type(value).__name__}, "
-                    f"expected {_type_name(self.hints[name])}")
-        return RemoteProtocolError(f"{self.kind}: malformed fields")  # not reached: build() took them
+                return (f"{self.kind}: field {name!r} has type {type(value).__name__}, "
+                        f"expected {_type_name(self.hints[name])}")
+        return f"{self.kind}: malformed fields"  # not reached: build() took them
 
 
 _PLANS: dict[type, _Plan] = {}
@@ -352,7 +455,9 @@ def _plan(cls: type[Message]) -> _Plan:
     payload = cls.PAYLOAD
     hints = typing.get_type_hints(cls)
     names = tuple(f.name for f in fields(cls) if f.name != payload)
-    plan = _PLANS[cls] = _Plan(kind, payload, names, hints, _values_getter(names), _builder(cls, names, hints))
+    names_request = names[:1] == ("request_id",) and hints["request_id"] is int
+    plan = _PLANS[cls] = _Plan(kind, payload, names, hints, _values_getter(names), _builder(cls, names, hints),
+                               names_request)
     return plan
 
 

@@ -1,9 +1,11 @@
 """The integration tests: every test here is marked ``integration`` (they
 start processes: ``pytest -m "not integration"`` leaves them out); the
-clusters they start come from the ``clusters`` fixture."""
+clusters they start come from the ``clusters`` fixture (``block_cluster`` is
+one shaped for the block client and the bench)."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import shutil
 import tempfile
@@ -41,3 +43,16 @@ def clusters(short_dir: str) -> Iterator[Clusters]:
         yield c
     finally:
         c.close()
+
+
+@pytest.fixture
+def block_cluster(clusters: Clusters) -> tuple[str, str]:
+    """A launched cluster of two iothreads, with a file node ``disk0`` (an
+    8 MiB image) in io0 and a 1 MiB null-co node ``null0`` in io1, for the
+    block client and the bench: (its runtime directory, the image)."""
+    image = clusters.image(8 << 20)
+    run = os.path.join(clusters.scratch_dir, "run")
+    clusters.launch("--iothreads", "2", "--runtime-dir", run,
+                    "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
+                    "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1")
+    return run, image

@@ -9,6 +9,9 @@ makes sure that none outlives its test:
 * ``launch``: ``iothreads launch`` as a user runs it, a process that prints
   its events on stdout; the test talks to it as a user would (QMP, the
   block client, signals).
+
+``descendants`` and ``wait_gone`` find a process's tree and wait for it to
+exit: a test that stops something checks that what it started is gone.
 """
 
 from __future__ import annotations
@@ -20,10 +23,10 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from iothreads.testing import poll_until
 from mainloop import Cluster, IOThreadConfig, MainLoop, bql
 
 COMMAND = [sys.executable, "-m", "mainloop"]
@@ -39,13 +42,29 @@ GONE_S = 10.0
 """Bound on a stopped launcher's iothreads' exit."""
 
 
-def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
-    """The pids still alive after ``timeout_s`` (waiting on pidfds, no polling loop).
+def descendants(pid: int) -> list[int]:
+    """The processes below ``pid`` (from /proc), whatever their session: its
+    children first, then theirs."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop(0)
+        for task in os.listdir(f"/proc/{parent}/task"):
+            with open(f"/proc/{parent}/task/{task}/children") as f:
+                todo += [int(c) for c in f.read().split()]
+        if parent != pid:
+            found.append(parent)
+    return found
+
+
+def wait_gone(pids: list[int], timeout_s: float, what: str = "the processes") -> None:
+    """Wait until every process of ``pids`` has exited, on pidfds (woken by the
+    exits, no polling); fail naming those still alive after ``timeout_s``.
 
     For processes that are not the caller's children (a launcher's iothreads);
     an exited child that was not reaped yet counts as gone.
     """
-    fds = {}
+    fds: dict[int, int] = {}  # pidfd: pid
     for pid in pids:
         try:
             fds[os.pidfd_open(pid)] = pid
@@ -55,16 +74,18 @@ def wait_gone(pids: list[int], timeout_s: float) -> list[int]:
     for fd in fds:
         p.register(fd, select.POLLIN)
     alive = set(fds)
-    deadline_ms = int(timeout_s * 1000)
-    end = time.monotonic() + timeout_s
-    while alive and deadline_ms > 0:
-        for fd, _ in p.poll(deadline_ms):
+
+    def step() -> None:
+        for fd, _ in p.poll(int(timeout_s * 1000)):
             alive.discard(fd)
             p.unregister(fd)
-        deadline_ms = int((end - time.monotonic()) * 1000)
-    for fd in fds:
-        os.close(fd)
-    return [fds[fd] for fd in alive]
+
+    try:
+        poll_until(step, lambda: not alive,
+                   lambda: f"{what} to exit (still alive: {sorted(fds[fd] for fd in alive)})", timeout_s)
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 @dataclass
@@ -123,15 +144,16 @@ class Clusters:
 
     # -- launched ------------------------------------------------------------------
 
-    def spawn(self, *args: str, clean_exit: bool = True) -> subprocess.Popen[str]:
+    def spawn(self, *args: str, clean_exit: bool = True, umask: int = -1) -> subprocess.Popen[str]:
         """``iothreads launch ARGS``, stdout and stderr piped, at once (the test
-        reads its events itself)."""
-        return self._spawn(args, clean_exit).proc
+        reads its events itself); with ``umask`` if not -1."""
+        return self._spawn(args, clean_exit, umask).proc
 
-    def launch(self, *args: str, clean_exit: bool = True) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    def launch(self, *args: str, clean_exit: bool = True,
+               umask: int = -1) -> tuple[subprocess.Popen[str], dict[str, Any]]:
         """``iothreads launch ARGS`` once it is ready: the process and the data
-        of its READY event."""
-        launcher = self._spawn(args, clean_exit)
+        of its READY event; with ``umask`` if not -1."""
+        launcher = self._spawn(args, clean_exit, umask)
         proc = launcher.proc
         assert proc.stdout is not None
         for line in proc.stdout:  # bounded by the launcher's own handshake deadline
@@ -142,9 +164,9 @@ class Clusters:
         _, err = proc.communicate(timeout=STOP_S)
         raise AssertionError(f"no READY line; exit status {proc.returncode}; stderr: {err}")
 
-    def _spawn(self, args: tuple[str, ...], clean_exit: bool) -> _Launcher:
+    def _spawn(self, args: tuple[str, ...], clean_exit: bool, umask: int) -> _Launcher:
         proc = subprocess.Popen([*COMMAND, "launch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True)
+                                text=True, umask=umask)
         launcher = _Launcher(proc, clean_exit)
         self._exit.callback(self._stop, launcher)
         return launcher
@@ -166,8 +188,8 @@ class Clusters:
             runtime_dir = ready.get("runtime_dir")
             left = os.listdir(runtime_dir) if runtime_dir is not None and os.path.exists(runtime_dir) else []
             assert left == [], f"left in the runtime directory {runtime_dir}: {left}"
-        pids = [t["pid"] for t in ready.get("iothreads", ())]
-        assert wait_gone(pids, GONE_S) == [], f"iothreads outlived their launcher: {pids}"
+        wait_gone([t["pid"] for t in ready.get("iothreads", ())], GONE_S,
+                  "the iothreads of a stopped launcher")
 
     def close(self) -> None:
         """End every cluster (any order of failures: each is ended, the first

@@ -1,10 +1,10 @@
-"""``iothreads bench`` end to end, the client against a launched cluster, and
-a verify run that catches corruption."""
+"""``iothreads bench`` end to end: its embedded cluster or an attached one,
+its output (table, JSON, plot, ``-v``), Ctrl-C and SIGKILL, bad options, and
+``--verify`` (refusing a null-co node, catching corruption)."""
 
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import os
 import pathlib
@@ -15,11 +15,10 @@ import sys
 import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
-from iothreads import AioContext, BlockClient, BlockIOError, reschedule
-from iothreads.testing import poll_until
 from mainloop.cli import _bench
 
-from .support import COMMAND, Clusters, wait_gone
+from .support import COMMAND, Clusters, descendants, wait_gone
+
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 
@@ -77,15 +76,7 @@ def _running_bench(*args: str) -> tuple[subprocess.Popen[str], list[int]]:
     for line in proc.stderr:
         if "IOPS" in line:
             break
-    pids: list[int] = []
-    todo = [proc.pid]
-    while todo:  # the process tree below it
-        pid = todo.pop()
-        for task in os.listdir(f"/proc/{pid}/task"):
-            with open(f"/proc/{pid}/task/{task}/children") as f:
-                todo += [int(c) for c in f.read().split()]
-        if pid != proc.pid:
-            pids.append(pid)
+    pids = descendants(proc.pid)
     assert len(pids) == 3, pids  # the launcher and two iothreads
     return proc, pids
 
@@ -105,7 +96,7 @@ def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: path
     data = json.loads(result.read_text())
     assert data["interrupted"] is True and data["ops"]["read"]["ops"] > 0
     assert data["ops"]["read"]["errors"] == data["ops"]["write"]["errors"] == 0
-    assert wait_gone(pids, 30) == []
+    wait_gone(pids, 30, "the embedded cluster")
 
 
 def test_a_killed_bench_leaves_nothing_behind() -> None:
@@ -126,7 +117,7 @@ def test_a_killed_bench_leaves_nothing_behind() -> None:
     assert os.path.isdir(run_dir)
     proc.kill()
     proc.communicate(timeout=60)
-    assert wait_gone(pids, 30) == []
+    wait_gone(pids, 30, "the embedded cluster")
     assert not os.path.exists(run_dir)
 
 
@@ -149,22 +140,11 @@ def test_bench_bad_options(args: list[str], message: str) -> None:
     assert len(out.stderr.strip().splitlines()) == 1
 
 
-@pytest.fixture
-def cluster(clusters: Clusters) -> tuple[str, str]:
-    """A launched cluster with a file node and a null-co node; (runtime_dir, image)."""
-    image = clusters.image(8 << 20)
-    run = os.path.join(clusters.scratch_dir, "run")
-    clusters.launch("--iothreads", "2", "--runtime-dir", run,
-                    "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
-                    "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1")
-    return run, image
-
-
-def test_verify_refuses_a_null_co_node(cluster: tuple[str, str]) -> None:
+def test_verify_refuses_a_null_co_node(block_cluster: tuple[str, str]) -> None:
     """Regression: null-co discards what is written, so ``bench --verify`` and
     examples/verify.py reported every block of it as a mismatch.  Both refuse
     it, in one line, before any I/O."""
-    run, _ = cluster
+    run, _ = block_cluster
     out = subprocess.run([*COMMAND, "bench", "--attach", run, "--verify", "--ops", "64"],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 1, out.stderr
@@ -181,19 +161,16 @@ def test_verify_refuses_a_null_co_node(cluster: tuple[str, str]) -> None:
 
 
 @pytest.mark.parametrize("verbose", [True, False])
-def test_verbose_shows_processes_moves_drains_and_resends(verbose: bool) -> None:
+def test_verbose_shows_processes_moves_drains_and_resends(clusters: Clusters, verbose: bool) -> None:
     """``-v`` (on launch, passed on to the iothreads, and on bench) shows what
     debugging a cluster needs: iothread processes started and exiting, a
     node's move and its drain, the requests a client resent after it; by
     default none of it.  The node moves under a running bench."""
     flags = ["-v"] if verbose else []
-    launcher = subprocess.Popen([*COMMAND, "launch", *flags, "--iothreads", "2",
-                                 "--blockdev", "driver=null-co,node-name=null0,size=64M,iothread=io0"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher, ready = clusters.launch(*flags, "--iothreads", "2",
+                                      "--blockdev", "driver=null-co,node-name=null0,size=64M,iothread=io0")
     bench: subprocess.Popen[str] | None = None
-    assert launcher.stdout is not None
     try:
-        ready = next(e for e in map(json.loads, launcher.stdout) if e["event"] == "READY")["data"]
         bench = subprocess.Popen([*COMMAND, "bench", *flags, "--attach", ready["runtime_dir"], "--rw", "randread",
                                   "--runtime", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         assert bench.stderr is not None
@@ -216,8 +193,8 @@ def test_verbose_shows_processes_moves_drains_and_resends(verbose: bool) -> None
         if bench is not None and bench.poll() is None:
             bench.kill()
             bench.communicate()
-        launcher.send_signal(signal.SIGTERM)
-        launcher_err = launcher.communicate(timeout=30)[1]
+    launcher.send_signal(signal.SIGTERM)
+    launcher_err = launcher.communicate(timeout=30)[1]
     assert launcher.returncode == 0, launcher_err
     assert "iothreads: node null0 moved from io0 to io1" in launcher_err  # info: shown by default
     debug = {
@@ -234,133 +211,8 @@ def test_verbose_shows_processes_moves_drains_and_resends(verbose: bool) -> None
             assert (line in text) == verbose, f"{where}: {line!r} in:\n{text}"
 
 
-def test_client_every_op_type_and_errors(cluster: tuple[str, str]) -> None:
-    run, image = cluster
-    with BlockClient(run) as c:
-        assert c.nodes()["disk0"].iothread == "io0" and c.node_size("null0") == 1 << 20
-        c.write("disk0", 8192, b"\x11" * 8192)
-        c.flush("disk0")
-        assert c.read("disk0", 8192, 8192) == b"\x11" * 8192
-        c.write_zeroes("disk0", 8192, 4096)
-        c.discard("disk0", 12288, 4096)
-        data = c.read("disk0", 8192, 8192)
-        assert data[:4096] == bytes(4096)
-        assert c.read("null0", 100, 10) == bytes(10)
-        with pytest.raises(BlockIOError) as info:
-            c.read("disk0", 8 << 20, 1)
-        assert info.value.errno == errno.EINVAL and "out of range" in str(info.value)
-        with pytest.raises(BlockIOError) as info:
-            c.read("nosuch", 0, 1)
-        assert info.value.errno == errno.ENODEV
-        # Larger than a message may carry: refused at once, not sent to be dropped (no answer, ever).
-        with pytest.raises(BlockIOError) as info:
-            c.write("null0", 0, bytes((64 << 20) + 1))
-        assert info.value.errno == errno.EINVAL and "exceeds the limit" in str(info.value)
-        assert c.in_flight == 0
-        c.write("disk0", 65536, b"on disk")
-        c.flush("disk0")
-    with open(image, "rb") as f:  # the data really is in the image
-        f.seek(65536)
-        assert f.read(7) == b"on disk"
-
-
-def test_client_blocking_call_from_a_completion_callback(cluster: tuple[str, str]) -> None:
-    """A completion callback (run inside the client channel's drain) makes a
-    blocking call: its request leaves at once and its answer comes (it used to
-    wait for the drain's end, that is for ever)."""
-    run, _ = cluster
-    with BlockClient(run, timeout_s=20) as c:
-        c.write("disk0", 0, b"nested")
-        got: list[bytes] = []
-
-        def completed(status: int, message: str, data: bytes) -> None:
-            assert status == 0, message
-            got.append(data + c.read("disk0", 0, 6))
-
-        c.submit("disk0", "read", 0, 3, callback=completed)  # the same node: the same channel
-        poll_until(lambda: c.ctx.poll(True), lambda: got, "the completion", 20)
-        assert got == [b"nes" + b"nested"]
-
-
-def test_client_blocking_call_times_out(cluster: tuple[str, str]) -> None:
-    """An iothread that does not answer (stopped): the blocking call raises
-    TimeoutError after ``timeout_s``, instead of a poll that never returns."""
-    run, _ = cluster
-    with BlockClient(run, timeout_s=0.3) as c:
-        pid = next(t.pid for t in c.state.iothreads if t.id == c.nodes()["null0"].iothread)
-        os.kill(pid, signal.SIGSTOP)
-        try:
-            with pytest.raises(TimeoutError, match="did not complete in 0.3 s"):
-                c.read("null0", 0, 4)
-        finally:
-            os.kill(pid, signal.SIGCONT)
-        assert c.read("null0", 0, 4) == bytes(4)  # and it goes on once the iothread does
-
-
-def test_client_requests_to_an_iothread_that_dies_fail(cluster: tuple[str, str]) -> None:
-    """Regression: requests in flight to an iothread that died waited for ever
-    (callbacks) or for the timeout (blocking calls).  The client watches the
-    connection: when it drops, they fail with EIO, and new ones fail at once."""
-    run, _ = cluster
-    with BlockClient(run, timeout_s=20) as c:
-        assert c.read("null0", 0, 4) == bytes(4)  # connected
-        pid = next(t.pid for t in c.state.iothreads if t.id == "io1")
-        os.kill(pid, signal.SIGSTOP)  # they queue up, unanswered
-        statuses: list[tuple[int, str]] = []
-        reported: list[str] = []
-        c.ctx.set_exception_handler(lambda ctx, exc, where: reported.append(where))
-
-        def done(st: int, msg: str, d: bytes) -> None:
-            statuses.append((st, msg))
-            if len(statuses) == 1:
-                raise RuntimeError("a buggy callback")  # must not strand the others
-
-        for i in range(8):
-            c.submit("null0", "read", i * 4096, 4096, callback=done)
-        os.kill(pid, signal.SIGKILL)
-        poll_until(lambda: c.ctx.poll(True, 100_000_000), lambda: len(statuses) >= 8,
-                   lambda: f"8 failures, got {len(statuses)}", 20)
-        assert statuses == [(-errno.EIO, "the connection to iothread io1 was lost")] * 8
-        assert c.in_flight == 0 and len(reported) == 1
-        with pytest.raises(BlockIOError) as info:
-            c.read("null0", 0, 4)  # its node went with it
-        assert info.value.errno in (errno.ENOTCONN, errno.ENODEV)
-        assert c.read("disk0", 0, 4) == bytes(4)  # the other iothread still serves
-
-
-def test_client_callbacks_and_awaitables_many_in_flight(cluster: tuple[str, str]) -> None:
-    run, _ = cluster
-    with AioContext(name="mine") as ctx, BlockClient(run, ctx) as c:
-        statuses: list[int] = []
-        for i in range(64):
-            c.submit("disk0", "write", i * 4096, 4096, bytes([i]) * 4096,
-                     lambda s, m, d: statuses.append(s))
-        assert c.in_flight == 64
-        poll_until(lambda: ctx.poll(True), lambda: len(statuses) >= 64, "64 completions")
-        assert statuses == [0] * 64
-
-        async def check() -> list[bytes]:
-            await reschedule(ctx)
-            return [await c.aread("disk0", i * 4096, 1) for i in range(0, 64, 9)]
-
-        co = ctx.spawn(check())
-        poll_until(lambda: ctx.poll(True), co.done, "the reads")
-        assert co.result() == [bytes([i]) for i in range(0, 64, 9)]
-
-
-def test_a_client_that_disconnects_mid_flight_leaks_nothing(cluster: tuple[str, str]) -> None:
-    run, _ = cluster
-    c = BlockClient(run)
-    for i in range(200):
-        c.submit("disk0", "write", (1 << 20) + (i % 64) * 4096, 4096, bytes(4096))
-    c.close()  # gone with requests in flight
-    with BlockClient(run) as other:  # the iothread still serves everyone else
-        other.write("disk0", 0, b"still here")
-        assert other.read("disk0", 0, 10) == b"still here"
-
-
-def test_verify_catches_corruption(cluster: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
-    run, _ = cluster
+def test_verify_catches_corruption(block_cluster: tuple[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run, _ = block_cluster
     real = _bench._pattern
     seen: set[int] = set()
 

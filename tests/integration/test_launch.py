@@ -93,7 +93,7 @@ def test_signal_stops_everything_and_removes_socket_files(clusters: Clusters, sh
     out, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert "Traceback" not in err
-    assert wait_gone(pids, 5) == []
+    wait_gone(pids, 5, "the iothreads of a stopped launcher")
     assert os.listdir(short_dir) == []  # no socket file, no pidfile
 
 
@@ -115,7 +115,7 @@ def test_iothreads_exit_by_themselves_when_the_launcher_is_killed(clusters: Clus
     pids = iothread_pids(ready)
     proc.kill()
     proc.communicate(timeout=30)
-    assert wait_gone(pids, 2.0) == []
+    wait_gone(pids, 2.0, "the iothreads of a killed launcher")
     # Its locks died with it: the next launcher takes the directory and the pidfile over.
     assert "lock" in os.listdir(short_dir) and os.path.exists(pidfile)
     proc, _ = clusters.launch("--iothreads", "1", "--runtime-dir", short_dir, "--pidfile", pidfile)

@@ -16,6 +16,8 @@ import pytest
 from qemu.qmp import ExecuteError, QMPClient
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
+from iothreads.testing import poll_until
+
 from .support import Clusters
 
 
@@ -153,6 +155,10 @@ def test_wire_protocol_details(cluster: dict[str, Any]) -> None:
         r.send(b'{"execute":"query-status","id":[1,{"a":null}]}{"execute":"query-version","id":2.5}')
         assert r.line()["id"] == [1, {"a": None}]
         assert r.line()["id"] == 2.5
+        # a null id is echoed too; an absent one is not
+        r.send(b'{"execute":"query-status","id":null}{"execute":"query-status"}')
+        assert r.line() == {"return": {"status": "running", "running": True}, "id": None}
+        assert r.line() == {"return": {"status": "running", "running": True}}
         # one command split over writes
         for part in (b'{"exec', b'ute": "query-st', b'atus", "id": "split"}'):
             r.send(part)
@@ -406,6 +412,37 @@ def test_ten_thousand_pipelined_commands_in_one_write_all_get_answers(cluster: d
         assert r.line()["id"] == "after"
     finally:
         r.close()
+
+
+def test_a_peer_that_half_closes_gets_its_replies_and_is_read_no_more(cluster: dict[str, Any]) -> None:
+    """Regression: at end of file the session's socket stayed watched for
+    input while its replies waited for the peer to read them; end of file is
+    always readable, so the main loop spun on it.  Now the monitor stops
+    reading, the replies queued before still go out, then it closes."""
+    a, b = _session(cluster["qmp"][0]), _session(cluster["qmp"][0])
+    try:
+        count = 5000  # replies of some MiB: more than socket buffers hold, under the session's output bound
+        a.send(b"".join(b'{"execute": "query-commands", "id": %d}' % i for i in range(count)))
+        a.sock.shutdown(socket.SHUT_WR)
+        sources: list[str] = []
+
+        def look() -> None:
+            _cmd(b, "x-query-main-loop")
+            sources[:] = [s["name"] for s in _reply(b)["return"]["sources"]]
+
+        poll_until(look, lambda: sources.count("qmp session unix") == 1,
+                   lambda: f"the half-closed session's input watch to go: {sources}", 30)
+        assert "qmp output unix" in sources  # a's replies are still queued, a has read none
+        for i in range(count):
+            reply = a.line()
+            assert reply["id"] == i and {"name": "quit"} in reply["return"]
+        with pytest.raises(EOFError):
+            a.line()
+        _cmd(b, "query-status")
+        assert _reply(b) == {"return": {"status": "running", "running": True}}
+    finally:
+        a.close()
+        b.close()
 
 
 def test_async_client_many_commands_in_flight(cluster: dict[str, Any]) -> None:

@@ -1,5 +1,6 @@
 """The iothread process on its own, against a main loop played by the test:
-handshake, queries, poll parameters, and exits when the main loop goes quiet."""
+handshake, queries, poll parameters; a local iothread stops when its main
+loop's process is gone, a remote one when the main loop goes quiet."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ from protocol import (
     ipc_endpoint,
     make_runtime_dir,
 )
+
+from .support import wait_gone
 
 WAIT_MS = 20_000
 
@@ -81,10 +84,13 @@ def fake() -> Iterator[FakeMainLoop]:
 
 
 @contextmanager
-def spawn(fake: FakeMainLoop, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
-    """An iothread process connected to ``fake``; killed and reaped on the way out."""
+def spawn(fake: FakeMainLoop, *extra: str, local: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+    """An iothread process connected to ``fake``; killed and reaped on the way out.
+    ``local``: this process is its main loop's (``--parent-pid``), else it has
+    no main-loop process to watch, as a remote one."""
+    parent = ["--parent-pid", str(os.getpid())] if local else []
     proc = subprocess.Popen([sys.executable, "-m", "iothreads.worker", "--id", "io7", "--connect", fake.endpoint,
-                             "--parent-pid", str(os.getpid()), *extra], stderr=subprocess.PIPE)
+                             *parent, *extra], stderr=subprocess.PIPE)
     try:
         yield proc
     finally:
@@ -126,8 +132,9 @@ def test_handshake_query_poll_params_block_request_and_stop(fake: FakeMainLoop) 
         assert b"bad message from the main loop" in (proc.stderr.read() if proc.stderr else b"")
 
 
-def test_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
-    with spawn(fake) as proc:
+def test_a_remote_iothread_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
+    """With no main-loop process to watch, silence is all it has to go by."""
+    with spawn(fake, local=False) as proc:
         identity, hello = fake.recv()
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
         # ...and then never a word: gone after three silent periods.
@@ -135,8 +142,8 @@ def test_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
         assert b"silent" in (proc.stderr.read() if proc.stderr else b"")
 
 
-def test_gives_up_without_a_handshake(fake: FakeMainLoop) -> None:
-    with spawn(fake, "--handshake-timeout-ms", "200") as proc:
+def test_a_remote_iothread_gives_up_without_a_handshake(fake: FakeMainLoop) -> None:
+    with spawn(fake, "--handshake-timeout-ms", "200", local=False) as proc:
         fake.recv()  # the Hello, never answered
         assert proc.wait(WAIT_MS / 1000) == 3
 
@@ -145,6 +152,83 @@ def test_exits_at_once_if_its_parent_is_already_gone() -> None:
     out = subprocess.run([sys.executable, "-m", "iothreads.worker", "--id", "io0", "--connect", "ipc:///nonexistent",
                           "--parent-pid", "1"], capture_output=True, timeout=60)
     assert out.returncode == 3
+
+
+def test_a_local_iothread_outlives_a_silent_main_loop(fake: FakeMainLoop) -> None:
+    """Regression: a main loop paused for a few heartbeat periods (SIGSTOP)
+    lost every iothread, although block I/O never passes through it.  A
+    local iothread watches its main loop's process instead: neither a late
+    Welcome nor a main loop silent for many heartbeat periods ends it, and
+    it sends no heartbeats of its own."""
+    with spawn(fake, "--handshake-timeout-ms", "100") as proc:
+        identity, _ = fake.recv()
+        assert not fake.sock.poll(1000)  # ten handshake timeouts without a Welcome: not a word from it
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms...
+        assert not fake.sock.poll(1000)  # ...and then none for ten periods
+        fake.send(identity, Query(1))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 1
+        assert proc.poll() is None
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+
+
+# A main loop played by a process of its own: it blocks SIGINT and SIGTERM (a
+# main loop does, for its signalfd), spawns the iothread (argv[1]: its code)
+# without clearing that mask, prints its pid and waits to be killed.
+_MAIN_LOOP = """
+import os, signal, sys
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+argv = [sys.executable, "-c", sys.argv[1], "--parent-pid", str(os.getpid()), *sys.argv[2:]]
+print(os.posix_spawn(sys.executable, argv, os.environ), flush=True)
+sys.stdin.read()
+"""
+
+# The iothread with one of its two ways of learning that its main loop is gone taken away.
+_IOTHREAD_WITH_ONLY = """
+import sys
+from iothreads.worker import _worker
+{}
+sys.exit(_worker.main(sys.argv[1:]))
+"""
+_ONE_WAY = {
+    "the parent-death signal": "_worker.IOThreadWorker._on_main_loop_exit = "
+                               "lambda self: self.ctx.set_fd_handler(self._main_loop_pidfd)",
+    "the pidfd": "_worker.set_parent_death_signal = lambda: None",
+}
+
+
+@pytest.mark.parametrize("patch", _ONE_WAY.values(), ids=list(_ONE_WAY))
+def test_a_local_iothread_stops_when_its_main_loop_process_is_gone(fake: FakeMainLoop, patch: str) -> None:
+    """Regression: the iothread inherited its main loop's blocked SIGTERM, so
+    the parent-death signal never came, and only the heartbeat watchdog ended
+    it.  Each way alone (the parent-death signal, the pidfd of its main loop)
+    ends it once its main loop is killed, with heartbeats an hour apart: no
+    watchdog could.  It cleared the inherited mask itself."""
+    main_loop = subprocess.Popen([sys.executable, "-c", _MAIN_LOOP, _IOTHREAD_WITH_ONLY.format(patch),
+                                  "--id", "io7", "--connect", fake.endpoint],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert main_loop.stdout is not None
+    pid = 0
+    try:
+        pid = int(main_loop.stdout.readline())
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 3_600_000))
+        fake.send(identity, Query(1))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)  # it runs, watching
+        with open(f"/proc/{pid}/status") as f:
+            assert "SigBlk:\t0000000000000000\n" in f.read()
+        main_loop.kill()
+        wait_gone([pid], WAIT_MS / 1000, "the iothread of a killed main loop")
+        pid = 0
+        _, err = main_loop.communicate(timeout=WAIT_MS / 1000)
+        assert f"main loop (pid {main_loop.pid}) is gone".encode() in err, err
+    finally:
+        if pid:
+            os.kill(pid, signal.SIGKILL)
+        if main_loop.poll() is None:
+            main_loop.kill()
+        main_loop.communicate()
 
 
 # A signal that arrives while the worker shuts down (the launcher's SIGTERM
@@ -222,8 +306,9 @@ def test_the_iothread_busy_polls(fake: FakeMainLoop) -> None:
 def test_time_stopped_is_not_the_main_loops_silence(fake: FakeMainLoop) -> None:
     """Regression: a job stopped as a whole (Ctrl-Z, then fg) for longer than
     three heartbeat periods lost every iothread: once resumed, the watchdog,
-    late itself, took the stopped time for the main loop's silence."""
-    with spawn(fake) as proc:
+    late itself, took the stopped time for the main loop's silence.  (The
+    watchdog of a remote iothread: a local one has none.)"""
+    with spawn(fake, local=False) as proc:
         identity, _ = fake.recv()
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
         fake.send(identity, Query(1))

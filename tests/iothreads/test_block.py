@@ -181,7 +181,7 @@ def test_open_errors_are_clear(tmp_path: object) -> None:
         FileDriver(os.path.join(str(tmp_path), "missing.img"))
 
 
-def test_open_errors_leak_no_fd(tmp_path: object) -> None:
+def test_a_failed_file_open_closes_its_fd(tmp_path: object) -> None:
     """Regression: a file node's open that fails after the ``open`` (here: a
     directory, not a regular file or a block device) must close the fd it got."""
     before = len(os.listdir("/proc/self/fd"))
@@ -191,7 +191,7 @@ def test_open_errors_leak_no_fd(tmp_path: object) -> None:
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_huge_requests_are_refused_and_complete() -> None:
+def test_a_request_over_the_size_limit_fails_at_once_with_einval() -> None:
     """Regression: a request larger than a request may be (16 GiB, far over
     the limit a message can carry) is refused with EINVAL through its
     callback, at once, and leaves nothing in flight."""

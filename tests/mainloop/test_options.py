@@ -92,7 +92,7 @@ def test_parse_blockdev_forms_and_errors() -> None:
         ("driver=file,node-name=0bad,filename=/x", "Invalid node-name: '0bad'"),
         ("driver=file,node-name=d,filename=/x,cache=x", "Invalid parameter type for 'cache', expected: object"),
         ("driver=file,node-name=d,filename=/x,read-only=maybe", "Parameter 'read-only' expects 'on' or 'off'"),
-        ("driver=file,node-name=d,filename=/x,read-only=yes", "Parameter 'read-only' expects 'on' or 'off'"),
+        ("driver=file,node-name=d,filename=/x,read-only=ON", "Parameter 'read-only' expects 'on' or 'off'"),
         ("driver=file,node-name=d,filename.x=/x", "Parameters 'filename.*' are unexpected"),
         ("driver=file,node-name=d,filename=/x,cache=x,cache.direct=on", "Parameter 'cache' used inconsistently"),
         ("driver=null-co,node-name=n,size=lots", "Parameter 'size' expects size"),

@@ -540,10 +540,9 @@ def test_a_drain_delivers_at_most_batch_and_kicks(runtime_dir: str, zctx: zmq.Co
         kicks: list[int] = []
         router.kick = lambda: kicks.append(len(got))
         deadline = time.monotonic() + DEADLINE_S
-        while True:  # the first events are the connection's; wait for the messages
-            wait_readable(router.fileno(), deadline)
-            if router.pending_input():
-                break
+        # The first events are the connection's; wait for the messages.
+        poll_until(lambda: wait_readable(router.fileno(), deadline), router.pending_input, "the messages",
+                   DEADLINE_S)
         assert router.drain() == 4
         assert got == [0, 1, 2, 3]
         assert kicks == [4], "a drain that stopped at its batch with input left must kick"
@@ -903,8 +902,8 @@ def test_a_raising_handler_keeps_the_rest_of_its_batch(runtime_dir: str, zctx: z
         raw.close()
 
 
-def test_a_raising_handler_does_not_strand_queued_messages(runtime_dir: str, zctx: zmq.Context[Any],
-                                                           ctx: AioContext) -> None:
+def test_a_channel_handler_delivers_the_messages_queued_behind_a_raising_one(
+        runtime_dir: str, zctx: zmq.Context[Any], ctx: AioContext) -> None:
     """Regression: served by an AioContext, a handler that raised left the
     messages queued behind its one stranded (the drain had taken the fd's
     edge, and nothing came back for them).  They are delivered, in order,

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from protocol import (
     PROTOCOL_VERSION,
+    BadRequestError,
     BlockCompletion,
     BlockOp,
     BlockdevAdd,
@@ -376,3 +377,109 @@ def test_message_defaults_from_a_factory_are_fresh_and_post_init_still_checks() 
     with pytest.raises(ValueError, match="must be >= 0"):
         BlockRequest(1, "n", "read", offset=-1)
     assert set(_SAMPLES) == set(_message_classes())
+
+
+# -- refusals that name their request: the receiver can answer them ---------------------------
+
+_BAD = st.one_of(st.text(max_size=8), st.none(), st.booleans(), st.floats(allow_nan=False),
+                 st.binary(max_size=8), st.lists(st.integers(0, 9), max_size=3),
+                 st.integers(min_value=-(2**63), max_value=-1))
+_LONG = st.text(alphabet="ab", min_size=4097, max_size=4200)  # over the string limit: msgpack refuses the header
+_OPS = [o.value for o in BlockOp]
+
+
+@st.composite
+def _bad_block_request_bodies(draw: st.DrawFn) -> list[object]:
+    """A block request's fields with at least one out of range: a negative
+    offset or length, an unknown op, a node name over the limit, a field of
+    the wrong type, a field too many or too few."""
+    body: list[object] = [draw(st.text(max_size=12)), draw(st.sampled_from(_OPS)),
+                          draw(naturals), draw(naturals), draw(ints)]
+    for i in draw(st.sets(st.integers(0, 4), min_size=1)):
+        body[i] = draw(st.one_of(_BAD, _LONG, st.text(max_size=12).filter(lambda s: s not in _OPS)))
+    if draw(st.booleans()):
+        body = body[:draw(st.integers(0, 4))] + draw(st.lists(_BAD, max_size=2))
+    return body
+
+
+@given(ints, _bad_block_request_bodies(), st.data())
+@settings(max_examples=300)
+def test_a_refused_request_names_its_id_whenever_it_can_be_read(request_id: int, body: list[object],
+                                                                  data: st.DataObject) -> None:
+    """For any request with fields out of range, whole or cut short, the
+    decoder either refuses it by its id (``BadRequestError``, the id it
+    carried) or says it could not read the id (a plain
+    ``RemoteProtocolError``), and it says the latter only when the frame ends
+    before the id does."""
+    header = msgpack.packb([PROTOCOL_VERSION, "block-request", [request_id, *body]])
+    id_ends = len(msgpack.packb([PROTOCOL_VERSION, "block-request", []])) + len(msgpack.packb(request_id))
+    cut = data.draw(st.one_of(st.just(len(header)), st.integers(0, len(header))))
+    try:
+        msg = decode([header[:cut]])
+    except BadRequestError as exc:
+        assert (exc.request_id, exc.kind) == (request_id, "block-request")
+        assert cut >= id_ends
+    except RemoteProtocolError:
+        assert cut < id_ends, "the id could be read but the error does not carry it"
+    else:  # the fields were in range after all (a cut that still makes a request is not possible)
+        assert isinstance(msg, BlockRequest) and msg.request_id == request_id and cut == len(header)
+
+
+@given(_BAD.filter(lambda v: type(v) is not int), _bad_block_request_bodies())
+def test_an_unreadable_id_is_said_to_be_unreadable(request_id: object, body: list[object]) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        decode([msgpack.packb([PROTOCOL_VERSION, "block-request", [request_id, *body]])])
+    assert not isinstance(info.value, BadRequestError)
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ([7, "d", "read", -1, 512, 0], "offset and length must be >= 0"),
+        ([7, "d", "read", 0, -512, 0], "offset and length must be >= 0"),
+        ([7, "d", "explode", 0, 0, 0], "unknown block op 'explode'"),
+        ([7, "d" * 5000, "read", 0, 512, 0], "exceeds max_str_len"),
+        ([7, "d", "read", "0", 512, 0], "field 'offset' has type str"),
+        ([7, "d", "read", 0, 512], "expected 6 field(s)"),
+        ([7], "expected 6 field(s)"),
+    ],
+)
+def test_bad_requests_are_refused_by_id(body: list[object], message: str) -> None:
+    with pytest.raises(BadRequestError) as info:
+        decode([_header("block-request", body)])
+    assert info.value.request_id == 7 and info.value.kind == "block-request" and message in str(info.value)
+    with pytest.raises(BadRequestError, match="expected 1 or 2 frames"):  # a frame too many
+        decode([_header("block-request", [7, "d", "read", 0, 0, 0]), b"", b""])
+
+
+def test_only_kinds_that_name_a_request_are_refused_by_id() -> None:
+    with pytest.raises(BadRequestError) as info:
+        decode([_header("query", [9, 5])])
+    assert (info.value.request_id, info.value.kind) == (9, "query")
+    with pytest.raises(BadRequestError) as info:
+        decode([_header("block-completion", [9, "ok", ""])])  # a reply: its request can be failed
+    assert info.value.kind == "block-completion"
+    for header in (_header("heartbeat", [9, "x"]), _header("nonsense", [9]), b"\xc1garbage",
+                   _header("block-request", [9, "d", "read", 0, 0, 0], version=99)):
+        with pytest.raises(RemoteProtocolError) as plain:
+            decode([header])
+        assert not isinstance(plain.value, BadRequestError)
+
+
+def test_a_refused_batch_names_every_id_it_can_read() -> None:
+    good, long_name, after = ([i, n, "read", 0, 0, 0] for i, n in ((1, "d"), (2, "d" * 5000), (3, "d")))
+    # An over-long string spoils the whole header; the ids around it can still be read.
+    results = decode_batch([_batch(["block-request", good], ["heartbeat", [1, 0]], ["block-request", long_name],
+                                   ["block-request", after], sizes=(0, 0, 0))])
+    assert [r.request_id for r in results if isinstance(r, BadRequestError)] == [1, 2, 3]
+    assert sum(type(r) is RemoteProtocolError for r in results) == 1  # the heartbeat, unread
+    # Payload sizes that do not match the payload frame: every request refused by id.
+    results = decode_batch([_batch(["block-request", good], ["block-request", after], sizes=(4, 0)), b"abc"])
+    assert all(isinstance(r, BadRequestError) and "payloads of 4 bytes" in str(r) for r in results)
+    assert [r.request_id for r in results if isinstance(r, BadRequestError)] == [1, 3]
+    # An unknown kind ends the batch: the requests after it are still refused by id.
+    results = decode_batch([_batch(["block-request", good], ["nonsense", []], ["block-request", after],
+                                   sizes=(0, 0)), b""])
+    assert results[0] == BlockRequest(1, "d", "read")
+    assert type(results[1]) is RemoteProtocolError and "unknown message kind" in str(results[1])
+    assert isinstance(results[2], BadRequestError) and results[2].request_id == 3 and len(results) == 3

@@ -81,7 +81,15 @@ def test_nan_and_the_infinities_are_refused() -> None:
         assert out == [QmpInputError(f"JSON parse error, invalid keyword '{word.decode()}'")]
 
 
-def test_qmp_top_level_scalar_is_bounded() -> None:
+def test_a_number_too_large_for_a_double_is_refused() -> None:
+    """It would be an infinity, echoed back in "id" as no JSON at all."""
+    for number in (b"1e400", b"-1e400", b"1" * 400 + b".0"):
+        out = QmpDecoder().feed(b'{"execute": "x", "id": ' + number + b"}")
+        assert out == [QmpInputError("JSON parse error, number out of range")]
+    assert QmpDecoder().feed(b'{"id": 1e300, "n": ' + b"9" * 400 + b"}") == [{"id": 1e300, "n": int("9" * 400)}]
+
+
+def test_a_top_level_scalar_past_max_message_bytes_is_fatal() -> None:
     """Regression: a top-level scalar (no braces around it: here a bare word
     that never ends) was buffered without bound; past ``max_message_bytes``
     it is a fatal error."""

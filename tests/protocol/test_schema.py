@@ -82,6 +82,9 @@ def test_keyval_input_is_converted_per_declared_type() -> None:
     v = parse(Sample, {"name": "x", "color": "red", "size": "1.5k", "inner": {"flag": "on", "count": "0x9"},
                        "items": {"0": "010", "1": "7"}}, keyval=True)
     assert (v.size, v.inner, v.items) == (1536, Inner(flag=True, count=9), (8, 7))  # 010: octal, as C reads it
+    # QEMU's qapi_bool_parse: its error names 'on' and 'off', but it takes these too.
+    for text, flag in [("yes", True), ("true", True), ("y", True), ("no", False), ("false", False), ("n", False)]:
+        assert parse(Inner, {"flag": text}, keyval=True).flag is flag
 
 
 @pytest.mark.parametrize(("value", "keyval", "message"), [
@@ -103,7 +106,8 @@ def test_keyval_input_is_converted_per_declared_type() -> None:
     ({"name": "x", "tag": "ab"}, False, "Parameter 'tag' wants capitals, not 'ab'"),
     ({"name": "x", "tag": None}, False, "Invalid parameter type for 'tag', expected: string"),  # no nulls
     ({"name": "x", "size": "lots"}, True, "Parameter 'size' expects size"),
-    ({"name": "x", "inner": {"flag": "yes"}}, True, "Parameter 'inner.flag' expects 'on' or 'off'"),
+    ({"name": "x", "inner": {"flag": "On"}}, True, "Parameter 'inner.flag' expects 'on' or 'off'"),
+    ({"name": "x", "inner": {"flag": "1"}}, True, "Parameter 'inner.flag' expects 'on' or 'off'"),
     ({"name": "x", "inner": {"count": "08"}}, True, "Parameter 'inner.count' expects integer"),
     ({"name": "x", "inner": {"count": "99999999999999999999999"}}, True, "Parameter 'inner.count' expects integer"),
     ({"name": "x", "inner": "on"}, True, "Invalid parameter type for 'inner', expected: object"),
