@@ -14,9 +14,9 @@ follows the page would run it: a page's shell blocks in order in one shell
 - ``exit=N``: the block must exit with status N.
 
 Also: every fenced block says its language, and only ``sh`` and ``python``
-blocks are code; local links and the repository paths named in backquotes
-exist; the README starts with the quickstart's two commands and CI runs its
-test command exactly.
+blocks are code; none uses a fixed path under /tmp; local links and the
+repository paths named in backquotes exist; the README starts with the
+quickstart's two commands and CI runs its test command exactly.
 """
 
 from __future__ import annotations
@@ -103,6 +103,15 @@ def test_every_block_says_its_language_and_code_is_run_or_says_why() -> None:
                 f"{b.where}: a foreground block is one command, without comments")
         else:
             assert EXIT.fullmatch(b.mark) and b.language == "sh", f"{b.where}: unknown mark {b.mark!r}"
+
+
+def test_no_example_uses_a_fixed_path_under_tmp() -> None:
+    """A fixed name in a shared directory is anyone's to take first (a link
+    planted there, a directory made for the launcher to use): the examples
+    make their scratch directory with ``mktemp -d`` or use the launcher's
+    private default."""
+    fixed = [b.where for b in ALL_BLOCKS if re.search(r"(?<![\w.$])/tmp\b", b.text)]
+    assert fixed == [], f"blocks with a fixed path under /tmp: {fixed}"
 
 
 def _slug(heading: str) -> str:

@@ -369,7 +369,10 @@ class BlockClient:
             conn.handler.close()
             conn.pending.take_all()
         self._connections.clear()
-        self.zmq.term()
+        # destroy, not term: term waits for every socket to be closed, and a
+        # connection interrupted while it was being set up (Ctrl-C) leaves
+        # sockets that no _Connection holds; destroy closes them all.
+        self.zmq.destroy(linger=0)
         if self._owns_ctx:
             self.ctx.close()
 

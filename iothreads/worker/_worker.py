@@ -85,6 +85,7 @@ from protocol import (
     Stop,
     ThrottledLog,
     Welcome,
+    bind_owner_only,
     channel_socket,
 )
 from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
@@ -167,7 +168,7 @@ class IOThreadWorker:
         self.data_handler: ChannelHandler | None = None
         if data_endpoint is not None:
             dsock = channel_socket(self.zmq, zmq.ROUTER)
-            dsock.bind(data_endpoint)
+            bind_owner_only(dsock, data_endpoint)  # an ipc socket file: the user's alone, whatever the umask
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
         self.main_loop_pid = 0  # the main loop's process, once watched (watch_main_loop)

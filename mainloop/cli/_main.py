@@ -15,7 +15,9 @@ that exits unexpectedly, ...).  SIGTERM or SIGINT stops every iothread,
 reaps it, removes the socket files and exits 0.  A bad option or value prints
 one line naming it and exits 1.  The runtime directory (``RUNTIME_DIR/lock``)
 and the ``--pidfile`` are locked while it runs: a second launcher on either
-refuses to start.
+refuses to start.  An existing runtime directory must be the user's and not
+writable by others, and no symbolic link is followed there or at the
+``--pidfile`` (see ``protocol.prepare_runtime_dir``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,15 @@ from typing import Any, NoReturn, TypeVar
 
 import zmq
 
-from protocol import ErrorReply, QueryReply, StateError, make_runtime_dir
+from protocol import (
+    ErrorReply,
+    QueryReply,
+    StateError,
+    UnsafePathError,
+    make_runtime_dir,
+    open_own_file,
+    prepare_runtime_dir,
+)
 
 from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
 from ..loop._bql import bql
@@ -119,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write the main loop's pid here, locked while it runs (another launcher "
                              "with the same pidfile refuses to start)")
     launch.add_argument("--runtime-dir", metavar="DIR",
-                        help="directory for the socket files, one launcher at a time (default: a new "
-                             "private one)")
+                        help="directory for the socket files, one launcher at a time: made mode 0700 "
+                             "if missing; an existing one must be yours and not writable by others "
+                             "(default: a new private one)")
     launch.add_argument("--chardev", action="append", default=[],
                         metavar="socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off",
                         help="a socket for a QMP monitor (see --monitor); repeatable")
@@ -235,10 +246,12 @@ def _dir_option(args: argparse.Namespace, runtime_dir: str) -> str:
 
 
 def _make_dir(args: argparse.Namespace, path: str) -> None:
+    """The runtime directory made private, or refused: someone else's, or one
+    others may write, would let them plant links or reach the sockets."""
     try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except FileExistsError:
-        raise OptionError(f"{_dir_option(args, path)}: {os.strerror(errno.ENOTDIR)}") from None
+        prepare_runtime_dir(path)
+    except UnsafePathError as exc:
+        raise OptionError(f"{_dir_option(args, path)}: {exc.reason}") from None
     except OSError as exc:
         raise OptionError(f"{_dir_option(args, path)}: {exc.strerror}") from None
 
@@ -257,9 +270,9 @@ def _runtime_dir(args: argparse.Namespace, configs: list[IOThreadConfig], held: 
 
 
 def _owns(fd: int, path: str) -> bool:
-    """Whether ``path`` still is the file open as ``fd``."""
+    """Whether ``path`` still is the file open as ``fd`` (not a link to it)."""
     try:
-        return os.path.samestat(os.stat(path), os.fstat(fd))
+        return os.path.samestat(os.lstat(path), os.fstat(fd))
     except FileNotFoundError:
         return False
 
@@ -272,10 +285,14 @@ def _holder(fd: int) -> str:
 
 def _lock_pid_file(path: str, name: str) -> int:
     """Open ``path`` and lock it (fcntl), as qemu_write_pidfile does: a file
-    removed or replaced between the open and the lock is opened again."""
+    removed or replaced between the open and the lock is opened again.  A
+    symbolic link there is refused, never followed, and so is anything but a
+    regular file of this user with one link (what ``open_own_file`` opens)."""
     while True:
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = open_own_file(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except UnsafePathError as exc:
+            raise OptionError(f"{name}: {exc}") from None
         except OSError as exc:
             raise OptionError(f"{name}: {exc.strerror}") from None
         try:
@@ -394,8 +411,9 @@ def launch(args: argparse.Namespace) -> int:
                                 assert m.host is not None and m.port is not None
                                 host, port = monitor.listen_tcp(m.host, m.port)
                                 qmp.append(f"{host}:{port}")
-                        except OSError as exc:
-                            print(f"{PROG}: --chardev id={m.id}: {exc}", file=sys.stderr)
+                        except (OSError, UnsafePathError) as exc:
+                            where = f"--chardev id={m.id}" if monitors else _dir_option(args, runtime_dir)
+                            print(f"{PROG}: {where}: {exc}", file=sys.stderr)
                             monitor.close()
                             cluster.shutdown()
                             return EXIT_FAILURE

@@ -83,10 +83,13 @@ from protocol import (
     Stop,
     ThrottledLog,
     Welcome,
+    bind_owner_only,
     channel_socket,
     cluster_state_path,
     ipc_endpoint,
     make_runtime_dir,
+    prepare_runtime_dir,
+    replace_file,
 )
 from protocol.schema import IothreadProperties, members
 
@@ -188,7 +191,8 @@ class Cluster:
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or make_runtime_dir()
         if not self._own_runtime_dir:
-            os.makedirs(self.runtime_dir, mode=0o700, exist_ok=True)
+            # Made private, or refused (UnsafePathError) if others own it or may write it.
+            prepare_runtime_dir(self.runtime_dir)
         self.heartbeat_interval_ms = heartbeat_interval_ms
         self.handshake_timeout_ms = handshake_timeout_ms
         self.stop_timeout_ms = stop_timeout_ms
@@ -207,7 +211,7 @@ class Cluster:
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
             else:
                 self.endpoint = ipc_endpoint(self.runtime_dir, "control")
-                sock.bind(self.endpoint)
+                bind_owner_only(sock, self.endpoint)
                 self._socket_files.append(self.endpoint.removeprefix("ipc://"))
         except BaseException:
             sock.close(linger=0)
@@ -643,14 +647,11 @@ class Cluster:
 
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``
-        (replaced atomically)."""
+        (replaced atomically, by a new file of mode 0600)."""
         if self._closed:
             return
         path = cluster_state_path(self.runtime_dir)
-        tmp = path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(self.cluster_state().to_json())
-        os.replace(tmp, path)
+        replace_file(path, self.cluster_state().to_json().encode())
         if path not in self._socket_files:
             self._socket_files.append(path)
 

@@ -42,7 +42,9 @@ from protocol import (
     QmpSession,
     QueryReply,
     StateError,
+    owner_only_umask,
     qmp_event,
+    remove_stale_socket,
 )
 
 from protocol.schema import (
@@ -298,11 +300,14 @@ class Monitor:
     # -- listening -----------------------------------------------------------------
 
     def listen_unix(self, path: str) -> str:
+        """Serve QMP on an AF_UNIX socket at ``path``, accessible to this user
+        only: a stale socket there is replaced, anything else refused
+        (``UnsafePathError``)."""
+        remove_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if os.path.exists(path):
-                os.unlink(path)
-            sock.bind(path)
+            with owner_only_umask():  # mode 0700 from the start: no window before a chmod
+                sock.bind(path)
         except OSError:
             sock.close()
             raise

@@ -240,7 +240,7 @@ def decode_batch(frames: Sequence[bytes | memoryview],
         obj = msgpack.unpackb(header, **_unpack_options(limits))
     except Exception as exc:  # msgpack raises many kinds: all mean "garbage"
         message = str(exc) if isinstance(exc, RemoteProtocolError) else \
-            f"undecodable header: {type(exc).__name__}: {exc}"
+            f"undecodable header: {type(exc).__name__}: {exc or 'not msgpack'}"
         refused = _salvage(header, limits, message)
         if refused:
             return refused

@@ -6,7 +6,9 @@ serving, and a burst of them logs a few lines and their count, not a line each."
 from __future__ import annotations
 
 import errno
+import os
 import re
+import signal
 from collections import deque
 from collections.abc import Iterator
 from typing import Any
@@ -19,7 +21,7 @@ from iothreads import BlockClient, BlockIOError
 from mainloop import Cluster, bql
 from protocol import PROTOCOL_VERSION, BlockCompletion, BlockRequest, ErrorReply, QueryReply, decode_batch, encode
 
-from .support import Clusters
+from .support import STOP_S, Clusters
 
 WAIT_MS = 20_000
 
@@ -52,10 +54,10 @@ class DataSocket:
 
 
 @pytest.fixture
-def cluster(clusters: Clusters, capfd: pytest.CaptureFixture[str]) -> tuple[Cluster, str]:
-    """io0 with a null-co node ``null0`` (1 MiB): (the cluster, io0's data endpoint).  Started
-    after ``capfd``: the iothread's stderr is the test's to read.  Heartbeats
-    far apart: the test talks to the data socket without turning the main loop."""
+def cluster(clusters: Clusters) -> tuple[Cluster, str]:
+    """io0 with a null-co node ``null0`` (1 MiB), in process: (the cluster, io0's
+    data endpoint).  Heartbeats far apart: the test talks to the data socket
+    without turning the main loop."""
     c = clusters.start("io0", heartbeat_interval_ms=60_000)
     with bql():
         replies: list[QueryReply | ErrorReply] = []
@@ -115,26 +117,35 @@ def test_every_bad_request_whose_id_can_be_read_gets_an_error_completion(cluster
             assert info.value.errno == errno.EINVAL
 
 
-def test_a_burst_of_bad_frames_logs_a_few_lines_and_counts_the_rest(cluster: tuple[Cluster, str],
-                                                                     data: DataSocket,
-                                                                     capfd: pytest.CaptureFixture[str]) -> None:
-    c, _ = cluster
-    n = 1000
-    for i in range(n):
-        data.send(_header([i, "null0", "read", -4096, 512, 0]))
-    assert sorted((d.request_id, d.status) for d in (data.recv() for _ in range(n))) == \
-        [(i, -errno.EINVAL) for i in range(n)]
-    for _ in range(n):
-        data.send(b"\xc1 not msgpack at all")
-    data.send(*encode(BlockRequest(n, "null0", "read", 0, 512)))
-    assert data.recv() == BlockCompletion(n, 0, "", bytes(512))  # read after the garbage: it was all seen
-    with bql():
-        c.shutdown()  # the iothread exits, saying what it has not said yet
-    err = capfd.readouterr().err
-    logged = [line for line in err.splitlines() if "bad request from client" in line]
+def test_a_burst_of_bad_frames_logs_a_few_lines_and_counts_the_rest(clusters: Clusters) -> None:
+    """Launched as a user does, the iothreads' stderr is the launcher's."""
+    run = os.path.join(clusters.scratch_dir, "run")
+    proc, _ = clusters.launch("--iothreads", "1", "--runtime-dir", run,
+                              "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io0")
+    with BlockClient(run) as client:
+        entry = client.state.iothread("io0")
+    assert entry is not None
+    data = DataSocket(entry.data)
+    try:
+        n = 1000
+        for i in range(n):
+            data.send(_header([i, "null0", "read", -4096, 512, 0]))
+        assert sorted((d.request_id, d.status) for d in (data.recv() for _ in range(n))) == \
+            [(i, -errno.EINVAL) for i in range(n)]
+        for _ in range(n):
+            data.send(b"\xc1 not msgpack at all")
+        data.send(*encode(BlockRequest(n, "null0", "read", 0, 512)))
+        assert data.recv() == BlockCompletion(n, 0, "", bytes(512))  # read after the garbage: it was all seen
+    finally:
+        data.close()
+    proc.send_signal(signal.SIGTERM)  # the iothread exits, saying what it has not said yet
+    _, err = proc.communicate(timeout=STOP_S)
+    assert proc.returncode == 0, err
+    logged = [line for line in err.splitlines()
+              if "bad request from client" in line and "more like it suppressed" not in line]
     counts = [int(m.group(1)) for m in re.finditer(r"(\d+) more like it suppressed", err)]
     assert len(logged) + len(counts) < 30, err[-4000:]
-    assert any("further ones suppressed" in line for line in logged)
+    assert any("further ones suppressed" in line for line in logged), err[-4000:]
     # Every bad frame is accounted for: a line of its own, or in a count.
     assert len(logged) + sum(counts) == 2 * n, err[-4000:]
 
