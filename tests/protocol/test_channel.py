@@ -600,7 +600,7 @@ def test_busy_poll_probe_does_not_swallow_room_to_send(runtime_dir: str, zctx: z
         for seq in range(20_000):
             dealer.send(Heartbeat(seq, 0))
         assert dealer.backlog > 0
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + DEADLINE_S
         # The router (served by no loop: batches of 256, nobody to kick) reads all that went out.
         drain_until(router, lambda: len(got) >= dealer.sent, "the router to read everything", deadline)
         wait_readable(dealer.fileno(), deadline)  # libzmq announces room to send
@@ -680,7 +680,7 @@ def test_room_announced_during_the_last_message_of_a_batch(runtime_dir: str, zct
     endpoint = ipc_endpoint(runtime_dir, "router")
     got: list[int] = []
     router = router_channel(zctx, endpoint, lambda i, m: got.append(m.seq))  # type: ignore[attr-defined]
-    deadline = time.monotonic() + 5
+    deadline = time.monotonic() + DEADLINE_S
 
     def on_message(identity: bytes, msg: Message) -> None:
         # Meanwhile the peer reads all that was sent, and room is announced.
