@@ -397,10 +397,14 @@ class IOThreadWorker:
         self._lost_main_loop()
 
     def main_loop_gone(self) -> bool:
-        """Whether the watched main loop's process is gone (this process has
-        another parent now); if so, stop (exit 3).  What tells the
-        parent-death signal, a SIGTERM like any other, from the others."""
-        if not self.main_loop_pid or os.getppid() == self.main_loop_pid:
+        """Whether the watched main loop's process is gone or going (this
+        process has another parent now, or the parent's main thread, the one
+        that spawned it, has exited); if so, stop (exit 3).  What tells the
+        parent-death signal, a SIGTERM like any other, from the others: it
+        comes when the parent's *thread* exits, and a process killed loses
+        its main thread first, its children going to a sibling thread."""
+        pid = self.main_loop_pid
+        if not pid or (os.getppid() == pid and not _exited(pid)):
             return False
         self._lost_main_loop()
         return True
@@ -498,6 +502,17 @@ class IOThreadWorker:
             node.close()
         self.zmq.term()
         self.ctx.close()
+
+
+def _exited(pid: int) -> bool:
+    """Whether process ``pid``'s main thread has exited (a zombie, or gone),
+    from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state in (b"Z", b"X")
 
 
 def _bounded(message: str) -> str:
@@ -607,6 +622,12 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         log.debug("exiting (code %d)", exit_code)
         closing = True
+        # A late stop request has nothing left to stop, and must not kill the
+        # exiting interpreter either (the parent-death signal comes once for
+        # each thread of a dying main loop): ignored, which the interpreter's
+        # finalization keeps (it puts back the default action of handlers only).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         worker.ctx.set_event_notifier(stop_request, None)
         stop_request.close()
         worker.close()

@@ -356,48 +356,56 @@ def _decode_items(items: list[Any], sizes: object, frames: Sequence[bytes | memo
     """A batch's messages; the payload sizes must match the items and the payload frame."""
     if not items:
         raise RemoteProtocolError("a batch must be a non-empty list of [kind, fields]", raw=bytes(header[:64]))
-    problem = None
     if type(sizes) is not list or not {*map(type, sizes)} <= {int} or min(sizes, default=0) < 0:
-        problem = "a batch's payload sizes must be a list of sizes"
-    elif len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
-        problem = (f"a batch with payloads of {sum(sizes)} bytes in all came with "
-                   f"{len(frames) - 1} payload frame(s) of {sum(len(f) for f in frames[1:])} bytes")
-    if problem is not None:
-        refused = _refuse_all(items, problem, bytes(header[:64]))
-        if not any(isinstance(r, BadRequestError) for r in refused):
-            raise RemoteProtocolError(problem, raw=bytes(header[:64]))
-        return refused
-    assert isinstance(sizes, list)
+        return _refuse_batch(items, "a batch's payload sizes must be a list of sizes", header)
+    if len(frames) != (2 if sizes else 1) or sizes and sum(sizes) != len(frames[1]):
+        return _refuse_batch(items, f"a batch with payloads of {sum(sizes)} bytes in all came with "
+                                    f"{len(frames) - 1} payload frame(s) of "
+                                    f"{sum(len(f) for f in frames[1:])} bytes", header)
     view = memoryview(frames[1]) if sizes else memoryview(b"")
     results: list[Message | RemoteProtocolError] = []
     at = 0  # the next payload size
     pos = 0  # where its payload starts
-
-    def framing_lost(i: int, error: RemoteProtocolError) -> list[Message | RemoteProtocolError]:
-        """The list ends with ``error`` at item ``i``; the later items are not
-        read, but those whose request id can be are refused by id."""
-        results.append(error)
-        later = _refuse_all(items[i + 1:], f"not read: item {i} of its batch was malformed", b"")
-        results.extend(r for r in later if isinstance(r, BadRequestError))
-        return results
-
-    for i, item in enumerate(items):
+    for item in items:
         if type(item) is not list or len(item) != 2:
-            return framing_lost(i, RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]"))
+            error = RemoteProtocolError(f"batch item {len(results)} is not [kind, fields]")
+            return _framing_lost(results, error, items)
         kind, body = item
         cls = _kind_class(kind)
         if cls is None:
-            return framing_lost(i, RemoteProtocolError(f"unknown message kind {kind!r}"))
+            return _framing_lost(results, RemoteProtocolError(f"unknown message kind {kind!r}"), items)
         payload = None
         if cls.PAYLOAD is not None:
             if at == len(sizes):
-                return framing_lost(i, _refusal(kind, body, f"{kind}: no payload size for it"))
+                error = _refusal(kind, body, f"{kind}: no payload size for it")
+                return _framing_lost(results, error, items)
             payload = view[pos:pos + sizes[at]]
             pos += sizes[at]
             at += 1
         results.append(_decode_one(cls, body, payload, limits))
     if at != len(sizes):
         results.append(RemoteProtocolError(f"{len(sizes) - at} payload size(s) left over after the batch"))
+    return results
+
+
+def _refuse_batch(items: list[Any], problem: str,
+                  header: bytes | memoryview) -> list[Message | RemoteProtocolError]:
+    """A batch refused whole: its requests by id, or ``RemoteProtocolError`` raised if no id can be read."""
+    refused = _refuse_all(items, problem, bytes(header[:64]))
+    if not any(isinstance(r, BadRequestError) for r in refused):
+        raise RemoteProtocolError(problem, raw=bytes(header[:64]))
+    return refused
+
+
+def _framing_lost(results: list[Message | RemoteProtocolError], error: RemoteProtocolError,
+                  items: list[Any]) -> list[Message | RemoteProtocolError]:
+    """``results`` (one for each item before it) end with ``error``, the
+    error of the next item: the later items are not read, but those whose
+    request id can be are refused by id."""
+    i = len(results)
+    results.append(error)
+    later = _refuse_all(items[i + 1:], f"not read: item {i} of its batch was malformed", b"")
+    results.extend(r for r in later if isinstance(r, BadRequestError))
     return results
 
 

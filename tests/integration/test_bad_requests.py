@@ -11,7 +11,6 @@ import re
 import signal
 from collections import deque
 from collections.abc import Iterator
-from typing import Any
 
 import msgpack
 import pytest
@@ -19,9 +18,21 @@ import zmq
 
 from iothreads import BlockClient, BlockIOError
 from mainloop import Cluster, bql
-from protocol import PROTOCOL_VERSION, BlockCompletion, BlockRequest, ErrorReply, QueryReply, decode_batch, encode
+from protocol import (
+    PROTOCOL_VERSION,
+    BlockCompletion,
+    BlockRequest,
+    ErrorReply,
+    Hello,
+    QueryReply,
+    Stop,
+    Welcome,
+    decode_batch,
+    encode,
+)
 
 from .support import STOP_S, Clusters
+from .test_worker import FakeMainLoop, spawn
 
 WAIT_MS = 20_000
 
@@ -150,18 +161,24 @@ def test_a_burst_of_bad_frames_logs_a_few_lines_and_counts_the_rest(clusters: Cl
     assert len(logged) + sum(counts) == 2 * n, err[-4000:]
 
 
-def test_bad_frames_from_the_main_loop_are_answered_too(cluster: tuple[Cluster, str]) -> None:
-    """The control channel: a block request there with a bad field is answered
-    by id as well (the main loop's ``Cluster`` never sends one: played here)."""
-    c, _ = cluster
-    sock: Any = c.channel.socket
-    with bql():
-        got: list[object] = []
-        c.channel.on_message, on_message = (lambda identity, msg: got.append(msg)), c.channel.on_message
-        try:
-            sock.send_multipart([b"io0", _header([99, "null0", "read", -1, 512, 0])])
-            assert c.wait_for(lambda: any(isinstance(m, BlockCompletion) for m in got), 10)
-        finally:
-            c.channel.on_message = on_message
-    done = next(m for m in got if isinstance(m, BlockCompletion))
-    assert (done.request_id, done.status) == (99, -errno.EINVAL)
+def test_bad_control_requests_are_answered_by_id_too() -> None:
+    """The control channel, with the main loop played by the test: a request
+    with a bad field is answered by its id as well (a block request with a
+    completion, a control request with an error reply)."""
+    fake = FakeMainLoop()
+    try:
+        with spawn(fake) as proc:
+            identity, hello = fake.recv()
+            assert isinstance(hello, Hello)
+            fake.send(identity, Welcome(PROTOCOL_VERSION, hello.capabilities, 10_000))
+            fake.sock.send_multipart([identity, _header([99, "null0", "read", -1, 512, 0])])
+            done = fake.recv_kind(BlockCompletion)
+            assert isinstance(done, BlockCompletion) and (done.request_id, done.status) == (99, -errno.EINVAL)
+            fake.sock.send_multipart([identity, _header([100, 5], "query")])  # a node name that is a number
+            err = fake.recv_kind(ErrorReply)
+            assert isinstance(err, ErrorReply) and (err.request_id, err.errno) == (100, errno.EINVAL)
+            assert "field 'node' has type int" in err.message
+            fake.send(identity, Stop("test"))
+            assert proc.wait(WAIT_MS / 1000) == 0
+    finally:
+        fake.close()
