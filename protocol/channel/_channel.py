@@ -30,10 +30,10 @@ Peers' frames are decoded with ``decode_batch``: a bad message is counted,
 handed to ``on_error`` with the peer's identity, and dropped; it never raises
 into the loop.  A ``BadRequestError`` (its request id could be read) is the
 handler's to answer, so that its sender does not wait for ever; a handler
-that logs bad input does it through a ``ThrottledLog``.  If a handler raises, the rest of its batch is kept and
-delivered by the next ``drain()``.  Sends never block: a message the socket
-cannot take now waits in an outgoing queue, flushed when ``ZMQ_EVENTS``
-shows ``POLLOUT``.
+that logs bad input does it through a ``ThrottledLog``.  If a handler
+raises, the rest of its batch is kept and delivered by the next
+``drain()``.  Sends never block: a message the socket cannot take now waits
+in an outgoing queue, flushed when ``ZMQ_EVENTS`` shows ``POLLOUT``.
 
 This module holds the socket logic only; ``iothreads`` and ``mainloop`` plug
 a channel into an AioContext (an fd handler) or a MainContext (a source).

@@ -171,12 +171,15 @@ def test_a_main_loop_back_from_a_stop_does_not_fail_what_it_could_not_hear(clust
     assert replies[0].counters["pid"] == pid
 
 
-def test_ctrl_c_at_a_terminal_stops_the_launcher_and_its_iothreads_in_order(short_dir: str) -> None:
-    """Ctrl-C at a terminal (SIGINT to the launcher's process group): the
-    launcher stops its iothreads in order.  They take SIGINT now, and sit in
-    sessions of their own: it does not reach them first, which would make
-    their exits ones nobody asked for."""
-    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", short_dir],
+def test_signals_to_the_launcher_s_process_group_reach_the_launcher_only(short_dir: str) -> None:
+    """The iothreads sit in sessions of their own: what a terminal or a job
+    control sends to the launcher's process group reaches the launcher only.
+    Stopped as a job (SIGSTOP to the group), the launcher stops, its
+    iothreads serve block I/O all along; Ctrl-C (SIGINT to the group) then
+    stops it, and it stops its iothreads in order, none of them stopping
+    first on its own (an exit nobody asked for)."""
+    proc = subprocess.Popen([*COMMAND, "launch", "--iothreads", "2", "--runtime-dir", short_dir,
+                             "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     pids: list[int] = []
     try:
@@ -187,6 +190,14 @@ def test_ctrl_c_at_a_terminal_stops_the_launcher_and_its_iothreads_in_order(shor
                 pids = iothread_pids(event["data"])
                 break
         assert len(pids) == 2
+        with BlockClient(short_dir, timeout_s=GONE_S) as client:
+            os.killpg(proc.pid, signal.SIGSTOP)
+            try:
+                wait_until(lambda: _state(proc.pid) == "T", "the launcher to stop")
+                assert len(client.read("null0", 0, 4096)) == 4096
+                assert [_state(pid) for pid in pids].count("T") == 0
+            finally:
+                os.killpg(proc.pid, signal.SIGCONT)
         os.killpg(proc.pid, signal.SIGINT)
         out, err = proc.communicate(timeout=STOP_S)
     finally:
