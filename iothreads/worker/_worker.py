@@ -398,11 +398,12 @@ class IOThreadWorker:
 
     def main_loop_gone(self) -> bool:
         """Whether the watched main loop's process is gone or going (this
-        process has another parent now, or the parent's main thread, the one
-        that spawned it, has exited); if so, stop (exit 3).  What tells the
-        parent-death signal, a SIGTERM like any other, from the others: it
-        comes when the parent's *thread* exits, and a process killed loses
-        its main thread first, its children going to a sibling thread."""
+        process has another parent now, or the parent's main thread, the
+        main loop's, has exited); if so, stop (exit 3).  What tells the
+        parent-death signal, a SIGTERM like any other, from the others.  It
+        comes when the parent's *thread* exits: a process killed may lose its
+        main thread before the others, its children then going to one of
+        those, whose process id is the same."""
         pid = self.main_loop_pid
         if not pid or (os.getppid() == pid and not _exited(pid)):
             return False

@@ -304,7 +304,7 @@ class Cluster:
         the main loop was away (its process stopped, its loop held up).  The
         heartbeat timer looks every period while the loop runs: a longer gap
         between two looks (the timer's or any caller's) was time away.  An
-        absence shorter than a period is not seen: deadlines are longer than that."""
+        absence shorter than a period is not seen."""
         now = time.monotonic_ns()
         away_ns = now - self._looked_ns - self.heartbeat_interval_ms * 1_000_000
         if away_ns > 0:
