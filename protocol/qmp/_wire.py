@@ -7,7 +7,10 @@ was wrong with it (the reply QEMU would give).  It finds message boundaries by
 tracking brackets outside strings, as QEMU's json-streamer does, then parses
 each message with ``json``.  An ASCII control character outside a string
 (other than whitespace) is a lexical error that resets the parser: clients
-send one to resynchronise.  Input is bounded: a message larger than
+send one to resynchronise.  So is a control character or a byte 0xFE/0xFF
+inside a string, as in QEMU's lexer: "JSON parse error, stray '...'" with
+the string so far, and the parser starts afresh after it (the session is
+never left waiting for a closing quote that will not come).  Input is bounded: a message larger than
 ``max_message_bytes`` is an error, and the session should be closed.
 
 Replies are one JSON object per line, CRLF-terminated, ASCII only.
@@ -44,6 +47,7 @@ class QmpDecoder:
         self._depth = 0
         self._in_string = False
         self._escape = False
+        self._string_start = 0  # where the string being scanned began
 
     def feed(self, data: bytes) -> list[dict[str, Any] | QmpInputError]:
         out: list[dict[str, Any] | QmpInputError] = []
@@ -61,15 +65,19 @@ class QmpDecoder:
                     self._start, self._depth = i, 1
                     i += 1
                     continue
-                if c < 0x20 or c == 0xFF:
+                if c < 0x20 or c >= 0xFE:
                     out.append(QmpInputError("JSON parse error, invalid character (parser reset)"))
                     i += 1
                     continue
                 # A scalar at top level: read it whole (a string up to its
                 # closing quote: a bracket inside it is no message), refuse it.
-                j = _string_end(buf, i + 1, n) if c == 0x22 else _word_end(buf, i, n)
+                j, bad = _string_end(buf, i + 1, n) if c == 0x22 else (_word_end(buf, i, n), False)
                 if j - i > self.max_message_bytes:
                     return self._too_large(out)
+                if bad:
+                    out.append(_stray(buf[i:j]))
+                    i = j
+                    continue
                 if j == n:
                     break  # it may go on in the next read (rescanned from its start: bounded above)
                 out.append(QmpInputError("QMP input must be a JSON object"))
@@ -82,10 +90,14 @@ class QmpDecoder:
                     self._escape = True
                 elif c == 0x22:
                     self._in_string = False
+                elif _bad_in_string(c):
+                    out.append(_stray(buf[self._string_start:i + 1]))
+                    self._reset()
                 i += 1
                 continue
             if c == 0x22:
                 self._in_string = True
+                self._string_start = i
             elif c in b"{[":
                 self._depth += 1
                 if self._depth > MAX_NESTING:
@@ -100,7 +112,7 @@ class QmpDecoder:
                         return self._too_large(out)
                     out.append(self._parse(bytes(buf[self._start:i + 1])))
                     self._start = -1
-            elif c < 0x20 and c not in _WS or c == 0xFF:
+            elif c < 0x20 and c not in _WS or c >= 0xFE:
                 out.append(QmpInputError("JSON parse error, invalid character (parser reset)"))
                 self._reset()
             i += 1
@@ -156,8 +168,14 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def _string_end(buf: bytearray, i: int, n: int) -> int:
-    """Just past the closing quote of the string whose body starts at ``i``, or ``n``."""
+def _bad_in_string(c: int) -> bool:
+    """A byte QEMU's lexer refuses inside a string: a control character, 0xFE or 0xFF."""
+    return c < 0x20 or c >= 0xFE
+
+
+def _string_end(buf: bytearray, i: int, n: int) -> tuple[int, bool]:
+    """Scan the string whose body starts at ``i``: ``(end, bad)``, with ``end``
+    just past its closing quote, or past a byte it may not hold (``bad``), or ``n``."""
     while i < n:
         c = buf[i]
         if c == 0x5C:  # backslash: the next byte is escaped
@@ -165,8 +183,19 @@ def _string_end(buf: bytearray, i: int, n: int) -> int:
             continue
         i += 1
         if c == 0x22:
-            return i
-    return n
+            return i, False
+        if _bad_in_string(c):
+            return i, True
+    return min(i, n), False
+
+
+STRAY_SHOWN_CHARS = 64
+
+
+def _stray(token: bytes | bytearray) -> QmpInputError:
+    """QEMU's error for a token its lexer refuses, the token shown as QEMU shows it (bounded)."""
+    shown = "".join(chr(b) if 0x20 <= b < 0x7F else f"\\u{b:04X}" for b in token[-STRAY_SHOWN_CHARS:])
+    return QmpInputError(f"JSON parse error, stray '{'...' if len(token) > STRAY_SHOWN_CHARS else ''}{shown}'")
 
 
 def _word_end(buf: bytearray, i: int, n: int) -> int:

@@ -174,8 +174,8 @@ def test_wire_protocol_details(cluster: dict[str, Any]) -> None:
         assert r.line()["error"]["desc"] == "QMP input lacks member 'execute'"
         r.send(b'{"execute": "query-status", "arguments": [1]}')
         assert r.line()["error"]["desc"] == "QMP input member 'arguments' must be an object"
-        r.send(b'{"execute": "quer\xff\xfey-status"}')
-        assert "JSON parse error" in r.line()["error"]["desc"]
+        r.send(b'{"execute": "quer\xff')  # a byte no string may hold: an error, and the parser starts afresh
+        assert r.line()["error"]["desc"] == "JSON parse error, stray '\"quer\\u00FF'"
         r.send(b'{"execute": "\xc3\x28"}')
         assert "UTF-8" in r.line()["error"]["desc"]
         r.send(b'{"execute": "query-status", "id": "\xc3\xa9t\xc3\xa9"}')

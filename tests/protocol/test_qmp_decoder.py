@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -98,3 +99,16 @@ def test_a_top_level_scalar_past_max_message_bytes_is_fatal() -> None:
     for _ in range(4):
         out += d.feed(b"a" * 65536)
     assert out and isinstance(out[-1], QmpInputError) and out[-1].fatal
+
+
+@pytest.mark.parametrize("bad", [b"\x1b", b"\x00", b"\x1f", b"\xff", b"\xfe"])
+@pytest.mark.parametrize("prefix", [b'{"execute": "query-version", "id": "abc', b'"abc'])
+def test_a_byte_a_string_may_not_hold_resynchronises(prefix: bytes, bad: bytes) -> None:
+    """Regression: a control character or 0xFE/0xFF inside a string (of a
+    message, or a top-level string) left the decoder waiting for a closing
+    quote for ever, and the session deaf.  As QEMU's lexer: an error naming
+    the stray token, then the next command is read."""
+    out = QmpDecoder().feed(prefix + bad + b'{"execute": "query-status", "id": 2}')
+    assert isinstance(out[0], QmpInputError) and out[0].desc.startswith("JSON parse error, stray '\"abc")
+    assert out[0].desc.endswith(f"\\u{bad[0]:04X}'")
+    assert out[1:] == [{"execute": "query-status", "id": 2}]
