@@ -642,8 +642,13 @@ class Cluster:
         info = self.nodes.get(node_name)
         if info is None:
             raise StateError(f"Cannot find device={node_name} nor node-name={node_name}")
-        info.histogram = boundaries_ns
-        self._request(info.iothread, lambda rid: SetLatencyHistogram(rid, node_name, boundaries_ns), callback)
+
+        def done(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, QueryReply):  # a setting that failed changes nothing
+                info.histogram = boundaries_ns
+            callback(reply)
+
+        self._request(info.iothread, lambda rid: SetLatencyHistogram(rid, node_name, boundaries_ns), done)
 
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``

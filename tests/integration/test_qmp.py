@@ -261,6 +261,13 @@ def test_blockstats_and_latency_histogram(cluster: dict[str, Any]) -> None:
         q.cmd("block-latency-histogram-set", id="disk0", boundaries=list(range(1, 33)))
         stats = {s["node-name"]: s["stats"] for s in q.cmd("query-blockstats", **{"query-nodes": True})}
         assert len(stats["disk0"]["rd_latency_histogram"]["bins"]) == 33
+        # Regression: a boundary of 2**64 failed but was kept, and the next move never answered.
+        err = q.cmd_obj({"execute": "block-latency-histogram-set",
+                         "arguments": {"id": "disk0", "boundaries": [1, 2**64]}})
+        assert "error" in err and "boundaries" in err["error"]["desc"], err
+        q.cmd("x-blockdev-set-iothread", **{"node-name": "disk0", "iothread": "io1"})
+        stats = {s["node-name"]: s["stats"] for s in q.cmd("query-blockstats", **{"query-nodes": True})}
+        assert stats["disk0"]["rd_latency_histogram"]["boundaries"] == list(range(1, 33))  # unchanged
         # Arguments too large to pass on to an iothread: an error, and the monitor goes on.
         err = q.cmd_obj({"execute": "blockdev-add", "arguments": {"driver": "file", "node-name": "long",
                                                                   "filename": "/" + "x" * 5000}})
