@@ -51,7 +51,7 @@ from protocol import (
 
 from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
 from ..loop._bql import bql
-from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
+from ..cluster._cluster import MAX_IOTHREADS, Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
 from ..loop._loop import MainLoop
 from ..qmp._monitor import Monitor, package_version
 from ._options import (
@@ -69,7 +69,6 @@ __all__ = ["main"]
 
 PROG = "iothreads"
 EXIT_OK, EXIT_FAILURE = 0, 1
-MAX_IOTHREADS = 256  # for --iothreads: each one is a process
 LOCK_FILE = "lock"  # in the runtime directory: the launcher's pid, locked while it runs
 LOG_LEVELS = ("debug", "info", "warning", "error")
 log = logging.getLogger("mainloop.cli")

@@ -7,6 +7,7 @@ from ._cluster import Cluster as Cluster
 from ._cluster import IOThread as IOThread
 from ._cluster import IOThreadConfig as IOThreadConfig
 from ._cluster import IOThreadState as IOThreadState
+from ._cluster import MAX_IOTHREADS as MAX_IOTHREADS
 from ._cluster import NodeInfo as NodeInfo
 
 __all__ = [
@@ -15,5 +16,6 @@ __all__ = [
     "IOThread",
     "IOThreadConfig",
     "IOThreadState",
+    "MAX_IOTHREADS",
     "NodeInfo",
 ]

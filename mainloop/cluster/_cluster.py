@@ -181,13 +181,20 @@ class NodeInfo:
     detached: bool = False  # during a move: the old home has let it go
 
 
+MAX_IOTHREADS = 256
+"""Iothreads of one cluster at the most, however they are added (the command
+line's ``--iothreads``, ``--object``, QMP's ``object-add``): each one is a process."""
+
+
 class Cluster:
     """Iothread processes of one main loop.  Main-loop thread, BQL held."""
 
     def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS, handshake_timeout_ms: int = 15_000,
-                 stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000) -> None:
+                 stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000,
+                 max_iothreads: int = MAX_IOTHREADS) -> None:
         self.loop = loop
+        self.max_iothreads = max_iothreads
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or make_runtime_dir()
         if not self._own_runtime_dir:
@@ -263,6 +270,9 @@ class Cluster:
         self._check_open()
         if config.id in self.iothreads and self.iothreads[config.id].state is not IOThreadState.EXITED:
             raise StateError(f"an iothread with id {config.id!r} already exists")
+        live = sum(1 for t in self.iothreads.values() if t.state is not IOThreadState.EXITED)
+        if live >= self.max_iothreads:
+            raise ValueError(f"a cluster has at most {self.max_iothreads} iothreads (each one is a process)")
         t = IOThread(config)
         self._spawn(t)  # first: one that cannot start leaves no handle behind (ValueError, OSError)
         self.iothreads[config.id] = t

@@ -148,3 +148,18 @@ def test_an_iothread_exit_is_handled_even_if_a_pending_reply_callback_raises(clu
         c.query("io0", bad)  # may be answered before or after the kill: either way it raises
         os.kill(t.pid, signal.SIGKILL)
         assert c.wait_for(lambda: "IOTHREAD_EXITED" in events, 10)
+
+
+def test_iothreads_are_capped_however_they_are_added(clusters: Clusters) -> None:
+    """Regression: the command line capped iothreads at 256, QMP's object-add
+    at nothing.  The cap is the cluster's: an iothread past it is refused
+    before any process starts, and an exited one makes room again."""
+    cluster = clusters.start("io0", max_iothreads=1)
+    with bql():
+        with pytest.raises(ValueError, match="at most 1 iothreads"):
+            cluster.add(IOThreadConfig("io1"))
+        assert set(cluster.iothreads) == {"io0"}
+        os.kill(cluster.iothreads["io0"].pid, signal.SIGKILL)
+        assert cluster.wait_for(lambda: cluster.iothreads["io0"].state is IOThreadState.EXITED, START_S)
+        cluster.add(IOThreadConfig("io1"))
+        assert cluster.wait_for(lambda: cluster.iothreads["io1"].state is IOThreadState.RUNNING, START_S)
