@@ -49,9 +49,12 @@ def descendants(pid: int) -> list[int]:
     todo = [pid]
     while todo:
         parent = todo.pop(0)
-        for task in os.listdir(f"/proc/{parent}/task"):
-            with open(f"/proc/{parent}/task/{task}/children") as f:
-                todo += [int(c) for c in f.read().split()]
+        try:
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    todo += [int(c) for c in f.read().split()]
+        except FileNotFoundError:  # it (or one of its threads) exited meanwhile
+            pass
         if parent != pid:
             found.append(parent)
     return found

@@ -87,9 +87,11 @@ def test_iothreads_of_a_killed_launcher_stop_because_its_process_is_gone(cluster
     proc.kill()
     wait_gone(pids, GONE_S, "the iothreads of a killed launcher")
     _, err = proc.communicate(timeout=STOP_S)  # the iothreads shared its stderr: all of it is here
-    for t in ready["iothreads"]:
-        assert f"iothread {t['id']}: main loop (pid {proc.pid}) is gone: stopping" in err, err
-    assert "silent" not in err, err
+    # A local iothread has no silence watchdog: ending within the bound, the iothreads ended by the
+    # pidfd or the parent-death signal.  (Which one logs "main loop ... is gone" is not asserted: a
+    # parent-death signal that comes while the dying launcher's threads still exist reads as a plain
+    # SIGTERM, which stops the iothread as cleanly, without that line.)
+    assert "silent" not in err and "no answer" not in err, err
 
 
 def test_a_stopped_launcher_costs_no_iothread_and_no_block_io(clusters: Clusters) -> None:
