@@ -33,6 +33,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, NoReturn, TypeVar
@@ -334,9 +335,24 @@ def _hold_files(args: argparse.Namespace, configs: list[IOThreadConfig], held: c
     runtime_dir = _runtime_dir(args, configs, held)
     _make_dir(args, runtime_dir)
     held.enter_context(_pid_file(os.path.join(runtime_dir, LOCK_FILE), _dir_option(args, runtime_dir)))
+    _remove_stale_sockets(runtime_dir)
     if args.pidfile:
         held.enter_context(_pid_file(args.pidfile, f"--pidfile {args.pidfile}"))
     return runtime_dir
+
+
+def _remove_stale_sockets(runtime_dir: str) -> None:
+    """The control and data sockets a killed launcher left behind (its
+    iothreads' too): with the directory's lock held, no live cluster owns
+    any socket there.  Sockets only: nothing else is touched or followed."""
+    for name in os.listdir(runtime_dir):
+        if name == "control" or name.endswith(".data"):
+            path = os.path.join(runtime_dir, name)
+            try:
+                if stat.S_ISSOCK(os.lstat(path).st_mode):
+                    os.unlink(path)
+            except FileNotFoundError:
+                pass
 
 
 def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str) -> Cluster:
