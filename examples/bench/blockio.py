@@ -62,11 +62,19 @@ class Setup:
     this process only, which stops it) and goes when this process does."""
 
     def __init__(self, size: int) -> None:
-        self.dir = tempfile.mkdtemp(prefix="evbio", dir="/tmp")
+        # Ctrl-C held off until the directory is made and the clean-up below covers it:
+        # a KeyboardInterrupt in between would leave a directory nobody removes.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        try:
+            self.dir = tempfile.mkdtemp(prefix="evbio", dir="/tmp")
+        except BaseException:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            raise
         self.image = os.path.join(self.dir, "disk.img")
         self.size = size
         self.proc: subprocess.Popen[str] | None = None
         try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C that came meanwhile lands here
             chunk = random.Random(0).randbytes(1 << 20)
             with open(self.image, "wb") as f:
                 for _ in range(size >> 20):
