@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,20 +27,10 @@ from protocol import (
     decode,
     encode,
     ipc_endpoint,
-    make_runtime_dir,
 )
 
 WAIT_MS = 10_000
 MAX_REQUEST_BYTES = 32 * 1024 * 1024
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[str]:
-    path = make_runtime_dir()
-    yield path
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
 
 
 @pytest.fixture

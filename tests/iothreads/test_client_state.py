@@ -4,8 +4,6 @@ refused with a clear error; a blocking call that times out is given up."""
 from __future__ import annotations
 
 import errno
-import os
-from collections.abc import Iterator
 
 import pytest
 
@@ -17,17 +15,7 @@ from protocol import (
     StateError,
     cluster_state_path,
     ipc_endpoint,
-    make_runtime_dir,
 )
-
-
-@pytest.fixture
-def runtime_dir() -> Iterator[str]:
-    path = make_runtime_dir()
-    yield path
-    for name in os.listdir(path):
-        os.unlink(os.path.join(path, name))
-    os.rmdir(path)
 
 
 def _write(runtime_dir: str, text: str) -> None:
