@@ -152,12 +152,10 @@ class Session:
         self.qmp = QmpSession(VERSION, max_message_bytes=monitor.max_message_bytes)
         self.closed = False
         self._dispatching = False  # in _dispatch's loop: an answer given meanwhile does not start it again
-        ctx = monitor.loop.context
-        self._in = FdWatchSource(conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
-                                 name=f"qmp session {peer}", role=f"QMP session socket ({peer})")
-        ctx.attach(self._in)
+        self._in: FdWatchSource | None = None  # watching for input: while the session wants it
+        self._at_eof = False
         self._out: FdWatchSource | None = None
-        self._flush()  # the greeting
+        self._flush()  # the greeting (and the input watch)
 
     def send_event(self, event: dict[str, Any]) -> None:
         """Send an event (once the session is negotiated)."""
@@ -179,6 +177,7 @@ class Session:
                     self._out = FdWatchSource(self.conn.fileno(), IO_OUT, self._on_writable,
                                               name=f"qmp output {self.peer}")
                     self.monitor.loop.context.attach(self._out)
+                self._watch_input()
                 return
             except OSError:
                 self.close()
@@ -191,6 +190,21 @@ class Session:
             if self.qmp.close_reason is not None:
                 log.error("QMP session %s closed: %s", self.peer, self.qmp.close_reason)
             self.close()
+        self._watch_input()
+
+    def _watch_input(self) -> None:
+        """Watch for input while the session wants it, and only then: a peer
+        that sends faster than it is answered, or does not read its replies,
+        is not read either (QEMU suspends such a monitor), so its input waits
+        in its own socket buffers, not in this process."""
+        wanted = self.qmp.wants_input and not self.closed and not self._at_eof
+        if wanted and self._in is None:
+            self._in = FdWatchSource(self.conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
+                                     name=f"qmp session {self.peer}", role=f"QMP session socket ({self.peer})")
+            self.monitor.loop.context.attach(self._in)
+        elif not wanted and self._in is not None:
+            self._in.destroy()
+            self._in = None
 
     def _on_writable(self, fd: int, cond: int) -> bool:
         self._out = None  # _flush re-arms if needed
@@ -200,6 +214,7 @@ class Session:
     # -- input ---------------------------------------------------------------
 
     def _on_readable(self, fd: int, cond: int) -> bool:
+        watch = self._in  # the source running this; kept only while it is still the watch
         try:
             data = self.conn.recv(65536)
         except BlockingIOError:
@@ -211,13 +226,13 @@ class Session:
             # input is dropped and nothing more is read (end of file stays
             # readable: watching it would spin); what is queued still goes out
             # (a peer that half-closed reads it), then the socket is closed.
+            self._at_eof = True
             self.qmp.receive_data(b"")
-            self._in.destroy()
             self._flush()
-            return False
+            return self._in is watch  # False: _flush stopped watching
         self.qmp.receive_data(data)
         self._dispatch()
-        return not self.closed
+        return self._in is watch  # False when the session stopped watching (it wants no input now)
 
     def _dispatch(self) -> None:
         """Run the session's commands, one after the other, until one waits or none is left."""
@@ -254,7 +269,9 @@ class Session:
             return
         self.closed = True
         self.qmp.close()
-        self._in.destroy()
+        if self._in is not None:
+            self._in.destroy()
+            self._in = None
         if self._out is not None:
             self._out.destroy()
             self._out = None

@@ -38,10 +38,16 @@ Rules:
   take), ``qmp_capabilities``' included: the session yields it like any
   command.  What it means is the session's: a reply to it ends negotiation,
   unless it asked for a capability, and this server offers none.
-- Output is bounded: when unsent output passes ``max_output_bytes`` (a peer
-  that does not read), the session drops it and closes.  Input is bounded per
-  message (``max_message_bytes``); a larger one is answered and closes the
-  session.
+- Input is taken only as fast as it is answered: ``wants_input`` is false
+  while ``MAX_QUEUED_COMMANDS`` commands wait (QEMU's QMP_REQ_QUEUE_LEN_MAX:
+  it stops reading a monitor then) or while replies wait to go out past
+  ``OUTPUT_PAUSE_BYTES`` (a peer that sends without reading), and the owner
+  then reads nothing more until it is true again: what one session holds is
+  bounded by what one read brings, whatever the peer writes.
+- Output is bounded: when unsent output passes ``max_output_bytes`` (events
+  to a peer that does not read), the session drops it and closes.  Input is
+  bounded per message (``max_message_bytes``); a larger one is answered and
+  closes the session.
 - Nothing the peer sends makes a method raise.  Misuse by the owner (answering
   when no command runs, acknowledging bytes never handed out) raises.
 
@@ -61,6 +67,8 @@ from ._wire import QmpDecoder, QmpInputError, qmp_error, qmp_line, qmp_return
 __all__ = ["QmpCommand", "QmpSession", "QmpSessionState"]
 
 CAPABILITIES_COMMAND = "qmp_capabilities"
+MAX_QUEUED_COMMANDS = 8  # QEMU's QMP_REQ_QUEUE_LEN_MAX: no more input read while this many wait
+OUTPUT_PAUSE_BYTES = 256 * 1024  # no more input read while this much output waits to go out
 _ENVELOPE_MEMBERS = ("execute", "arguments", "id")
 
 
@@ -133,6 +141,16 @@ class QmpSession:
             if isinstance(item, QmpInputError) and item.fatal:
                 self._input_ended = True
                 break
+
+    @property
+    def wants_input(self) -> bool:
+        """Whether the owner should read more of the peer's input now: not
+        while ``MAX_QUEUED_COMMANDS`` inputs wait to be run or answered, nor
+        while more than ``OUTPUT_PAUSE_BYTES`` of output wait to go out, nor
+        once closed.  The owner checks again after running commands and after
+        sending output."""
+        return (not self.closed and len(self._input) < MAX_QUEUED_COMMANDS
+                and len(self._out) <= OUTPUT_PAUSE_BYTES)
 
     def next_command(self) -> QmpCommand | None:
         """The next command to run, or None while one runs or no input is left.

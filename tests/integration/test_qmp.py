@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -417,6 +418,60 @@ def test_ten_thousand_pipelined_commands_in_one_write_all_get_answers(cluster: d
             assert r.line() == {"return": {"status": "running", "running": True}, "id": i}
         r.send(b'{"execute": "query-version", "id": "after"}')
         assert r.line()["id"] == "after"
+    finally:
+        r.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
+def test_a_session_is_read_no_faster_than_it_is_answered(cluster: dict[str, Any]) -> None:
+    """Regression: while one command waited for a stopped iothread, 24 MiB of
+    pipelined commands took the launcher from 32 to 346 MiB, for good.  As
+    QEMU stops reading a monitor once 8 commands are queued, the launcher
+    stops reading the session: the rest waits in the peer's socket, the
+    launcher's memory stays flat, and every command is answered in order once
+    the iothread answers."""
+    launcher = cluster["proc"].pid
+    io0 = next(t["pid"] for t in cluster["iothreads"] if t["id"] == "io0")
+    r = _session(cluster["qmp"][0])
+    command = b'{"execute": "query-status"}'
+    sent = 0
+    try:
+        rss_before = _rss_bytes(launcher)
+        os.kill(io0, signal.SIGSTOP)
+        try:
+            _cmd(r, "query-blockstats", **{"query-nodes": True})  # null0's counters: io0 must answer
+            r.sock.setblocking(False)
+            burst = command * 4096
+            while sent < 24 << 20:
+                try:
+                    sent += r.sock.send(burst[sent % len(command):])
+                except BlockingIOError:
+                    # Not taken now: the launcher may just be busy.  Not taken
+                    # for 2 s while it sits idle: it stopped reading.
+                    _, writable, _ = select.select([], [r.sock], [], 2.0)
+                    if not writable:
+                        break
+            assert sent < 4 << 20, f"the launcher read {sent} bytes of a session whose first command waits"
+            grown = _rss_bytes(launcher) - rss_before
+            assert grown < 8 << 20, f"the launcher grew by {grown >> 20} MiB"
+        finally:
+            os.kill(io0, signal.SIGCONT)
+        r.sock.setblocking(True)
+        r.send(command[sent % len(command):] if sent % len(command) else b"")  # the last one whole
+        commands = -(-sent // len(command))
+        first = _reply(r)
+        assert "return" in first and {s["node-name"] for s in first["return"]} == {"null0"}
+        for _ in range(commands):
+            assert _reply(r) == {"return": {"status": "running", "running": True}}
+        _cmd(r, "query-version")
+        assert _reply(r)["return"]["qemu"]["major"] == 10
     finally:
         r.close()
 

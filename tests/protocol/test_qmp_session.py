@@ -18,6 +18,7 @@ from protocol import (
     StateError,
     qmp_event,
 )
+from protocol.qmp._session import MAX_QUEUED_COMMANDS, OUTPUT_PAUSE_BYTES
 
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": "test"}
 NEGOTIATE = b'{"execute": "qmp_capabilities"}'
@@ -239,6 +240,32 @@ def test_a_peer_that_reads_is_not_closed() -> None:
         s.reply("y" * 50)
         take(s)
     assert s.state is QmpSessionState.NEGOTIATED
+
+
+def test_input_is_wanted_only_while_few_commands_wait_and_little_output_does() -> None:
+    """QEMU stops reading a monitor with 8 commands queued; so does the owner
+    of a session, told by ``wants_input``.  Output that waits to go out (a peer
+    that does not read) stops it too; both start it again once cleared."""
+    s = negotiated()
+    assert s.wants_input
+    s.receive_data(b'{"execute": "slow"}')
+    command = s.next_command()
+    assert command is not None and s.wants_input  # one running, none queued
+    s.receive_data(b'{"execute": "next"}' * (MAX_QUEUED_COMMANDS - 1))
+    assert s.next_command() is None and s.wants_input  # the first still runs: 7 wait
+    s.receive_data(b'{"execute": "next"}')
+    assert not s.wants_input  # 8 wait
+    s.reply(None)
+    assert s.next_command() is not None and s.wants_input  # 7 wait again
+    while s.running is not None:
+        s.reply("y" * 100_000)
+        s.next_command()
+    assert not s.wants_input  # more than OUTPUT_PAUSE_BYTES wait to go out
+    assert len(s.data_to_send()) > OUTPUT_PAUSE_BYTES
+    take(s)
+    assert s.wants_input
+    s.close()
+    assert not s.wants_input
 
 
 def test_the_peer_hanging_up_closes_the_session() -> None:
