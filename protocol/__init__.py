@@ -11,10 +11,18 @@
 from __future__ import annotations
 
 from .channel import Channel as Channel
+from .channel import FD_RESERVE as FD_RESERVE
+from .channel import PAUSED_SUFFIX as PAUSED_SUFFIX
+from .channel import FdBudget as FdBudget
+from .channel import open_fd_count as open_fd_count
+from .channel import raise_fd_limit as raise_fd_limit
 from .channel import channel_socket as channel_socket
 from .channel import ipc_endpoint as ipc_endpoint
 from .channel import make_runtime_dir as make_runtime_dir
 from .channel import bind_owner_only as bind_owner_only
+from .channel import check_runtime_dir as check_runtime_dir
+from .channel import default_runtime_parent as default_runtime_parent
+from .channel import made_runtime_dirs as made_runtime_dirs
 from .channel import open_own_file as open_own_file
 from .channel import owner_only_umask as owner_only_umask
 from .channel import prepare_runtime_dir as prepare_runtime_dir
@@ -28,6 +36,12 @@ from .wire import encode as encode
 from .wire import encode_batch as encode_batch
 from .wire import pack as pack
 from .wire import PendingRequests as PendingRequests
+from .wire import CLIENT_CREDIT as CLIENT_CREDIT
+from .wire import DATA_RCVHWM as DATA_RCVHWM
+from .wire import DATA_SNDHWM as DATA_SNDHWM
+from .wire import ClientCredit as ClientCredit
+from .wire import InFlight as InFlight
+from .wire import request_bytes as request_bytes
 from .state import CLUSTER_STATE_FILE as CLUSTER_STATE_FILE
 from .state import ClusterState as ClusterState
 from .state import IOThreadEntry as IOThreadEntry
@@ -61,6 +75,7 @@ from .wire import BlockRequest as BlockRequest
 from .wire import ErrorReply as ErrorReply
 from .wire import Event as Event
 from .wire import Heartbeat as Heartbeat
+from .wire import NodeStats as NodeStats
 from .wire import Hello as Hello
 from .wire import Message as Message
 from .wire import Query as Query
@@ -78,20 +93,29 @@ __all__ = [
     "BlockdevAdd",
     "BlockdevDel",
     "BottomHalfLeakError",
+    "CLIENT_CREDIT",
     "CLUSTER_STATE_FILE",
     "Channel",
+    "ClientCredit",
     "ClusterState",
     "CoroutineStateError",
+    "DATA_RCVHWM",
+    "DATA_SNDHWM",
     "ErrorReply",
     "Event",
     "EvloopError",
+    "FD_RESERVE",
+    "FdBudget",
     "Heartbeat",
     "Hello",
     "IOThreadEntry",
+    "InFlight",
     "Limits",
     "LocalProtocolError",
     "Message",
     "NodeEntry",
+    "NodeStats",
+    "PAUSED_SUFFIX",
     "PROTOCOL_VERSION",
     "PendingRequests",
     "ProtocolError",
@@ -113,13 +137,17 @@ __all__ = [
     "Welcome",
     "bind_owner_only",
     "channel_socket",
+    "check_runtime_dir",
     "cluster_state_path",
     "decode",
     "decode_batch",
+    "default_runtime_parent",
     "encode",
     "encode_batch",
     "ipc_endpoint",
+    "made_runtime_dirs",
     "make_runtime_dir",
+    "open_fd_count",
     "open_own_file",
     "owner_only_umask",
     "pack",
@@ -128,6 +156,8 @@ __all__ = [
     "qmp_event",
     "qmp_line",
     "qmp_return",
+    "raise_fd_limit",
     "remove_stale_socket",
     "replace_file",
+    "request_bytes",
 ]

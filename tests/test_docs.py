@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from tests.integration.support import processes_in
+
 pytestmark = pytest.mark.integration
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -242,12 +244,16 @@ def _run(argv: list[str], cwd: pathlib.Path) -> subprocess.CompletedProcess[str]
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"still running after {BLOCK_TIMEOUT_S} s:\n{out}")
+    left = processes_in(str(cwd))  # the iothreads of a launcher have sessions of their own
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
     else:
         pytest.fail(f"processes outlived the blocks:\n{out}")
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], f"processes outlived the blocks: {left}\n{out}"
     return subprocess.CompletedProcess(argv, proc.returncode, out, "")
 
 

@@ -24,6 +24,18 @@ When a node moves to another iothread, the old home answers requests that
 still reach it with ESTALE; the client re-reads the published state and sends
 them to the new home, so the caller sees one completion per request.
 
+When the connection to an iothread drops (it died), its requests in flight
+fail with EIO, and new ones with ENOTCONN until it is back: restarted, it
+listens on the same endpoint, where ZeroMQ connects again by itself, or on
+the one the published state gives now (a tcp:// port), where the client
+connects anew (``_reconnect``).
+
+An iothread takes at most ``CLIENT_CREDIT`` from one client (requests and
+bytes in flight; see ``protocol.InFlight``).  The client keeps to it: past
+it, requests wait in the client, registered (their deadlines run), and leave
+as completions come back; one that an iothread busy with other clients
+refused (EAGAIN) is sent again a little later, as a moved one is.
+
 A failed request raises (or reports) its errno and the iothread's message.
 A request no node could take (an unknown op, a negative offset or length,
 more than a request may carry) is refused at once: ``BlockIOError`` EINVAL,
@@ -37,14 +49,16 @@ import errno
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
+    CLIENT_CREDIT,
     CLUSTER_STATE_FILE,
     BadRequestError,
     BlockCompletion,
@@ -60,6 +74,7 @@ from protocol import (
     ThrottledLog,
     channel_socket,
     cluster_state_path,
+    request_bytes,
 )
 
 from ..aio._context import AioContext
@@ -94,6 +109,7 @@ class _Request:
     callback: Completion
     deadline_ns: int | None = None  # a blocking call's (monotonic clock)
     tries: int = 0
+    conn: _Connection | None = None  # where it was sent, while it counts against that credit
 
 
 @dataclass(eq=False)
@@ -105,6 +121,16 @@ class _Connection:
     handler: ChannelHandler
     monitor: zmq.Socket[Any]
     pending: PendingRequests[_Request]
+    # Registered, held back by the iothread's credit, in order.
+    waiting: deque[tuple[int, BlockRequest, _Request]] = field(default_factory=deque)
+    requests: int = 0  # sent and not completed, and their bytes
+    nbytes: int = 0
+    endpoint: str = ""  # the iothread's data endpoint it connected to
+
+    def fits(self, nbytes: int) -> bool:
+        """Whether a request of ``nbytes`` may be sent now (one may always be)."""
+        return not self.requests or (self.requests < CLIENT_CREDIT.max_requests
+                                     and self.nbytes + nbytes <= CLIENT_CREDIT.max_bytes)
 
 
 def _ignore(status: int, message: str, data: bytes) -> None:
@@ -168,6 +194,11 @@ class BlockClient:
             entry = self.state.iothread(iothread)
             if entry is None or not entry.data:
                 raise StateError(f"iothread {iothread!r} has no data endpoint")
+            if entry.data.startswith("ipc://") and not os.path.exists(entry.data.removeprefix("ipc://")):
+                # An iothread at its limit of clients stops listening (its socket
+                # file goes) until some leave: ZeroMQ would wait for it in silence.
+                raise BlockIOError(errno.ECONNREFUSED, f"iothread {iothread} takes no new clients now "
+                                                       "(it is at its limit of connections or descriptors)")
             sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
             # Requests wait in ZeroMQ only for a live connection: when it drops,
@@ -182,13 +213,36 @@ class BlockClient:
             channel = Channel(sock, lambda _identity, msg: self._on_message(iothread, pending, msg),
                               on_error=lambda _identity, exc: self._on_bad_message(iothread, pending, exc))
             handler = ChannelHandler(self.ctx, channel, f"data-{iothread}")
-            conn = _Connection(channel, handler, monitor, pending)
+            conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data)
             self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
                                     io_read=lambda: self._on_monitor(iothread, conn),
                                     io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
             self._connections[iothread] = conn
             self._on_monitor(iothread, conn)  # ZeroMQ signals its fd only once a read has found it empty
         return conn
+
+    def _reconnect(self, node: str, iothread: str) -> str:
+        """Where a request for ``node`` goes now that the connection to its
+        iothread dropped: there again once it is back (a restarted iothread:
+        ZeroMQ connects again by itself to the same endpoint, and to the new
+        one the published state gives if it listens elsewhere now, a tcp://
+        port chosen at its start), or to the node's new home; ENOTCONN while
+        it is down."""
+        conn = self._connections[iothread]
+        self._on_monitor(iothread, conn)  # back meanwhile? (a blocking caller may not have polled since)
+        if iothread not in self._lost:
+            return iothread
+        self.refresh()  # the node may live elsewhere now
+        iothread = self._node(node).iothread
+        dropped = self._connections[iothread] if iothread in self._lost else None
+        entry = self.state.iothread(iothread)
+        if dropped is not None and entry is not None and entry.data and entry.data != dropped.endpoint:
+            del self._connections[iothread]
+            self._lost.discard(iothread)
+            self._close_connection(dropped)  # a new one to where it listens now
+        elif iothread in self._lost:
+            raise BlockIOError(errno.ENOTCONN, f"iothread {iothread} is not connected (it exited?)")
+        return iothread
 
     def _on_monitor(self, iothread: str, conn: _Connection) -> None:
         """Connection events of a data channel (its monitor's fd is edge-triggered: read them all)."""
@@ -205,6 +259,7 @@ class BlockClient:
         """Complete ``requests`` with an error.  One callback's bug must not
         strand the others (a monitor's edge is spent): it is reported."""
         for request_id, request in requests:
+            self._settle(request)
             try:
                 request.callback(status, message, b"")
             except Exception as exc:
@@ -224,15 +279,36 @@ class BlockClient:
             request = pending.match(msg.request_id)
             if request is None:
                 return  # abandoned: timed out, or failed with its connection
-            if msg.status == -errno.ESTALE and request.tries < MAX_RESENDS:
-                self._resend_later(iothread, request)  # the node moved: look it up again
+            self._settle(request)
+            if msg.status in (-errno.ESTALE, -errno.EAGAIN) and request.tries < MAX_RESENDS:
+                # The node moved (look it up again), or the iothread is busy with others.
+                self._resend_later(iothread, request, msg.status)
                 return
             request.callback(msg.status, msg.message, msg.data)
 
-    def _resend_later(self, iothread: str, request: _Request) -> None:
+    def _settle(self, request: _Request) -> None:
+        """``request`` left its connection's table: its credit is free for
+        the requests held back there."""
+        conn, request.conn = request.conn, None
+        if conn is None:
+            return
+        conn.requests -= 1
+        conn.nbytes -= request_bytes(request.op, request.length, request.data)
+        waiting = conn.waiting
+        while waiting and conn.fits(request_bytes(waiting[0][2].op, waiting[0][2].length, waiting[0][2].data)):
+            request_id, msg, held = waiting.popleft()
+            if request_id not in conn.pending:  # failed or expired meanwhile
+                continue
+            try:
+                self._transmit(conn, request_id, msg, held, defer=True)
+            except LocalProtocolError as exc:  # too large for one message
+                conn.pending.match(request_id)
+                held.callback(-errno.EINVAL, str(exc), b"")
+
+    def _resend_later(self, iothread: str, request: _Request, status: int) -> None:
         self.resends += 1
-        log.debug("node %s moved away from iothread %s: %s at %d resent (try %d)", request.node, iothread,
-                  request.op, request.offset, request.tries + 1)
+        log.debug("%s at %d on node %s: %s from iothread %s: resent (try %d)", request.op, request.offset,
+                  request.node, errno.errorcode.get(-status, status), iothread, request.tries + 1)
 
         def resend() -> None:
             try:
@@ -257,6 +333,7 @@ class BlockClient:
         if isinstance(exc, BadRequestError) and exc.kind == BlockCompletion.KIND:
             request = pending.match(exc.request_id)
             if request is not None:  # its answer came, unreadable: it failed
+                self._settle(request)
                 request.callback(-errno.EIO, f"iothread {iothread} sent a bad completion: {exc}", b"")
 
     @property
@@ -282,26 +359,34 @@ class BlockClient:
             raise BlockIOError(errno.EINVAL, problem)
         iothread = self._node(request.node).iothread
         if iothread in self._lost:
-            self.refresh()  # the node may live elsewhere now
-            iothread = self._node(request.node).iothread
-            if iothread in self._lost:
-                raise BlockIOError(errno.ENOTCONN, f"iothread {iothread} is not connected (it exited?)")
+            iothread = self._reconnect(request.node, iothread)
         conn = self._connection(iothread)
         request_id = conn.pending.next_id()
         msg = BlockRequest(request_id, request.node, request.op, request.offset, request.length,
                            data=request.data)
         conn.pending.register(request_id, request, request.deadline_ns)
+        if conn.waiting or not conn.fits(request_bytes(request.op, request.length, request.data)):
+            conn.waiting.append((request_id, msg, request))  # sent when completions free the credit
+            return request_id
         try:
-            # Deferred: a burst of submissions reaches the socket in one go.
-            # A blocking call (not deferred) may come from a completion callback,
-            # inside the channel's drain: it must leave at once all the same.
-            conn.channel.send(msg, defer=defer, immediately=not defer)
+            self._transmit(conn, request_id, msg, request, defer)
         except BaseException as exc:
             conn.pending.match(request_id)
             if isinstance(exc, LocalProtocolError):  # too large for one message
                 raise BlockIOError(errno.EINVAL, str(exc)) from None
             raise
         return request_id
+
+    def _transmit(self, conn: _Connection, request_id: int, msg: BlockRequest, request: _Request,
+                  defer: bool) -> None:
+        """Send a registered request, counting it against the iothread's credit."""
+        # Deferred: a burst of submissions reaches the socket in one go.
+        # A blocking call (not deferred) may come from a completion callback,
+        # inside the channel's drain: it must leave at once all the same.
+        conn.channel.send(msg, defer=defer, immediately=not defer)
+        conn.requests += 1
+        conn.nbytes += request_bytes(request.op, request.length, request.data)
+        request.conn = conn
 
     def _wait(self, node: str, op: str, offset: int, length: int, data: bytes) -> bytes:
         result: list[tuple[int, str, bytes]] = []
@@ -363,11 +448,7 @@ class BlockClient:
         completes them and drops the completions)."""
         self._bad_input.flush()
         for conn in self._connections.values():
-            self.ctx.set_fd_handler(cast(int, conn.monitor.getsockopt(zmq.FD)))
-            conn.channel.socket.disable_monitor()
-            conn.monitor.close(linger=0)
-            conn.handler.close()
-            conn.pending.take_all()
+            self._close_connection(conn)
         self._connections.clear()
         # destroy, not term: term waits for every socket to be closed, and a
         # connection interrupted while it was being set up (Ctrl-C) leaves
@@ -375,6 +456,14 @@ class BlockClient:
         self.zmq.destroy(linger=0)
         if self._owns_ctx:
             self.ctx.close()
+
+    def _close_connection(self, conn: _Connection) -> None:
+        """Close one connection; its requests still in flight are abandoned."""
+        self.ctx.set_fd_handler(cast(int, conn.monitor.getsockopt(zmq.FD)))
+        conn.channel.socket.disable_monitor()
+        conn.monitor.close(linger=0)
+        conn.handler.close()
+        conn.pending.take_all()
 
     def __enter__(self) -> BlockClient:
         return self

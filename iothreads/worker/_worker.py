@@ -18,7 +18,12 @@ Control messages: ``SetPollParams`` applies poll-max-ns / poll-grow /
 poll-shrink / aio-max-batch at once; ``Query`` is answered with the
 context's counters; ``Stop`` schedules a oneshot bottom half that clears
 ``running`` (as QEMU stops an iothread), after which the loop ends and the
-process exits 0.
+process exits 0.  A ``Heartbeat`` is answered with a ``NodeStats`` for each
+node whose statistics changed since they were last sent (a few at a time):
+the main loop's copy, which a restart of this iothread reopens its nodes
+with.  A node's ``BlockdevAdd`` may carry the statistics and the latency
+histogram it starts from (moved here, or reopened after a restart); the
+answer to a ``BlockdevDel`` of a node moving away carries them.
 
 Liveness: a process, not a silence
 ----------------------------------
@@ -64,6 +69,8 @@ from typing import Any
 import zmq
 
 from protocol import (
+    DATA_RCVHWM,
+    DATA_SNDHWM,
     BadRequestError,
     BlockCompletion,
     BlockRequest,
@@ -72,10 +79,13 @@ from protocol import (
     Channel,
     ErrorReply,
     Event,
+    FdBudget,
     Heartbeat,
     Hello,
+    InFlight,
     LocalProtocolError,
     Message,
+    NodeStats,
     PROTOCOL_VERSION,
     Query,
     QueryReply,
@@ -87,6 +97,8 @@ from protocol import (
     Welcome,
     bind_owner_only,
     channel_socket,
+    raise_fd_limit,
+    request_bytes,
 )
 from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
 
@@ -95,13 +107,19 @@ from ..block._node import BlockNode, open_node
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._notifier import EventNotifier
+from ._listener import BACKLOG as LISTEN_BACKLOG
+from ._listener import MAX_CLIENTS, DataListener
 
 __all__ = ["IOThreadWorker", "die_with_parent", "main", "set_parent_death_signal"]
 
 log = logging.getLogger("iothreads.worker")
 
-CAPABILITIES = ("poll-params", "query", "heartbeat")
+CAPABILITIES = ("poll-params", "query", "heartbeat", "node-stats")
+NODE_STATS_PER_HEARTBEAT = 16
+"""Nodes whose statistics go with one heartbeat's answer at the most (a
+``NodeStats`` each, those sent longest ago first): what it costs stays bounded."""
 _MAX_MESSAGE_CHARS = 1024  # an error message in a completion
+MAX_NODES = 1024  # block nodes in one iothread
 SHUTDOWN_DRAIN_MS = 5_000  # the longest an orderly exit waits for requests in flight
 EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
@@ -162,12 +180,19 @@ class IOThreadWorker:
         self.handler = ChannelHandler(self.ctx, self.channel, "control")
         self.nodes: dict[str, BlockNode] = {}
         self.moved: set[str] = set()  # nodes handed over to another iothread
+        # Each node's statistics as last sent to the main loop (their mark) and the heartbeat they went with.
+        self._stats_sent: dict[str, tuple[tuple[object, ...], int]] = {}
+        self._heartbeats_heard = 0
         self.deleting: set[BlockNode] = set()  # blockdev-del'd, draining
         self.data_endpoint = data_endpoint
         self.data: Channel | None = None
         self.data_handler: ChannelHandler | None = None
+        self.in_flight = InFlight()  # the data-plane clients' requests, within their credit
         if data_endpoint is not None:
-            dsock = channel_socket(self.zmq, zmq.ROUTER)
+            # Few batches queued to or read ahead from one client: what a client
+            # that never reads costs this process stays bounded (see InFlight).
+            dsock = channel_socket(self.zmq, zmq.ROUTER, sndhwm=DATA_SNDHWM, rcvhwm=DATA_RCVHWM)
+            dsock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # what libzmq may accept past a pause (DataListener)
             bind_owner_only(dsock, data_endpoint)  # an ipc socket file: the user's alone, whatever the umask
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
@@ -178,8 +203,12 @@ class IOThreadWorker:
         self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
         self._watchdog.mod(self._watchdog.now() + handshake_timeout_ms)
         bound = ""
+        self.fds = FdBudget()
+        self.listener: DataListener | None = None
         if self.data is not None:
             bound = self.data.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+            # Listening only while clients can be afforded (libzmq accepts them on its own).
+            self.listener = DataListener(self.ctx, self.data.socket, bound, on_limit=self._on_listener_limit)
         self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound))
 
     # -- messages ---------------------------------------------------------
@@ -200,21 +229,55 @@ class IOThreadWorker:
             if request_id is not None:
                 self.channel.send(ErrorReply(request_id, "GenericError", _bounded(f"the answer cannot be sent: {exc}")))
 
+    def _on_listener_limit(self, problem: str) -> None:
+        self.channel.send(Event("RESOURCE_LIMIT_REACHED", {
+            "resource": "data-connections", "limit": MAX_CLIENTS, "reason": problem}))
+
     def _on_heartbeat(self, identity: bytes, msg: Heartbeat) -> None:
-        pass  # being heard is all it says
+        if self.listener is not None:
+            self.listener.check()  # descriptors freed since (a node closed) may let it listen again
+        # Being heard is what it says; the answer: the statistics that changed.
+        self._send_node_stats()
+
+    def _send_node_stats(self) -> None:
+        """A ``NodeStats`` for each node whose statistics changed since they
+        were last sent (``NODE_STATS_PER_HEARTBEAT`` at the most, those sent
+        longest ago first): the main loop's copy, which the node starts from
+        again if this process dies and is restarted.  What changed is told by
+        a mark of a few counters read here, at the heartbeat's pace: nothing
+        is added to the requests' path."""
+        self._heartbeats_heard += 1
+        changed: list[tuple[int, str, tuple[object, ...]]] = []
+        for name, node in self.nodes.items():
+            if name in self.moved:
+                continue  # going away: its statistics go with the move's answer
+            mark = _stats_mark(node)
+            sent = self._stats_sent.get(name)
+            if sent is None or sent[0] != mark:
+                changed.append((sent[1] if sent is not None else 0, name, mark))
+        changed.sort(key=lambda c: c[0])
+        for _, name, mark in changed[:NODE_STATS_PER_HEARTBEAT]:
+            try:
+                self.channel.send(NodeStats(name, node_statistics(self.nodes[name])))
+            except LocalProtocolError as exc:  # a histogram of too many boundaries (QMP allows 32)
+                self._bad_input.log(("node-stats", name), logging.ERROR,
+                                    "iothread %s: the statistics of node %s cannot be sent: %s", self.id, name, exc)
+            self._stats_sent[name] = (mark, self._heartbeats_heard)
 
     def _on_query(self, identity: bytes, msg: Query) -> None:
         if not msg.node:
             self.channel.send(QueryReply(msg.request_id, self.counters()))
         elif msg.node in self.nodes and msg.node not in self.moved:
-            self.channel.send(QueryReply(msg.request_id, node_counters(self.nodes[msg.node])))
+            node = self.nodes[msg.node]
+            self.channel.send(QueryReply(msg.request_id, {"size": node.size, "in_flight": node.in_flight,
+                                                          **node_statistics(node)}))
         else:
             self.channel.send(ErrorReply(msg.request_id, "GenericError",
                                          f"Cannot find device={msg.node} nor node-name={msg.node}"))
 
     def _on_set_latency_histogram(self, identity: bytes, msg: SetLatencyHistogram) -> None:
         node = self.nodes.get(msg.node_name)
-        if node is None or list(msg.boundaries_ns) != sorted(set(msg.boundaries_ns)):
+        if node is None or _histogram_problem(msg.boundaries_ns):
             self.channel.send(ErrorReply(msg.request_id, "GenericError", "unknown node or unsorted boundaries"))
             return
         for st in node.stats.values():
@@ -277,8 +340,24 @@ class IOThreadWorker:
             channel.send(reply, to)
             return
         request_id = msg.request_id
+        client = b""
+        nbytes = 0
+        if channel is self.data:
+            # Within the client's credit, or refused at once (see protocol's InFlight).
+            client, nbytes = identity, request_bytes(msg.op, msg.length, msg.data)
+            backlog = channel.peer_backlog(client)
+            problem = self.in_flight.admit(client, nbytes, backlog)
+            if problem is not None:
+                self._bad_input.log(("data", identity, "credit"), logging.WARNING,
+                                    "iothread %s: request from client %r refused: %s", self.id, identity, problem)
+                if backlog[0] < 2 * self.in_flight.credit.max_requests:
+                    channel.send(_completion(request_id, -errno.EAGAIN, problem), to)
+                # else: a client that reads nothing gets no more refusals either
+                return
 
         def done(status: int, message: str, data: bytes) -> None:
+            if client:
+                self.in_flight.release(client, nbytes)
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
                 # Deferred: completions that finish together leave in one batch.
                 channel.send(_completion(request_id, status, message, data), to, defer=True)
@@ -299,14 +378,25 @@ class IOThreadWorker:
         try:
             if msg.node_name in self.nodes:
                 raise ValueError(f"duplicate node name '{msg.node_name}'")
+            if len(self.nodes) >= MAX_NODES:
+                raise OSError(errno.EMFILE, f"iothread {self.id} holds {MAX_NODES} block nodes, the most it takes")
+            problem = self.fds.problem(f"block node '{msg.node_name}'", own=True)  # a file node's descriptor
+            if problem:
+                raise OSError(errno.EMFILE, problem)
+            problem = _histogram_problem(msg.boundaries_ns)
+            if problem:
+                raise ValueError(problem)
             node = open_node(self.ctx, blockdev_from_wire(msg.node_name, msg.driver, msg.options))
         except SchemaError as exc:
             self.channel.send(ErrorReply(msg.request_id, exc.error_class, _bounded(exc.desc)))
             return
         except (ValueError, OSError) as exc:
-            self.channel.send(ErrorReply(msg.request_id, "GenericError", _bounded(str(exc)),
+            # An OSError of this process's own making says its words alone, not "[Errno N] ...".
+            text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
+            self.channel.send(ErrorReply(msg.request_id, "GenericError", _bounded(text),
                                          getattr(exc, "errno", 0) or 0))
             return
+        restore_statistics(node, msg.stats, msg.boundaries_ns)  # moved, or reopened after a restart
         self.nodes[msg.node_name] = node
         self.moved.discard(msg.node_name)  # it may come back
         self.channel.send(QueryReply(msg.request_id, {"size": node.size}))
@@ -335,7 +425,14 @@ class IOThreadWorker:
             node.close()
             if self.nodes.get(msg.node_name) is node:
                 del self.nodes[msg.node_name]
-            self.channel.send(QueryReply(msg.request_id, {}))
+            if msg.node_name not in self.nodes:
+                self._stats_sent.pop(msg.node_name, None)
+            # A node moving away takes its statistics to its new home (QEMU keeps them),
+            # if they can travel (a histogram of too many boundaries cannot: QMP allows 32).
+            try:
+                self.channel.send(QueryReply(msg.request_id, node_statistics(node) if msg.moving else {}))
+            except LocalProtocolError:
+                self.channel.send(QueryReply(msg.request_id, {}))
 
         node.drain(drained)
 
@@ -369,6 +466,8 @@ class IOThreadWorker:
         c["poll_grow"] = ctx.poll_grow
         c["poll_shrink"] = ctx.poll_shrink
         c["aio_max_batch"] = ctx.aio_max_batch
+        c["data_bytes_in_flight"] = self.in_flight.total_bytes
+        c["data_refused"] = self.in_flight.refused  # requests past a client's credit or the total
         return c
 
     # -- liveness -----------------------------------------------------------
@@ -492,6 +591,8 @@ class IOThreadWorker:
             os.close(self._main_loop_pidfd)
             self._main_loop_pidfd = -1
         self.handler.close()
+        if self.listener is not None:
+            self.listener.close()
         if self.data_handler is not None:
             self.data_handler.close()
             if self.data_endpoint and self.data_endpoint.startswith("ipc://"):
@@ -528,11 +629,12 @@ def _completion(request_id: int, status: int, message: str, data: bytes = b"") -
 _QMP_OPS = {"read": "rd", "write": "wr", "flush": "flush", "discard": "unmap", "write_zeroes": "zero"}
 
 
-def node_counters(node: BlockNode) -> dict[str, int]:
+def node_statistics(node: BlockNode) -> dict[str, int]:
     """A node's statistics, flat, with QMP's BlockDeviceStats names
     (``rd_operations``, ``wr_bytes``, ``flush_total_time_ns``, ...), and the
-    bins of a user-set latency histogram as ``rd_histogram_0``, ..."""
-    out: dict[str, int] = {"size": node.size, "in_flight": node.in_flight}
+    bins of a user-set latency histogram as ``rd_histogram_0``, ...: what a
+    ``Query`` of the node, a ``NodeStats`` and a ``BlockdevAdd``'s ``stats`` carry."""
+    out: dict[str, int] = {}
     for op, prefix in _QMP_OPS.items():
         st = node.stats[op]
         out[f"{prefix}_operations"] = st.ops
@@ -543,6 +645,34 @@ def node_counters(node: BlockNode) -> dict[str, int]:
         for i, n in enumerate(st.bins):
             out[f"{prefix}_histogram_{i}"] = n
     return out
+
+
+def restore_statistics(node: BlockNode, stats: dict[str, int], boundaries_ns: tuple[int, ...]) -> None:
+    """The inverse of ``node_statistics``: a node opened in a new home starts
+    from the statistics it had (names it does not know are ignored, a
+    negative count is taken for 0), its latency histogram set to
+    ``boundaries_ns`` (checked by ``_histogram_problem``) with its bins."""
+    for op, prefix in _QMP_OPS.items():
+        st = node.stats[op]
+        st.ops = max(stats.get(f"{prefix}_operations", 0), 0)
+        st.bytes = max(stats.get(f"{prefix}_bytes", 0), 0)
+        st.total_ns = max(stats.get(f"{prefix}_total_time_ns", 0), 0)
+        st.errors = max(stats.get(f"failed_{prefix}_operations", 0), 0)
+        st.invalid = max(stats.get(f"invalid_{prefix}_operations", 0), 0)
+        st.set_histogram(boundaries_ns)
+        st.bins = [max(stats.get(f"{prefix}_histogram_{i}", 0), 0) for i in range(len(st.bins))]
+
+
+def _stats_mark(node: BlockNode) -> tuple[object, ...]:
+    """What tells that a node's statistics changed: every request completed
+    adds one to an operation's ``ops``, ``errors`` or ``invalid``, and a new
+    histogram setting changes its boundaries."""
+    return tuple((st.ops, st.errors, st.invalid, st.boundaries_ns) for st in node.stats.values())
+
+
+def _histogram_problem(boundaries_ns: tuple[int, ...]) -> str:
+    """Why these cannot be a latency histogram's boundaries ('' if they can)."""
+    return "" if list(boundaries_ns) == sorted(set(boundaries_ns)) else "unsorted boundaries"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -575,6 +705,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, format=f"iothread {args.id}: %(message)s")
+    raise_fd_limit()  # the headroom the system grants; clients get what the reserve leaves (FdBudget)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
     try:

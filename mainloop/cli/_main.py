@@ -18,6 +18,10 @@ and the ``--pidfile`` are locked while it runs: a second launcher on either
 refuses to start.  An existing runtime directory must be the user's and not
 writable by others, and no symbolic link is followed there or at the
 ``--pidfile`` (see ``protocol.prepare_runtime_dir``).
+
+``iothreads cleanup`` removes what killed launchers left behind (see
+``_clean_runtime_dir``); a launcher that makes its runtime directory does the
+same with those it finds beside it.
 """
 
 from __future__ import annotations
@@ -36,17 +40,24 @@ import signal
 import stat
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, NoReturn, TypeVar
 
 import zmq
 
 from protocol import (
+    PAUSED_SUFFIX,
     ErrorReply,
     QueryReply,
     StateError,
     UnsafePathError,
+    CLUSTER_STATE_FILE,
+    check_runtime_dir,
+    made_runtime_dirs,
     make_runtime_dir,
     open_own_file,
+    remove_stale_socket,
+    raise_fd_limit,
     prepare_runtime_dir,
 )
 
@@ -149,6 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
                                        "a temporary raw image) or, with --attach, a launched one.")
     add_bench_arguments(bench)
     _add_log_arguments(bench)
+    cleanup = sub.add_parser(
+        "cleanup", help="remove what killed launchers left behind",
+        description="Remove the runtime directories of launchers that were killed (SIGKILL): those made by "
+                    "default (under $TMPDIR, or /tmp), or the launcher's files in a --runtime-dir. Only a "
+                    "directory whose lock is free and holds a pid (its launcher is gone) is touched; one that "
+                    "is a symbolic link, not yours or writable by others is left alone.")
+    cleanup.add_argument("--runtime-dir", action="append", default=[], metavar="DIR",
+                         help="look at DIR (a launcher's --runtime-dir) instead of the default ones; repeatable")
+    cleanup.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    _add_log_arguments(cleanup)
     return parser
 
 
@@ -277,10 +298,16 @@ def _owns(fd: int, path: str) -> bool:
         return False
 
 
+def _lock_pid(fd: int) -> int:
+    """The pid a lock or pid file holds (0: none)."""
+    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
+    return int(text) if text.isdigit() else 0
+
+
 def _holder(fd: int) -> str:
     """' (pid N)' when a locked pid file holds a pid."""
-    text = os.pread(fd, 32, 0).decode(errors="replace").strip()
-    return f" (pid {text})" if text.isdigit() else ""
+    pid = _lock_pid(fd)
+    return f" (pid {pid})" if pid else ""
 
 
 def _lock_pid_file(path: str, name: str) -> int:
@@ -336,6 +363,8 @@ def _hold_files(args: argparse.Namespace, configs: list[IOThreadConfig], held: c
     _make_dir(args, runtime_dir)
     held.enter_context(_pid_file(os.path.join(runtime_dir, LOCK_FILE), _dir_option(args, runtime_dir)))
     _remove_stale_sockets(runtime_dir)
+    if args.runtime_dir is None:
+        _remove_stale_runtime_dirs(runtime_dir)
     if args.pidfile:
         held.enter_context(_pid_file(args.pidfile, f"--pidfile {args.pidfile}"))
     return runtime_dir
@@ -346,13 +375,128 @@ def _remove_stale_sockets(runtime_dir: str) -> None:
     iothreads' too): with the directory's lock held, no live cluster owns
     any socket there.  Sockets only: nothing else is touched or followed."""
     for name in os.listdir(runtime_dir):
-        if name == "control" or name.endswith(".data"):
+        if name == "control" or name.endswith((".data", ".data" + PAUSED_SUFFIX)):
             path = os.path.join(runtime_dir, name)
             try:
                 if stat.S_ISSOCK(os.lstat(path).st_mode):
                     os.unlink(path)
             except FileNotFoundError:
                 pass
+
+
+# -- what killed launchers leave behind (iothreads cleanup) ------------------------------
+
+
+@dataclass(frozen=True)
+class _Examined:
+    """A runtime directory, as ``_clean_runtime_dir`` found it."""
+
+    path: str
+    pid: int = 0
+    """Its launcher's, as its lock file says (0: none found)."""
+    problem: str = ""
+    """Why it is left alone, said of the directory ("is a symbolic link"); "" if a killed launcher's."""
+    quiet: bool = False
+    """Nothing of a launcher's at all (no lock file, gone): a look at the default directories says nothing of it."""
+
+
+def _clean_runtime_dir(path: str, *, made: bool, dry_run: bool = False) -> _Examined:
+    """Remove ``path`` if it is the runtime directory of a launcher that is
+    gone, as that launcher's exit would have: all of it if ``made`` by
+    ``make_runtime_dir`` (the default), else the files a launcher makes there.
+
+    A launcher holds its directory's lock while it runs (``LOCK_FILE``: its
+    pid, locked with fcntl), and the kernel releases it when the process
+    dies, however it dies; its iothreads then exit by themselves.  So a lock
+    file that holds a pid and is free is a dead launcher's.  It is locked
+    here before anything is removed: a launcher starting there meanwhile
+    finds it locked.  Left alone: a directory that is a symbolic link, not
+    the user's or writable by others (``check_runtime_dir``: never followed
+    or entered), a lock file that is not a regular file of the user's (a
+    link), without a pid (a launcher starting) or locked (one running)."""
+    try:
+        check_runtime_dir(path)
+    except FileNotFoundError:
+        return _Examined(path, problem="does not exist", quiet=True)
+    except UnsafePathError as exc:
+        return _Examined(path, problem=exc.reason)
+    except OSError as exc:
+        return _Examined(path, problem=f"cannot be examined: {exc.strerror}")
+    lock = os.path.join(path, LOCK_FILE)
+    try:
+        fd = open_own_file(lock, os.O_RDWR)
+    except FileNotFoundError:
+        return _Examined(path, problem="has no lock file: no launcher's runtime directory", quiet=True)
+    except UnsafePathError as exc:
+        return _Examined(path, problem=f"has a lock file that {exc.reason}")
+    except OSError as exc:
+        return _Examined(path, problem=f"has a lock file that cannot be opened: {exc.strerror}")
+    try:
+        pid = _lock_pid(fd)
+        if not pid:
+            return _Examined(path, problem="has a lock file without a pid: a launcher starting?", quiet=True)
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return _Examined(path, pid, f"is in use by a running launcher (pid {pid})")
+            return _Examined(path, pid, f"has a lock file that cannot be locked: {exc.strerror}")
+        if not _owns(fd, lock):
+            return _Examined(path, pid, "had its lock file replaced meanwhile")
+        if not dry_run:
+            try:
+                _remove_launcher_files(path, made)
+            except OSError as exc:
+                return _Examined(path, pid, f"could not be removed: {exc.strerror or exc}")
+        return _Examined(path, pid)
+    finally:
+        os.close(fd)  # its lock goes with it
+
+
+def _remove_launcher_files(path: str, made: bool) -> None:
+    """What a launcher's exit removes: a ``made`` runtime directory whole
+    (``shutil.rmtree`` follows no link), else its sockets, its state file
+    (and a temporary one left while replacing it) and its lock."""
+    if made:
+        shutil.rmtree(path)
+        return
+    _remove_stale_sockets(path)
+    with contextlib.suppress(FileNotFoundError, UnsafePathError):
+        remove_stale_socket(os.path.join(path, "qmp.sock"))  # a socket only
+    for name in os.listdir(path):
+        if name == CLUSTER_STATE_FILE or name.startswith(f".{CLUSTER_STATE_FILE}."):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(path, name))  # a link itself, never what it points to
+    os.unlink(os.path.join(path, LOCK_FILE))
+
+
+def _remove_stale_runtime_dirs(own: str) -> None:
+    """A launcher that made its runtime directory removes those of killed
+    launchers beside it (each one logged)."""
+    for path in made_runtime_dirs(os.path.dirname(own)):
+        if path != own:
+            found = _clean_runtime_dir(path, made=True)
+            if not found.problem:
+                log.info("removed %s, left behind by a killed launcher (pid %d)", path, found.pid)
+            elif not found.quiet:
+                log.debug("left alone: %s %s", path, found.problem)
+
+
+def cleanup(args: argparse.Namespace) -> int:
+    """``iothreads cleanup``: what it removed on stdout, what it left alone
+    and why on stderr; exit 1 if a ``--runtime-dir`` was left alone."""
+    made = made_runtime_dirs()
+    status = EXIT_OK
+    for path in [os.path.abspath(p) for p in args.runtime_dir] or made:
+        found = _clean_runtime_dir(path, made=path in made, dry_run=args.dry_run)
+        if not found.problem:
+            what = path if path in made else f"the files of a launcher from {path}"
+            print(f"{'would remove' if args.dry_run else 'removed'} {what} (launcher pid {found.pid}, gone)")
+        elif args.runtime_dir or not found.quiet:
+            print(f"{PROG}: left alone: {path} {found.problem}", file=sys.stderr)
+            if args.runtime_dir:
+                status = EXIT_FAILURE
+    return status
 
 
 def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str) -> Cluster:
@@ -373,6 +517,7 @@ def launch(args: argparse.Namespace) -> int:
         raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
         raise OptionError(f"--runtime-dir {args.runtime_dir}: path too long for socket files (max 90 bytes)")
+    raise_fd_limit()  # the headroom the system grants; peers get what the reserve leaves (FdBudget)
     loop = MainLoop(name=PROG)
     stop = {"requested": False}
 
@@ -459,6 +604,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return run_bench(args)
+        if args.command == "cleanup":
+            return cleanup(args)
         return launch(args)
     except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)

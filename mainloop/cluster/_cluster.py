@@ -20,6 +20,19 @@ is reaped; an exit that nobody asked for is logged and reported as an
 ``IOTHREAD_EXITED`` event, and the iothread is restarted if configured so.
 A handshake that does not come within its deadline kills the process.
 
+Restarts.  The nodes of an iothread that will be restarted are not lost:
+they stay in the cluster, inactive (``NodeInfo.active``, QMP's ``active``),
+until the restarted process has said ``Hello``; then each one is opened there
+again (``BlockdevAdd``) with its options, its latency histogram and its
+statistics, and is active once that is answered.  One that cannot be
+reopened (its file was removed ...) is logged and dropped.  The dead process
+cannot be asked for its statistics: the main loop keeps a copy, which each
+iothread refreshes with its answer to a heartbeat (a ``NodeStats`` for each
+node whose statistics changed since the last one), so a restarted node starts
+from its statistics as of the last heartbeat its iothread answered.  A node
+moved to another iothread takes its statistics along exactly: the old home
+sends them with its answer to the ``BlockdevDel``, once the node is drained.
+
 A heartbeat goes to every iothread each ``heartbeat_interval_ms``: for an
 iothread with no main-loop process to watch (a remote one), the sign that the
 main loop lives.  The iothreads started here watch this process instead (a
@@ -46,6 +59,8 @@ Everything here runs in the main-loop thread with the BQL held.
 from __future__ import annotations
 
 import enum
+import errno
+import functools
 import logging
 import os
 import shutil
@@ -67,11 +82,14 @@ from protocol import (
     ClusterState,
     ErrorReply,
     Event,
+    FdBudget,
     Heartbeat,
     Hello,
     IOThreadEntry,
     Message,
     NodeEntry,
+    PAUSED_SUFFIX,
+    NodeStats,
     PROTOCOL_VERSION,
     PendingRequests,
     Query,
@@ -97,6 +115,7 @@ from ..loop._bql import bql_locked
 from ..glib._channel_source import ChannelSource
 from ..loop._loop import MainLoop
 from ..glib._standard import ChildWatchSource
+from ._guard import Continuation, bind, on_failure
 from ._spawn import spawn
 
 __all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
@@ -110,6 +129,7 @@ def data_endpoint(runtime_dir: str, iothread_id: str) -> str:
     return ipc_endpoint(runtime_dir, f"{iothread_id}.data")
 
 HEARTBEAT_INTERVAL_MS = 500  # the default period of the heartbeats (and of the checks of request deadlines)
+SPAWN_FDS = 4  # what an iothread costs the main loop in descriptors: its pidfd, its connection, some slack
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
 
@@ -179,6 +199,12 @@ class NodeInfo:
     histogram: tuple[int, ...] = ()
     moving_to: str | None = None  # the target of a move in progress
     detached: bool = False  # during a move: the old home has let it go
+    active: bool = True
+    """False while its iothread is down, to be restarted, and until the node
+    is reopened there (QMP's ``active``: no I/O can reach it meanwhile)."""
+    stats: dict[str, int] = field(default_factory=dict)
+    """Its statistics as its iothread last reported them (``NodeStats``: as
+    of the last heartbeat), or as the old home gave them at a move."""
 
 
 MAX_IOTHREADS = 256
@@ -208,7 +234,7 @@ class Cluster:
         self.nodes: dict[str, NodeInfo] = {}
         self._adding: dict[str, str] = {}  # node name: iothread, for a blockdev-add not answered yet
         self._tcp_host = tcp.removeprefix("tcp://").rsplit(":", 1)[0] if tcp else None
-        self._listeners: list[EventCallback] = []
+        self._listeners: list[Continuation[[str, dict[str, Any]]]] = []
         self._socket_files: list[str] = []
         self.zmq = zmq.Context()
         sock = channel_socket(self.zmq, zmq.ROUTER)
@@ -226,6 +252,9 @@ class Cluster:
             self._remove_runtime_dir()
             raise
         self._bad_input = ThrottledLog(log)  # what iothreads send wrong: a few lines each, then counts
+        self.fds = FdBudget()  # what is left once its peers (QMP sessions) have theirs
+        self._state_errors = ThrottledLog(log)  # cluster.json that cannot be written (ENOSPC, EMFILE ...)
+        self._state_stale = False  # it could not: written again at the next heartbeat
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
         self._source = ChannelSource(self.channel, "iothread-control",
                                      role=f"ZMQ_FD of the iothreads' control channel ({self.endpoint})")
@@ -240,28 +269,28 @@ class Cluster:
 
     def add_listener(self, callback: EventCallback) -> None:
         """``callback(name, data)`` for every cluster event (IOTHREAD_READY,
-        IOTHREAD_EXITED, IOTHREAD_RESTARTED)."""
-        self._listeners.append(callback)
+        IOTHREAD_EXITED, IOTHREAD_RESTARTED); added by a QMP command, a
+        continuation of it (see ``_guard``), gone once the command is over."""
+        self._listeners.append(bind(callback))
 
     def remove_listener(self, callback: EventCallback) -> None:
         """Undo ``add_listener``; unknown callbacks are ignored."""
-        if callback in self._listeners:
-            self._listeners.remove(callback)
+        self._listeners = [cb for cb in self._listeners if cb.fn != callback]
 
     @staticmethod
     def _call(cb: Callable[..., object], *args: Any) -> None:
-        """Run a reply or exit callback; one that raises cannot stop the others."""
+        """Run a reply or exit callback, or an event listener; one that raises
+        cannot stop the others.  Those of a QMP command are continuations,
+        which answer the command whatever they raise (``_guard``)."""
         try:
             cb(*args)
         except Exception:
             log.exception("cluster callback %r failed", cb)
 
     def _emit(self, name: str, data: dict[str, Any]) -> None:
+        self._listeners = [cb for cb in self._listeners if not cb.over]
         for cb in list(self._listeners):
-            try:
-                cb(name, data)
-            except Exception:
-                log.exception("cluster event listener failed on %s", name)
+            self._call(cb, name, data)
 
     # -- lifecycle of iothreads --------------------------------------------
 
@@ -284,28 +313,43 @@ class Cluster:
             data = f"tcp://{self._tcp_host}:*"
         else:
             data = data_endpoint(self.runtime_dir, c.id)
-            if data.removeprefix("ipc://") not in self._socket_files:
-                self._socket_files.append(data.removeprefix("ipc://"))  # even if it gets killed
+            for path in (data.removeprefix("ipc://"), data.removeprefix("ipc://") + PAUSED_SUFFIX):
+                if path not in self._socket_files:
+                    self._socket_files.append(path)  # even if it gets killed (paused: see DataListener)
         argv = [sys.executable, "-m", "iothreads.worker", "--id", c.id, "--connect", self.endpoint,
                 "--data-endpoint", data,
                 "--parent-pid", str(os.getpid()),
                 *(arg for m in members(IothreadProperties) for arg in (f"--{m.name}", str(getattr(c, m.attr)))),
                 "--handshake-timeout-ms", str(self.handshake_timeout_ms),
                 "--log-level", str(log.getEffectiveLevel())]  # the iothreads log as this process does
-        t.pid = spawn(argv, new_session=True)
-        log.debug("iothread %s started (pid %d): %s", c.id, t.pid, " ".join(argv[1:]))
-        t.started_ns = time.monotonic_ns()
-        t.state = IOThreadState.STARTING
-        t.exit_status = None
-        t.last_heard_ns = time.monotonic_ns()
+        # Its pidfd and its control connection (which libzmq accepts on its
+        # own, and aborts the process if it cannot) come out of the reserve:
+        # there must be room for them, whatever QMP sessions and files hold.
+        problem = self.fds.problem(f"iothread {c.id}", SPAWN_FDS, own=True)
+        if problem is not None:
+            raise OSError(errno.EMFILE, problem)
+
         def on_exit(pid: int, status: int, t: IOThread = t) -> None:
             self._on_exit(t, pid, status)
 
         def on_deadline(t: IOThread = t) -> None:
             self._on_deadline(t)
 
-        t._watch = ChildWatchSource(t.pid, on_exit, name=f"iothread {c.id} (pid {t.pid})")
-        self.loop.context.attach(t._watch)
+        pid = spawn(argv, new_session=True)
+        try:
+            t._watch = ChildWatchSource(pid, on_exit, name=f"iothread {c.id} (pid {pid})")
+            self.loop.context.attach(t._watch)
+        except BaseException:
+            # A child that cannot be watched must not outlive this attempt.
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            raise
+        t.pid = pid
+        log.debug("iothread %s started (pid %d): %s", c.id, t.pid, " ".join(argv[1:]))
+        t.started_ns = time.monotonic_ns()
+        t.state = IOThreadState.STARTING
+        t.exit_status = None
+        t.last_heard_ns = time.monotonic_ns()
         t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, f"deadline {c.id}")
         self._arm_deadline(t, self.handshake_timeout_ms)
 
@@ -369,16 +413,23 @@ class Cluster:
         callbacks, t._exit_callbacks = t._exit_callbacks, []
         for on_exit in callbacks:
             self._call(on_exit)
-        lost = [n for n in self.nodes.values() if n.iothread == t.id and not n.detached]
-        for n in lost:
-            del self.nodes[n.name]
+        held = [n for n in self.nodes.values() if n.iothread == t.id and not n.detached]
+        restarting = t.config.restart and not expected and not self._closed
+        for n in held:
+            if restarting:
+                n.active = False  # reopened once it is back (_reopen_nodes)
+            else:
+                del self.nodes[n.name]
         if not self._closed:
             self.write_state()
         if expected:
             log.info("iothread %s (pid %d) stopped", t.id, pid)
             return
-        if lost:
-            log.error("block nodes lost with iothread %s: %s", t.id, ", ".join(n.name for n in lost))
+        if held and restarting:
+            log.warning("block nodes of iothread %s, reopened when it restarts: %s", t.id,
+                        ", ".join(n.name for n in held))
+        elif held:
+            log.error("block nodes lost with iothread %s: %s", t.id, ", ".join(n.name for n in held))
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         log.error("iothread %s (pid %d) exited unexpectedly (%s)", t.id, pid, how)
         self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
@@ -403,9 +454,67 @@ class Cluster:
             self._spawn(t)
         except OSError as exc:
             log.error("iothread %s could not be restarted: %s", t.id, exc)
+            self._drop_inactive(t, "not restarted")
             return
         log.info("iothread %s restarted (pid %d)", t.id, t.pid)
+        self.write_state()
         self._emit("IOTHREAD_RESTARTED", {"id": t.id, "pid": t.pid, "restarts": t.restarts})
+
+    def _drop_inactive(self, t: IOThread, why: str) -> None:
+        """The nodes that waited for ``t``'s restart to be reopened are lost."""
+        lost = [n.name for n in self.nodes.values() if n.iothread == t.id and not n.active]
+        for name in lost:
+            del self.nodes[name]
+        if lost:
+            log.error("block nodes lost with iothread %s (%s): %s", t.id, why, ", ".join(lost))
+            self.write_state()
+
+    def _reopen_nodes(self, t: IOThread, then: Callable[[], object]) -> None:
+        """Open again in ``t``, restarted, the nodes it held when it died:
+        with their options, their latency histogram and their statistics as
+        last reported.  A node is active again once ``t`` has answered; one
+        that cannot be reopened (its file was removed ...) is dropped.
+        ``then()`` once every one was answered (not if ``t`` dies meanwhile)."""
+        nodes = [n for n in self.nodes.values() if n.iothread == t.id and not n.active]
+        left = len(nodes)
+
+        def one_done() -> None:
+            nonlocal left
+            left -= 1
+            if not left:
+                then()
+
+        if not nodes:
+            then()
+        for info in nodes:
+            self._reopen(t, info, one_done)
+
+    def _reopen(self, t: IOThread, info: NodeInfo, then: Callable[[], object]) -> None:
+        def done(reply: QueryReply | ErrorReply) -> None:
+            if self.nodes.get(info.name) is not info:
+                then()  # deleted meanwhile
+                return
+            if isinstance(reply, ErrorReply) and t.state is not IOThreadState.RUNNING:
+                return  # t died again: the node waits for its next start (or is dropped with it)
+            if isinstance(reply, QueryReply):
+                info.active = True
+                info.size = reply.counters.get("size", info.size)
+                log.info("node %s reopened in iothread %s", info.name, t.id)
+                self.write_state()
+            else:
+                log.error("node %s could not be reopened in iothread %s, dropped: %s", info.name, t.id,
+                          reply.message)
+                del self.nodes[info.name]
+                self.write_state()
+            then()
+
+        self._ask(t.id, lambda rid: self._blockdev_add_message(rid, info), done)
+
+    @staticmethod
+    def _blockdev_add_message(request_id: int, info: NodeInfo) -> BlockdevAdd:
+        """What opens ``info`` in a new home (it moved, or its iothread was
+        restarted): its options, its statistics and its latency histogram."""
+        return BlockdevAdd(request_id, info.name, info.driver, info.options, info.stats, info.histogram)
 
     def on_exit(self, iothread_id: str, callback: Callable[[], object]) -> None:
         """``callback()`` once the iothread has exited and been reaped, for
@@ -414,7 +523,7 @@ class Cluster:
         if t.state is IOThreadState.EXITED:
             callback()
         else:
-            t._exit_callbacks.append(callback)
+            t._exit_callbacks.append(bind(callback))
 
     def stop(self, iothread_id: str, on_exit: Callable[[], object] | None = None) -> None:
         """Ask one iothread to stop (it exits and is reaped; killed after the
@@ -425,6 +534,7 @@ class Cluster:
         if t._restart is not None:  # it died and was to be restarted: not any more
             t._restart.delete()
             t._restart = None
+            self._drop_inactive(t, "stopped before its restart")
         if t.state in (IOThreadState.EXITED, IOThreadState.STOPPING):
             return
         if t.state is IOThreadState.STARTING:
@@ -450,6 +560,10 @@ class Cluster:
                 self._call(cb, msg)
         elif isinstance(msg, Hello):
             self._on_hello(t, msg)
+        elif isinstance(msg, NodeStats):
+            info = self.nodes.get(msg.node_name)
+            if info is not None and info.iothread == t.id and info.active and not info.detached:
+                info.stats = msg.counters  # the copy a restart reopens the node with
         elif isinstance(msg, Heartbeat):
             pass
         elif isinstance(msg, Event):
@@ -484,8 +598,15 @@ class Cluster:
             t._deadline.delete()
         self.channel.send(Welcome(PROTOCOL_VERSION, msg.capabilities, self.heartbeat_interval_ms),
                           t.id.encode())
-        self._emit("IOTHREAD_READY", {"id": t.id, "pid": t.pid})
         self.write_state()
+        pid = t.pid
+
+        def ready() -> None:
+            if t.state is IOThreadState.RUNNING and t.pid == pid:
+                self._emit("IOTHREAD_READY", {"id": t.id, "pid": pid})
+
+        # Ready once it serves again what it held before a restart (at once for a new one).
+        self._reopen_nodes(t, ready)
 
     def _request(self, iothread_id: str, make: Callable[[int], Message], callback: ReplyCallback) -> None:
         t = self.iothreads.get(iothread_id)
@@ -495,26 +616,42 @@ class Cluster:
         # Sent first: a request the channel refuses (LocalProtocolError) leaves nothing pending.
         self.channel.send(make(request_id), t.id.encode())
         # An iothread that leaves it unanswered (it hangs, or is stopped) fails
-        # it after the request timeout: a QMP command must get an answer.
-        t._pending.register(request_id, callback, self._loop_time_ns() + self.request_timeout_ms * 1_000_000)
+        # it after the request timeout: a QMP command must get an answer.  The
+        # callback is a continuation of the command that asks (``_guard``).
+        t._pending.register(request_id, bind(callback),
+                            self._loop_time_ns() + self.request_timeout_ms * 1_000_000)
 
-    def query(self, iothread_id: str, callback: ReplyCallback) -> None:
-        """Ask an iothread for its counters; ``callback(reply)`` in the main loop."""
-        self._request(iothread_id, Query, callback)
+    def _ask(self, iothread_id: str, make: Callable[[int], Message], callback: ReplyCallback) -> None:
+        """``_request``; an iothread that is not running answers at once, with an error."""
+        try:
+            self._request(iothread_id, make, callback)
+        except StateError as exc:
+            callback(ErrorReply(0, "GenericError", str(exc)))
+
+    def query(self, iothread_id: str, callback: ReplyCallback, node: str = "") -> None:
+        """Ask an iothread for its counters, or for those of its ``node`` (an
+        error if it does not hold it); ``callback(reply)`` in the main loop."""
+        self._request(iothread_id, lambda rid: Query(rid, node), callback)
 
     def set_poll_params(self, iothread_id: str, callback: ReplyCallback, *, poll_max_ns: int,
                         poll_grow: int, poll_shrink: int, aio_max_batch: int) -> None:
         """Change an iothread's polling parameters while it runs."""
-        t = self.iothreads[iothread_id]
+        c = self.iothreads[iothread_id].config
+        old = (c.poll_max_ns, c.poll_grow, c.poll_shrink, c.aio_max_batch)
 
         def done(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, QueryReply):
-                t.config.poll_max_ns, t.config.poll_grow = poll_max_ns, poll_grow
-                t.config.poll_shrink, t.config.aio_max_batch = poll_shrink, aio_max_batch
+                c.poll_max_ns, c.poll_grow, c.poll_shrink, c.aio_max_batch = (poll_max_ns, poll_grow,
+                                                                              poll_shrink, aio_max_batch)
             callback(reply)
+
+        def undo(then: Callable[[], None]) -> None:  # the iothread may have taken the new ones
+            c.poll_max_ns, c.poll_grow, c.poll_shrink, c.aio_max_batch = old
+            self._ask(iothread_id, lambda rid: SetPollParams(rid, *old), lambda _r: then())
 
         self._request(iothread_id, lambda rid: SetPollParams(rid, poll_max_ns, poll_grow, poll_shrink,
                                                              aio_max_batch), done)
+        on_failure(undo)
 
     # -- block nodes -------------------------------------------------------------
 
@@ -542,12 +679,34 @@ class Cluster:
 
         self._request(home, lambda rid: BlockdevAdd(rid, node_name, driver, options), done)
         self._adding[node_name] = home  # the name is taken until the answer comes
+        on_failure(lambda then: self._undo_add(node_name, home, then))
+
+    def _undo_add(self, node_name: str, home: str, then: Callable[[], None]) -> None:
+        """A blockdev-add failed half-way: the node is forgotten, and deleted
+        in its home if it was opened there (asked after the add: one channel,
+        in order).  The name stays taken until then."""
+        self.nodes.pop(node_name, None)
+        self._adding[node_name] = home
+
+        def deleted(_reply: QueryReply | ErrorReply) -> None:  # an error: it was not opened
+            self._adding.pop(node_name, None)
+            self.write_state()
+            then()
+
+        self._ask(home, lambda rid: BlockdevDel(rid, node_name), deleted)
 
     def blockdev_del(self, node_name: str, callback: ReplyCallback) -> None:
         """Drain and remove a node."""
         info = self.nodes.get(node_name)
         if info is None:
             raise StateError(f"Failed to find node with node-name='{node_name}'")
+        t = self.iothreads.get(info.iothread)
+        if not info.active and (t is None or t.state is not IOThreadState.RUNNING):
+            # Its iothread is down, to be restarted: the node is open nowhere.
+            del self.nodes[node_name]
+            self.write_state()
+            callback(QueryReply(0, {}))
+            return
 
         def done(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, QueryReply):
@@ -555,7 +714,55 @@ class Cluster:
                 self.write_state()
             callback(reply)
 
-        self._request(info.iothread, lambda rid: BlockdevDel(rid, node_name), done)
+        home = info.iothread
+        self._request(home, lambda rid: BlockdevDel(rid, node_name), done)
+        on_failure(lambda then: self._restore_node(info, home, None, then))
+
+    def _restore_node(self, info: NodeInfo, home: str, target: str | None, then: Callable[[], None]) -> None:
+        """A command on node ``info`` failed half-way (it was in iothread
+        ``home``; ``target``: where a move was taking it): the node is
+        recorded where it is held now (each is asked, after what the command
+        asked it: one channel, in order), in ``home`` if it is still there; it
+        is reopened in ``home`` if it is held nowhere, and lost if that
+        fails.  ``then()`` once the registry says what the iothreads hold."""
+        places = [home] if target is None else [home, target]
+        held: dict[str, bool] = {}
+        self.nodes.setdefault(info.name, info)  # its name is not free meanwhile
+
+        def settle(where: str | None) -> None:
+            info.moving_to, info.detached = None, False
+            if where is None:
+                self.nodes.pop(info.name, None)
+            else:
+                if where != home:
+                    log.info("node %s stays in %s, where the failed command took it", info.name, where)
+                info.iothread = where  # (its histogram setting came with its BlockdevAdd there)
+                self.nodes[info.name] = info
+            self.write_state()
+            then()
+
+        def reopened(reply: QueryReply | ErrorReply) -> None:
+            if isinstance(reply, ErrorReply):
+                log.error("node %s is lost: it could not be reopened in %s: %s", info.name, home, reply.message)
+                settle(None)
+            else:
+                info.size = reply.counters.get("size", info.size)
+                settle(home)
+
+        def answered(place: str, reply: QueryReply | ErrorReply) -> None:
+            held[place] = isinstance(reply, QueryReply)
+            if len(held) < len(places):
+                return
+            holders = [p for p in places if held[p]]
+            if not holders:
+                self._ask(home, lambda rid: self._blockdev_add_message(rid, info), reopened)
+                return
+            for extra in holders[1:]:  # never two copies
+                self._ask(extra, lambda rid: BlockdevDel(rid, info.name), lambda _r: None)
+            settle(holders[0])
+
+        for place in places:
+            self._ask(place, lambda rid: Query(rid, info.name), functools.partial(answered, place))
 
     def move_node(self, node_name: str, iothread: str, callback: ReplyCallback) -> None:
         """Move a node to another iothread while I/O runs (QEMU's
@@ -587,15 +794,9 @@ class Cluster:
             callback(reply)
 
         def added(reply: QueryReply | ErrorReply) -> None:
-            if isinstance(reply, QueryReply):
+            if isinstance(reply, QueryReply):  # its statistics and histogram setting came with it
                 info.iothread = iothread
                 self.write_state()
-                if info.histogram:  # the histogram setting moves with the node
-                    try:
-                        self._request(iothread, lambda rid: SetLatencyHistogram(rid, node_name, info.histogram),
-                                      lambda _r: None)
-                    except StateError:
-                        pass
                 log.info("node %s moved from %s to %s", node_name, old, iothread)
                 complete(reply)
                 return
@@ -611,26 +812,23 @@ class Cluster:
                     self.write_state()
                 complete(reply)
 
-            try:
-                self._request(old, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), restored)
-            except StateError as exc:
-                restored(ErrorReply(0, "GenericError", str(exc)))
+            self._ask(old, lambda rid: self._blockdev_add_message(rid, info), restored)
 
         def detached(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, ErrorReply):
                 complete(reply)
                 return
             info.detached = True  # no longer in the old home: not lost if that one exits now
-            try:
-                self._request(iothread, lambda rid: BlockdevAdd(rid, node_name, info.driver, info.options), added)
-            except StateError as exc:  # the target went away meanwhile
-                added(ErrorReply(0, "GenericError", str(exc)))
+            info.stats = reply.counters  # as they were once it was drained: QEMU keeps them across a move
+            # (an error at once if the target went away meanwhile)
+            self._ask(iothread, lambda rid: self._blockdev_add_message(rid, info), added)
 
         try:
             self._request(old, lambda rid: BlockdevDel(rid, node_name, moving=True), detached)
         except BaseException:
             info.moving_to = None
             raise
+        on_failure(lambda then: self._restore_node(info, old, iothread, then))
 
     def nodes_of(self, iothread_id: str) -> list[str]:
         """The nodes an iothread holds or is about to: its own, those moving
@@ -644,6 +842,9 @@ class Cluster:
         info = self.nodes.get(node_name)
         if info is None:
             raise StateError(f"Cannot find device={node_name} nor node-name={node_name}")
+        if not info.active:  # its iothread is down: the statistics it last reported
+            callback(QueryReply(0, {"size": info.size, "in_flight": 0, **info.stats}))
+            return
         self._request(info.iothread, lambda rid: Query(rid, node_name), callback)
 
     def set_latency_histogram(self, node_name: str, boundaries_ns: tuple[int, ...],
@@ -653,20 +854,39 @@ class Cluster:
         if info is None:
             raise StateError(f"Cannot find device={node_name} nor node-name={node_name}")
 
+        old = info.histogram
+
         def done(reply: QueryReply | ErrorReply) -> None:
             if isinstance(reply, QueryReply):  # a setting that failed changes nothing
                 info.histogram = boundaries_ns
             callback(reply)
 
+        def undo(then: Callable[[], None]) -> None:  # the iothread may have taken the new one
+            info.histogram = old
+            self._ask(info.iothread, lambda rid: SetLatencyHistogram(rid, node_name, old), lambda _r: then())
+
         self._request(info.iothread, lambda rid: SetLatencyHistogram(rid, node_name, boundaries_ns), done)
+        on_failure(undo)
 
     def write_state(self) -> None:
         """Publish the cluster's shape for clients: ``RUNTIME_DIR/cluster.json``
-        (replaced atomically, by a new file of mode 0600)."""
+        (replaced atomically, by a new file of mode 0600).  A file that cannot
+        be written (ENOSPC, EMFILE ...) is logged, rate-limited, and written
+        again at each heartbeat until it can: the registry in memory is the
+        truth, and a command's answer never depends on its publication."""
         if self._closed:
             return
         path = cluster_state_path(self.runtime_dir)
-        replace_file(path, self.cluster_state().to_json().encode())
+        try:
+            replace_file(path, self.cluster_state().to_json().encode())
+        except OSError as exc:
+            self._state_stale = True
+            self._state_errors.log(exc.errno, logging.ERROR, "cannot write %s (retrying at each heartbeat): %s",
+                                   path, exc)
+            return
+        if self._state_stale:
+            self._state_stale = False
+            log.info("%s is written again", path)
         if path not in self._socket_files:
             self._socket_files.append(path)
 
@@ -674,8 +894,12 @@ class Cluster:
         now = time.monotonic_ns()
         loop_now_ns = self._loop_time_ns()  # a late timer (this process was away) counts the time away out
         self._heartbeat.mod(self._heartbeat.now() + self.heartbeat_interval_ms)  # first: whatever follows
+        if self._state_stale:
+            self.write_state()
         for t in list(self.iothreads.values()):
-            if t.state is IOThreadState.RUNNING:
+            # Not queued behind one it has not taken yet (a stopped iothread):
+            # one waiting says all a heartbeat says, and the backlog stays bounded.
+            if t.state is IOThreadState.RUNNING and not self.channel.peer_backlog(t.id.encode())[0]:
                 self.channel.send(Heartbeat(0, now), t.id.encode())
             for rid, cb in t._pending.expire(loop_now_ns):
                 log.error("iothread %s did not answer request %d in %d ms", t.id, rid, self.request_timeout_ms)
@@ -742,6 +966,7 @@ class Cluster:
             if t._deadline is not None:
                 t._deadline.delete()
         self._bad_input.flush()
+        self._state_errors.flush()
         self._source.destroy()  # closes the channel (LINGER 0)
         self.zmq.term()
         for path in self._socket_files:

@@ -20,8 +20,10 @@ go out, and closes.
 The commands, their arguments and their results are declared in
 ``protocol.schema`` (``COMMANDS``): ``Monitor.execute`` checks the arguments
 against the declaration before any side effect, runs the command with them
-typed, and answers with its result in the declared form.  Events go to every
-session; the ones not negotiated yet drop them.
+typed, and answers with its result in the declared form.  A command and each
+of its continuations run under its ``Guard`` (``cluster._guard``): whatever
+one raises, the command gets one answer, and what it changed is undone.
+Events go to every session; the ones not negotiated yet drop them.
 """
 
 from __future__ import annotations
@@ -37,13 +39,16 @@ from typing import Any
 
 from protocol import (
     ErrorReply,
-    LocalProtocolError,
+    FdBudget,
     QmpCommand,
     QmpSession,
     QueryReply,
     StateError,
+    ThrottledLog,
     owner_only_umask,
+    qmp_error,
     qmp_event,
+    qmp_line,
     remove_stale_socket,
 )
 
@@ -79,6 +84,7 @@ from protocol.schema import (
 from protocol.schema import Command as CommandDeclaration
 
 from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
+from ..cluster._guard import Guard, on_failure
 from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
 from ..glib._standard import FdWatchSource
 
@@ -99,6 +105,7 @@ def package_version() -> str:
 
 VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": f"{DISTRIBUTION} {package_version()}"}
 SEND_CHUNK_BYTES = 256 * 1024  # output handed to the socket per send
+MAX_SESSIONS = 128  # QMP sessions at once; past it (or past the fds kept in reserve) one is refused
 MAX_HISTOGRAM_BOUNDARIES = 32  # a node's counters, bins included, must fit one message (256 entries)
 
 
@@ -296,19 +303,24 @@ def _block_device_info(node: NodeInfo) -> BlockDeviceInfo:
     options = blockdev_from_wire(node.name, node.driver, node.options)
     return BlockDeviceInfo(node_name=node.name, drv=options.driver,
                            file=options.filename if isinstance(options, BlockdevOptionsFile) else "",
-                           ro=options.read_only, image=ImageInfo(virtual_size=node.size), iothread=node.iothread)
+                           ro=options.read_only, image=ImageInfo(virtual_size=node.size), iothread=node.iothread,
+                           active=node.active)
 
 
 class Monitor:
     """QMP server(s) of a main loop and its cluster.  Main-loop thread, BQL held."""
 
     def __init__(self, cluster: Cluster, *, on_quit: Callable[[], object],
-                 max_message_bytes: int = 1 << 20) -> None:
+                 max_message_bytes: int = 1 << 20, max_sessions: int = MAX_SESSIONS) -> None:
         self.cluster = cluster
         self.loop = cluster.loop
         self.on_quit = on_quit
         self.max_message_bytes = max_message_bytes
+        self.max_sessions = max_sessions
+        self.fds = FdBudget()
         self.sessions: set[Session] = set()
+        self._refusing = False  # sessions are being refused (one event and log line when it starts)
+        self._refusals = ThrottledLog(log)
         self._listeners: list[tuple[socket.socket, FdWatchSource, str | None]] = []
         self.commands: dict[str, Command] = {}
         self._register_commands()
@@ -378,8 +390,30 @@ class Monitor:
             return False
         conn.setblocking(False)
         peer = f"{addr[0]}:{addr[1]}" if isinstance(addr, tuple) else "unix"
+        if len(self.sessions) >= self.max_sessions:
+            problem: str | None = f"too many QMP sessions: at most {self.max_sessions} at once"
+        else:
+            problem = self.fds.problem("a new QMP session")
+        if problem is not None:
+            self._refuse(conn, peer, problem)
+            return True
+        self._refusing = False
         self.sessions.add(Session(self, conn, peer))
         return True
+
+    def _refuse(self, conn: socket.socket, peer: str, problem: str) -> None:
+        """Turn a session away: an error in place of the greeting, then the
+        connection closed; a QMP event to the sessions kept, when refusing starts."""
+        try:
+            conn.send(qmp_line(qmp_error("GenericError", f"QMP session refused: {problem}")))
+        except OSError:
+            pass  # its socket buffer is all it gets: the close says the rest
+        conn.close()
+        self._refusals.log("sessions", logging.ERROR, "QMP session %s refused: %s", peer, problem)
+        if not self._refusing:
+            self._refusing = True
+            self.broadcast("RESOURCE_LIMIT_REACHED", {"resource": "qmp-sessions", "limit": self.max_sessions,
+                                                      "reason": problem})
 
     def broadcast(self, name: str, data: dict[str, Any] | None = None) -> None:
         """Send an event to every negotiated session."""
@@ -388,7 +422,7 @@ class Monitor:
             s.send_event(event)
 
     def _on_cluster_event(self, name: str, data: dict[str, Any]) -> None:
-        if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED"):
+        if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED", "RESOURCE_LIMIT_REACHED"):
             self.broadcast(name, data)
 
     def close(self) -> None:
@@ -410,15 +444,22 @@ class Monitor:
         """Run command ``name`` with a session's ``args``: look it up, check the
         arguments against its declaration before any side effect, run it.
         ``done`` gets its result (in the declared JSON form) or a ``QmpFailure``,
-        at once or later; exactly once."""
+        at once or later; exactly once, whatever the command or one of its
+        continuations raises: it runs under a ``Guard``, which answers with a
+        GenericError and undoes what the command changed (a ``StateError`` or
+        a ``LocalProtocolError``, arguments too large to pass on, is a refusal
+        in its own words)."""
         command = self.commands.get(name)
         if command is None:
             done(QmpFailure("CommandNotFound", f"The command {name} has not been found"))
             return
-        try:
-            command.run(args, done)
-        except (StateError, LocalProtocolError) as exc:  # LocalProtocolError: arguments too large to pass on
-            done(QmpFailure("GenericError", str(exc)))
+        guard = Guard(name, lambda desc: done(QmpFailure("GenericError", desc)))
+
+        def answer(result: Any) -> None:
+            if guard.answer():
+                done(result)
+
+        guard.start(lambda: command.run(args, answer))
 
     def _register_commands(self) -> None:
         """Every command ``COMMANDS`` declares, with what runs it."""
@@ -475,6 +516,7 @@ class Monitor:
         except (ValueError, OSError) as exc:  # e.g. an id too long for the runtime directory's socket paths
             done(QmpFailure("GenericError", f"iothread '{args.id}' cannot start: {exc}"))
             return
+        on_failure(lambda then: self.cluster.stop(t.id, on_exit=then))  # a failed object-add leaves none
         answered = False
 
         def answer(result: Any) -> None:

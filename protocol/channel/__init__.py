@@ -6,8 +6,16 @@ from __future__ import annotations
 from ._channel import Channel as Channel
 from ._channel import channel_socket as channel_socket
 from ._channel import ipc_endpoint as ipc_endpoint
+from ._fds import FD_RESERVE as FD_RESERVE
+from ._fds import FdBudget as FdBudget
+from ._fds import open_fd_count as open_fd_count
+from ._fds import raise_fd_limit as raise_fd_limit
 from ._log import ThrottledLog as ThrottledLog
+from ._runtime_dir import PAUSED_SUFFIX as PAUSED_SUFFIX
 from ._runtime_dir import bind_owner_only as bind_owner_only
+from ._runtime_dir import check_runtime_dir as check_runtime_dir
+from ._runtime_dir import default_runtime_parent as default_runtime_parent
+from ._runtime_dir import made_runtime_dirs as made_runtime_dirs
 from ._runtime_dir import make_runtime_dir as make_runtime_dir
 from ._runtime_dir import open_own_file as open_own_file
 from ._runtime_dir import owner_only_umask as owner_only_umask
@@ -17,14 +25,22 @@ from ._runtime_dir import replace_file as replace_file
 
 __all__ = [
     "Channel",
+    "FD_RESERVE",
+    "FdBudget",
+    "PAUSED_SUFFIX",
     "ThrottledLog",
     "bind_owner_only",
     "channel_socket",
+    "check_runtime_dir",
+    "default_runtime_parent",
     "ipc_endpoint",
+    "made_runtime_dirs",
     "make_runtime_dir",
+    "open_fd_count",
     "open_own_file",
     "owner_only_umask",
     "prepare_runtime_dir",
+    "raise_fd_limit",
     "remove_stale_socket",
     "replace_file",
 ]

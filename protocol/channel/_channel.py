@@ -77,6 +77,7 @@ _NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
+HWM = 1000  # ZeroMQ messages (batches) queued per peer and direction: libzmq's default, said once
 SPLIT_BATCH_MIN = 8
 SPLIT_AFTER_NS = 100_000
 """A received batch of at least SPLIT_BATCH_MIN messages whose first half took
@@ -97,15 +98,20 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
     return "ipc://" + path
 
 
-def channel_socket(zctx: zmq.Context[Any], socket_type: int, limits: Limits = DEFAULT_LIMITS) -> zmq.Socket[Any]:
+def channel_socket(zctx: zmq.Context[Any], socket_type: int, limits: Limits = DEFAULT_LIMITS, *,
+                   sndhwm: int = HWM, rcvhwm: int = HWM) -> zmq.Socket[Any]:
     """A new socket for a ``Channel``, with the options that only take effect
     if set before ``bind`` or ``connect`` (libzmq copies them into each
     listener and connection then): the largest frame a peer may send (libzmq
     disconnects a peer that sends a larger one, instead of buffering it whole
-    for the codec to refuse)."""
+    for the codec to refuse), and the high-water marks: how many messages
+    (batches) ZeroMQ queues for each peer, each way, before it takes no more
+    (a sender's backlog then waits in its ``Channel``, which its owner bounds)."""
     sock: zmq.Socket[Any] = zctx.socket(socket_type)
     sock.setsockopt(zmq.LINGER, LINGER_MS)
     sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes(limits))
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
     return sock
 
 
@@ -179,6 +185,7 @@ class Channel:
         self.kick: Callable[[], None] = lambda: None  # set by the loop adapter
         self._outq: deque[Packed] = deque()  # a DEALER's backlog
         self._peerq: dict[bytes, deque[Packed]] = {}  # a ROUTER's, per peer (non-empty only)
+        self._peerq_bytes: dict[bytes, int] = {}  # and their bytes
         self._budget = batch_budget(limits)  # a batch must pass the peer's limits (assumed to be ours)
         self._queued = 0
         # Received, not yet handed over: the rest of a batch (see _deliver_unread).
@@ -248,6 +255,8 @@ class Channel:
             q = self._peerq.get(identity)
             if q is None:
                 q = self._peerq[identity] = deque()
+                self._peerq_bytes[identity] = 0
+            self._peerq_bytes[identity] += len(packed[0]) + (len(packed[1]) if packed[1] is not None else 0)
         else:
             q = self._outq
         q.append(packed)
@@ -281,6 +290,7 @@ class Channel:
                     self.unroutable += len(q)  # the peer is gone: drop its messages
                     self._queued -= len(q)
                     q.clear()
+                    self._peerq_bytes[identity] = 0
                     return
             if len(q) == 1:
                 n, batch = 1, [q[0]]
@@ -292,7 +302,9 @@ class Channel:
             except zmq.Again:  # a DEALER's (a ROUTER's peer took the identity: the rest goes)
                 return
             for _ in range(n):
-                q.popleft()
+                item, payload = q.popleft()
+                if identity is not None:
+                    self._peerq_bytes[identity] -= len(item) + (len(payload) if payload is not None else 0)
             self._queued -= n
             self.sent += n
 
@@ -306,6 +318,7 @@ class Channel:
                     self._send_queue(q, identity)
                     if not q:
                         del self._peerq[identity]
+                        del self._peerq_bytes[identity]
             else:
                 self._send_queue(self._outq, None)
             # This read may consume the fd's edge, for input as for room to
@@ -325,6 +338,7 @@ class Channel:
         good, whose successor under the same identity must not get it.  How
         many messages that was (counted as unroutable)."""
         q = self._peerq.pop(identity, None)
+        self._peerq_bytes.pop(identity, None)
         if not q:
             return 0
         self._queued -= len(q)
@@ -335,6 +349,13 @@ class Channel:
     def backlog(self) -> int:
         """Messages waiting for the socket to accept them."""
         return self._queued
+
+    def peer_backlog(self, identity: bytes) -> tuple[int, int]:
+        """The messages waiting to be sent to ``identity`` (ROUTER), and their bytes."""
+        q = self._peerq.get(identity)
+        if not q:
+            return 0, 0
+        return len(q), self._peerq_bytes[identity]
 
     # -- receiving -----------------------------------------------------------
 
@@ -441,6 +462,7 @@ class Channel:
             self._closed = True
             self._outq.clear()
             self._peerq.clear()
+            self._peerq_bytes.clear()
             self._queued = 0
             self._unread.clear()
             self.socket.close(linger=LINGER_MS)

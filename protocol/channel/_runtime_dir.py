@@ -28,7 +28,10 @@ launcher can open).  So:
   the bind instead.
 
 ``make_runtime_dir`` makes the default one: a new private directory under
-/tmp (short, for AF_UNIX's path limit).
+``$TMPDIR``, or /tmp (short, for AF_UNIX's path limit), named ``evl`` and
+eight random characters; ``made_runtime_dirs`` finds such directories again
+(a killed launcher leaves its own behind: see ``iothreads cleanup``), and
+``check_runtime_dir`` says whether one is safe to use (or to remove).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 import stat
 import tempfile
 import threading
@@ -47,7 +51,11 @@ import zmq
 from .._errors import UnsafePathError
 
 __all__ = [
+    "PAUSED_SUFFIX",
     "bind_owner_only",
+    "check_runtime_dir",
+    "default_runtime_parent",
+    "made_runtime_dirs",
     "make_runtime_dir",
     "open_own_file",
     "owner_only_umask",
@@ -56,18 +64,42 @@ __all__ = [
     "replace_file",
 ]
 
+PAUSED_SUFFIX = ".paused"  # added to a data socket's name while its iothread takes no new clients
 PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _UMASK_LOCK = threading.Lock()  # one tightening at a time: each restores what it found
 
 
-def make_runtime_dir(parent: str | None = None, prefix: str = "evl") -> str:
+RUNTIME_DIR_PREFIX = "evl"
+_MADE_NAME = re.compile(RUNTIME_DIR_PREFIX + r"[a-z0-9_]{8}")  # tempfile.mkdtemp's random part
+
+
+def default_runtime_parent() -> str:
+    """Where ``make_runtime_dir`` makes directories by default: ``$TMPDIR``, or /tmp."""
+    return os.environ.get("TMPDIR") or "/tmp"
+
+
+def make_runtime_dir(parent: str | None = None, prefix: str = RUNTIME_DIR_PREFIX) -> str:
     """A new private directory (mode 0700) for socket files, short enough for
-    ipc:// paths (AF_UNIX allows 107 bytes)."""
-    path = tempfile.mkdtemp(prefix=prefix, dir=parent or "/tmp")
+    ipc:// paths (AF_UNIX allows 107 bytes), under ``parent`` (default:
+    ``default_runtime_parent()``)."""
+    path = tempfile.mkdtemp(prefix=prefix, dir=parent or default_runtime_parent())
     _chmod_dir(path)
     return path
+
+
+def made_runtime_dirs(parent: str | None = None) -> list[str]:
+    """The names under ``parent`` (default: ``default_runtime_parent()``) that
+    ``make_runtime_dir`` gives with its default prefix, sorted: candidates
+    only, whatever they are (``check_runtime_dir`` says whether one is a
+    runtime directory of this user's)."""
+    parent = parent or default_runtime_parent()
+    try:
+        names = os.listdir(parent)
+    except FileNotFoundError:
+        return []
+    return sorted(os.path.join(parent, name) for name in names if _MADE_NAME.fullmatch(name))
 
 
 def prepare_runtime_dir(path: str) -> None:
@@ -87,7 +119,7 @@ def prepare_runtime_dir(path: str) -> None:
         except FileExistsError:
             continue  # made meanwhile by another process: the checks below decide
         _chmod_dir(directory)
-    _check_private_dir(path)
+    check_runtime_dir(path)
 
 
 def _chmod_dir(path: str) -> None:
@@ -100,7 +132,10 @@ def _chmod_dir(path: str) -> None:
         os.close(fd)
 
 
-def _check_private_dir(path: str) -> None:
+def check_runtime_dir(path: str) -> None:
+    """``UnsafePathError`` unless ``path`` is a directory (not a symbolic
+    link) of this user that its group and others cannot write; ``OSError``
+    if it cannot be examined (``FileNotFoundError``: there is none)."""
     st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
         raise UnsafePathError(path, "is a symbolic link")

@@ -221,7 +221,12 @@ class QmpSession:
                 return
             self.state = QmpSessionState.NEGOTIATED
             value = {}
-        self._queue(qmp_return(value, command.has_id, command.id))
+        try:
+            line = qmp_line(qmp_return(value, command.has_id, command.id))
+        except (TypeError, ValueError) as exc:  # not JSON: the command is answered all the same
+            line = qmp_line(qmp_error("GenericError", f"the result of '{command.name}' cannot be sent: {exc}",
+                                      command.has_id, command.id))
+        self._queue_line(line)
 
     def fail(self, error_class: str, desc: str) -> None:
         """Answer the running command with an error."""
@@ -256,9 +261,12 @@ class QmpSession:
         del self._out[:nbytes]
 
     def _queue(self, obj: dict[str, Any]) -> None:
+        self._queue_line(qmp_line(obj))
+
+    def _queue_line(self, line: bytes) -> None:
         if self.closed:
             return
-        self._out += qmp_line(obj)
+        self._out += line
         if len(self._out) > self.max_output_bytes:
             self._out.clear()
             self._close("it does not read its replies and events")

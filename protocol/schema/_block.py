@@ -109,6 +109,8 @@ class BlockDeviceInfo:
     ro: bool = member(doc="whether it is read-only")
     image: ImageInfo = member(doc="its image")
     iothread: str = member(doc="the iothread serving it")
+    active: bool = member(doc="whether it is open: false while its iothread is down, to be restarted, "
+                              "until it is reopened there (QEMU's inactive node: no I/O reaches it)")
 
 
 # The placement (iothread) is the cluster's business, and node-name and driver

@@ -18,6 +18,7 @@ from ._messages import BlockdevDel as BlockdevDel
 from ._messages import ErrorReply as ErrorReply
 from ._messages import Event as Event
 from ._messages import Heartbeat as Heartbeat
+from ._messages import NodeStats as NodeStats
 from ._messages import Hello as Hello
 from ._messages import Message as Message
 from ._messages import Query as Query
@@ -27,6 +28,12 @@ from ._messages import SetPollParams as SetPollParams
 from ._messages import Stop as Stop
 from ._messages import Welcome as Welcome
 from ._pending import PendingRequests as PendingRequests
+from ._flow import CLIENT_CREDIT as CLIENT_CREDIT
+from ._flow import DATA_RCVHWM as DATA_RCVHWM
+from ._flow import DATA_SNDHWM as DATA_SNDHWM
+from ._flow import ClientCredit as ClientCredit
+from ._flow import InFlight as InFlight
+from ._flow import request_bytes as request_bytes
 
 __all__ = [
     "BlockCompletion",
@@ -34,12 +41,18 @@ __all__ = [
     "BlockRequest",
     "BlockdevAdd",
     "BlockdevDel",
+    "CLIENT_CREDIT",
+    "ClientCredit",
+    "DATA_RCVHWM",
+    "DATA_SNDHWM",
     "ErrorReply",
     "Event",
     "Heartbeat",
     "Hello",
+    "InFlight",
     "Limits",
     "Message",
+    "NodeStats",
     "PROTOCOL_VERSION",
     "PendingRequests",
     "Query",
@@ -53,4 +66,5 @@ __all__ = [
     "encode",
     "encode_batch",
     "pack",
+    "request_bytes",
 ]

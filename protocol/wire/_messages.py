@@ -6,7 +6,7 @@ planes share the same envelope (see ``_codec.py``):
 control plane (main loop <-> iothread, over the control channel)
     ``Hello`` / ``Welcome`` (handshake: ids, pid, protocol version,
     capabilities), ``SetPollParams``, ``Stop``, ``Query`` / ``QueryReply``,
-    ``Heartbeat``, ``Event``, ``ErrorReply``.
+    ``Heartbeat``, ``NodeStats``, ``Event``, ``ErrorReply``.
 data plane (client <-> iothread)
     ``BlockRequest`` and ``BlockCompletion``.  Their block payload (the data
     of a write, the data a read returns) never goes into msgpack: it travels
@@ -37,6 +37,7 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "NodeStats",
     "Query",
     "QueryReply",
     "SetLatencyHistogram",
@@ -45,7 +46,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 2  # 2: fields as a list, batches
+PROTOCOL_VERSION = 3  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats)
 
 
 class BlockOp(enum.StrEnum):
@@ -145,6 +146,21 @@ class Heartbeat(Message):
 
 
 @dataclass(frozen=True, slots=True)
+class NodeStats(Message):
+    """A node's statistics, from its iothread to the main loop: sent with the
+    answer to a heartbeat when they changed since they were last sent, so
+    that the main loop holds a recent copy (what a restarted iothread gets
+    back in its ``BlockdevAdd``).  ``counters`` are QMP's BlockDeviceStats
+    names, flat (``rd_operations``, ``wr_total_time_ns``, ...) with the bins
+    of a latency histogram (``rd_histogram_0``, ...): one node's, under 200
+    entries (histograms of up to 32 boundaries), within a map's limit of 256."""
+
+    KIND: ClassVar[str] = "node-stats"
+    node_name: str
+    counters: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
 class Event(Message):
     """Something happened that the other side should know (QMP-style event)."""
 
@@ -179,6 +195,13 @@ class BlockdevAdd(Message):
     node_name: str
     driver: str
     options: dict[str, str | int | bool] = field(default_factory=dict)
+    stats: dict[str, int] = field(default_factory=dict)
+    """The statistics the node starts from (``NodeStats.counters``): those it
+    had in its old home, for a node moved or reopened by a restarted iothread
+    (QEMU keeps a node's statistics across a move); empty for a new node."""
+    boundaries_ns: tuple[int, ...] = ()
+    """Its latency histogram's boundaries (``SetLatencyHistogram``), if one
+    is set: the bins of ``stats`` count in these intervals."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,7 +213,9 @@ class BlockdevDel(Message):
     node_name: str
     moving: bool = False
     """The node moves to another iothread: requests that still come here are
-    answered ESTALE (the client looks the node up again and resends)."""
+    answered ESTALE (the client looks the node up again and resends), and the
+    answer, once the node is drained, carries its statistics (as
+    ``NodeStats.counters``) for the new home's ``BlockdevAdd``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,7 +269,7 @@ class BlockCompletion(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
-    for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event,
+    for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event,
                 ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion)
 }
 

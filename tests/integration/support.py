@@ -11,7 +11,9 @@ makes sure that none outlives its test:
   block client, signals).
 
 ``descendants`` and ``wait_gone`` find a process's tree and wait for it to
-exit: a test that stops something checks that what it started is gone.
+exit: a test that stops something checks that what it started is gone;
+``iothreads_of`` and ``processes_in`` find what outlived a process that
+exited (its iothreads are in sessions of their own, and reparented then).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import select
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +60,39 @@ def descendants(pid: int) -> list[int]:
             pass
         if parent != pid:
             found.append(parent)
+    return found
+
+
+def iothreads_of(launcher_pid: int) -> list[int]:
+    """The iothread processes a launcher started that still exist, wherever
+    they are now (in sessions of their own, reparented once it exited): found
+    by the ``--parent-pid`` on their command lines."""
+    def match(argv: list[str], cwd: str) -> bool:
+        return "iothreads.worker" in argv and "--parent-pid" in argv and \
+            argv[argv.index("--parent-pid") + 1:][:1] == [str(launcher_pid)]
+    return _processes(match)
+
+
+def processes_in(directory: str) -> list[int]:
+    """The processes whose working directory is ``directory`` or below it."""
+    root = os.path.realpath(directory)
+    return _processes(lambda argv, cwd: cwd == root or cwd.startswith(root + os.sep))
+
+
+def _processes(match: Callable[[list[str], str], bool]) -> list[int]:
+    """The processes (zombies aside) whose command line and working directory match."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [a.decode(errors="replace") for a in f.read().split(b"\0")]
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:  # gone meanwhile, or a zombie (no cwd)
+            continue
+        if match(argv, cwd):
+            found.append(int(entry))
     return found
 
 
@@ -152,11 +188,12 @@ class Clusters:
         reads its events itself); with ``umask`` if not -1."""
         return self._spawn(args, clean_exit, umask).proc
 
-    def launch(self, *args: str, clean_exit: bool = True,
-               umask: int = -1) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    def launch(self, *args: str, clean_exit: bool = True, umask: int = -1,
+               fd_limit: int = 0) -> tuple[subprocess.Popen[str], dict[str, Any]]:
         """``iothreads launch ARGS`` once it is ready: the process and the data
-        of its READY event; with ``umask`` if not -1."""
-        launcher = self._spawn(args, clean_exit, umask)
+        of its READY event; with ``umask`` if not -1, and started from a shell
+        after ``ulimit -n FD_LIMIT`` (soft and hard) if given."""
+        launcher = self._spawn(args, clean_exit, umask, fd_limit)
         proc = launcher.proc
         assert proc.stdout is not None
         for line in proc.stdout:  # bounded by the launcher's own handshake deadline
@@ -167,9 +204,11 @@ class Clusters:
         _, err = proc.communicate(timeout=STOP_S)
         raise AssertionError(f"no READY line; exit status {proc.returncode}; stderr: {err}")
 
-    def _spawn(self, args: tuple[str, ...], clean_exit: bool, umask: int) -> _Launcher:
-        proc = subprocess.Popen([*COMMAND, "launch", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, umask=umask)
+    def _spawn(self, args: tuple[str, ...], clean_exit: bool, umask: int, fd_limit: int = 0) -> _Launcher:
+        argv = [*COMMAND, "launch", *args]
+        if fd_limit:
+            argv = ["sh", "-c", 'ulimit -n "$0" && exec "$@"', str(fd_limit), *argv]
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, umask=umask)
         launcher = _Launcher(proc, clean_exit)
         self._exit.callback(self._stop, launcher)
         return launcher

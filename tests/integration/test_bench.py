@@ -203,7 +203,7 @@ def test_verbose_shows_processes_moves_drains_and_resends(clusters: Clusters, ve
         "iothreads": ["iothread io0: pid ", "iothread io0: node null0: draining ",
                       "iothread io0: node null0: drained and closed", "iothread io0: exit requested: draining",
                       "iothread io0: exiting (code 0)", "iothread io1: exiting (code 0)"],
-        "client": ["iothreads: node null0 moved away from iothread io0: read at "],
+        "client": ["iothreads: read at ", " on node null0: ESTALE from iothread io0: resent (try 1)"],
     }
     text = launcher_err + "".join(bench_err)
     for where, lines in debug.items():

@@ -13,7 +13,7 @@ import pytest
 
 from protocol import ClusterState, cluster_state_path
 
-from .support import COMMAND, Clusters, wait_gone
+from .support import COMMAND, Clusters, iothreads_of, wait_gone
 
 
 def iothread_pids(ready: dict[str, object]) -> list[int]:
@@ -36,15 +36,18 @@ def group_members(pgid: int) -> list[int]:
 
 def run_alone(argv: list[str]) -> subprocess.CompletedProcess[str]:
     """Run to completion in a session of its own (nothing it signals can reach
-    pytest); every process of its group must be gone when it exits."""
+    pytest); every process of its group, and every iothread it started, must
+    be gone when it exits."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
         out, err = proc.communicate(timeout=60)
     finally:
-        left = group_members(proc.pid)
+        left = group_members(proc.pid) + iothreads_of(proc.pid)  # its iothreads have sessions of their own
         if proc.poll() is None or left:
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in iothreads_of(proc.pid):
+                os.kill(pid, signal.SIGKILL)
             proc.communicate()
     assert left == [], f"processes outlived the launcher: {left}"
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)

@@ -26,6 +26,7 @@ from protocol import (
     Heartbeat,
     Hello,
     Message,
+    NodeStats,
     Query,
     QueryReply,
     SetLatencyHistogram,
@@ -415,3 +416,94 @@ def test_stop_while_a_node_is_being_deleted_lets_it_drain(fake: FakeMainLoop, tm
         assert proc.wait(WAIT_MS / 1000) == 0
     with open(image, "rb") as f:
         assert all(f.read(4096) == bytes([i]) * 4096 for i in range(20))
+
+
+def _messages_until_reply(fake: FakeMainLoop, request_id: int) -> list[Message]:
+    """What the worker sends up to its answer to ``request_id`` (that one excluded)."""
+    seen: list[Message] = []
+    while True:
+        assert fake.sock.poll(WAIT_MS), f"no answer to request {request_id}"
+        for msg in decode_batch(fake.sock.recv_multipart()[1:]):
+            assert isinstance(msg, Message), msg
+            if isinstance(msg, (QueryReply, ErrorReply)) and msg.request_id == request_id:
+                return seen
+            seen.append(msg)
+
+
+def test_heartbeats_are_answered_with_the_statistics_that_changed(fake: FakeMainLoop) -> None:
+    """Each heartbeat is answered with a NodeStats for every node whose
+    statistics changed since they were last sent: NODE_STATS_PER_HEARTBEAT at
+    the most, those sent longest ago first; nothing once nothing changed."""
+    from iothreads.worker._worker import NODE_STATS_PER_HEARTBEAT
+
+    count = NODE_STATS_PER_HEARTBEAT + 4
+    names = [f"n{i}" for i in range(count)]
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        for i, name in enumerate(names):
+            fake.send(identity, BlockdevAdd(i, name, "null-co", {"size": 1 << 20}))
+            assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        request_id = count
+
+        def heartbeat() -> list[NodeStats]:
+            """The heartbeat's answer: what comes before the answer to a query sent after it."""
+            nonlocal request_id
+            request_id += 1
+            fake.send(identity, Heartbeat(0, 0))
+            fake.send(identity, Query(request_id))
+            answer = _messages_until_reply(fake, request_id)
+            assert all(isinstance(m, NodeStats) for m in answer), answer
+            return answer  # type: ignore[return-value]
+
+        first = heartbeat()
+        assert len(first) == NODE_STATS_PER_HEARTBEAT
+        second = heartbeat()
+        assert sorted(m.node_name for m in first + second) == sorted(names)
+        assert heartbeat() == []  # nothing changed
+        for i, name in enumerate(names):  # every node changes: those sent longest ago go first
+            fake.send(identity, BlockRequest(1000 + i, name, "read", 0, 512))
+            done = fake.recv_kind(BlockCompletion)
+            assert isinstance(done, BlockCompletion) and done.status == 0
+        third = heartbeat()
+        assert {m.node_name for m in third} == {m.node_name for m in first}
+        assert all(m.counters["rd_operations"] == 1 and m.counters["rd_bytes"] == 512 for m in third)
+        assert {m.node_name for m in heartbeat()} == {m.node_name for m in second}
+        assert heartbeat() == []
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+
+
+def test_a_node_starts_from_the_statistics_its_blockdev_add_carries(fake: FakeMainLoop) -> None:
+    """A node opened with statistics (moved, or reopened after a restart) counts
+    on from them, its latency histogram set; a node moving away takes its
+    statistics along in the BlockdevDel's answer."""
+    carried = {"rd_operations": 5, "rd_bytes": 2560, "rd_total_time_ns": 7000, "wr_operations": 2,
+               "failed_wr_operations": 1, "rd_histogram_0": 3, "rd_histogram_1": 2, "wr_histogram_2": 2,
+               "not_a_statistic": 9}
+    with spawn(fake) as proc:
+        identity, _ = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 10_000))
+        fake.send(identity, BlockdevAdd(1, "n0", "null-co", {"size": 1 << 20}, carried, (1_000, 10**12)))
+        assert isinstance(fake.recv_kind(QueryReply), QueryReply)
+        fake.send(identity, BlockRequest(2, "n0", "read", 0, 512))
+        done = fake.recv_kind(BlockCompletion)
+        assert isinstance(done, BlockCompletion) and done.status == 0
+        fake.send(identity, Query(3, "n0"))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply)
+        c = reply.counters
+        assert (c["rd_operations"], c["rd_bytes"], c["wr_operations"], c["failed_wr_operations"]) == (6, 3072, 2, 1)
+        assert c["rd_total_time_ns"] > 7000
+        assert [c[f"rd_histogram_{i}"] for i in range(3)] in ([4, 2, 0], [3, 3, 0])  # the read: < or >= 1 us
+        assert [c[f"wr_histogram_{i}"] for i in range(3)] == [0, 0, 2]
+        assert "not_a_statistic" not in c and "rd_histogram_3" not in c
+        fake.send(identity, BlockdevDel(4, "n0", moving=True))
+        moved = fake.recv_kind(QueryReply)
+        assert isinstance(moved, QueryReply) and moved.request_id == 4
+        assert moved.counters == {k: v for k, v in c.items() if k not in ("size", "in_flight")}
+        fake.send(identity, BlockdevAdd(5, "n1", "null-co", {"size": 4096}, {}, (5, 1)))
+        refused = fake.recv_kind(ErrorReply)
+        assert isinstance(refused, ErrorReply) and "unsorted boundaries" in refused.message
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0

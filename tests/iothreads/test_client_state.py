@@ -4,6 +4,7 @@ refused with a clear error; a blocking call that times out is given up."""
 from __future__ import annotations
 
 import errno
+import socket
 
 import pytest
 
@@ -51,11 +52,15 @@ def test_the_client_finds_nodes_in_the_typed_state(runtime_dir: str) -> None:
         assert client.in_flight == 0
 
 
-def test_a_blocking_call_that_times_out_is_given_up(runtime_dir: str) -> None:
-    """Nobody serves the iothread's endpoint: the call raises TimeoutError at
-    its deadline, and the request is no longer pending (it used to stay
-    counted in ``in_flight``, waiting for an answer nobody waits for)."""
+def test_a_blocking_call_that_times_out_is_given_up(runtime_dir: str, request: pytest.FixtureRequest) -> None:
+    """Nobody serves the iothread's endpoint (its socket file is there, bound
+    and never listened on): the call raises TimeoutError at its deadline, and
+    the request is no longer pending (it used to stay counted in
+    ``in_flight``, waiting for an answer nobody waits for)."""
     endpoint = ipc_endpoint(runtime_dir, "io0.data")
+    deaf = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deaf.bind(endpoint.removeprefix("ipc://"))
+    request.addfinalizer(deaf.close)
     _write(runtime_dir, ClusterState(runtime_dir, "", (IOThreadEntry("io0", 1, "running", endpoint),),
                                      {"n0": NodeEntry("io0", "null-co", 4096)}).to_json())
     with BlockClient(runtime_dir, timeout_s=0.2) as client:
@@ -66,3 +71,15 @@ def test_a_blocking_call_that_times_out_is_given_up(runtime_dir: str) -> None:
         client.submit("n0", "read", 0, 512, callback=lambda status, message, data: completions.append(status))
         assert client.in_flight == 1  # a callback request has no deadline: it waits
         assert completions == []
+
+
+def test_an_endpoint_with_no_socket_file_is_refused_at_once(runtime_dir: str) -> None:
+    """An iothread at its limit of clients moves its socket file aside: a new
+    client is told so at once, not left waiting for a connection."""
+    endpoint = ipc_endpoint(runtime_dir, "io0.data")
+    _write(runtime_dir, ClusterState(runtime_dir, "", (IOThreadEntry("io0", 1, "running", endpoint),),
+                                     {"n0": NodeEntry("io0", "null-co", 4096)}).to_json())
+    with BlockClient(runtime_dir, timeout_s=10) as client:
+        with pytest.raises(BlockIOError) as info:
+            client.read("n0", 0, 512)
+        assert info.value.errno == errno.ECONNREFUSED and "takes no new clients now" in str(info.value)

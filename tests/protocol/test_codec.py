@@ -26,6 +26,7 @@ from protocol import (
     Limits,
     LocalProtocolError,
     Message,
+    NodeStats,
     ProtocolError,
     Query,
     QueryReply,
@@ -58,10 +59,12 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
               boundaries_ns=st.lists(ints, max_size=6).map(tuple)),
     st.builds(QueryReply, request_id=ints, counters=st.dictionaries(text, ints, max_size=8)),
     st.builds(Heartbeat, seq=ints, sent_ns=ints),
+    st.builds(NodeStats, node_name=text, counters=st.dictionaries(text, ints, max_size=8)),
     st.builds(Event, name=text, data=st.dictionaries(text, scalars, max_size=8)),
     st.builds(ErrorReply, request_id=ints, error_class=text, message=text, errno=ints),
     st.builds(BlockdevAdd, request_id=ints, node_name=text, driver=text,
-              options=st.dictionaries(text, st.one_of(text, ints, st.booleans()), max_size=6)),
+              options=st.dictionaries(text, st.one_of(text, ints, st.booleans()), max_size=6),
+              stats=st.dictionaries(text, ints, max_size=8), boundaries_ns=st.lists(ints, max_size=6).map(tuple)),
     st.builds(BlockdevDel, request_id=ints, node_name=text),
     st.builds(BlockRequest, request_id=ints, node=text, op=st.sampled_from([o.value for o in BlockOp]),
               offset=naturals, length=naturals, flags=ints, data=st.binary(max_size=4096)),
@@ -86,7 +89,7 @@ def test_all_message_types_are_covered() -> None:
     from protocol.wire._messages import MESSAGE_TYPES
 
     assert set(MESSAGE_TYPES.values()) == {
-        Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, Event, ErrorReply,
+        Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event, ErrorReply,
         BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
     }
 
@@ -363,8 +366,10 @@ def test_messages_keep_the_dataclass_constructor(cls: type[Message]) -> None:
 
 _SAMPLES: dict[type[Message], Message] = {type(m): m for m in [
     Hello("io0", 1, 2, ("a",), "ipc://x"), Welcome(2, ("a",), 5), SetPollParams(1, 2, 3, 4, 5), Stop("bye"),
-    Query(1, "n"), QueryReply(1, {"a": 1}), Heartbeat(1, 2), Event("E", {"k": 1}), ErrorReply(1, "C", "m", 5),
-    BlockdevAdd(1, "n", "file", {"filename": "f"}), BlockdevDel(1, "n", True), SetLatencyHistogram(1, "n", (1, 2)),
+    Query(1, "n"), QueryReply(1, {"a": 1}), Heartbeat(1, 2), NodeStats("n", {"rd_operations": 3}),
+    Event("E", {"k": 1}), ErrorReply(1, "C", "m", 5),
+    BlockdevAdd(1, "n", "file", {"filename": "f"}, {"wr_bytes": 4}, (10, 20)), BlockdevDel(1, "n", True),
+    SetLatencyHistogram(1, "n", (1, 2)),
     BlockRequest(1, "n", "write", 512, 3, 0, b"abc"), BlockCompletion(1, -5, "m", b"x"),
 ]}
 

@@ -268,6 +268,22 @@ def test_input_is_wanted_only_while_few_commands_wait_and_little_output_does() -
     assert not s.wants_input
 
 
+def test_a_result_that_is_not_json_is_answered_with_an_error() -> None:
+    """Every command gets exactly one reply: a result the owner got wrong (not
+    JSON) becomes a GenericError with the command's id, and the next runs."""
+    s = negotiated()
+    s.receive_data(b'{"execute": "odd", "id": 7}{"execute": "next", "id": 8}')
+    assert s.next_command() is not None
+    s.reply({"value": object()})
+    command = s.next_command()
+    assert command is not None and command.id == 8
+    s.reply(None)
+    first, second = lines(take(s))
+    assert first["id"] == 7 and first["error"]["class"] == "GenericError"
+    assert first["error"]["desc"].startswith("the result of 'odd' cannot be sent")
+    assert second == {"return": None, "id": 8}
+
+
 def test_the_peer_hanging_up_closes_the_session() -> None:
     s = negotiated()
     s.receive_data(b'{"execute": "slow"}{"execute": "queued"}')
