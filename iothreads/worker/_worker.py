@@ -217,14 +217,14 @@ class IOThreadWorker:
         self.last_heard_ns = time.monotonic_ns()
         handler = self._handlers.get(type(msg))
         if handler is None:
-            log.warning("iothread %s: unexpected %s from the main loop", self.id, type(msg).KIND)
+            log.warning("unexpected %s from the main loop", type(msg).KIND)
             return
         try:
             handler(identity, msg)
         except LocalProtocolError as exc:
             # Its answer cannot travel (too large for the main loop's limits):
             # an error instead, so that the requester is not left waiting.
-            log.error("iothread %s: cannot answer %s: %s", self.id, type(msg).KIND, exc)
+            log.error("cannot answer %s: %s", type(msg).KIND, exc)
             request_id = getattr(msg, "request_id", None)
             if request_id is not None:
                 self.channel.send(ErrorReply(request_id, "GenericError", _bounded(f"the answer cannot be sent: {exc}")))
@@ -261,7 +261,7 @@ class IOThreadWorker:
                 self.channel.send(NodeStats(name, node_statistics(self.nodes[name])))
             except LocalProtocolError as exc:  # a histogram of too many boundaries (QMP allows 32)
                 self._bad_input.log(("node-stats", name), logging.ERROR,
-                                    "iothread %s: the statistics of node %s cannot be sent: %s", self.id, name, exc)
+                                    "the statistics of node %s cannot be sent: %s", name, exc)
             self._stats_sent[name] = (mark, self._heartbeats_heard)
 
     def _on_query(self, identity: bytes, msg: Query) -> None:
@@ -292,7 +292,7 @@ class IOThreadWorker:
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self._bad_input.log(("control", type(exc)), logging.ERROR,
-                            "iothread %s: bad message from the main loop: %s", self.id, exc)
+                            "bad message from the main loop: %s", exc)
         self._answer_refused(self.channel, identity, exc)
 
     def _answer_refused(self, channel: Channel, identity: bytes, exc: RemoteProtocolError) -> None:
@@ -315,11 +315,11 @@ class IOThreadWorker:
             self._submit(self.data, identity, msg)
         else:
             self._bad_input.log(("data", identity, "unexpected"), logging.WARNING,
-                                "iothread %s: %s on the data channel ignored", self.id, type(msg).KIND)
+                                "%s on the data channel ignored", type(msg).KIND)
 
     def _on_bad_data(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self._bad_input.log(("data", identity, type(exc)), logging.WARNING,
-                            "iothread %s: bad request from client %r: %s%s", self.id, identity, exc,
+                            "bad request from client %r: %s%s", identity, exc,
                             " (answered EINVAL)" if isinstance(exc, BadRequestError) else "")
         assert self.data is not None
         self._answer_refused(self.data, identity, exc)
@@ -349,7 +349,7 @@ class IOThreadWorker:
             problem = self.in_flight.admit(client, nbytes, backlog)
             if problem is not None:
                 self._bad_input.log(("data", identity, "credit"), logging.WARNING,
-                                    "iothread %s: request from client %r refused: %s", self.id, identity, problem)
+                                    "request from client %r refused: %s", identity, problem)
                 if backlog[0] < 2 * self.in_flight.credit.max_requests:
                     channel.send(_completion(request_id, -errno.EAGAIN, problem), to)
                 # else: a client that reads nothing gets no more refusals either
@@ -438,8 +438,8 @@ class IOThreadWorker:
 
     def _on_welcome(self, identity: bytes, msg: Welcome) -> None:
         if msg.version != PROTOCOL_VERSION:
-            log.error("iothread %s: main loop speaks protocol %d, we speak %d",
-                      self.id, msg.version, PROTOCOL_VERSION)
+            log.error("main loop speaks protocol %d, we speak %d",
+                      msg.version, PROTOCOL_VERSION)
             self.stop(EXIT_ERROR)
             return
         self.welcomed = True
@@ -511,7 +511,7 @@ class IOThreadWorker:
 
     def _lost_main_loop(self) -> None:
         if not self.shutting_down:
-            log.warning("iothread %s: main loop (pid %d) is gone: stopping", self.id, self.main_loop_pid)
+            log.warning("main loop (pid %d) is gone: stopping", self.main_loop_pid)
             self.shutdown(EXIT_ORPHANED)
 
     def _arm_watchdog(self) -> None:
@@ -521,7 +521,7 @@ class IOThreadWorker:
 
     def _on_watchdog(self) -> None:
         if not self.welcomed:
-            log.error("iothread %s: no answer from the main loop: giving up", self.id)
+            log.error("no answer from the main loop: giving up")
             self.shutdown(EXIT_ORPHANED)
             return
         now = time.monotonic_ns()
@@ -533,7 +533,7 @@ class IOThreadWorker:
             self.last_heard_ns += late_ns
         silent_ms = (now - self.last_heard_ns) // 1_000_000
         if silent_ms > 3 * self.heartbeat_interval_ms:
-            log.error("iothread %s: main loop silent for %d ms: exiting", self.id, silent_ms)
+            log.error("main loop silent for %d ms: exiting", silent_ms)
             self.shutdown(EXIT_ORPHANED)
             return
         self._heartbeat_seq += 1

@@ -170,7 +170,6 @@ class IOThread:
     exit_status: int | None = None
     """``os.waitstatus_to_exitcode`` of the last exit (minus the signal number)."""
     restarts: int = 0
-    last_heard_ns: int = 0
     started_ns: int = 0
     quick_exits: int = 0  # unexpected exits in a row, each soon after its start: restarts back off
     capabilities: tuple[str, ...] = ()
@@ -218,8 +217,9 @@ class Cluster:
     def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS, handshake_timeout_ms: int = 15_000,
                  stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000,
-                 max_iothreads: int = MAX_IOTHREADS) -> None:
+                 max_iothreads: int = MAX_IOTHREADS, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
         self.loop = loop
+        self._clock_ns = clock_ns  # the monotonic clock of the deadlines (see _loop_time_ns)
         self.max_iothreads = max_iothreads
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or make_runtime_dir()
@@ -259,7 +259,7 @@ class Cluster:
         self._source = ChannelSource(self.channel, "iothread-control",
                                      role=f"ZMQ_FD of the iothreads' control channel ({self.endpoint})")
         loop.context.attach(self._source)
-        self._looked_ns = time.monotonic_ns()  # the main loop's last look (see _loop_time_ns)
+        self._looked_ns = clock_ns()  # the main loop's last look (see _loop_time_ns)
         self._away_ns = 0  # the time it was seen away, in all
         self._heartbeat = loop.timer_new_ms(ClockType.REALTIME, self._on_heartbeat_timer, "heartbeat")
         self._heartbeat.mod(self._heartbeat.now() + heartbeat_interval_ms)
@@ -349,7 +349,6 @@ class Cluster:
         t.started_ns = time.monotonic_ns()
         t.state = IOThreadState.STARTING
         t.exit_status = None
-        t.last_heard_ns = time.monotonic_ns()
         t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, f"deadline {c.id}")
         self._arm_deadline(t, self.handshake_timeout_ms)
 
@@ -359,7 +358,7 @@ class Cluster:
         heartbeat timer looks every period while the loop runs: a longer gap
         between two looks (the timer's or any caller's) was time away.  An
         absence shorter than a period is not seen."""
-        now = time.monotonic_ns()
+        now = self._clock_ns()
         away_ns = now - self._looked_ns - self.heartbeat_interval_ms * 1_000_000
         if away_ns > 0:
             self._away_ns += away_ns
@@ -553,7 +552,6 @@ class Cluster:
         if t is None or t.state is IOThreadState.EXITED:
             log.warning("control message %s from unknown peer %r dropped", type(msg).KIND, identity)
             return
-        t.last_heard_ns = time.monotonic_ns()
         if isinstance(msg, (QueryReply, ErrorReply)):  # the common case first
             cb = t._pending.match(msg.request_id)
             if cb is not None:

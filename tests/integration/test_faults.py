@@ -148,13 +148,28 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+class JumpingClock:
+    """A monotonic clock that can jump ahead, as a process that was stopped
+    sees it once resumed; it counts its reads."""
+
+    def __init__(self) -> None:
+        self.offset_ns = 0
+        self.reads = 0
+
+    def __call__(self) -> int:
+        self.reads += 1
+        return time.monotonic_ns() + self.offset_ns
+
+
 def test_a_main_loop_back_from_a_stop_does_not_fail_what_it_could_not_hear(clusters: Clusters) -> None:
     """A main loop and its iothread stopped together (a frozen cgroup, a
     suspended job) for longer than the request timeout: once both run again,
     a request sent before the stop is answered, not failed as unanswered.
     The main loop's deadlines count only the time it was there to listen."""
     request_timeout_ms = 500
-    cluster = clusters.start("io0", heartbeat_interval_ms=50, request_timeout_ms=request_timeout_ms)
+    clock = JumpingClock()
+    cluster = clusters.start("io0", heartbeat_interval_ms=50, request_timeout_ms=request_timeout_ms,
+                             clock_ns=clock)
     pid = cluster.iothreads["io0"].pid
     replies: list[QueryReply | ErrorReply] = []
     os.kill(pid, signal.SIGSTOP)
@@ -162,9 +177,13 @@ def test_a_main_loop_back_from_a_stop_does_not_fail_what_it_could_not_hear(clust
         wait_until(lambda: _state(pid) == "T", "the iothread to stop")
         with bql():
             cluster.query("io0", replies.append)
-        # The fault itself: this main loop does not run (nothing iterates it)
-        # for twice the request timeout, while its iothread is stopped too.
-        time.sleep(2 * request_timeout_ms / 1000)
+            # The fault itself: for twice the request timeout, this main loop
+            # did not run (its clock jumps), while its iothread is stopped too.
+            clock.offset_ns += 2 * request_timeout_ms * 1_000_000
+            looks = clock.reads
+            # Heartbeats look at the deadlines again: the request still waits.
+            assert cluster.wait_for(lambda: clock.reads >= looks + 3, STOP_S)
+            assert replies == []
     finally:
         os.kill(pid, signal.SIGCONT)
     with bql():
