@@ -164,7 +164,11 @@ def test_readme_starts_with_the_quickstart_and_ci_runs_its_test_command() -> Non
     assert "pytest -n auto" in test_command
     ci_lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines()
                 if line.strip() and not line.startswith(("#", "set ", "cd "))]
-    assert ci_lines == [test_command], ".ci/run runs exactly the README's test command"
+    assert ci_lines[-1] == test_command, ".ci/run runs exactly the README's test command"
+    before = "\n".join(ci_lines[:-1])  # and before it, only the real clients' install, when missing
+    assert "apt-get install" in before and "pytest" not in before and "pip" not in before, before
+    for package in ("qemu-utils", "libnbd-bin", "fio", "qemu-system-common"):
+        assert package in before, f".ci/run does not install {package}"
 
 
 # -- running the blocks -------------------------------------------------------------------------
