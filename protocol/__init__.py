@@ -3,6 +3,9 @@
 ``encode(msg) -> frames`` and ``decode(frames) -> msg`` carry the messages of
 ``_messages.py`` between the main loop, the iothreads and clients;
 ``encode_batch`` / ``decode_batch`` carry several in one ZeroMQ message.
+``nbd`` is the NBD protocol, sans I/O: the server's handshake
+(``NbdServerHandshake``), the transmission phase's request decoder and reply
+builders.
 
 ``protocol`` is the leaf package: it imports nothing from ``iothreads`` or
 ``mainloop``, and its core holds no sockets, threads or clocks.
@@ -12,6 +15,9 @@ from __future__ import annotations
 
 from .channel import Channel as Channel
 from .channel import FD_RESERVE as FD_RESERVE
+from .channel import handoff_pair as handoff_pair
+from .channel import receive_connection as receive_connection
+from .channel import send_connection as send_connection
 from .channel import PAUSED_SUFFIX as PAUSED_SUFFIX
 from .channel import FdBudget as FdBudget
 from .channel import open_fd_count as open_fd_count
@@ -58,6 +64,13 @@ from ._errors import StateError as StateError
 from ._errors import ThreadContractError as ThreadContractError
 from ._errors import UnsafePathError as UnsafePathError
 from .wire import PROTOCOL_VERSION as PROTOCOL_VERSION
+from .nbd import NbdExport as NbdExport
+from .nbd import NbdHandshakeState as NbdHandshakeState
+from .nbd import NbdMetaContext as NbdMetaContext
+from .nbd import NbdNegotiated as NbdNegotiated
+from .nbd import NbdRequest as NbdRequest
+from .nbd import NbdRequestDecoder as NbdRequestDecoder
+from .nbd import NbdServerHandshake as NbdServerHandshake
 from .qmp import QmpCommand as QmpCommand
 from .qmp import QmpDecoder as QmpDecoder
 from .qmp import QmpInputError as QmpInputError
@@ -84,6 +97,8 @@ from .wire import SetLatencyHistogram as SetLatencyHistogram
 from .wire import SetPollParams as SetPollParams
 from .wire import Stop as Stop
 from .wire import Welcome as Welcome
+from .wire import NbdCloseExport as NbdCloseExport
+from .wire import NbdConnection as NbdConnection
 
 __all__ = [
     "BadRequestError",
@@ -113,6 +128,15 @@ __all__ = [
     "Limits",
     "LocalProtocolError",
     "Message",
+    "NbdCloseExport",
+    "NbdConnection",
+    "NbdExport",
+    "NbdHandshakeState",
+    "NbdMetaContext",
+    "NbdNegotiated",
+    "NbdRequest",
+    "NbdRequestDecoder",
+    "NbdServerHandshake",
     "NodeEntry",
     "NodeStats",
     "PAUSED_SUFFIX",
@@ -144,6 +168,7 @@ __all__ = [
     "default_runtime_parent",
     "encode",
     "encode_batch",
+    "handoff_pair",
     "ipc_endpoint",
     "made_runtime_dirs",
     "make_runtime_dir",
@@ -157,7 +182,9 @@ __all__ = [
     "qmp_line",
     "qmp_return",
     "raise_fd_limit",
+    "receive_connection",
     "remove_stale_socket",
     "replace_file",
     "request_bytes",
+    "send_connection",
 ]

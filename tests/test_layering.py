@@ -9,8 +9,10 @@ threads and processes:
 - ``protocol``: ``_errors`` (the one exception tree) <- ``wire`` (messages, their
   codec, the pending-request table), ``schema`` (every option type, declared once,
   QAPI's idea), ``qmp`` (QMP's wire format and its sans-I/O session), ``state``
-  (the cluster's state file) <- ``channel`` (the ZeroMQ channel: the one part that
-  owns sockets).
+  (the cluster's state file), ``nbd`` (the NBD protocol's codec and the server's
+  sans-I/O handshake: pure, so the main loop's handshake and an iothread's
+  transmission phase share it) <- ``channel`` (the ZeroMQ channel: the one part
+  that owns sockets).
 - ``iothreads``: ``aio`` (the AioContext and its companions) <- ``block`` (drivers,
   nodes, the client) <- ``worker`` (the iothread process); ``testing`` helps tests
   of ``aio``.
@@ -48,6 +50,7 @@ PARTS = {
         "schema": {"_errors"},
         "qmp": {"_errors", "schema"},
         "state": {"_errors"},
+        "nbd": {"_errors"},
         "channel": {"_errors", "wire"},
     },
     "iothreads": {

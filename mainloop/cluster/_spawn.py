@@ -39,15 +39,30 @@ _EVERY_SIGNAL = tuple(sorted(signal.valid_signals() - {signal.SIGKILL, signal.SI
 
 
 def spawn(argv: list[str], *, new_session: bool = False, stdout_fd: int | None = None,
-          stderr_fd: int | None = None) -> int:
+          stderr_fd: int | None = None, pass_fds: dict[int, int] | None = None) -> int:
     """Start ``argv`` (``argv[0]``: the program's path) with this process's
     environment, an empty signal mask and every signal at its default
     action; its pid.  ``new_session``: in a session of its own (no
     controlling terminal: Ctrl-C, Ctrl-Z and a hang-up at the terminal reach
     the parent only, which then stops the child in order).  ``stdout_fd``,
     ``stderr_fd``: what the child gets as its stdout and stderr (default:
-    this process's).  ``OSError`` if it cannot be started."""
-    file_actions = [(os.POSIX_SPAWN_DUP2, fd, target)
-                    for fd, target in ((stdout_fd, 1), (stderr_fd, 2)) if fd is not None]
-    return os.posix_spawn(argv[0], argv, os.environ, file_actions=file_actions or None,
-                          setsid=new_session, setsigmask=(), setsigdef=_EVERY_SIGNAL)
+    this process's).  ``pass_fds``: more descriptors the child gets, as
+    ``{its number in the child: this process's descriptor}`` (every other
+    one is close-on-exec here).  ``OSError`` if it cannot be started."""
+    wanted = {**(pass_fds or {}), **{target: fd for fd, target in ((stdout_fd, 1), (stderr_fd, 2))
+                                     if fd is not None}}
+    dups: list[int] = []
+    try:
+        actions = []
+        for target, fd in sorted(wanted.items()):
+            if fd == target or fd in wanted:
+                # dup2 onto itself would keep close-on-exec, and a source that is
+                # also a target could be overwritten first: go through a copy.
+                fd = os.dup(fd)
+                dups.append(fd)
+            actions.append((os.POSIX_SPAWN_DUP2, fd, target))
+        return os.posix_spawn(argv[0], argv, os.environ, file_actions=actions or None,
+                              setsid=new_session, setsigmask=(), setsigdef=_EVERY_SIGNAL)
+    finally:
+        for fd in dups:
+            os.close(fd)

@@ -10,6 +10,9 @@ from ._fds import FD_RESERVE as FD_RESERVE
 from ._fds import FdBudget as FdBudget
 from ._fds import open_fd_count as open_fd_count
 from ._fds import raise_fd_limit as raise_fd_limit
+from ._handoff import handoff_pair as handoff_pair
+from ._handoff import receive_connection as receive_connection
+from ._handoff import send_connection as send_connection
 from ._log import ThrottledLog as ThrottledLog
 from ._runtime_dir import PAUSED_SUFFIX as PAUSED_SUFFIX
 from ._runtime_dir import bind_owner_only as bind_owner_only
@@ -33,6 +36,7 @@ __all__ = [
     "channel_socket",
     "check_runtime_dir",
     "default_runtime_parent",
+    "handoff_pair",
     "ipc_endpoint",
     "made_runtime_dirs",
     "make_runtime_dir",
@@ -41,6 +45,8 @@ __all__ = [
     "owner_only_umask",
     "prepare_runtime_dir",
     "raise_fd_limit",
+    "receive_connection",
     "remove_stale_socket",
     "replace_file",
+    "send_connection",
 ]

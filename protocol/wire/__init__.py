@@ -21,6 +21,8 @@ from ._messages import Heartbeat as Heartbeat
 from ._messages import NodeStats as NodeStats
 from ._messages import Hello as Hello
 from ._messages import Message as Message
+from ._messages import NbdCloseExport as NbdCloseExport
+from ._messages import NbdConnection as NbdConnection
 from ._messages import Query as Query
 from ._messages import QueryReply as QueryReply
 from ._messages import SetLatencyHistogram as SetLatencyHistogram
@@ -52,6 +54,8 @@ __all__ = [
     "InFlight",
     "Limits",
     "Message",
+    "NbdCloseExport",
+    "NbdConnection",
     "NodeStats",
     "PROTOCOL_VERSION",
     "PendingRequests",

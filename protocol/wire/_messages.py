@@ -7,6 +7,10 @@ control plane (main loop <-> iothread, over the control channel)
     ``Hello`` / ``Welcome`` (handshake: ids, pid, protocol version,
     capabilities), ``SetPollParams``, ``Stop``, ``Query`` / ``QueryReply``,
     ``Heartbeat``, ``NodeStats``, ``Event``, ``ErrorReply``.
+NBD connections (main loop <-> iothread)
+    ``NbdConnection``, with the connection's socket, over the handoff socket
+    beside the control channel (``protocol.channel``'s handoff: SCM_RIGHTS);
+    ``NbdCloseExport`` over the control channel.
 data plane (client <-> iothread)
     ``BlockRequest`` and ``BlockCompletion``.  Their block payload (the data
     of a write, the data a read returns) never goes into msgpack: it travels
@@ -37,6 +41,8 @@ __all__ = [
     "Heartbeat",
     "Hello",
     "Message",
+    "NbdCloseExport",
+    "NbdConnection",
     "NodeStats",
     "Query",
     "QueryReply",
@@ -46,7 +52,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 3  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats)
+PROTOCOL_VERSION = 4  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD
 
 
 class BlockOp(enum.StrEnum):
@@ -267,10 +273,47 @@ class BlockCompletion(Message):
     data: bytes = b""
 
 
+# -- NBD connections -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class NbdConnection(Message):
+    """An NBD client's connection past its handshake, handed over with its
+    socket: by the main loop to the iothread that holds the export's node,
+    and back by that iothread when the node moves away (then on to its new
+    home).  What the handshake agreed travels with it; ``pending`` is what
+    was read from the socket and not handled yet (bytes past the handshake,
+    or a request not complete when the connection was handed back)."""
+
+    KIND: ClassVar[str] = "nbd-connection"
+    PAYLOAD: ClassVar[str | None] = "pending"
+    connection_id: int
+    export_id: str
+    node_name: str
+    transmission_flags: int
+    """NBD_FLAG_* as sent to the client (read-only, flush, FUA, trim ...)."""
+    structured_replies: bool = False
+    meta_contexts: dict[str, int] = field(default_factory=dict)
+    """The metadata contexts selected with NBD_OPT_SET_META_CONTEXT: name to id."""
+    pending: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class NbdCloseExport(Message):
+    """Close the NBD connections of export ``export_id`` now (block-export-del
+    in hard mode, nbd-server-stop): requests in flight complete first, their
+    replies are not sent.  Answered with a ``QueryReply`` counting them."""
+
+    KIND: ClassVar[str] = "nbd-close-export"
+    request_id: int
+    export_id: str
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event,
-                ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion)
+                ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
+                NbdConnection, NbdCloseExport)
 }
 
 
