@@ -331,13 +331,15 @@ def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
     """qemu-nbd serving one export, and the same export described for the codec."""
     binary = need("qemu-nbd")
     work = tmp_path_factory.mktemp("qemu-nbd")
-    image, sock, pid_file = work / "disk.img", work / "nbd.sock", work / "qemu-nbd.pid"
+    image, sock = work / "disk.img", work / "nbd.sock"
     image.write_bytes(bytes(1 << 20))
-    # --fork: the command returns once the server listens.
-    tool(binary, "--fork", "--pid-file", str(pid_file), "-k", str(sock), "-f", "raw", "-x", "disk",
-         "-D", "a disk", "-A", "-e", "0", "-t", str(image))
-    pid = int(pid_file.read_text())
+    # In the foreground, as this test's child: reaped here, not left a zombie for an init that
+    # does not reap (as --fork would); ready once its socket exists.
+    proc = subprocess.Popen([binary, "-k", str(sock), "-f", "raw", "-x", "disk", "-D", "a disk", "-A", "-e", "0",
+                             "-t", str(image)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
+        wait_until(lambda: sock.exists() or proc.poll() is not None, "qemu-nbd to listen", TOOL_TIMEOUT_S)
+        assert proc.poll() is None, f"qemu-nbd exited: {proc.communicate()[1]!r}"
         replies = read_handshake(qemu_output(sock, client_flags() + option(
             NBD_OPT_INFO, info_data(b"disk", (NBD_INFO_BLOCK_SIZE,))) + option(NBD_OPT_ABORT))).replies
         infos = {struct.unpack_from(">H", r.payload)[0]: r.payload[2:] for r in replies
@@ -350,16 +352,12 @@ def qemu_nbd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, d
         assert export.transmission_flags == flags, "the export's flags are not QEMU's"
         yield sock, {"disk": export}
     finally:
-        os.kill(pid, signal.SIGTERM)
-        wait_until(lambda: exited(pid), "qemu-nbd to exit", 30)
-
-
-def exited(pid: int) -> bool:
-    """The daemon is gone, or a zombie its new parent has not reaped yet."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].startswith("Z")
-    except (FileNotFoundError, ProcessLookupError):
-        return True
+        proc.terminate()
+        try:
+            proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
 
 
 def qemu_output(sock: Path, stream: bytes) -> bytes:
