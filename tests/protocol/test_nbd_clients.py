@@ -15,7 +15,6 @@ import json
 import os
 import selectors
 import shutil
-import signal
 import socket
 import struct
 import subprocess
