@@ -14,8 +14,8 @@ session queued as far as the socket takes it (the rest when it is writable:
 a slow client never blocks the loop), and runs the commands the session hands
 out, in a loop until one waits for an answer from an iothread, so any number
 of pipelined commands answered at once costs no stack.  An answer given later
-starts that loop again.  At end of file it stops reading, lets what is queued
-go out, and closes.
+starts that loop again.  At end of file it stops reading, runs and answers
+the commands received before it, lets the answers go out, and closes.
 
 The commands, their arguments and their results are declared in
 ``protocol.schema`` (``COMMANDS``): ``Monitor.execute`` checks the arguments
@@ -229,13 +229,13 @@ class Session:
         except OSError:
             data = b""
         if not data:
-            # The peer hung up (or shut down its writing side): its pending
-            # input is dropped and nothing more is read (end of file stays
-            # readable: watching it would spin); what is queued still goes out
-            # (a peer that half-closed reads it), then the socket is closed.
+            # The peer hung up (or shut down its writing side): nothing more is
+            # read (end of file stays readable: watching it would spin); the
+            # commands it sent are still run and answered (a peer that
+            # half-closed reads the answers), then the socket is closed.
             self._at_eof = True
             self.qmp.receive_data(b"")
-            self._flush()
+            self._dispatch()
             return self._in is watch  # False: _flush stopped watching
         self.qmp.receive_data(data)
         self._dispatch()

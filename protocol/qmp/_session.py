@@ -13,7 +13,7 @@ States, each entered only from the one before::
 
     GREETING --qmp_capabilities answered--> NEGOTIATED
         |                                        |
-        +---- close, peer hung up, input too large, output overflow ----> CLOSED
+        +---- close, end of input answered, input too large, output overflow ----> CLOSED
 
 - ``GREETING``: the greeting is queued at creation.  Only ``qmp_capabilities``
   is run; any other command gets CommandNotFound.  Events are dropped.
@@ -25,6 +25,10 @@ States, each entered only from the one before::
 
 Rules:
 
+- End of input (``receive_data(b"")``: the peer shut down its writing side,
+  or hung up) is no reason to drop what came before: those commands are
+  still run and answered, in order, and then the session closes (a script
+  that writes its commands and closes its end reads every reply).
 - Commands run one at a time, in the order they came (QEMU's in-band
   commands; no OOB): ``next_command`` gives a command only once the one before
   was answered, and answering does not run anything.  The owner loops on
@@ -112,6 +116,7 @@ class QmpSession:
         self._decoder = QmpDecoder(max_message_bytes)
         self._input: deque[dict[str, Any] | QmpInputError] = deque()
         self._input_ended = False  # past a fatal input error: the rest is not read
+        self._peer_done = False  # end of file: what came before is still run and answered, then it closes
         self._running: QmpCommand | None = None
         self._out = bytearray()
         self._queue({"QMP": {"version": version, "capabilities": []}})
@@ -128,11 +133,15 @@ class QmpSession:
     # -- input -----------------------------------------------------------------
 
     def receive_data(self, data: bytes) -> None:
-        """Take bytes the peer wrote; ``b""`` means it hung up (the session closes)."""
+        """Take bytes the peer wrote; ``b""`` means it will write no more: the
+        commands it sent before are still run and answered, in order, then the
+        session closes (a peer that shut down its writing side reads them all)."""
         if self.closed:
             return
         if not data:
-            self.close()
+            self._peer_done = True
+            self._input_ended = True
+            self._finish_if_done()
             return
         if self._input_ended:
             return
@@ -147,9 +156,9 @@ class QmpSession:
         """Whether the owner should read more of the peer's input now: not
         while ``MAX_QUEUED_COMMANDS`` inputs wait to be run or answered, nor
         while more than ``OUTPUT_PAUSE_BYTES`` of output wait to go out, nor
-        once closed.  The owner checks again after running commands and after
+        after end of input or once closed.  The owner checks again after running commands and after
         sending output."""
-        return (not self.closed and len(self._input) < MAX_QUEUED_COMMANDS
+        return (not self.closed and not self._peer_done and len(self._input) < MAX_QUEUED_COMMANDS
                 and len(self._out) <= OUTPUT_PAUSE_BYTES)
 
     def next_command(self) -> QmpCommand | None:
@@ -157,6 +166,17 @@ class QmpSession:
 
         Input errors and envelope errors met on the way are answered here.
         """
+        command = self._next_command()
+        if command is None:
+            self._finish_if_done()
+        return command
+
+    def _finish_if_done(self) -> None:
+        """After end of file: close once every command it sent is answered."""
+        if self._peer_done and self._running is None and not self._input:
+            self._close(None)
+
+    def _next_command(self) -> QmpCommand | None:
         while self._running is None and self._input and not self.closed:
             item = self._input.popleft()
             if isinstance(item, QmpInputError):

@@ -84,7 +84,7 @@ class QmpDecoder:
                 i = j
                 continue
             if self._in_string:
-                if self._escape:
+                if self._escape and not _bad_in_string(c):  # an escaped byte: any but those refused anywhere
                     self._escape = False
                 elif c == 0x5C:  # backslash
                     self._escape = True
@@ -178,9 +178,11 @@ def _string_end(buf: bytearray, i: int, n: int) -> tuple[int, bool]:
     just past its closing quote, or past a byte it may not hold (``bad``), or ``n``."""
     while i < n:
         c = buf[i]
-        if c == 0x5C:  # backslash: the next byte is escaped
+        if c == 0x5C and i + 1 < n and not _bad_in_string(buf[i + 1]):  # backslash: the next byte is escaped
             i += 2
             continue
+        if c == 0x5C and i + 1 == n:
+            return n, False  # what follows it comes in the next read
         i += 1
         if c == 0x22:
             return i, False

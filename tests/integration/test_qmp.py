@@ -507,6 +507,26 @@ def test_a_peer_that_half_closes_gets_its_replies_and_is_read_no_more(cluster: d
         b.close()
 
 
+def test_a_peer_that_half_closes_after_commands_that_wait_gets_every_answer(cluster: dict[str, Any]) -> None:
+    """Regression: end of file right after a command that waits for an
+    iothread (a script piping its commands, then shutting down its writing
+    side) lost that command's answer and every command after it."""
+    r = _session(cluster["qmp"][0])
+    try:
+        r.send(b'{"execute": "blockdev-add", "arguments": {"driver": "null-co", "node-name": "n9", '
+               b'"iothread": "io0"}, "id": 1}{"execute": "query-blockstats", "arguments": {"query-nodes": true}, '
+               b'"id": 2}{"execute": "blockdev-del", "arguments": {"node-name": "n9"}, "id": 3}')
+        r.sock.shutdown(socket.SHUT_WR)
+        assert _reply(r) == {"return": {}, "id": 1}
+        stats = _reply(r)
+        assert stats["id"] == 2 and {s["node-name"] for s in stats["return"]} == {"null0", "n9"}
+        assert _reply(r) == {"return": {}, "id": 3}
+        with pytest.raises(EOFError):
+            r.line()
+    finally:
+        r.close()
+
+
 def test_async_client_many_commands_in_flight(cluster: dict[str, Any]) -> None:
     """qemu.qmp sends every execute at once and matches the replies by id: each gets its own."""
     async def scenario() -> None:

@@ -102,13 +102,19 @@ def test_a_top_level_scalar_past_max_message_bytes_is_fatal() -> None:
 
 
 @pytest.mark.parametrize("bad", [b"\x1b", b"\x00", b"\x1f", b"\xff", b"\xfe"])
-@pytest.mark.parametrize("prefix", [b'{"execute": "query-version", "id": "abc', b'"abc'])
-def test_a_byte_a_string_may_not_hold_resynchronises(prefix: bytes, bad: bytes) -> None:
+@pytest.mark.parametrize("prefix", [b'{"execute": "query-version", "id": "abc', b'"abc',
+                                    b'{"execute": "query-version", "id": "abc\\', b'"abc\\'],
+                         ids=["message", "top-level", "message, escaped", "top-level, escaped"])
+@pytest.mark.parametrize("split", [False, True], ids=["one read", "two reads"])
+def test_a_byte_a_string_may_not_hold_resynchronises(prefix: bytes, bad: bytes, split: bool) -> None:
     """Regression: a control character or 0xFE/0xFF inside a string (of a
     message, or a top-level string) left the decoder waiting for a closing
-    quote for ever, and the session deaf.  As QEMU's lexer: an error naming
-    the stray token, then the next command is read."""
-    out = QmpDecoder().feed(prefix + bad + b'{"execute": "query-status", "id": 2}')
+    quote for ever, and the session deaf; so did one right after a backslash
+    (taken as the escaped byte).  As QEMU's lexer: an error naming the stray
+    token, then the next command is read."""
+    d = QmpDecoder()
+    rest = bad + b'{"execute": "query-status", "id": 2}'
+    out = d.feed(prefix) + d.feed(rest) if split else d.feed(prefix + rest)
     assert isinstance(out[0], QmpInputError) and out[0].desc.startswith("JSON parse error, stray '\"abc")
     assert out[0].desc.endswith(f"\\u{bad[0]:04X}'")
     assert out[1:] == [{"execute": "query-status", "id": 2}]

@@ -284,14 +284,28 @@ def test_a_result_that_is_not_json_is_answered_with_an_error() -> None:
     assert second == {"return": None, "id": 8}
 
 
-def test_the_peer_hanging_up_closes_the_session() -> None:
+def test_end_of_input_closes_the_session_once_what_came_before_is_answered() -> None:
+    """Regression: end of file right after a command that waited for an answer
+    (a script piping commands to the socket, then shutting down its writing
+    side) dropped that command's answer and every command after it."""
     s = negotiated()
-    s.receive_data(b'{"execute": "slow"}{"execute": "queued"}')
+    s.receive_data(b'{"execute": "slow", "id": 1}{"execute": "queued", "id": 2}')
     assert s.next_command() is not None
     s.receive_data(b"")
-    assert s.closed and s.close_reason is None
-    s.reply({})  # the running command's answer is dropped
-    assert s.next_command() is None and s.data_to_send() == b""
+    s.receive_data(b'{"execute": "too-late"}')  # nothing past the end is read
+    assert not s.closed and not s.wants_input
+    s.reply("slow's")
+    command = s.next_command()
+    assert command is not None and command.name == "queued" and not s.closed
+    s.reply("queued's")
+    assert s.next_command() is None and s.closed and s.close_reason is None
+    assert lines(take(s)) == [{"return": "slow's", "id": 1}, {"return": "queued's", "id": 2}]
+
+
+def test_end_of_input_with_nothing_to_answer_closes_at_once() -> None:
+    s = negotiated()
+    s.receive_data(b"")
+    assert s.closed and s.close_reason is None and s.data_to_send() == b""
 
 
 def test_misuse_by_the_owner_raises() -> None:
