@@ -30,6 +30,7 @@ from .channel import check_runtime_dir as check_runtime_dir
 from .channel import default_runtime_parent as default_runtime_parent
 from .channel import made_runtime_dirs as made_runtime_dirs
 from .channel import open_own_file as open_own_file
+from .channel import bind_unix_owner_only as bind_unix_owner_only
 from .channel import owner_only_umask as owner_only_umask
 from .channel import prepare_runtime_dir as prepare_runtime_dir
 from .channel import remove_stale_socket as remove_stale_socket
@@ -160,6 +161,7 @@ __all__ = [
     "UnsafePathError",
     "Welcome",
     "bind_owner_only",
+    "bind_unix_owner_only",
     "channel_socket",
     "check_runtime_dir",
     "cluster_state_path",

@@ -27,7 +27,7 @@ USED_ALL_THE_SAME: dict[str, str] = {
     "virtual_size": "schema member", "drv": "schema member", "file": "schema member",
     "ro": "schema member", "OOB": "schema enum member", "force": "schema member",
     "major": "schema member", "minor": "schema member", "micro": "schema member",
-    "qemu": "schema member", "thread_id": "schema member",
+    "qemu": "schema member", "thread_id": "schema member", "HARD": "schema enum member",
     # Public API: the AioContext's thread handover and its thread-pool parameters, read back.
     "set_home_thread": "public API", "thread_pool_min": "public API",
     # Public API: the block client's awaitable forms, one per operation (aread is used).

@@ -14,11 +14,13 @@ threads and processes:
   transmission phase share it) <- ``channel`` (the ZeroMQ channel: the one part
   that owns sockets).
 - ``iothreads``: ``aio`` (the AioContext and its companions) <- ``block`` (drivers,
-  nodes, the client) <- ``worker`` (the iothread process); ``testing`` helps tests
-  of ``aio``.
+  nodes, the client) <- ``nbd`` (NBD's transmission phase, served in an
+  iothread's context) <- ``worker`` (the iothread process); ``testing`` helps
+  tests of ``aio``.
 - ``mainloop``: ``glib`` (MainContext, its sources, the live view) <- ``loop`` (the
-  BQL and MainLoop) <- ``cluster`` (iothread processes) <- ``qmp`` (the monitor)
-  <- ``cli`` (``launch``, ``bench``, option parsing).
+  BQL and MainLoop) <- ``cluster`` (iothread processes) <- ``nbd`` (the NBD server:
+  listener, handshakes, exports, the handoff of connections to iothreads) <- ``qmp``
+  (the monitor) <- ``cli`` (``launch``, ``bench``, option parsing).
 
 A part may import only the parts listed for it below (itself included), so the
 graph has no circles; another top-level package is reached through its public
@@ -56,15 +58,17 @@ PARTS = {
     "iothreads": {
         "aio": set(),
         "block": {"aio"},
-        "worker": {"aio", "block"},
+        "nbd": {"aio", "block"},
+        "worker": {"aio", "block", "nbd"},
         "testing": {"aio"},
     },
     "mainloop": {
         "glib": set(),
         "loop": {"glib"},
         "cluster": {"glib", "loop"},
-        "qmp": {"glib", "loop", "cluster"},
-        "cli": {"glib", "loop", "cluster", "qmp"},
+        "nbd": {"glib", "loop", "cluster"},
+        "qmp": {"glib", "loop", "cluster", "nbd"},
+        "cli": {"glib", "loop", "cluster", "nbd", "qmp"},
     },
 }
 

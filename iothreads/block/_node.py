@@ -16,9 +16,22 @@ QEMU says), counted as a failed operation:
   half calls back in the home thread.
 
 Every request completes exactly once, through its callback, with a status
-(0 or a negative errno), a message on error, and a read's data.  A short read
-or write is never passed off as success: the driver loops until the whole
-range is done and reports EIO if the file ends first.
+(0 or a negative errno), a message on error, and a read's data (the buffer the
+driver read into, not a copy of it).  A short read or write is never passed
+off as success: the driver loops until the whole range is done and reports
+EIO if the file ends first.
+
+Request flags, QEMU's ``BDRV_REQ_*``: ``BDRV_REQ_FUA`` makes a write durable
+before it completes (the driver's own way, ``RWF_DSYNC`` for a file, or a
+flush after it); ``BDRV_REQ_MAY_UNMAP`` lets write-zeroes punch a hole and
+``BDRV_REQ_NO_FALLBACK`` refuses it (ENOTSUP) where zeroes would have to be
+written out (NBD's NO_HOLE, which clears the first, and FAST_ZERO).
+
+``block_status`` says, for a range, which extents hold data and which read
+as zeroes (QEMU's ``bdrv_block_status``: ``BDRV_BLOCK_DATA``,
+``BDRV_BLOCK_ZERO``): a file from ``SEEK_DATA``/``SEEK_HOLE``, null-co
+neither data nor, unless it reads zeroes, zero.  It runs inline in the home
+thread, as QEMU's file driver runs its ``lseek``.
 
 Per node: counters per operation (ops, bytes, errors, total latency, and a
 log2 latency histogram), the number of requests in flight, and ``drain``,
@@ -30,6 +43,7 @@ from __future__ import annotations
 import bisect
 import ctypes
 import errno
+import functools
 import logging
 import mmap
 import os
@@ -45,10 +59,21 @@ from ..aio._context import AioContext
 
 log = logging.getLogger("iothreads.block")
 
-__all__ = ["BlockDriver", "BlockNode", "FileDriver", "NullDriver", "OpStats", "make_driver", "open_node",
-           "request_problem"]
+__all__ = ["BDRV_BLOCK_DATA", "BDRV_BLOCK_ZERO", "BDRV_REQ_FUA", "BDRV_REQ_MAY_UNMAP", "BDRV_REQ_NO_FALLBACK",
+           "BlockDriver", "BlockNode", "Buffer", "FileDriver", "NullDriver", "OpStats", "make_driver",
+           "merge_extents", "open_node", "request_problem"]
 
-Completion = Callable[[int, str, bytes], object]  # (status, message, data)
+Buffer = bytes | bytearray | memoryview  # a write's data, a read's (a memoryview: of bytes, format "B")
+Completion = Callable[[int, str, Buffer], object]  # (status, message, data)
+Extents = list[tuple[int, int]]  # (length, BDRV_BLOCK_* flags), consecutive
+
+# Request flags (QEMU's BdrvRequestFlags, same values).
+BDRV_REQ_MAY_UNMAP = 0x4
+BDRV_REQ_FUA = 0x10
+BDRV_REQ_NO_FALLBACK = 0x100
+# Block status (QEMU's BDRV_BLOCK_*): the extent holds data / reads as zeroes.
+BDRV_BLOCK_DATA = 0x1
+BDRV_BLOCK_ZERO = 0x2
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -60,7 +85,18 @@ _WRITING_OPS = frozenset((BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES))
 _BLOCK_OPS = frozenset(op.value for op in BlockOp)
 
 
-def request_problem(op: str, offset: int, length: int, data: bytes = b"") -> str | None:
+def merge_extents(extents: Extents) -> Extents:
+    """Consecutive extents with the same flags made one."""
+    merged: Extents = []
+    for extent_bytes, flags in extents:
+        if merged and merged[-1][1] == flags:
+            merged[-1] = (merged[-1][0] + extent_bytes, flags)
+        else:
+            merged.append((extent_bytes, flags))
+    return merged
+
+
+def request_problem(op: str, offset: int, length: int, data: Buffer = b"") -> str | None:
     """Why a request is invalid on any node (QEMU's EINVAL), or None: an
     unknown operation, a write whose data is not its length, more than
     ``MAX_REQUEST_BYTES``, a negative offset or length.  A node checks the
@@ -86,15 +122,21 @@ class BlockDriver:
     size = 0
     align = 1  # offsets and lengths must be multiples of this
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> Buffer:
         raise NotImplementedError
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
         """The data if it can be had without blocking, else None."""
         return None
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: Buffer) -> None:
         raise NotImplementedError
+
+    def write_fua(self, offset: int, data: Buffer) -> None:
+        """A write that is durable once this returns: a flush after it,
+        unless the driver has a way of its own."""
+        self.write(offset, data)
+        self.flush()
 
     def flush(self) -> None:
         pass
@@ -102,8 +144,16 @@ class BlockDriver:
     def discard(self, offset: int, length: int) -> None:
         pass
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     no_fallback: bool = False) -> None:
+        """Zeroes; ``may_unmap``: a hole will do; ``no_fallback``: ENOTSUP
+        rather than writing zeroes out (BDRV_REQ_NO_FALLBACK)."""
         raise NotImplementedError
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
+        """The extents of ``[offset, offset + length)`` (at most ``max_extents``
+        of them, covering the start of the range at least): all data, by default."""
+        return [(length, BDRV_BLOCK_DATA)]
 
     def close(self) -> None:
         pass
@@ -123,17 +173,22 @@ class NullDriver(BlockDriver):
         self.read_zeroes = read_zeroes
         self._zeroes = bytes(65536)
 
-    def read(self, offset: int, length: int) -> bytes:
-        return self._zeroes[:length] if length <= len(self._zeroes) else bytes(length)
+    def read(self, offset: int, length: int) -> Buffer:
+        return memoryview(self._zeroes)[:length] if length <= len(self._zeroes) else bytes(length)
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
         return self.read(offset, length)
 
-    def write(self, offset: int, data: bytes) -> None:
+    def write(self, offset: int, data: Buffer) -> None:
         pass
 
-    def write_zeroes(self, offset: int, length: int) -> None:
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     no_fallback: bool = False) -> None:
         pass
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
+        # QEMU's null_co_block_status: never data; zeroes if it reads zeroes.
+        return [(length, BDRV_BLOCK_ZERO if self.read_zeroes else 0)]
 
 
 class FileDriver(BlockDriver):
@@ -165,6 +220,8 @@ class FileDriver(BlockDriver):
         self.direct = direct
         self.align = 4096 if direct else 1
         self._nowait = hasattr(os, "RWF_NOWAIT") and not direct
+        self._dsync = hasattr(os, "RWF_DSYNC")  # a write's own FUA
+        self._seek_data = True  # SEEK_DATA/SEEK_HOLE work here (until they fail with EINVAL)
         self._libc = ctypes.CDLL(None, use_errno=True)
         self._libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
 
@@ -172,7 +229,7 @@ class FileDriver(BlockDriver):
         # O_DIRECT needs aligned memory: anonymous mmaps are page-aligned.
         return mmap.mmap(-1, length) if self.direct else bytearray(length)
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> Buffer:
         if not length:
             return b""  # (an O_DIRECT buffer cannot be empty)
         buf = self._buffer(length)
@@ -183,10 +240,9 @@ class FileDriver(BlockDriver):
             if n == 0:
                 raise OSError(errno.EIO, f"short read: {done} of {length} bytes at offset {offset}")
             done += n
-        view.release()
-        return bytes(buf)
+        return view  # the buffer itself: no copy
 
-    def read_nowait(self, offset: int, length: int) -> bytes | None:
+    def read_nowait(self, offset: int, length: int) -> Buffer | None:
         if not self._nowait:
             return None
         buf = bytearray(length)
@@ -201,10 +257,10 @@ class FileDriver(BlockDriver):
             raise
         if n < length:
             return None  # partly cached or at EOF: let the blocking path decide
-        return bytes(buf)
+        return buf
 
-    def write(self, offset: int, data: bytes) -> None:
-        if not data:
+    def write(self, offset: int, data: Buffer, rwf_flags: int = 0) -> None:
+        if not len(data):
             return
         if self.direct:
             buf = self._buffer(len(data))
@@ -215,10 +271,21 @@ class FileDriver(BlockDriver):
         done = 0
         length = len(view)
         while done < length:
-            n = os.pwritev(self.fd, [view[done:]], offset + done)
+            n = os.pwritev(self.fd, [view[done:]], offset + done, rwf_flags)
             if n == 0:
                 raise OSError(errno.EIO, f"short write: {done} of {length} bytes at offset {offset}")
             done += n
+
+    def write_fua(self, offset: int, data: Buffer) -> None:
+        if self._dsync:
+            try:
+                self.write(offset, data, os.RWF_DSYNC)  # each pwritev durable as it returns
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._dsync = False  # not here: a flush after the write
+        super().write_fua(offset, data)
 
     def flush(self) -> None:
         os.fdatasync(self.fd)
@@ -236,19 +303,63 @@ class FileDriver(BlockDriver):
                 raise
             # discard is advisory: doing nothing is allowed (QEMU too)
 
-    def write_zeroes(self, offset: int, length: int) -> None:
-        try:
-            self._fallocate(_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, length)
-            return
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
+    def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
+                     no_fallback: bool = False) -> None:
+        # As QEMU's file-posix: a hole if one will do, else ZERO_RANGE, else
+        # (unless refused) zeroes written out.
+        modes = [_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE]
+        if may_unmap:
+            modes.insert(0, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                self._fallocate(mode, offset, length)
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        if no_fallback:
+            raise OSError(errno.ENOTSUP, "zeroes cannot be written fast here")
         zeroes = bytes(min(length, _ZERO_CHUNK))  # the fallback: write them
         done = 0
         while done < length:
             n = min(len(zeroes), length - done)
             self.write(offset + done, zeroes[:n])
             done += n
+
+    def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
+        """From ``SEEK_DATA``/``SEEK_HOLE`` (QEMU's find_allocation): data, or
+        a hole that reads as zeroes; all data where the file system cannot say."""
+        end = offset + length
+        extents: Extents = []
+        while offset < end and len(extents) < max_extents:
+            try:
+                data_bytes, hole_bytes = self._allocation(offset)
+            except OSError as exc:
+                if exc.errno != errno.EINVAL or not self._seek_data:
+                    raise
+                self._seek_data = False
+                continue
+            if data_bytes:
+                extents.append((min(data_bytes, end - offset), BDRV_BLOCK_DATA))
+            else:
+                extents.append((min(hole_bytes, end - offset), BDRV_BLOCK_ZERO))
+            offset += extents[-1][0]
+        return extents
+
+    def _allocation(self, offset: int) -> tuple[int, int]:
+        """(bytes of data, 0) or (0, bytes of hole) from ``offset`` on."""
+        if not self._seek_data:
+            return self.size - offset, 0
+        try:
+            data = os.lseek(self.fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            return 0, self.size - offset  # nothing but a hole up to the end
+        if data > offset:
+            return 0, data - offset
+        hole = os.lseek(self.fd, offset, os.SEEK_HOLE)
+        return max(hole - offset, 1), 0  # (at least a byte: a file changed meanwhile cannot stall the walk)
 
     def close(self) -> None:
         """Flush (as QEMU's bdrv_close does) and close; idempotent."""
@@ -317,7 +428,7 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size
 
-    def _check(self, op: str, offset: int, length: int, data: bytes) -> str | None:
+    def _check(self, op: str, offset: int, length: int, data: Buffer) -> str | None:
         """The reason a request is invalid, or None."""
         problem = request_problem(op, offset, length, data)
         if problem is not None or op == BlockOp.FLUSH:
@@ -330,8 +441,11 @@ class BlockNode:
             return f"offset and length must be multiples of {align} (cache.direct=on)"
         return None
 
-    def submit(self, op: str, offset: int, length: int, data: bytes, callback: Completion) -> None:
-        """Run one request; ``callback(status, message, data)`` exactly once."""
+    def submit(self, op: str, offset: int, length: int, data: Buffer, callback: Completion,
+               flags: int = 0) -> None:
+        """Run one request; ``callback(status, message, data)`` exactly once.
+        ``flags``: ``BDRV_REQ_FUA`` for a write, ``BDRV_REQ_MAY_UNMAP`` and
+        ``BDRV_REQ_NO_FALLBACK`` for write-zeroes (others are ignored)."""
         start = time.monotonic_ns()
         problem = self._check(op, offset, length, data)
         if problem is not None:
@@ -359,11 +473,15 @@ class BlockNode:
             fn: Callable[..., object] = self.driver.read
             args: tuple[object, ...] = (offset, length)
         elif op == BlockOp.WRITE:
-            fn, args = self.driver.write, (offset, data)
+            fn, args = (self.driver.write_fua if flags & BDRV_REQ_FUA else self.driver.write), (offset, data)
         elif op == BlockOp.FLUSH:
             fn, args = self.driver.flush, ()
         elif op == BlockOp.DISCARD:
             fn, args = self.driver.discard, (offset, length)
+        elif flags & (BDRV_REQ_MAY_UNMAP | BDRV_REQ_NO_FALLBACK):
+            fn = functools.partial(self.driver.write_zeroes, may_unmap=bool(flags & BDRV_REQ_MAY_UNMAP),
+                                   no_fallback=bool(flags & BDRV_REQ_NO_FALLBACK))
+            args = (offset, length)
         else:
             fn, args = self.driver.write_zeroes, (offset, length)
 
@@ -378,12 +496,25 @@ class BlockNode:
                 self._complete(op, start, 0, -errno.EIO, f"{type(exc).__name__}: {exc}", b"", callback)
             else:
                 nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
-                self._complete(op, start, nbytes, 0, "", value if isinstance(value, bytes) else b"", callback)
+                self._complete(op, start, nbytes, 0, "", value if op == BlockOp.READ else b"", callback)
             self._maybe_drained()
 
         self.ctx.thread_pool.submit(fn, *args, callback=done)
 
-    def _complete(self, op: str, start: int, nbytes: int, status: int, message: str, data: bytes,
+    def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
+        """The extents of ``[offset, offset + length)``, as (length, ``BDRV_BLOCK_*``
+        flags), consecutive from ``offset``: at most ``max_extents`` (at least
+        one), each merged with the one before when their flags are the same;
+        they cover the whole range unless ``max_extents`` stopped them first.
+        Inline (QEMU's file driver runs its ``lseek`` in the iothread too).
+        ``OSError`` if the driver cannot tell; ``ValueError`` for a range
+        outside the node."""
+        if offset < 0 or length <= 0 or offset + length > self.driver.size or max_extents < 1:
+            raise ValueError(f"block status of [{offset}, {offset + length}) on node '{self.name}' of "
+                             f"{self.driver.size} bytes")
+        return merge_extents(self.driver.block_status(offset, length, max_extents))
+
+    def _complete(self, op: str, start: int, nbytes: int, status: int, message: str, data: Buffer,
                   callback: Completion, invalid: bool = False) -> None:
         stats = self.stats.get(op)
         if stats is not None:

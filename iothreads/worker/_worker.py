@@ -25,6 +25,25 @@ with.  A node's ``BlockdevAdd`` may carry the statistics and the latency
 histogram it starts from (moved here, or reopened after a restart); the
 answer to a ``BlockdevDel`` of a node moving away carries them.
 
+NBD connections
+---------------
+With ``--handoff-fd N`` (the main loop passes its end of a handoff socket
+pair as fd 3), the main loop hands over NBD connections past their
+handshake: an ``NbdConnection`` with the socket (``protocol``'s
+``receive_connection``, from an fd handler).  Each is served by this
+context (``iothreads.nbd``): adopted if its node is here and the descriptors
+left allow it (as data-plane clients, connections leave ``FD_RESERVE`` free;
+at most ``MAX_CONNECTIONS``), else closed at once.  Every connection that
+closes is reported with an ``NBD_CONNECTION_CLOSED`` event
+(``{"connection": id, "export": id}``): the main loop counts an export's
+connections from the handoffs minus these.  ``NbdCloseExport`` closes an
+export's connections (their requests in flight complete first) and is
+answered ``{"closed": n}``.  A ``BlockdevDel`` of a node moving away hands
+its connections back, quiesced (requests in flight completed and answered;
+``pending``: the part of a request read and not handled), over the same
+socket before it is answered; one of a node deleted closes them first.  A
+connection handed over for a node that is moving away goes straight back.
+
 Liveness: a process, not a silence
 ----------------------------------
 Block I/O never passes through the main loop, so a main loop that is slow,
@@ -56,11 +75,13 @@ new requests, those in flight complete.
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import errno
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -85,6 +106,8 @@ from protocol import (
     InFlight,
     LocalProtocolError,
     Message,
+    NbdCloseExport,
+    NbdConnection,
     NodeStats,
     PROTOCOL_VERSION,
     Query,
@@ -98,12 +121,16 @@ from protocol import (
     bind_owner_only,
     channel_socket,
     raise_fd_limit,
+    receive_connection,
     request_bytes,
+    send_connection,
 )
 from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
 
 from ..aio._context import AioContext
-from ..block._node import BlockNode, open_node
+from ..block._node import BlockNode, Buffer, open_node
+from ..nbd._server import MAX_CONNECTIONS as MAX_NBD_CONNECTIONS
+from ..nbd._server import HandedBack, NbdServer
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._notifier import EventNotifier
@@ -120,6 +147,7 @@ NODE_STATS_PER_HEARTBEAT = 16
 ``NodeStats`` each, those sent longest ago first): what it costs stays bounded."""
 _MAX_MESSAGE_CHARS = 1024  # an error message in a completion
 MAX_NODES = 1024  # block nodes in one iothread
+HANDOFFS_PER_WAKEUP = 64  # connections taken from the handoff socket at one go (it says again if more wait)
 SHUTDOWN_DRAIN_MS = 5_000  # the longest an orderly exit waits for requests in flight
 EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
@@ -152,7 +180,8 @@ class IOThreadWorker:
 
     def __init__(self, iothread_id: str, endpoint: str, *, poll_max_ns: int = 32768,
                  poll_grow: int = 0, poll_shrink: int = 0, aio_max_batch: int = 0,
-                 handshake_timeout_ms: int = 10_000, data_endpoint: str | None = None) -> None:
+                 handshake_timeout_ms: int = 10_000, data_endpoint: str | None = None,
+                 handoff_fd: int | None = None) -> None:
         self.id = iothread_id
         self.pid = os.getpid()
         self.ctx = AioContext(name=iothread_id)
@@ -171,6 +200,7 @@ class IOThreadWorker:
             SetLatencyHistogram: self._on_set_latency_histogram, SetPollParams: self._on_set_poll_params,
             Stop: self._on_stop, BlockRequest: self._on_control_block_request,
             BlockdevAdd: self._on_blockdev_add, BlockdevDel: self._on_blockdev_del,
+            NbdCloseExport: self._on_nbd_close_export,
         }
         self.zmq = zmq.Context()
         sock = channel_socket(self.zmq, zmq.DEALER)
@@ -198,6 +228,18 @@ class IOThreadWorker:
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
         self.main_loop_pid = 0  # the main loop's process, once watched (watch_main_loop)
         self._main_loop_pidfd = -1
+        self.nbd = NbdServer(self.ctx, self._on_nbd_closed)
+        self.handoff: socket.socket | None = None
+        # Connections on their way back to the main loop (and, between them,
+        # what to do once those before have gone: answer a BlockdevDel).
+        self._handoffs_out: collections.deque[tuple[socket.socket, NbdConnection] | Callable[[], object]] = \
+            collections.deque()
+        self._handoff_blocked = False
+        if handoff_fd is not None:
+            self.handoff = socket.socket(fileno=handoff_fd)
+            self.handoff.setblocking(False)
+            self.handoff.set_inheritable(False)
+            self._watch_handoff()
         self._heartbeat_seq = 0
         self._watchdog_due_ns = 0
         self._watchdog = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_watchdog, "watchdog")
@@ -355,7 +397,7 @@ class IOThreadWorker:
                 # else: a client that reads nothing gets no more refusals either
                 return
 
-        def done(status: int, message: str, data: bytes) -> None:
+        def done(status: int, message: str, data: Buffer) -> None:
             if client:
                 self.in_flight.release(client, nbytes)
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
@@ -434,7 +476,117 @@ class IOThreadWorker:
             except LocalProtocolError:
                 self.channel.send(QueryReply(msg.request_id, {}))
 
-        node.drain(drained)
+        # Its NBD connections first: handed back to the main loop (to follow
+        # the node) once quiesced, or closed; the answer comes after them.
+        if msg.moving:
+            self.nbd.hand_back(msg.node_name, lambda handed: self._hand_back(handed, lambda: node.drain(drained)))
+        else:
+            self.nbd.close_node(msg.node_name, lambda closed: node.drain(drained))
+
+    # -- NBD connections -----------------------------------------------------
+
+    def _watch_handoff(self) -> None:
+        assert self.handoff is not None
+        # With an io_poll that never finds it (the fd does, at the next real poll):
+        # a handler without one would turn busy polling off for the whole context.
+        self.ctx.set_fd_handler(self.handoff.fileno(), self._on_handoff,
+                                self._send_handoffs if self._handoff_blocked else None, io_poll=lambda: False)
+
+    def _on_handoff(self) -> None:
+        """Take the connections the main loop handed over."""
+        assert self.handoff is not None
+        for _ in range(HANDOFFS_PER_WAKEUP):
+            try:
+                received = receive_connection(self.handoff)
+            except RemoteProtocolError as exc:
+                self._bad_input.log(("handoff", type(exc)), logging.ERROR, "bad handoff from the main loop: %s", exc)
+                continue
+            except EOFError:
+                log.debug("the main loop closed the handoff socket")
+                self.ctx.set_fd_handler(self.handoff.fileno())
+                return
+            except OSError as exc:
+                self._bad_input.log(("handoff", "error"), logging.ERROR, "reading the handoff socket: %s", exc)
+                return
+            if received is None:
+                return
+            self._adopt(*received)
+
+    def _adopt(self, fd: int, conn: NbdConnection) -> None:
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            os.close(fd)
+            self._bad_input.log(("handoff", "socket"), logging.ERROR, "NBD connection %d: not a socket: %s",
+                                conn.connection_id, exc)
+            self._on_nbd_closed(conn)
+            return
+        if conn.node_name in self.moved:  # on its way elsewhere: the connection follows it
+            self._hand_back([(sock, conn)])
+            return
+        node = self.nodes.get(conn.node_name)
+        limited = False
+        if self.shutting_down:
+            problem: str | None = f"iothread {self.id} is shutting down"
+        elif node is None:
+            problem = f"no block node named '{conn.node_name}'"
+        elif len(self.nbd.clients) >= MAX_NBD_CONNECTIONS:
+            problem, limited = f"{MAX_NBD_CONNECTIONS} NBD connections are served, the most it takes", True
+        else:
+            problem = self.fds.problem("NBD connections", 0)  # (its descriptor is open already)
+            limited = problem is not None
+        if problem is not None or node is None:
+            log.error("NBD connection %d to export %s refused: %s", conn.connection_id, conn.export_id, problem)
+            sock.close()
+            self._on_nbd_closed(conn)
+            if limited:
+                self.channel.send(Event("RESOURCE_LIMIT_REACHED", {
+                    "resource": "nbd-connections", "limit": MAX_NBD_CONNECTIONS, "reason": problem}))
+            return
+        self.nbd.adopt(sock, conn, node)
+
+    def _on_nbd_closed(self, conn: NbdConnection) -> None:
+        self.channel.send(Event("NBD_CONNECTION_CLOSED", {"connection": conn.connection_id,
+                                                          "export": conn.export_id}))
+
+    def _on_nbd_close_export(self, identity: bytes, msg: NbdCloseExport) -> None:
+        self.nbd.close_export(msg.export_id, lambda closed: self.channel.send(
+            QueryReply(msg.request_id, {"closed": closed})))
+
+    def _hand_back(self, handed: HandedBack, then: Callable[[], object] | None = None) -> None:
+        """Send connections back to the main loop, in order; ``then()`` once they have gone."""
+        self._handoffs_out.extend(handed)
+        if then is not None:
+            self._handoffs_out.append(then)
+        if not self._handoff_blocked:
+            self._send_handoffs()
+
+    def _send_handoffs(self) -> None:
+        out = self._handoffs_out
+        while out:
+            entry = out[0]
+            if callable(entry):
+                out.popleft()
+                entry()
+                continue
+            sock, conn = entry
+            try:
+                if self.handoff is None:
+                    raise BrokenPipeError(errno.EPIPE, "no handoff socket")
+                send_connection(self.handoff, sock.fileno(), conn)
+            except BlockingIOError:
+                if not self._handoff_blocked:
+                    self._handoff_blocked = True
+                    self._watch_handoff()
+                return
+            except OSError as exc:  # the main loop is gone: the connection ends here
+                log.error("NBD connection %d cannot be handed back: %s", conn.connection_id, exc)
+                self._on_nbd_closed(conn)
+            out.popleft()
+            sock.close()
+        if self._handoff_blocked:
+            self._handoff_blocked = False
+            self._watch_handoff()
 
     def _on_welcome(self, identity: bytes, msg: Welcome) -> None:
         if msg.version != PROTOCOL_VERSION:
@@ -468,6 +620,9 @@ class IOThreadWorker:
         c["aio_max_batch"] = ctx.aio_max_batch
         c["data_bytes_in_flight"] = self.in_flight.total_bytes
         c["data_refused"] = self.in_flight.refused  # requests past a client's credit or the total
+        c["nbd_connections"] = len(self.nbd.clients)
+        c["nbd_bytes_in_flight"] = self.nbd.credit.in_flight.total_bytes  # read or written by requests started
+        c["nbd_reply_backlog_bytes"] = sum(client.backlog_bytes for client in self.nbd.clients.values())
         return c
 
     # -- liveness -----------------------------------------------------------
@@ -550,6 +705,7 @@ class IOThreadWorker:
         if self.shutting_down:
             return
         self.shutting_down = True
+        self.nbd.close_all()  # once their requests in flight are answered
         nodes = {*self.nodes.values(), *self.deleting}
         log.debug("exit requested: draining %d node(s)", len(nodes))
         waiting = set(nodes)
@@ -600,6 +756,14 @@ class IOThreadWorker:
                     os.unlink(self.data_endpoint.removeprefix("ipc://"))
                 except FileNotFoundError:
                     pass
+        self.nbd.close()
+        if self.handoff is not None:
+            self.ctx.set_fd_handler(self.handoff.fileno())
+            for entry in self._handoffs_out:
+                if not callable(entry):
+                    entry[0].close()
+            self._handoffs_out.clear()
+            self.handoff.close()
         for node in {*self.nodes.values(), *self.deleting}:
             node.close()
         self.zmq.term()
@@ -622,8 +786,8 @@ def _bounded(message: str) -> str:
     return message if len(message) <= _MAX_MESSAGE_CHARS else message[:_MAX_MESSAGE_CHARS - 3] + "..."
 
 
-def _completion(request_id: int, status: int, message: str, data: bytes = b"") -> BlockCompletion:
-    return BlockCompletion(request_id, status, _bounded(message), data)
+def _completion(request_id: int, status: int, message: str, data: Buffer = b"") -> BlockCompletion:
+    return BlockCompletion(request_id, status, _bounded(message), bytes(data))
 
 
 _QMP_OPS = {"read": "rd", "write": "wr", "flush": "flush", "discard": "unmap", "write_zeroes": "zero"}
@@ -684,6 +848,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.add_argument(f"--{m.name}", type=int, default=m.default(), help=m.doc)
     p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
     p.add_argument("--data-endpoint", metavar="ENDPOINT", help="bind the data plane (clients) here")
+    p.add_argument("--handoff-fd", type=int, metavar="FD",
+                   help="the handoff socket: NBD connections from and back to the main loop")
     p.add_argument("--log-level", type=_log_level, default=logging.INFO, metavar="LEVEL",
                    help="messages from this logging level up (a name or a number; default INFO)")
     return p.parse_args(argv)
@@ -708,24 +874,38 @@ def main(argv: list[str] | None = None) -> int:
     raise_fd_limit()  # the headroom the system grants; clients get what the reserve leaves (FdBudget)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
+
+    # A signal handler may run while this thread holds a loop lock: it only
+    # sets an eventfd, whose handler (an ordinary fd handler) stops the loop.
+    # Installed before the worker says Hello: a SIGTERM sent as soon as the
+    # main loop reports it ready stops it cleanly (the eventfd keeps it until
+    # the handler below is registered), instead of killing it.
+    stop_request = EventNotifier()
+    closing = stopping = False
+
+    def on_signal(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        if not closing:  # once the worker shuts down, there is nothing left to stop
+            stopping = True
+            stop_request.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     try:
         worker = IOThreadWorker(
             args.id, args.connect, poll_max_ns=args.poll_max_ns, poll_grow=args.poll_grow,
             poll_shrink=args.poll_shrink, aio_max_batch=args.aio_max_batch,
             handshake_timeout_ms=args.handshake_timeout_ms, data_endpoint=args.data_endpoint,
+            handoff_fd=args.handoff_fd,
         )
-    except (ValueError, zmq.ZMQError) as exc:
+    except (ValueError, OSError, zmq.ZMQError) as exc:  # (OSError: a --handoff-fd that is no socket)
         print(f"iothread {args.id}: {exc}", file=sys.stderr)
+        stop_request.close()
         return EXIT_ERROR
     if args.parent_pid and not worker.watch_main_loop(args.parent_pid):
         worker.close()
+        stop_request.close()
         return EXIT_ORPHANED
-
-    # A signal handler may run while this thread holds a loop lock: it only
-    # sets an eventfd, whose handler (an ordinary fd handler) stops the loop.
-    stop_request = EventNotifier()
-
-    closing = stopping = False
 
     def on_stop_request(notifier: EventNotifier) -> None:
         nonlocal stopping
@@ -738,14 +918,6 @@ def main(argv: list[str] | None = None) -> int:
     # that this handler does not turn busy polling off for the whole context.
     worker.ctx.set_event_notifier(stop_request, on_stop_request, io_poll=lambda: stopping)
 
-    def on_signal(signum: int, frame: Any) -> None:
-        nonlocal stopping
-        if not closing:  # once the worker shuts down, there is nothing left to stop
-            stopping = True
-            stop_request.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     log.debug("pid %d: control %s, data %s", worker.pid, args.connect, args.data_endpoint)
     exit_code = EXIT_ERROR
     try:

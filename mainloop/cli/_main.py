@@ -8,10 +8,11 @@ answers, then, once every iothread has answered and every ``--blockdev`` is
 added, ``READY``::
 
     {"event": "READY", "data": {"pid": ..., "qmp": [...], "runtime_dir": ..., "control": ...,
-                                "iothreads": [...], "nodes": {...}}}
+                                "iothreads": [...], "nodes": {...}, "exports": {...}}}
 
-and later one line per cluster event (``IOTHREAD_EXITED`` for an iothread
-that exits unexpectedly, ...).  SIGTERM or SIGINT stops every iothread,
+(``exports``: the NBD URI of each ``--export``, by id), and later one line
+per event (``IOTHREAD_EXITED`` for an iothread that exits unexpectedly,
+``BLOCK_EXPORT_DELETED``, ...).  SIGTERM or SIGINT stops every iothread,
 reaps it, removes the socket files and exits 0.  A bad option or value prints
 one line naming it and exits 1.  The runtime directory (``RUNTIME_DIR/lock``)
 and the ``--pidfile`` are locked while it runs: a second launcher on either
@@ -61,10 +62,13 @@ from protocol import (
     prepare_runtime_dir,
 )
 
+from protocol.schema import BlockExportOptionsBase, NbdServerOptions
+
 from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
 from ..loop._bql import bql
 from ..cluster._cluster import MAX_IOTHREADS, Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
 from ..loop._loop import MainLoop
+from ..nbd._server import NbdServer
 from ..qmp._monitor import Monitor, package_version
 from ._options import (
     BlockdevSpec,
@@ -72,7 +76,9 @@ from ._options import (
     OptionError,
     parse_blockdev,
     parse_chardev,
+    parse_export,
     parse_monitor,
+    parse_nbd_server,
     parse_object,
 )
 from ..glib._standard import SignalSource
@@ -133,6 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
                         help="a block node (keyval or JSON): driver=file (filename, read-only, "
                              "cache.direct) or driver=null-co (size, read-zeroes); iothread=ID "
                              "picks its iothread; repeatable")
+    launch.add_argument("--nbd-server", action="append", default=[],
+                        metavar="addr.type=unix,addr.path=PATH|addr.type=inet,addr.host=H,addr.port=P[,...]",
+                        help="serve NBD exports here (keyval or JSON): max-connections, handshake-max-seconds")
+    launch.add_argument("--export", action="append", default=[],
+                        metavar="[type=]nbd,id=ID,node-name=NODE[,...]",
+                        help="export a node over NBD (keyval or JSON; needs --nbd-server): name (default: the "
+                             "node's), description, writable, allocation-depth; repeatable")
     launch.add_argument("--iothreads", type=_iothread_count, metavar="N",
                         help=f"add N iothreads named io0, io1, ... (besides any --object; at most "
                              f"{MAX_IOTHREADS})")
@@ -239,6 +252,36 @@ def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
         reply = replies[spec.node_name]
         if isinstance(reply, ErrorReply):
             return f"--blockdev node-name={spec.node_name}: {reply.message}"
+    return None
+
+
+def _nbd_server(args: argparse.Namespace) -> NbdServerOptions | None:
+    """The --nbd-server (one at most, as qemu-storage-daemon: a second finds one running)."""
+    servers = _parse_each("--nbd-server", args.nbd_server, parse_nbd_server, lambda options, seen: (
+        "NBD server already running" if seen else None))
+    return servers[0] if servers else None
+
+
+def _exports(args: argparse.Namespace) -> list[BlockExportOptionsBase]:
+    """The --export options (checked against their nodes once those exist)."""
+    return _parse_each("--export", args.export, parse_export, lambda options, seen: (
+        f"Block export id '{options.id}' is already in use" if any(s.id == options.id for s in seen) else None))
+
+
+def _start_nbd(nbd: NbdServer, args: argparse.Namespace, server: NbdServerOptions | None,
+               exports: list[BlockExportOptionsBase]) -> str | None:
+    """Start the NBD server and add the exports; the first error, naming its option, or None."""
+    if server is not None:
+        try:
+            nbd.start(server.addr, max_connections=server.max_connections,
+                      handshake_max_seconds=server.handshake_max_seconds)
+        except StateError as exc:
+            return f"--nbd-server {args.nbd_server[0]}: {exc}"
+    for text, options in zip(args.export, exports):
+        try:
+            nbd.add_export(options)
+        except StateError as exc:
+            return f"--export {text}: {exc}"
     return None
 
 
@@ -513,6 +556,10 @@ def launch(args: argparse.Namespace) -> int:
     configs = _configs(args)
     specs = _blockdevs(args, configs)
     monitors = _monitors(args)
+    nbd_server = _nbd_server(args)
+    exports = _exports(args)
+    if exports and nbd_server is None:
+        raise OptionError(f"--export {args.export[0]}: NBD server not running")
     if args.control is not None and not args.control.startswith("tcp://"):
         raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
@@ -531,6 +578,7 @@ def launch(args: argparse.Namespace) -> int:
     signals = SignalSource([signal.SIGINT, signal.SIGTERM], on_signal, name="signals")
     loop.context.attach(signals)
     monitor: Monitor | None = None
+    nbd: NbdServer | None = None
     with contextlib.ExitStack() as held:
         held.callback(loop.close)
         runtime_dir = _hold_files(args, configs, held)
@@ -560,7 +608,15 @@ def launch(args: argparse.Namespace) -> int:
                         cluster.shutdown()
                         return EXIT_FAILURE
                 if not stop["requested"]:
-                    monitor = Monitor(cluster, on_quit=lambda: on_signal(signal.SIGTERM, "quit"))
+                    nbd = NbdServer(cluster)
+                    nbd.add_listener(_emit)
+                    problem = _start_nbd(nbd, args, nbd_server, exports)
+                    if problem is not None:
+                        print(f"{PROG}: {problem}", file=sys.stderr)
+                        nbd.close()
+                        cluster.shutdown()
+                        return EXIT_FAILURE
+                    monitor = Monitor(cluster, nbd=nbd, on_quit=lambda: on_signal(signal.SIGTERM, "quit"))
                     qmp: list[str] = []
                     for m in monitors or [ChardevSpec("default", path=os.path.join(cluster.runtime_dir,
                                                                                     "qmp.sock"))]:
@@ -577,10 +633,12 @@ def launch(args: argparse.Namespace) -> int:
                             monitor.close()
                             cluster.shutdown()
                             return EXIT_FAILURE
-                    _emit("READY", {"pid": os.getpid(), "qmp": qmp, **cluster.describe()})
+                    _emit("READY", {"pid": os.getpid(), "qmp": qmp, **cluster.describe(), "exports": nbd.uris()})
             except BaseException:
                 if monitor is not None:
                     monitor.close()
+                if nbd is not None:
+                    nbd.close()
                 cluster.shutdown()
                 raise
         if not stop["requested"]:

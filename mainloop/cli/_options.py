@@ -6,10 +6,12 @@ describe the same iothread.  In the keyval form the first element, without
 ``=``, is the implied ``qom-type``; a literal comma inside a value is written
 ``,,``; a dotted key is a member of a nested object (``cache.direct=on``).
 
-What ``--object`` and ``--blockdev`` take is declared once, in
-``protocol.schema`` (ObjectOptions, BlockdevOptions): keyval strings are
-converted per the declared types, JSON values must have them, and QMP's
-``object-add`` and ``blockdev-add`` check the same declarations.
+What ``--object``, ``--blockdev``, ``--nbd-server`` and ``--export`` take is
+declared once, in ``protocol.schema`` (ObjectOptions, BlockdevOptions,
+NbdServerOptions, BlockExportOptions): keyval strings are converted per the
+declared types, JSON values must have them, and QMP's ``object-add``,
+``blockdev-add``, ``nbd-server-start`` and ``block-export-add`` check the
+same declarations (``nbd-server-start``'s address in QMP's older form).
 ``--chardev`` and ``--monitor`` follow QEMU's older option syntax (QemuOpts).
 """
 
@@ -22,8 +24,11 @@ from typing import Any, TypeVar
 
 from protocol.schema import (
     INT64_MAX,
+    BlockExportOptions,
+    BlockExportOptionsBase,
     BlockdevOptions,
     FlatUnion,
+    NbdServerOptions,
     ObjectOptions,
     SchemaError,
     blockdev_to_wire,
@@ -37,7 +42,8 @@ from protocol.schema import parse_size as schema_parse_size
 from ..cluster._cluster import IOThreadConfig
 from ..qmp._monitor import iothread_config
 
-__all__ = ["BlockdevSpec", "OptionError", "parse_blockdev", "parse_keyval", "parse_object", "parse_size"]
+__all__ = ["BlockdevSpec", "OptionError", "parse_blockdev", "parse_export", "parse_keyval", "parse_nbd_server",
+           "parse_object", "parse_size"]
 
 T = TypeVar("T")
 
@@ -109,12 +115,12 @@ def _properties(text: str, implied_key: str | None) -> dict[str, Any]:
     return _json(text) if _is_json(text) else dict(parse_keyval(text, implied_key=implied_key))
 
 
-def _parse_declared(declared: FlatUnion[T], text: str, implied_key: str | None) -> T:
-    """An option value (keyval or JSON) checked against its declaration."""
+def _parse_declared(declared: FlatUnion[T] | type[T], text: str, implied_key: str | None) -> T:
+    """An option value (keyval or JSON) checked against its declaration (a union or a struct)."""
     try:
-        if _is_json(text):
-            return parse(declared, _json(text))
-        return parse(declared, unflatten(parse_keyval(text, implied_key)), keyval=True)
+        value: object = _json(text) if _is_json(text) else unflatten(parse_keyval(text, implied_key))
+        typed: T = parse(declared, value, keyval=not _is_json(text))
+        return typed
     except SchemaError as exc:
         raise OptionError(exc.desc) from None
 
@@ -139,6 +145,17 @@ def parse_blockdev(text: str) -> BlockdevSpec:
     """A ``--blockdev`` value (keyval or JSON): a BlockdevOptions."""
     options = _parse_declared(BlockdevOptions, text, implied_key=None)
     return BlockdevSpec(options.node_name, options.driver.value, blockdev_to_wire(options), options.iothread)
+
+
+def parse_nbd_server(text: str) -> NbdServerOptions:
+    """An ``--nbd-server`` value (keyval or JSON): an NbdServerOptions (its address flat:
+    ``addr.type=unix,addr.path=PATH``)."""
+    return _parse_declared(NbdServerOptions, text, implied_key=None)
+
+
+def parse_export(text: str) -> BlockExportOptionsBase:
+    """An ``--export`` value (keyval or JSON): a BlockExportOptions (``[type=]nbd,id=ID,node-name=NODE,...``)."""
+    return _parse_declared(BlockExportOptions, text, implied_key="type")
 
 
 def parse_size(key: str, text: str) -> int:

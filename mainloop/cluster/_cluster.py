@@ -40,6 +40,17 @@ pidfd, the parent-death signal) and never stop because it is silent: block
 I/O does not pass through the main loop.  Any message from an iothread is a
 sign of life.
 
+Beside its control connection, each iothread process gets a handoff socket
+(an AF_UNIX socketpair made at its spawn, its end passed as its fd 3): NBD
+connections, past their handshake, travel over it as descriptors
+(``protocol``'s handoff) to the iothread that serves their node, and back
+from it when the node moves away.  The cluster carries them (``hand_over``,
+queued while the socket is full) and gives what comes back, and what the
+iothreads say of the connections they served, to its ``connection_owner``
+(the NBD server of ``mainloop.nbd``), which it also tells when a node gets a
+running home again (a move ends, a restarted iothread reopened it) and when
+an iothread exits (its connections are gone with it).
+
 The deadlines here (a handshake, a stop, a request's answer) run on the
 main loop's own time: monotonic time less the time this process was away
 (stopped: SIGSTOP, Ctrl-Z, a frozen cgroup; or its loop held up), measured by
@@ -65,11 +76,13 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import zmq
 
@@ -87,6 +100,8 @@ from protocol import (
     Hello,
     IOThreadEntry,
     Message,
+    NbdCloseExport,
+    NbdConnection,
     NodeEntry,
     PAUSED_SUFFIX,
     NodeStats,
@@ -104,21 +119,25 @@ from protocol import (
     bind_owner_only,
     channel_socket,
     cluster_state_path,
+    handoff_pair,
     ipc_endpoint,
     make_runtime_dir,
     prepare_runtime_dir,
+    receive_connection,
     replace_file,
+    send_connection,
 )
 from protocol.schema import IothreadProperties, members
 
 from ..loop._bql import bql_locked
 from ..glib._channel_source import ChannelSource
 from ..loop._loop import MainLoop
-from ..glib._standard import ChildWatchSource
+from ..glib._source import IO_IN, IO_OUT
+from ..glib._standard import ChildWatchSource, FdWatchSource
 from ._guard import Continuation, bind, on_failure
 from ._spawn import spawn
 
-__all__ = ["Cluster", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
+__all__ = ["Cluster", "ConnectionOwner", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
 
 log = logging.getLogger("mainloop.cluster")
 
@@ -129,7 +148,10 @@ def data_endpoint(runtime_dir: str, iothread_id: str) -> str:
     return ipc_endpoint(runtime_dir, f"{iothread_id}.data")
 
 HEARTBEAT_INTERVAL_MS = 500  # the default period of the heartbeats (and of the checks of request deadlines)
-SPAWN_FDS = 4  # what an iothread costs the main loop in descriptors: its pidfd, its connection, some slack
+SPAWN_FDS = 5  # what an iothread costs the main loop: its pidfd, its connection, its handoff socket, some slack
+HANDOFF_FD = 3  # the iothread's end of its handoff socket, in the iothread
+HANDOFF_BATCH = 64  # connections taken from one handoff socket per wake-up
+NBD_CONNECTION_CLOSED = "NBD_CONNECTION_CLOSED"  # an iothread's event: for the connection owner, not listeners
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
 
@@ -180,10 +202,34 @@ class IOThread:
     _deadline: Timer | None = None
     _deadline_ns: int = 0  # when the deadline is due, on the cluster's loop time (Cluster._loop_time_ns)
     _restart: Timer | None = None  # a restart to come
+    handoff: socket.socket | None = None
+    """The main loop's end of its handoff socket (NBD connections), while the process lives."""
+    _handoff_in: FdWatchSource | None = None
+    _handoff_out: FdWatchSource | None = None  # waiting for room to send what is queued
+    _handoff_queue: deque[tuple[socket.socket, NbdConnection]] = field(default_factory=deque)
 
     @property
     def id(self) -> str:
         return self.config.id
+
+
+class ConnectionOwner(Protocol):
+    """What the cluster tells the owner of NBD connections (``mainloop.nbd``'s
+    server).  Each is called in the main loop, under the BQL; one that
+    raises is logged and changes nothing here."""
+
+    def connection_returned(self, iothread_id: str, fd: int, msg: NbdConnection) -> None:
+        """An iothread handed a connection back (its node moves away): the owner owns ``fd`` now."""
+
+    def connection_closed(self, iothread_id: str, connection_id: int, export_id: str) -> None:
+        """An iothread says a connection it served has ended."""
+
+    def node_placed(self, node_name: str) -> None:
+        """A node's move ended (in its new home, or back in its old one), or a
+        restarted iothread reopened it: where it is now may take connections."""
+
+    def iothread_exited(self, iothread_id: str) -> None:
+        """An iothread's process exited: the connections it served are gone."""
 
 
 @dataclass
@@ -264,6 +310,8 @@ class Cluster:
         self._heartbeat = loop.timer_new_ms(ClockType.REALTIME, self._on_heartbeat_timer, "heartbeat")
         self._heartbeat.mod(self._heartbeat.now() + heartbeat_interval_ms)
         self._closed = False
+        self.connection_owner: ConnectionOwner | None = None
+        """Whom NBD connections handed back and news of them go to (None: they are closed)."""
 
     # -- events -------------------------------------------------------------
 
@@ -318,6 +366,7 @@ class Cluster:
                     self._socket_files.append(path)  # even if it gets killed (paused: see DataListener)
         argv = [sys.executable, "-m", "iothreads.worker", "--id", c.id, "--connect", self.endpoint,
                 "--data-endpoint", data,
+                "--handoff-fd", str(HANDOFF_FD),
                 "--parent-pid", str(os.getpid()),
                 *(arg for m in members(IothreadProperties) for arg in (f"--{m.name}", str(getattr(c, m.attr)))),
                 "--handshake-timeout-ms", str(self.handshake_timeout_ms),
@@ -335,22 +384,40 @@ class Cluster:
         def on_deadline(t: IOThread = t) -> None:
             self._on_deadline(t)
 
-        pid = spawn(argv, new_session=True)
+        ours, theirs = handoff_pair()
+        try:
+            pid = spawn(argv, new_session=True, pass_fds={HANDOFF_FD: theirs.fileno()})
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()  # the child has its copy
         try:
             t._watch = ChildWatchSource(pid, on_exit, name=f"iothread {c.id} (pid {pid})")
             self.loop.context.attach(t._watch)
         except BaseException:
             # A child that cannot be watched must not outlive this attempt.
+            ours.close()
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             raise
         t.pid = pid
+        t.handoff = ours
+        t._handoff_in = FdWatchSource(ours.fileno(), IO_IN, functools.partial(self._on_handoff, t),
+                                      name=f"handoff {c.id}",
+                                      role=f"handoff socket of iothread {c.id} (NBD connections handed back)")
+        self.loop.context.attach(t._handoff_in)
         log.debug("iothread %s started (pid %d): %s", c.id, t.pid, " ".join(argv[1:]))
         t.started_ns = time.monotonic_ns()
         t.state = IOThreadState.STARTING
         t.exit_status = None
         t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, on_deadline, f"deadline {c.id}")
         self._arm_deadline(t, self.handshake_timeout_ms)
+
+    def loop_time_ns(self) -> int:
+        """The clock of deadlines that should not count the main loop's own
+        absences (see ``_loop_time_ns``), in ns."""
+        return self._loop_time_ns()
 
     def _loop_time_ns(self) -> int:
         """The clock of the cluster's deadlines: monotonic time less the time
@@ -419,6 +486,10 @@ class Cluster:
                 n.active = False  # reopened once it is back (_reopen_nodes)
             else:
                 del self.nodes[n.name]
+        # Its NBD connections: those it served are gone, those queued for it go back (its nodes as they are now).
+        self._close_handoff(t)
+        if self.connection_owner is not None:
+            self._call(self.connection_owner.iothread_exited, t.id)
         if not self._closed:
             self.write_state()
         if expected:
@@ -500,6 +571,7 @@ class Cluster:
                 info.size = reply.counters.get("size", info.size)
                 log.info("node %s reopened in iothread %s", info.name, t.id)
                 self.write_state()
+                self._node_placed(info.name)
             else:
                 log.error("node %s could not be reopened in iothread %s, dropped: %s", info.name, t.id,
                           reply.message)
@@ -566,9 +638,21 @@ class Cluster:
             pass
         elif isinstance(msg, Event):
             # Raised in an iothread, handled here, in the main loop, under the BQL.
-            self._emit(msg.name, {**msg.data, "iothread": t.id})
+            if msg.name == NBD_CONNECTION_CLOSED:
+                self._connection_closed(t, msg.data)
+            else:
+                self._emit(msg.name, {**msg.data, "iothread": t.id})
         else:
             log.warning("iothread %s sent an unexpected %s", t.id, type(msg).KIND)
+
+    def _connection_closed(self, t: IOThread, data: dict[str, Any]) -> None:
+        connection, export = data.get("connection"), data.get("export")
+        if not isinstance(connection, int) or isinstance(connection, bool) or not isinstance(export, str):
+            self._bad_input.log((t.id, NBD_CONNECTION_CLOSED), logging.ERROR,
+                                "iothread %s: a bad %s event: %r", t.id, NBD_CONNECTION_CLOSED, data)
+            return
+        if self.connection_owner is not None:
+            self._call(self.connection_owner.connection_closed, t.id, connection, export)
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self._bad_input.log((identity, type(exc)), logging.ERROR,
@@ -650,6 +734,105 @@ class Cluster:
         self._request(iothread_id, lambda rid: SetPollParams(rid, poll_max_ns, poll_grow, poll_shrink,
                                                              aio_max_batch), done)
         on_failure(undo)
+
+    # -- NBD connections ---------------------------------------------------------
+
+    def hand_over(self, iothread_id: str, conn: socket.socket, msg: NbdConnection) -> None:
+        """Send an NBD connection past its handshake to an iothread, over its
+        handoff socket (queued while that is full); the cluster owns ``conn``
+        from now on and closes its copy once sent.  One still queued when the
+        iothread exits goes back to the connection owner, as one handed back.
+        ``StateError`` if the iothread is not running (``conn`` is the caller's
+        still)."""
+        t = self.iothreads.get(iothread_id)
+        if t is None or t.state is not IOThreadState.RUNNING or t.handoff is None:
+            raise StateError(f"iothread {iothread_id!r} is not running")
+        t._handoff_queue.append((conn, msg))
+        self._flush_handoff(t)
+
+    def _flush_handoff(self, t: IOThread) -> None:
+        """Send what is queued for ``t``, as far as its handoff socket takes it;
+        the rest once it is writable."""
+        while t._handoff_queue and t.handoff is not None:
+            conn, msg = t._handoff_queue[0]
+            try:
+                send_connection(t.handoff, conn.fileno(), msg)
+            except BlockingIOError:
+                if t._handoff_out is None:
+                    t._handoff_out = FdWatchSource(t.handoff.fileno(), IO_OUT, self._handoff_writable(t),
+                                                   name=f"handoff {t.id} output")
+                    self.loop.context.attach(t._handoff_out)
+                return
+            except OSError as exc:  # the iothread is going away: at its exit, the queue goes back
+                self._bad_input.log((t.id, "handoff send"), logging.WARNING,
+                                    "iothread %s: NBD connections cannot be handed over: %s", t.id, exc)
+                return
+            t._handoff_queue.popleft()
+            conn.close()
+        if t._handoff_out is not None:
+            t._handoff_out.destroy()
+            t._handoff_out = None
+
+    def _handoff_writable(self, t: IOThread) -> Callable[[int, int], bool]:
+        def writable(fd: int, cond: int) -> bool:
+            t._handoff_out = None  # this source ends; _flush_handoff makes another if needed
+            self._flush_handoff(t)
+            return False
+        return writable
+
+    def _on_handoff(self, t: IOThread, fd: int, cond: int) -> bool:
+        """Connections an iothread handed back: to the connection owner (closed if there is none)."""
+        for _ in range(HANDOFF_BATCH):
+            if t.handoff is None:
+                return False
+            try:
+                received = receive_connection(t.handoff)
+            except EOFError:  # the process is exiting; its exit closes the socket
+                t._handoff_in = None
+                return False
+            except RemoteProtocolError as exc:
+                self._bad_input.log((t.id, "handoff"), logging.ERROR,
+                                    "iothread %s: bad handoff datagram: %s", t.id, exc)
+                continue
+            except OSError as exc:
+                log.error("iothread %s: its handoff socket failed: %s", t.id, exc)
+                t._handoff_in = None
+                return False
+            if received is None:
+                return True
+            fd, msg = received
+            if self.connection_owner is None:
+                os.close(fd)
+                continue
+            self._call(self.connection_owner.connection_returned, t.id, fd, msg)
+        return True
+
+    def _close_handoff(self, t: IOThread) -> None:
+        """``t``'s process is gone: its handoff socket is closed; the connections
+        still queued for it go back to the connection owner (or are closed)."""
+        for src in (t._handoff_in, t._handoff_out):
+            if src is not None:
+                src.destroy()
+        t._handoff_in = t._handoff_out = None
+        while t._handoff_queue:
+            conn, msg = t._handoff_queue.popleft()
+            if self.connection_owner is None or self._closed:
+                conn.close()
+            else:
+                self._call(self.connection_owner.connection_returned, t.id, conn.detach(), msg)
+        if t.handoff is not None:
+            t.handoff.close()
+            t.handoff = None
+
+    def close_nbd_export(self, iothread_id: str, export_id: str, callback: ReplyCallback) -> None:
+        """Ask an iothread to close the NBD connections of export ``export_id``
+        it serves; ``callback(reply)``: a ``QueryReply`` counting them
+        (``closed``), or an error (an iothread not running answers at once)."""
+        self._ask(iothread_id, lambda rid: NbdCloseExport(rid, export_id), callback)
+
+    def _node_placed(self, node_name: str) -> None:
+        if self.connection_owner is not None:
+            self._call(self.connection_owner.node_placed, node_name)
 
     # -- block nodes -------------------------------------------------------------
 
@@ -737,6 +920,8 @@ class Cluster:
                 info.iothread = where  # (its histogram setting came with its BlockdevAdd there)
                 self.nodes[info.name] = info
             self.write_state()
+            if where is not None:
+                self._node_placed(info.name)
             then()
 
         def reopened(reply: QueryReply | ErrorReply) -> None:
@@ -789,6 +974,7 @@ class Cluster:
         def complete(reply: QueryReply | ErrorReply) -> None:
             info.moving_to = None
             info.detached = False
+            self._node_placed(node_name)
             callback(reply)
 
         def added(reply: QueryReply | ErrorReply) -> None:
@@ -963,6 +1149,7 @@ class Cluster:
                     pass
             if t._deadline is not None:
                 t._deadline.delete()
+            self._close_handoff(t)
         self._bad_input.flush()
         self._state_errors.flush()
         self._source.destroy()  # closes the channel (LINGER 0)

@@ -34,15 +34,16 @@ import enum
 import functools
 import logging
 from collections.abc import Callable
-from typing import Generic, ParamSpec
+from typing import Generic, ParamSpec, TypeVar
 
 from protocol import LocalProtocolError, StateError
 
-__all__ = ["Continuation", "Guard", "GuardState", "bind", "on_failure"]
+__all__ = ["Continuation", "Guard", "GuardState", "bind", "detached", "on_failure"]
 
 log = logging.getLogger("mainloop.qmp")
 
 P = ParamSpec("P")
+T = TypeVar("T")
 
 REFUSALS = (StateError, LocalProtocolError)
 """What a command raises on purpose: its message is the command's error."""
@@ -185,6 +186,14 @@ class Continuation(Generic[P]):
 def bind(fn: Callable[P, object]) -> Continuation[P]:
     """``fn`` as a continuation of the command running now (see the module's docstring)."""
     return Continuation(fn, _current.get())
+
+
+def detached(fn: Callable[[], T]) -> T:
+    """Run ``fn`` as no command's: what it registers (the replies to its
+    requests ...) runs whenever it comes, whatever becomes of the command
+    running now.  For work a command starts and does not wait for (an NBD
+    export's clients being disconnected after ``block-export-del``)."""
+    return contextvars.Context().run(fn)
 
 
 def on_failure(step: UndoStep) -> None:

@@ -45,16 +45,17 @@ from protocol import (
     QueryReply,
     StateError,
     ThrottledLog,
-    owner_only_umask,
+    bind_unix_owner_only,
     qmp_error,
     qmp_event,
     qmp_line,
-    remove_stale_socket,
 )
 
 from protocol.schema import (
     COMMANDS,
     BlockDeviceInfo,
+    BlockExportDelArguments,
+    BlockExportOptionsBase,
     BlockdevDelArguments,
     BlockdevOptionsBase,
     BlockdevOptionsFile,
@@ -64,6 +65,7 @@ from protocol.schema import (
     IOThreadInfo,
     IothreadOptions,
     IothreadProperties,
+    NbdServerOptionsLegacy,
     NoArguments,
     ObjectDelArguments,
     ObjectOptionsBase,
@@ -80,6 +82,7 @@ from protocol.schema import (
     members,
     parse,
     parse_member,
+    socket_address_flatten,
 )
 from protocol.schema import Command as CommandDeclaration
 
@@ -87,6 +90,7 @@ from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState,
 from ..cluster._guard import Guard, on_failure
 from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
 from ..glib._standard import FdWatchSource
+from ..nbd._server import BLOCK_EXPORT_DELETED, NbdServer
 
 __all__ = ["Monitor", "QmpFailure", "iothread_config"]
 
@@ -310,9 +314,11 @@ def _block_device_info(node: NodeInfo) -> BlockDeviceInfo:
 class Monitor:
     """QMP server(s) of a main loop and its cluster.  Main-loop thread, BQL held."""
 
-    def __init__(self, cluster: Cluster, *, on_quit: Callable[[], object],
+    def __init__(self, cluster: Cluster, *, on_quit: Callable[[], object], nbd: NbdServer | None = None,
                  max_message_bytes: int = 1 << 20, max_sessions: int = MAX_SESSIONS) -> None:
         self.cluster = cluster
+        self.nbd = nbd if nbd is not None else NbdServer(cluster)
+        """The cluster's NBD server (the monitor closes it with its own sockets)."""
         self.loop = cluster.loop
         self.on_quit = on_quit
         self.max_message_bytes = max_message_bytes
@@ -325,6 +331,7 @@ class Monitor:
         self.commands: dict[str, Command] = {}
         self._register_commands()
         cluster.add_listener(self._on_cluster_event)
+        self.nbd.add_listener(self._on_nbd_event)
 
     # -- listening -----------------------------------------------------------------
 
@@ -332,14 +339,7 @@ class Monitor:
         """Serve QMP on an AF_UNIX socket at ``path``, accessible to this user
         only: a stale socket there is replaced, anything else refused
         (``UnsafePathError``)."""
-        remove_stale_socket(path)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with owner_only_umask():  # mode 0700 from the start: no window before a chmod
-                sock.bind(path)
-        except OSError:
-            sock.close()
-            raise
+        sock = bind_unix_owner_only(path)  # mode 0700 from the start: no window before a chmod
         self._listen(sock, path, f"QMP listening socket {path}")
         return path
 
@@ -425,7 +425,12 @@ class Monitor:
         if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED", "RESOURCE_LIMIT_REACHED"):
             self.broadcast(name, data)
 
+    def _on_nbd_event(self, name: str, data: dict[str, Any]) -> None:
+        if name == BLOCK_EXPORT_DELETED:
+            self.broadcast(name, data)
+
     def close(self) -> None:
+        self.nbd.close()
         for s in list(self.sessions):
             s.close()
         for sock, src, path in self._listeners:
@@ -481,6 +486,11 @@ class Monitor:
             "x-query-main-loop": lambda a, d: d(self.loop.context.describe().as_dict()),
             "query-blockstats": self._query_blockstats,
             "block-latency-histogram-set": self._histogram_set,
+            "nbd-server-start": self._nbd_server_start,
+            "nbd-server-stop": lambda a, d: self.nbd.stop(lambda: d(None)),
+            "block-export-add": self._block_export_add,
+            "block-export-del": self._block_export_del,
+            "query-block-exports": lambda a, d: d(self.nbd.query()),
         }
         if set(impls) != set(COMMANDS):
             raise AssertionError(f"commands declared but not implemented, or the reverse: "
@@ -585,7 +595,23 @@ class Monitor:
                                   args.iothread)
 
     def _blockdev_del(self, args: BlockdevDelArguments, done: Done) -> None:
+        if self.nbd.exports_of_node(args.node_name):  # QEMU's words for a node with a user (bdrv_has_blk)
+            done(QmpFailure("GenericError", f"Node {args.node_name} is in use"))
+            return
         self.cluster.blockdev_del(args.node_name, self._reply(done))
+
+    def _nbd_server_start(self, args: NbdServerOptionsLegacy, done: Done) -> None:
+        self.nbd.start(socket_address_flatten(args.addr), max_connections=args.max_connections,
+                       handshake_max_seconds=args.handshake_max_seconds)
+        done(None)
+
+    def _block_export_add(self, args: BlockExportOptionsBase, done: Done) -> None:
+        self.nbd.add_export(args)
+        done(None)
+
+    def _block_export_del(self, args: BlockExportDelArguments, done: Done) -> None:
+        self.nbd.del_export(args.id, args.mode)
+        done(None)
 
     def _query_blockstats(self, args: QueryBlockstatsArguments, done: Done) -> None:
         if not args.query_nodes:

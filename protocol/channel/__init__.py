@@ -21,6 +21,7 @@ from ._runtime_dir import default_runtime_parent as default_runtime_parent
 from ._runtime_dir import made_runtime_dirs as made_runtime_dirs
 from ._runtime_dir import make_runtime_dir as make_runtime_dir
 from ._runtime_dir import open_own_file as open_own_file
+from ._runtime_dir import bind_unix_owner_only as bind_unix_owner_only
 from ._runtime_dir import owner_only_umask as owner_only_umask
 from ._runtime_dir import prepare_runtime_dir as prepare_runtime_dir
 from ._runtime_dir import remove_stale_socket as remove_stale_socket
@@ -33,6 +34,7 @@ __all__ = [
     "PAUSED_SUFFIX",
     "ThrottledLog",
     "bind_owner_only",
+    "bind_unix_owner_only",
     "channel_socket",
     "check_runtime_dir",
     "default_runtime_parent",

@@ -40,6 +40,7 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import stat
 import tempfile
 import threading
@@ -53,6 +54,7 @@ from .._errors import UnsafePathError
 __all__ = [
     "PAUSED_SUFFIX",
     "bind_owner_only",
+    "bind_unix_owner_only",
     "check_runtime_dir",
     "default_runtime_parent",
     "made_runtime_dirs",
@@ -242,3 +244,18 @@ def remove_stale_socket(path: str) -> None:
     if not stat.S_ISSOCK(mode):
         raise UnsafePathError(path, "exists and is not a socket")
     os.unlink(path)
+
+
+def bind_unix_owner_only(path: str) -> socket.socket:
+    """A stream socket bound at ``path``, its file accessible to this user
+    only from the start (no window before a chmod); a stale socket file there
+    is replaced, anything else refused (``remove_stale_socket``)."""
+    remove_stale_socket(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with owner_only_umask():
+            sock.bind(path)
+    except OSError:
+        sock.close()
+        raise
+    return sock

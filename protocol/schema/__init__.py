@@ -18,8 +18,9 @@ member picks a branch).  Everything else derives from these declarations:
 ``parse`` turns input into typed values (defaults filled in) or raises
 ``SchemaError`` with QEMU's error class and text.  Pure code: no I/O, any
 thread.  Modules: ``_types`` (the type system and the validator), ``_block``
-(block nodes; block exports go there too), ``_qom`` (objects),
-``_commands`` (QMP commands).
+(block nodes), ``_qom`` (objects),
+``_sockets`` (socket addresses), ``_export`` (block exports and the NBD
+server), ``_commands`` (QMP commands).
 """
 
 from __future__ import annotations
@@ -34,6 +35,26 @@ from ._block import BlockdevOptionsNull as BlockdevOptionsNull
 from ._block import ImageInfo as ImageInfo
 from ._block import blockdev_from_wire as blockdev_from_wire
 from ._block import blockdev_to_wire as blockdev_to_wire
+from ._export import BlockExportDelArguments as BlockExportDelArguments
+from ._export import BlockExportDeleted as BlockExportDeleted
+from ._export import BlockExportInfo as BlockExportInfo
+from ._export import BlockExportOptions as BlockExportOptions
+from ._export import BlockExportOptionsBase as BlockExportOptionsBase
+from ._export import BlockExportOptionsNbd as BlockExportOptionsNbd
+from ._export import BlockExportRemoveMode as BlockExportRemoveMode
+from ._export import BlockExportType as BlockExportType
+from ._export import NbdServerOptions as NbdServerOptions
+from ._export import NbdServerOptionsBase as NbdServerOptionsBase
+from ._export import NbdServerOptionsLegacy as NbdServerOptionsLegacy
+from ._sockets import InetSocketAddress as InetSocketAddress
+from ._sockets import SocketAddress as SocketAddress
+from ._sockets import SocketAddressBase as SocketAddressBase
+from ._sockets import SocketAddressInet as SocketAddressInet
+from ._sockets import SocketAddressLegacy as SocketAddressLegacy
+from ._sockets import SocketAddressType as SocketAddressType
+from ._sockets import SocketAddressUnix as SocketAddressUnix
+from ._sockets import UnixSocketAddress as UnixSocketAddress
+from ._sockets import socket_address_flatten as socket_address_flatten
 from ._commands import COMMANDS as COMMANDS
 from ._commands import BlockLatencyHistogramSetArguments as BlockLatencyHistogramSetArguments
 from ._commands import BlockdevDelArguments as BlockdevDelArguments
@@ -75,6 +96,14 @@ from ._types import unflatten as unflatten
 
 __all__ = [
     "BlockDeviceInfo",
+    "BlockExportDelArguments",
+    "BlockExportDeleted",
+    "BlockExportInfo",
+    "BlockExportOptions",
+    "BlockExportOptionsBase",
+    "BlockExportOptionsNbd",
+    "BlockExportRemoveMode",
+    "BlockExportType",
     "BlockLatencyHistogramSetArguments",
     "BlockdevCacheOptions",
     "BlockdevDelArguments",
@@ -90,9 +119,13 @@ __all__ = [
     "INT64_MAX",
     "IOThreadInfo",
     "ImageInfo",
+    "InetSocketAddress",
     "IothreadOptions",
     "IothreadProperties",
     "Member",
+    "NbdServerOptions",
+    "NbdServerOptionsBase",
+    "NbdServerOptionsLegacy",
     "NoArguments",
     "ObjectDelArguments",
     "ObjectOptions",
@@ -104,7 +137,14 @@ __all__ = [
     "QueryBlockstatsArguments",
     "QueryNamedBlockNodesArguments",
     "SchemaError",
+    "SocketAddress",
+    "SocketAddressBase",
+    "SocketAddressInet",
+    "SocketAddressLegacy",
+    "SocketAddressType",
+    "SocketAddressUnix",
     "StatusInfo",
+    "UnixSocketAddress",
     "VersionInfo",
     "VersionTriple",
     "XBlockdevSetIothreadArguments",
@@ -119,6 +159,7 @@ __all__ = [
     "parse_bool",
     "parse_member",
     "parse_size",
+    "socket_address_flatten",
     "struct",
     "type_name",
     "unflatten",

@@ -137,7 +137,3 @@ def blockdev_from_wire(node_name: str, driver: str, options: Mapping[str, object
             raise SchemaError(f"Parameter '{key}' is unexpected")
     return parse(BlockdevOptions, {"driver": driver, "node-name": node_name, **nested})
 
-
-# Block exports (QEMU's BlockExportOptions, discriminated by 'type', and
-# NbdServerOptions for nbd-server-start) are declared here when an NBD server
-# serves nodes; their commands then join the table in _commands.py.

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ._block import BlockDeviceInfo, BlockdevOptions
+from ._export import BlockExportDelArguments, BlockExportInfo, BlockExportOptions, NbdServerOptionsLegacy
 from ._qom import IOThreadInfo, ObjectOptions
 from ._types import FlatUnion, UInt64, dump, member, parse, struct
 
@@ -178,4 +179,9 @@ COMMANDS: Mapping[str, Command] = {c.name: c for c in (
             returns=Any),
     Command("block-latency-histogram-set", "count a node's latencies in intervals",
             BlockLatencyHistogramSetArguments),
+    Command("nbd-server-start", "start the NBD server", NbdServerOptionsLegacy),
+    Command("nbd-server-stop", "remove every NBD export, disconnecting their clients, and stop the NBD server"),
+    Command("block-export-add", "export a block node", BlockExportOptions),
+    Command("block-export-del", "remove an export", BlockExportDelArguments),
+    Command("query-block-exports", "the exports", returns=tuple[BlockExportInfo, ...]),
 )}

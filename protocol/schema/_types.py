@@ -13,6 +13,8 @@ annotation                             QAPI type
 ``Annotated[str, Check(...)]``         a str that must pass a test (identifiers)
 an ``enum.StrEnum``                    an enum (its values are the names)
 another ``@struct`` class              a nested object
+``Annotated[Base, union]``             a nested flat union (``union``: a ``FlatUnion``
+                                       whose base is ``Base``)
 ``tuple[T, ...]``                      a list of T
 ``Any``                                any JSON value
 ``T | None = member(default=None)``    an optional member without a default
@@ -58,6 +60,7 @@ __all__ = [
     "Range",
     "SchemaError",
     "Size",
+    "UInt32",
     "UInt64",
     "dump",
     "flatten",
@@ -76,6 +79,7 @@ __all__ = [
 T = TypeVar("T")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 UINT64_MAX = (1 << 64) - 1
+UINT32_MAX = (1 << 32) - 1
 
 
 class SchemaError(EvloopError, ValueError):
@@ -133,6 +137,7 @@ class _SizeMarker:
 
 Size = Annotated[int, _SizeMarker()]
 UInt64 = Annotated[int, Range(0, UINT64_MAX)]
+UInt32 = Annotated[int, Range(0, UINT32_MAX)]
 
 
 def id_wellformed(name: str) -> bool:
@@ -476,6 +481,8 @@ def _type_of(tp: Any) -> _Type:
     if origin is Annotated:
         inner, *extras = typing.get_args(tp)
         for extra in extras:
+            if isinstance(extra, FlatUnion):
+                return _Union(extra)
             if isinstance(extra, _SizeMarker):
                 return _Size()
             if isinstance(extra, Range):

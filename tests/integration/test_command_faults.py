@@ -163,13 +163,16 @@ NODE_NAMES = ("base0", "n0")
 
 def registry(s: Harness) -> dict[str, Any]:
     """What the monitor and the cluster's registry say: nodes and their homes,
-    running iothreads and their parameters, histogram settings."""
+    running iothreads and their parameters, histogram settings, the NBD
+    server and its exports."""
     nodes = {n["node-name"]: n["iothread"] for n in s.client.ok("query-named-block-nodes")}
     threads = {t["id"]: (t["poll-max-ns"], t["poll-grow"], t["poll-shrink"], t["aio-max-batch"])
                for t in s.client.ok("query-iothreads")}
+    exports = [(e["id"], e["node-name"], e["shutting-down"]) for e in s.client.ok("query-block-exports")]
     with bql():
         histograms = {name: info.histogram for name, info in s.cluster.nodes.items()}
-    return {"nodes": nodes, "iothreads": threads, "histograms": histograms}
+        nbd = s.monitor.nbd.running
+    return {"nodes": nodes, "iothreads": threads, "histograms": histograms, "nbd": nbd, "exports": exports}
 
 
 def ask(cluster: Cluster, iothread_id: str, node: str = "") -> QueryReply | ErrorReply:
@@ -212,6 +215,10 @@ def reset(s: Harness) -> None:
     their first parameters."""
     q = s.client
     now = registry(s)
+    for export_id, _, _ in now["exports"]:
+        q.ok("block-export-del", {"id": export_id})
+    if now["nbd"]:
+        q.ok("nbd-server-stop")
     for name in now["nodes"]:
         if name != "base0":
             q.ok("blockdev-del", {"node-name": name})
@@ -234,6 +241,18 @@ def add_n0(s: Harness) -> None:
 def add_n0_with_histogram(s: Harness) -> None:
     add_n0(s)
     s.client.ok("block-latency-histogram-set", {"id": "n0", "boundaries": [5, 50]})
+
+
+NBD_SERVER = {"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": "0"}}}
+
+
+def start_nbd(s: Harness) -> None:
+    s.client.ok("nbd-server-start", NBD_SERVER)
+
+
+def export_base0(s: Harness) -> None:
+    start_nbd(s)
+    s.client.ok("block-export-add", {"type": "nbd", "id": "e0", "node-name": "base0"})
 
 
 def add_io9(s: Harness) -> None:
@@ -279,6 +298,11 @@ SCENARIOS: dict[str, Scenario] = {
     "x-query-main-loop": Scenario({}, 1),
     "query-blockstats": Scenario({"query-nodes": True}, 3, add_n0),  # one reply per node
     "block-latency-histogram-set": Scenario({"id": "n0", "boundaries": [10, 100]}, 2, add_n0_with_histogram),
+    "nbd-server-start": Scenario(NBD_SERVER, 1),
+    "nbd-server-stop": Scenario({}, 1, export_base0),  # no client connected: nothing to wait for
+    "block-export-add": Scenario({"type": "nbd", "id": "e0", "node-name": "base0"}, 1, start_nbd),
+    "block-export-del": Scenario({"id": "e0"}, 1, export_base0),
+    "query-block-exports": Scenario({}, 1, export_base0),
 }
 
 

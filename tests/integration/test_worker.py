@@ -85,13 +85,15 @@ def fake() -> Iterator[FakeMainLoop]:
 
 
 @contextmanager
-def spawn(fake: FakeMainLoop, *extra: str, local: bool = True) -> Iterator[subprocess.Popen[bytes]]:
+def spawn(fake: FakeMainLoop, *extra: str, local: bool = True,
+          pass_fds: tuple[int, ...] = ()) -> Iterator[subprocess.Popen[bytes]]:
     """An iothread process connected to ``fake``; killed and reaped on the way out.
     ``local``: this process is its main loop's (``--parent-pid``), else it has
-    no main-loop process to watch, as a remote one."""
+    no main-loop process to watch, as a remote one.  ``pass_fds``: descriptors
+    it inherits, under the same numbers."""
     parent = ["--parent-pid", str(os.getpid())] if local else []
     proc = subprocess.Popen([sys.executable, "-m", "iothreads.worker", "--id", "io7", "--connect", fake.endpoint,
-                             *parent, *extra], stderr=subprocess.PIPE)
+                             *parent, *extra], stderr=subprocess.PIPE, pass_fds=pass_fds)
     try:
         yield proc
     finally:

@@ -1,6 +1,11 @@
-"""One declaration, three forms: ``--blockdev`` and ``--object`` in keyval
-form, the same options in JSON form, and QMP's ``blockdev-add`` and
-``object-add`` accept and refuse the same option sets, with the same meaning.
+"""One declaration, three forms: ``--blockdev``, ``--object``, ``--nbd-server``
+and ``--export`` in keyval form, the same options in JSON form, and QMP's
+``blockdev-add``, ``object-add``, ``nbd-server-start`` and ``block-export-add``
+accept and refuse the same option sets, with the same meaning.
+(``nbd-server-start`` takes its address in QEMU's older form, ``{"type": T,
+"data": {...}}``, where the command line's is flat: the QMP form here is the
+same address so written, and its messages name ``addr.data.X`` where the
+others name ``addr.X``.)
 
 Hypothesis writes option sets (valid ones, and ones with an unknown driver or
 object type, members missing, unknown or of the other driver, values of the
@@ -49,13 +54,18 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from mainloop import Cluster, IOThreadConfig
-from mainloop.cli._main import _blockdevs, _configs, build_parser
+from mainloop.cli._main import _blockdevs, _configs, _exports, _nbd_server, build_parser
 from mainloop.cli._options import BlockdevSpec, OptionError
+from mainloop.nbd import NbdServer
 from mainloop.qmp import Monitor, QmpFailure
 from mainloop.qmp._monitor import VERSION
 from protocol import QmpSession, QueryReply
 from protocol.schema import (
     INT64_MAX,
+    BlockExportOptions,
+    BlockExportOptionsBase,
+    BlockExportOptionsNbd,
+    BlockExportType,
     BlockdevCacheOptions,
     BlockdevDriver,
     BlockdevOptions,
@@ -64,8 +74,13 @@ from protocol.schema import (
     IothreadOptions,
     IothreadProperties,
     Member,
+    NbdServerOptions,
     ObjectType,
     SchemaError,
+    SocketAddressBase,
+    SocketAddressInet,
+    SocketAddressType,
+    SocketAddressUnix,
     blockdev_from_wire,
     flatten,
     members,
@@ -281,6 +296,36 @@ OBJECT_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
     "poll-shrink": ints,
     "aio-max-batch": ints,
 }
+ADDR_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
+    "type": lambda: enums([t.value for t in SocketAddressType]),
+    "host": strings,
+    "port": strings,
+    "path": strings,
+}
+
+
+def addrs() -> st.SearchStrategy[Node]:
+    """A socket address: of a known family, the members of its branch; else the base's."""
+    good = option_sets(ADDR_MEMBERS, "type", lambda family: members(
+        {"inet": SocketAddressInet, "unix": SocketAddressUnix}.get(family, SocketAddressBase)
+        if isinstance(family, str) else SocketAddressBase))
+    return _mostly(good, st.just(Mistyped("x", "x")), st.sampled_from([None, 1, "unix", ["a"]]).map(JsonOnly))
+
+
+NBD_SERVER_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
+    "addr": addrs,
+    "max-connections": ints,
+    "handshake-max-seconds": ints,
+}
+EXPORT_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
+    "type": lambda: enums([t.value for t in BlockExportType]),
+    "id": identifiers,
+    "node-name": identifiers,
+    "writable": bools,
+    "name": strings,
+    "description": strings,
+    "allocation-depth": bools,
+}
 UNKNOWN_MEMBERS = ["bogus", "filenme"]
 
 
@@ -318,6 +363,17 @@ def object_sets() -> st.SearchStrategy[dict[str, Node]]:
     return option_sets(OBJECT_MEMBERS, "qom-type", lambda qom_type: members(IothreadOptions))
 
 
+def nbd_server_sets() -> st.SearchStrategy[dict[str, Node]]:
+    """No discriminator: ``addr`` leads (and is required)."""
+    return option_sets(NBD_SERVER_MEMBERS, "addr", lambda addr: members(NbdServerOptions))
+
+
+def export_sets() -> st.SearchStrategy[dict[str, Node]]:
+    return option_sets(EXPORT_MEMBERS, "type", lambda export_type: members(
+        BlockExportOptions.branches.get(export_type, BlockExportOptions.base) if isinstance(export_type, str) else
+        BlockExportOptions.base))
+
+
 # -- the three forms, as the launcher and the monitor take them ---------------------------------
 
 
@@ -330,7 +386,16 @@ def cli(option: str, text: str) -> Outcome:
     """``iothreads launch OPTION TEXT``'s option handling: the node or iothread, or the message."""
     args = PARSER.parse_args(["launch", option, text])
     try:
-        created = _blockdevs(args, IOTHREADS) if option == "--blockdev" else _configs(args)
+        created: list[object]
+        if option == "--nbd-server":
+            server = _nbd_server(args)
+            created = [] if server is None else [server]
+        elif option == "--export":
+            created = list(_exports(args))
+        elif option == "--blockdev":
+            created = list(_blockdevs(args, IOTHREADS))
+        else:
+            created = list(_configs(args))
     except OptionError as exc:
         prefix = f"{option} {text}: "
         assert str(exc).startswith(prefix), str(exc)
@@ -345,7 +410,7 @@ class RecordingCluster:
     loop = None
 
     def __init__(self) -> None:
-        self.created: list[BlockdevSpec | IOThreadConfig] = []
+        self.created: list[BlockdevSpec | IOThreadConfig | NbdServerOptions | BlockExportOptionsBase] = []
 
     def add_listener(self, listener: object) -> None:
         pass
@@ -366,10 +431,46 @@ class RecordingCluster:
         callback(QueryReply(0, {}))
 
 
+class RecordingNbdServer:
+    """Takes what a monitor asks of the NBD server, and records it instead
+    (a server started: the options it was started with, the address flat)."""
+
+    def __init__(self, cluster: RecordingCluster) -> None:
+        self.created = cluster.created
+
+    def add_listener(self, listener: object) -> None:
+        pass
+
+    def start(self, addr: SocketAddressBase, *, max_connections: int, handshake_max_seconds: int) -> None:
+        self.created.append(NbdServerOptions(addr=addr, max_connections=max_connections,
+                                             handshake_max_seconds=handshake_max_seconds))
+
+    def add_export(self, options: BlockExportOptionsBase) -> None:
+        self.created.append(options)
+
+
+def legacy_addr(arguments: object) -> object:
+    """nbd-server-start's arguments: the flat address of ``arguments`` in QMP's older form."""
+    if not isinstance(arguments, dict) or not isinstance(arguments.get("addr"), dict):
+        return arguments
+    addr = arguments["addr"]
+    legacy = {"data": {k: v for k, v in addr.items() if k != "type"}}
+    if "type" in addr:
+        legacy = {"type": addr["type"], **legacy}
+    return {**arguments, "addr": legacy}
+
+
 def qmp(command: str, arguments: object) -> Outcome:
-    """``command`` sent as a client sends it, run as a QMP connection runs it."""
+    """``command`` sent as a client sends it, run as a QMP connection runs it
+    (``nbd-server-start``: with the address as the command line writes it,
+    sent in QMP's form, and its messages' ``addr.data.X`` read as ``addr.X``)."""
+    if command == "nbd-server-start":
+        kind, value = qmp("nbd-server-start-legacy", legacy_addr(arguments))
+        return kind, value.replace("'addr.data.", "'addr.") if isinstance(value, str) else value
+    command = command.removesuffix("-legacy")
     cluster = RecordingCluster()
-    monitor = Monitor(cast(Cluster, cluster), on_quit=lambda: None)
+    monitor = Monitor(cast(Cluster, cluster), on_quit=lambda: None,
+                      nbd=cast(NbdServer, RecordingNbdServer(cluster)))
     session = QmpSession(VERSION)
     session.receive_data(b'{"execute": "qmp_capabilities"}'
                          + json.dumps({"execute": command, "arguments": arguments}).encode())
@@ -483,6 +584,46 @@ def test_object_forms_accept_and_refuse_alike(options: dict[str, Node]) -> None:
         assert value == given_options.get(m.name, m.default()) and type(value) is int, m.name
 
 
+@settings(max_examples=300, deadline=None)
+@given(nbd_server_sets())
+@example({"addr": {"type": Good("unix", "unix"), "path": Good("/x,y", "/x,y")}, "max-connections": Good(4, "4")})
+@example({"addr": {"type": Good("inet", "inet"), "host": Good("::1", "::1"), "port": Good("0", "0")}})
+@example({"addr": {"type": Good("inet", "inet"), "path": Good("/x", "/x")}})
+@example({"addr": {"type": Good("vsock", "vsock")}})
+@example({"addr": {"path": Good("/x", "/x")}})
+@example({"max-connections": Good(1 << 32, str(1 << 32)), "addr": {"type": Good("unix", "unix"),
+                                                                   "path": Good("/x", "/x")}})
+def test_nbd_server_forms_accept_and_refuse_alike(options: dict[str, Node]) -> None:
+    outcome = assert_forms_agree(options, "--nbd-server", "nbd-server-start", implied_key=None)
+    if outcome[0] == "error":
+        return
+    server: NbdServerOptions = outcome[1]
+    given_options = json_form(options)
+    assert server == parse(NbdServerOptions, given_options)
+    assert server.addr.type == given_options["addr"]["type"]
+    for m in members(NbdServerOptions):
+        if m.name != "addr":
+            expected = given_options[m.name] if m.name in given_options else m.default()
+            assert json.dumps(getattr(server, m.attr)) == json.dumps(expected), m.name
+
+
+@settings(max_examples=300, deadline=None)
+@given(export_sets())
+@example({"type": Good("nbd", "nbd"), "id": Good("e0", "e0"), "node-name": Good("n0", "n0"),
+          "writable": Good(True, "on"), "name": Good("a,b", "a,b"), "allocation-depth": Good(False, "off")})
+@example({"type": Good("nbd", "nbd"), "id": Good("0e", "0e"), "node-name": Good("n0", "n0")})
+@example({"type": Good("fuse", "fuse"), "id": Good("e0", "e0"), "node-name": Good("n0", "n0")})
+def test_export_forms_accept_and_refuse_alike(options: dict[str, Node]) -> None:
+    outcome = assert_forms_agree(options, "--export", "block-export-add", implied_key="type")
+    if outcome[0] == "error":
+        return
+    export: BlockExportOptionsNbd = outcome[1]
+    given_options = json_form(options)
+    for m in members(BlockExportOptionsNbd):  # each as given (True, not 1), or its default
+        expected = given_options[m.name] if m.name in given_options else m.default()
+        assert json.dumps(getattr(export, m.attr)) == json.dumps(expected), m.name
+
+
 def test_every_member_is_generated() -> None:
     """The generators know every member the declarations have (a new member
     is then part of the properties above)."""
@@ -490,7 +631,11 @@ def test_every_member_is_generated() -> None:
     assert set(BLOCKDEV_MEMBERS) == declared
     assert {m.name for m in members(BlockdevCacheOptions)} == CACHE_MEMBERS
     assert set(OBJECT_MEMBERS) == {m.name for m in members(IothreadOptions)}
-    assert not set(UNKNOWN_MEMBERS) & (declared | set(OBJECT_MEMBERS))
+    assert set(NBD_SERVER_MEMBERS) == {m.name for m in members(NbdServerOptions)}
+    assert set(ADDR_MEMBERS) == {m.name for cls in (SocketAddressInet, SocketAddressUnix) for m in members(cls)}
+    assert set(EXPORT_MEMBERS) == {m.name for m in members(BlockExportOptionsNbd)}
+    generated = declared | set(OBJECT_MEMBERS) | set(NBD_SERVER_MEMBERS) | set(ADDR_MEMBERS) | set(EXPORT_MEMBERS)
+    assert not set(UNKNOWN_MEMBERS) & generated
 
 
 def test_an_unknown_driver_has_one_message_in_every_form() -> None:

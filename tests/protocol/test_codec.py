@@ -26,6 +26,8 @@ from protocol import (
     Limits,
     LocalProtocolError,
     Message,
+    NbdCloseExport,
+    NbdConnection,
     NodeStats,
     ProtocolError,
     Query,
@@ -69,6 +71,10 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(BlockRequest, request_id=ints, node=text, op=st.sampled_from([o.value for o in BlockOp]),
               offset=naturals, length=naturals, flags=ints, data=st.binary(max_size=4096)),
     st.builds(BlockCompletion, request_id=ints, status=ints, message=text, data=st.binary(max_size=4096)),
+    st.builds(NbdConnection, connection_id=ints, export_id=text, node_name=text, transmission_flags=ints,
+              structured_replies=st.booleans(), meta_contexts=st.dictionaries(text, ints, max_size=3),
+              pending=st.binary(max_size=64)),
+    st.builds(NbdCloseExport, request_id=ints, export_id=text),
 )
 
 
@@ -90,7 +96,8 @@ def test_all_message_types_are_covered() -> None:
 
     assert set(MESSAGE_TYPES.values()) == {
         Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event, ErrorReply,
-        BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
+        BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion, NbdConnection,
+        NbdCloseExport,
     }
 
 
@@ -371,6 +378,7 @@ _SAMPLES: dict[type[Message], Message] = {type(m): m for m in [
     BlockdevAdd(1, "n", "file", {"filename": "f"}, {"wr_bytes": 4}, (10, 20)), BlockdevDel(1, "n", True),
     SetLatencyHistogram(1, "n", (1, 2)),
     BlockRequest(1, "n", "write", 512, 3, 0, b"abc"), BlockCompletion(1, -5, "m", b"x"),
+    NbdConnection(3, "e", "n", 0x4d, True, {"base:allocation": 0}, b"\x25"), NbdCloseExport(1, "e"),
 ]}
 
 

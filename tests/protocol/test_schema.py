@@ -10,6 +10,11 @@ import pytest
 
 from protocol.schema import (
     COMMANDS,
+    BlockExportInfo,
+    BlockExportOptions,
+    BlockExportOptionsNbd,
+    BlockExportRemoveMode,
+    BlockExportType,
     BlockdevCacheOptions,
     BlockdevDriver,
     BlockdevOptions,
@@ -19,8 +24,14 @@ from protocol.schema import (
     IOThreadInfo,
     IothreadOptions,
     IothreadProperties,
+    NbdServerOptions,
+    NbdServerOptionsLegacy,
     ObjectOptions,
     SchemaError,
+    SocketAddress,
+    SocketAddressInet,
+    SocketAddressType,
+    SocketAddressUnix,
     blockdev_from_wire,
     blockdev_to_wire,
     dump,
@@ -30,6 +41,7 @@ from protocol.schema import (
     parse,
     parse_member,
     parse_size,
+    socket_address_flatten,
     struct,
     type_name,
     unflatten,
@@ -156,6 +168,45 @@ def test_flat_union_picks_the_branch_by_its_discriminator() -> None:
         FlatUnion("Bad", BlockdevOptionsFile, "driver", {"null-co": BlockdevOptionsNull}, doc="")
 
 
+def test_a_member_may_be_a_flat_union() -> None:
+    """``Annotated[Base, union]``: the NBD server's address, in the command
+    line's flat form and in QMP's older one, each with the other's messages
+    under its own paths."""
+    flat = parse(NbdServerOptions, unflatten({"addr.type": "unix", "addr.path": "/s", "max-connections": "2"}),
+                 keyval=True)
+    assert flat == NbdServerOptions(addr=SocketAddressUnix(type=SocketAddressType.UNIX, path="/s"), max_connections=2,
+                                    handshake_max_seconds=10)
+    assert dump(flat) == {"handshake-max-seconds": 10, "max-connections": 2, "addr": {"type": "unix", "path": "/s"}}
+    legacy = parse(NbdServerOptionsLegacy, {"addr": {"type": "inet", "data": {"host": "::1", "port": "nbd"}}})
+    assert socket_address_flatten(legacy.addr) == SocketAddressInet(type=SocketAddressType.INET, host="::1",
+                                                                    port="nbd")
+    assert error(NbdServerOptions, {"addr": {"type": "inet", "host": "h"}}) == "Parameter 'addr.port' is missing"
+    assert error(NbdServerOptions, {"addr": {"type": "vsock"}}) == "Parameter 'addr.type' does not accept value 'vsock'"
+    assert error(NbdServerOptions, {"addr": {"path": "/s"}}) == "Parameter 'addr.type' is missing"
+    assert error(NbdServerOptions, {"addr": "/s"}) == "Invalid parameter type for 'addr', expected: object"
+    assert error(NbdServerOptionsLegacy, {"addr": {"type": "unix", "path": "/s"}}) == \
+        "Parameter 'addr.path' is unexpected"
+    assert error(NbdServerOptionsLegacy, {"addr": {"type": "unix", "data": {}}}) == \
+        "Parameter 'addr.data.path' is missing"
+    assert error(NbdServerOptions, {"addr": {"type": "unix", "path": "/s"}, "max-connections": 1 << 32}) == \
+        "max-connections value must be in range [0, 4294967295]"
+    assert type_name(SocketAddress) == "SocketAddress"
+
+
+def test_block_export_options() -> None:
+    e = parse(BlockExportOptions, unflatten({"type": "nbd", "id": "e0", "node-name": "n0", "writable": "on"}),
+              keyval=True)
+    assert e == BlockExportOptionsNbd(type=BlockExportType.NBD, id="e0", node_name="n0", writable=True, name=None,
+                                      description=None, allocation_depth=False)
+    assert error(BlockExportOptions, {"type": "nbd", "id": "0", "node-name": "n0"}) == "Invalid block export id"
+    assert error(BlockExportOptions, {"type": "fuse", "id": "e0", "node-name": "n0"}) == \
+        "Parameter 'type' does not accept value 'fuse'"
+    assert COMMANDS["block-export-del"].parse_arguments({"id": "e0"}).mode is BlockExportRemoveMode.SAFE
+    assert COMMANDS["query-block-exports"].dump_result([BlockExportInfo(
+        id="e0", type=BlockExportType.NBD, node_name="n0", shutting_down=True)]) == [
+        {"id": "e0", "type": "nbd", "node-name": "n0", "shutting-down": True}]
+
+
 def test_object_options() -> None:
     o = parse(ObjectOptions, {"qom-type": "iothread", "id": "io0", "poll-max-ns": "0", "aio-max-batch": "32"},
               keyval=True)
@@ -211,7 +262,9 @@ def test_flatten_and_unflatten() -> None:
 
 
 def test_every_member_is_documented_and_named_for_the_wire() -> None:
-    declared: list[Any] = [BlockdevOptionsFile, BlockdevOptionsNull, IothreadOptions, IOThreadInfo]
+    declared: list[Any] = [BlockdevOptionsFile, BlockdevOptionsNull, IothreadOptions, IOThreadInfo,
+                           BlockExportOptionsNbd, BlockExportInfo, NbdServerOptions, SocketAddressInet,
+                           SocketAddressUnix]
     declared += [c.arguments for c in COMMANDS.values()]
     for tp in declared:
         for m in members(tp):

@@ -1,0 +1,23 @@
+"""NBD's transmission phase, served in an iothread: the connections the main loop hands over."""
+
+from __future__ import annotations
+
+from ._client import DRAIN_TIMEOUT_MS as DRAIN_TIMEOUT_MS
+from ._client import NbdClient as NbdClient
+from ._client import NbdCredit as NbdCredit
+from ._client import allocation_depth as allocation_depth
+from ._client import base_allocation as base_allocation
+from ._server import MAX_CONNECTIONS as MAX_CONNECTIONS
+from ._server import HandedBack as HandedBack
+from ._server import NbdServer as NbdServer
+
+__all__ = [
+    "DRAIN_TIMEOUT_MS",
+    "HandedBack",
+    "MAX_CONNECTIONS",
+    "NbdClient",
+    "NbdCredit",
+    "NbdServer",
+    "allocation_depth",
+    "base_allocation",
+]

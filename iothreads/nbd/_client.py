@@ -1,0 +1,571 @@
+"""One NBD connection in its transmission phase, served in an iothread's AioContext: ``NbdClient``.
+
+Theory of operation
+-------------------
+The main loop ran the handshake and handed the connected socket over with
+what it agreed (``protocol.NbdConnection``); from then on an ``NbdClient``
+(QEMU's ``NBDClient``) serves it from an fd handler of the node's
+AioContext, with no main loop in the way:
+
+* **Input.**  When the socket is readable, one ``recv`` takes what is
+  there (up to ``RECV_BYTES``; a large write's payload is read straight into
+  the decoder's buffer instead, ``recv_into``, without a copy), and the
+  ``NbdRequestDecoder`` returns every request it completed, checked as
+  QEMU's ``nbd_co_receive_request`` checks them.  Each is started at once
+  (``BlockNode.submit``); a write's data is a view of the bytes received.
+* **Output.**  Each completion appends its reply's buffers (a small header,
+  then the data read itself: a view, not a copy) to the connection's queue
+  and schedules a bottom half; the bottom half, and the end of the input
+  handler, hand everything queued to one ``sendmsg``.  What the socket does
+  not take stays queued and the handler waits for POLLOUT.  Simple replies,
+  or structured ones when negotiated, as QEMU's ``nbd_co_send_*`` build
+  them; errors are QEMU's errno mapping (``system_errno_to_nbd_errno``)
+  with its messages.
+* **Back-pressure.**  What a connection has in flight (requests started
+  and not answered, and replies not yet taken by the socket) is admitted
+  within a credit, ``protocol``'s ``InFlight`` (as the data plane's
+  clients are bounded): a request past it waits, and the socket is not
+  read while one waits, so a client that sends without reading its replies
+  stops being read instead of growing this process.  (QEMU's server reads
+  no more than 16 requests ahead of its replies, MAX_NBD_REQUESTS.)
+* **Ending.**  ``close`` (NBD_CMD_DISC, end of stream, a protocol error, an
+  export or node that goes away) stops reading, lets the requests in
+  flight complete, sends their replies unless told to drop them, then
+  closes the socket.  ``quiesce`` (the node moves to another iothread)
+  stops reading at a request boundary (a write whose payload is arriving
+  is read to its end first), lets what is in flight complete and its
+  replies go out, then hands the socket back with the bytes read and not
+  handled (at most part of a request header) as the connection's
+  ``pending``.  Either way ``on_end(client, handed_back)`` is called once:
+  with the ``NbdConnection`` to pass on, or None when the connection
+  closed.  A connection that does not finish within ``DRAIN_TIMEOUT_MS``
+  (a client that never reads its replies) is closed.
+
+Home thread only.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import logging
+import socket
+import struct
+from collections.abc import Callable
+from dataclasses import replace
+
+from protocol import InFlight, NbdConnection, NbdRequest, NbdRequestDecoder, ThrottledLog
+from protocol.nbd import (
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_DISC,
+    NBD_CMD_FLAG_FAST_ZERO,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_FLAG_NO_HOLE,
+    NBD_CMD_FLAG_REQ_ONE,
+    NBD_CMD_FLUSH,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_FLAG_READ_ONLY,
+    NBD_MAX_BLOCK_STATUS_EXTENTS,
+    NBD_META_CONTEXT_ALLOCATION_DEPTH,
+    NBD_META_CONTEXT_BASE_ALLOCATION,
+    NBD_REQUEST_SIZE,
+    NBD_STATE_HOLE,
+    NBD_STATE_ZERO,
+    ReplyBuffer,
+    chunk_block_status,
+    chunk_done,
+    chunk_error,
+    chunk_read,
+    generic_reply,
+    simple_reply,
+    system_errno_to_nbd_errno,
+)
+
+from ..aio._clock import ClockType
+from ..aio._context import AioContext
+from ..aio._timers import Timer
+from ..block._node import (
+    BDRV_BLOCK_DATA,
+    BDRV_BLOCK_ZERO,
+    BDRV_REQ_FUA,
+    BDRV_REQ_MAY_UNMAP,
+    BDRV_REQ_NO_FALLBACK,
+    BlockNode,
+    Buffer,
+    Extents,
+    merge_extents,
+)
+
+__all__ = ["DRAIN_TIMEOUT_MS", "NbdClient", "NbdCredit", "RECV_BYTES", "allocation_depth", "base_allocation"]
+
+log = logging.getLogger("iothreads.nbd")
+
+RECV_BYTES = 256 * 1024  # one read of the socket at most: what one turn parses
+RECV_INTO_MIN_BYTES = 64 * 1024  # a payload still missing this much is read into its buffer
+DRAIN_TIMEOUT_MS = 10_000  # the longest a closing or quiescing connection waits for its client
+IOV_MAX = 1024  # buffers in one sendmsg (Linux's UIO_MAXIOV)
+SECTOR_BYTES = 512  # an export's size: its node's, rounded down to this (QEMU's nbd_export_create; the main loop's)
+_HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+
+Reply = list[ReplyBuffer]
+OnEnd = Callable[["NbdClient", "NbdConnection | None"], object]
+
+
+def base_allocation(extents: Extents) -> Extents:
+    """The ``base:allocation`` context's extents (NBD_STATE_HOLE, NBD_STATE_ZERO)
+    for a node's block status, as QEMU's ``blockstatus_to_extents``."""
+    return merge_extents([(length, (0 if flags & BDRV_BLOCK_DATA else NBD_STATE_HOLE)
+                           | (NBD_STATE_ZERO if flags & BDRV_BLOCK_ZERO else 0)) for length, flags in extents])
+
+
+def allocation_depth(extents: Extents) -> Extents:
+    """The ``qemu:allocation-depth`` context's extents: 1 where the node
+    itself holds the range (data or zeroes), 0 where nothing does (no node
+    here has a backing file: nothing is deeper)."""
+    return merge_extents([(length, 1 if flags & (BDRV_BLOCK_DATA | BDRV_BLOCK_ZERO) else 0)
+                          for length, flags in extents])
+
+
+class NbdCredit:
+    """What an iothread's NBD connections may have in flight, each one and
+    all together (``protocol``'s ``InFlight``).  A connection that waits for
+    credit with nothing of its own in flight (the others hold the total) is
+    woken, by a bottom half, when some is released.  Home thread only."""
+
+    def __init__(self, ctx: AioContext, in_flight: InFlight | None = None) -> None:
+        self.in_flight = in_flight if in_flight is not None else InFlight()
+        self.waiting: set[NbdClient] = set()
+        self._wake_bh = ctx.bh_new(self._wake, "nbd-credit")
+
+    def admit(self, key: bytes, nbytes: int, backlog: tuple[int, int]) -> bool:
+        return self.in_flight.admit(key, nbytes, backlog) is None
+
+    def release(self, key: bytes, nbytes: int) -> None:
+        self.in_flight.release(key, nbytes)
+        if self.waiting:
+            self._wake_bh.schedule()
+
+    def _wake(self) -> None:
+        waiting, self.waiting = self.waiting, set()
+        for client in waiting:
+            client.kick()
+
+    def close(self) -> None:
+        self._wake_bh.delete()
+
+
+class NbdClient:
+    """One handed-over NBD connection, served by ``node``'s AioContext.
+
+    :param sock: the connected socket (owned from now on; non-blocking).
+    :param conn: what the handshake agreed; its ``pending`` bytes are
+        handled first.
+    :param credit: the in-flight bookkeeping this connection's requests are
+        admitted by (an iothread's connections share one).
+    :param on_end: called once, when the connection closed (None) or was
+        quiesced and can be handed on (its ``NbdConnection``, whose socket
+        is ``sock``, no longer watched here).
+    :param bad_input: where what clients do wrong is logged (a few lines,
+        then counts: many hostile clients must not flood the log).
+    """
+
+    def __init__(self, ctx: AioContext, sock: socket.socket, conn: NbdConnection, node: BlockNode,
+                 credit: NbdCredit, on_end: OnEnd, bad_input: ThrottledLog | None = None) -> None:
+        self.ctx = ctx
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.conn = conn
+        self.node = node
+        self.credit = credit
+        self.on_end = on_end
+        self.bad_input = bad_input or ThrottledLog(log)
+        self.key = f"nbd-{conn.connection_id}".encode()  # its name in ``credit``
+        self.structured = conn.structured_replies
+        # The metadata contexts BLOCK_STATUS answers for, in id order (those this server knows).
+        self.contexts = sorted((context_id, name) for name, context_id in conn.meta_contexts.items()
+                               if name in (NBD_META_CONTEXT_BASE_ALLOCATION, NBD_META_CONTEXT_ALLOCATION_DEPTH))
+        self.size_bytes = node.size // SECTOR_BYTES * SECTOR_BYTES  # as the client was told
+        self.decoder = NbdRequestDecoder(self.size_bytes,
+                                         read_only=bool(conn.transmission_flags & NBD_FLAG_READ_ONLY),
+                                         structured_replies=self.structured, meta_contexts=len(self.contexts))
+        self.in_flight = 0  # requests started and not completed
+        self.closed = False  # ended: closed or handed back
+        self.closing = ""  # why it is closing, once it is
+        self.quiescing = False
+        self._drop_replies = False
+        self._deferred: collections.deque[NbdRequest] = collections.deque()  # parsed, waiting for credit
+        # Replies queued for the socket: their buffers, and where each reply
+        # ends in the stream of bytes queued (to count the replies left).
+        self._out: list[ReplyBuffer] = []
+        self._ends: collections.deque[int] = collections.deque()
+        self._queued_bytes = 0  # in all, since the start
+        self._sent_bytes = 0
+        self._blocked = False  # the socket took less than was queued: waiting for POLLOUT
+        # The request being received: bytes of it read so far, and its first bytes (its header).
+        self._partial_bytes = 0
+        self._head = b""
+        self._nest = 0  # > 0 while requests are being started (completions then only queue)
+        self._reading = False
+        self._writing = False
+        self._deadline: Timer | None = None
+        self._send_bh = ctx.bh_new(self._send, "nbd-send")
+        if conn.pending:
+            self._input(conn.pending)
+        self._send()
+
+    @property
+    def reading(self) -> bool:
+        """Whether the socket is read (not while requests wait for credit, nor once ending)."""
+        return self._reading
+
+    @property
+    def send_blocked(self) -> bool:
+        """Whether replies wait for the socket to take them (POLLOUT)."""
+        return self._blocked
+
+    @property
+    def backlog_bytes(self) -> int:
+        """The bytes of replies queued and not yet taken by the socket."""
+        return self._queued_bytes - self._sent_bytes
+
+    @property
+    def partial_request_bytes(self) -> int:
+        """The bytes read of a request not yet complete."""
+        return self._partial_bytes
+
+    # -- input ---------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        buf = self.decoder.payload_buffer()
+        try:
+            if buf is not None and (len(buf) >= RECV_INTO_MIN_BYTES or self.quiescing):
+                n = self.sock.recv_into(buf)
+                if not n:
+                    self._eof()
+                    return
+                self._partial_bytes += n
+                self._handle(self.decoder.payload_received(n))
+            else:
+                limit = self._missing_bytes() if self.quiescing else RECV_BYTES
+                if limit <= 0:
+                    return
+                data = self.sock.recv(limit)
+                if not data:
+                    self._eof()
+                    return
+                self._input(data)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self.close(f"reading failed: {exc.strerror or exc}", drop_replies=True)
+            return
+        self._send()
+
+    def _input(self, data: bytes) -> None:
+        n = len(data)
+        requests = self.decoder.feed(data)
+        self._partial_bytes += n
+        self._handle(requests)
+        partial = self._partial_bytes
+        if partial and not self.decoder.closed:  # a request left incomplete: keep its header
+            if partial <= n:
+                self._head = data[n - partial:n - partial + NBD_REQUEST_SIZE]
+            elif len(self._head) < NBD_REQUEST_SIZE:
+                self._head += data[:NBD_REQUEST_SIZE - len(self._head)]
+
+    def _missing_bytes(self) -> int:
+        """What the request being received still lacks, once its header is in
+        (a write's payload); 0 at a request boundary or within a header."""
+        if self._partial_bytes < NBD_REQUEST_SIZE:
+            return 0
+        _, _, _, _, _, length = _HEADER.unpack_from(self._head)
+        return NBD_REQUEST_SIZE + int(length) - self._partial_bytes
+
+    def _eof(self) -> None:
+        self.close("the client closed the connection" if not self._partial_bytes
+                   else "the client closed the connection within a request")
+
+    def _handle(self, requests: list[NbdRequest]) -> None:
+        """Start (or answer) the requests just received, in order."""
+        self._nest += 1
+        try:
+            for request in requests:
+                payload_bytes = request.length if request.command == NBD_CMD_WRITE else 0
+                self._partial_bytes -= NBD_REQUEST_SIZE + payload_bytes
+                if self.closed:
+                    continue
+                if request.error:
+                    self._queue(generic_reply(request.cookie, request.error, request.message, self.structured))
+                elif request.command == NBD_CMD_DISC:
+                    self.close("the client disconnected")
+                elif self._deferred or not self._admit(request):
+                    self._deferred.append(request)
+                else:
+                    self._start(request)
+            error = self.decoder.error
+            if error is not None and not self.closing:
+                self.bad_input.log(("nbd", "protocol"), logging.WARNING,
+                                   "NBD connection %d (export %s): %s: disconnecting",
+                                   self.conn.connection_id, self.conn.export_id, error)
+                self.close(f"protocol error: {error}")
+        finally:
+            self._nest -= 1
+
+    # -- requests ------------------------------------------------------------
+
+    @staticmethod
+    def _data_bytes(request: NbdRequest) -> int:
+        return request.length if request.command in (NBD_CMD_READ, NBD_CMD_WRITE) else 0
+
+    def _admit(self, request: NbdRequest) -> bool:
+        return self.credit.admit(self.key, self._data_bytes(request), (len(self._ends), self.backlog_bytes))
+
+    def _start(self, request: NbdRequest) -> None:
+        self.in_flight += 1
+        command = request.command
+        node = self.node
+        if command == NBD_CMD_READ:
+            if request.flags & NBD_CMD_FLAG_FUA:  # QEMU flushes first (the spec has FUA for writes only)
+                def flushed(status: int, message: str, data: Buffer) -> None:
+                    if status:
+                        self._generic_done(request, "flush failed", status)
+                    else:
+                        self._read(request)
+                node.submit("flush", 0, 0, b"", flushed)
+            else:
+                self._read(request)
+        elif command == NBD_CMD_WRITE:
+            assert request.payload is not None
+            node.submit("write", request.offset, request.length, request.payload,
+                        lambda status, message, data: self._generic_done(
+                            request, "writing to file failed", status),
+                        BDRV_REQ_FUA if request.flags & NBD_CMD_FLAG_FUA else 0)
+        elif command == NBD_CMD_FLUSH:
+            node.submit("flush", 0, 0, b"", lambda status, message, data: self._generic_done(
+                request, "flush failed", status))
+        elif command == NBD_CMD_TRIM:
+            node.submit("discard", request.offset, request.length, b"", self._then_fua(request, "discard failed"))
+        elif command == NBD_CMD_WRITE_ZEROES:
+            flags = 0 if request.flags & NBD_CMD_FLAG_NO_HOLE else BDRV_REQ_MAY_UNMAP
+            if request.flags & NBD_CMD_FLAG_FAST_ZERO:
+                flags |= BDRV_REQ_NO_FALLBACK
+            node.submit("write_zeroes", request.offset, request.length, b"",
+                        self._then_fua(request, "writing to file failed"), flags)
+        elif command == NBD_CMD_BLOCK_STATUS:
+            self._finish(request, self._block_status(request))
+        else:  # NBD_CMD_CACHE: a prefetch, which QEMU's nodes without a backing file complete at once
+            assert command == NBD_CMD_CACHE
+            self._finish(request, generic_reply(request.cookie, 0, "", self.structured))
+
+    def _read(self, request: NbdRequest) -> None:
+        def done(status: int, message: str, data: Buffer) -> None:
+            if status:
+                self._generic_done(request, "reading from file failed", status)
+            elif not self.structured:
+                self._finish(request, simple_reply(request.cookie, 0, data))
+            elif request.length:
+                self._finish(request, chunk_read(request.cookie, request.offset, data))
+            else:
+                self._finish(request, chunk_done(request.cookie))
+
+        self.node.submit("read", request.offset, request.length, b"", done)
+
+    def _then_fua(self, request: NbdRequest, what: str) -> Callable[[int, str, Buffer], None]:
+        """The completion of a trim or write-zeroes: with FUA, a flush follows
+        (as QEMU's block layer does for a driver without FUA of its own)."""
+        def done(status: int, message: str, data: Buffer) -> None:
+            if status == 0 and request.flags & NBD_CMD_FLAG_FUA:
+                self.node.submit("flush", 0, 0, b"", lambda status, message, data: self._generic_done(
+                    request, what, status))
+            else:
+                self._generic_done(request, what, status)
+        return done
+
+    def _generic_done(self, request: NbdRequest, what: str, status: int) -> None:
+        """Answer a request that returns no data (or failed), as QEMU's
+        ``nbd_send_generic_reply``; ``what``: QEMU's message for a failure."""
+        error = system_errno_to_nbd_errno(-status) if status else 0
+        self._finish(request, generic_reply(request.cookie, error, what, self.structured))
+
+    def _block_status(self, request: NbdRequest) -> Reply:
+        """One chunk per metadata context, the last one final (QEMU's order: base:allocation first)."""
+        max_extents = 1 if request.flags & NBD_CMD_FLAG_REQ_ONE else NBD_MAX_BLOCK_STATUS_EXTENTS
+        try:
+            extents = self.node.block_status(request.offset, request.length, max_extents)
+        except (OSError, ValueError) as exc:
+            err = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EINVAL
+            return chunk_error(request.cookie, system_errno_to_nbd_errno(err), "can't get block status")
+        reply: Reply = []
+        for i, (context_id, name) in enumerate(self.contexts):
+            to_context = base_allocation if name == NBD_META_CONTEXT_BASE_ALLOCATION else allocation_depth
+            mapped = to_context(extents)
+            reply += chunk_block_status(request.cookie, context_id, mapped[:max_extents],
+                                        done=i == len(self.contexts) - 1)
+        return reply
+
+    def _finish(self, request: NbdRequest, reply: Reply) -> None:
+        """A started request completed: its reply is queued (unless replies are dropped)."""
+        self.in_flight -= 1
+        self.credit.release(self.key, self._data_bytes(request))
+        if self.closed:
+            return
+        if not self._drop_replies:
+            self._queue(reply)
+        if not self._nest:
+            self._progress()
+
+    # -- output --------------------------------------------------------------
+
+    def _queue(self, reply: Reply) -> None:
+        self._out += reply
+        self._queued_bytes += sum(len(b) for b in reply)
+        self._ends.append(self._queued_bytes)
+        if not self._blocked:
+            self._send_bh.schedule()  # with whatever else completes in this turn
+
+    def _send(self) -> None:
+        """Hand the queued replies to the socket: one ``sendmsg`` (per
+        IOV_MAX buffers); what it does not take waits for POLLOUT."""
+        self._send_bh.cancel()
+        out = self._out
+        while out and not self.closed:
+            batch = out if len(out) <= IOV_MAX else out[:IOV_MAX]
+            batch_bytes = self._queued_bytes - self._sent_bytes if batch is out else sum(len(b) for b in batch)
+            try:
+                sent = self.sock.sendmsg(batch, (), socket.MSG_NOSIGNAL)
+            except BlockingIOError:
+                sent = 0
+            except OSError as exc:  # the client cannot take them any more
+                self.close(f"sending failed: {exc.strerror or exc}", drop_replies=True)
+                break
+            self._consume(sent)
+            if sent < batch_bytes:
+                self._blocked = True
+                break
+        else:
+            self._blocked = False
+        self._progress()
+
+    def _consume(self, sent: int) -> None:
+        """Drop the ``sent`` bytes from the front of the queue."""
+        self._sent_bytes += sent
+        out = self._out
+        i = 0
+        while i < len(out) and (sent or not len(out[i])):
+            size = len(out[i])
+            if size <= sent:
+                sent -= size
+                i += 1
+            else:
+                out[i] = memoryview(out[i])[sent:]
+                sent = 0
+        del out[:i]
+        ends = self._ends
+        while ends and ends[0] <= self._sent_bytes:
+            ends.popleft()
+
+    # -- state ---------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Credit was released elsewhere: start what waited for it."""
+        self._progress()
+
+    def _progress(self) -> None:
+        """After anything changed: start what waited for credit, end the
+        connection if it is done, watch the socket for what is wanted now."""
+        if self.closed:
+            return
+        if self._deferred and not self._nest and not self._drop_replies:
+            self._nest += 1
+            try:
+                while self._deferred and self._admit(self._deferred[0]):
+                    self._start(self._deferred.popleft())
+            finally:
+                self._nest -= 1
+            if self._out and not self._blocked:
+                self._send_bh.schedule()
+            if self._deferred and not self.in_flight and not self._out:
+                # Nothing of its own will free credit: the others' completions will.
+                self.credit.waiting.add(self)
+        idle = not self.in_flight and not self._deferred
+        if self.closing:
+            if idle and (self._drop_replies or not self._out):
+                self._end(None)
+                return
+        elif self.quiescing and idle and not self._out and not self._missing_bytes():
+            self._end(replace(self.conn, pending=self._head[:self._partial_bytes]))
+            return
+        self._watch(not self.closing and not self._deferred and (not self.quiescing or self._missing_bytes() > 0),
+                    self._blocked)
+
+    def _watch(self, read: bool, write: bool) -> None:
+        if (read, write) != (self._reading, self._writing):
+            self._reading, self._writing = read, write
+            self.ctx.set_fd_handler(self.fd, self._on_readable if read else None, self._send if write else None)
+
+    def close(self, reason: str, *, drop_replies: bool = False) -> None:
+        """Stop reading; once the requests in flight completed (and, unless
+        ``drop_replies``, their replies went out), close the socket."""
+        if self.closed:
+            return
+        if not self.closing:
+            log.debug("NBD connection %d (export %s): closing: %s", self.conn.connection_id,
+                      self.conn.export_id, reason)
+            self.closing = reason
+            self._arm_deadline()
+        if drop_replies and not self._drop_replies:
+            self._drop_replies = True
+            self._deferred.clear()
+            self._out.clear()
+            self._blocked = False
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # the client sees the end now, not after the requests
+            except OSError:
+                pass
+        self._progress()
+
+    def quiesce(self) -> None:
+        """Stop reading at the next request boundary; once nothing is in
+        flight and every reply went out, end with the connection to hand on."""
+        if self.closed or self.closing or self.quiescing:
+            return
+        self.quiescing = True
+        self._arm_deadline()
+        self._progress()
+
+    def _arm_deadline(self) -> None:
+        if self._deadline is None:
+            self._deadline = self.ctx.timer_new_ms(ClockType.REALTIME, self._on_deadline, "nbd-drain-deadline")
+            self._deadline.mod(self._deadline.now() + DRAIN_TIMEOUT_MS)
+
+    def _on_deadline(self) -> None:
+        self.bad_input.log(("nbd", "deadline"), logging.WARNING,
+                           "NBD connection %d (export %s): not drained within %d ms (its client takes no "
+                           "replies): closing it", self.conn.connection_id, self.conn.export_id, DRAIN_TIMEOUT_MS)
+        self.quiescing = False
+        self.close(self.closing or "quiescing took too long", drop_replies=True)
+
+    def _end(self, handed_back: NbdConnection | None) -> None:
+        self.abort(close_socket=handed_back is None)
+        self.on_end(self, handed_back)
+
+    def abort(self, *, close_socket: bool = True) -> None:
+        """Stop serving at once: no more callbacks from the context, the
+        socket closed (unless ``close_socket`` is false: it is passed on).
+        ``on_end`` is not called (``close`` and ``quiesce`` end with it)."""
+        self.closed = True
+        self.credit.waiting.discard(self)
+        if self._reading or self._writing:
+            self.ctx.set_fd_handler(self.fd)
+            self._reading = self._writing = False
+        self._send_bh.delete()
+        if self._deadline is not None:
+            self._deadline.delete()
+        self._out.clear()
+        self._deferred.clear()
+        if close_socket:
+            self.sock.close()
