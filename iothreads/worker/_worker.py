@@ -492,10 +492,11 @@ class IOThreadWorker:
         self.ctx.set_fd_handler(self.handoff.fileno(), self._on_handoff,
                                 self._send_handoffs if self._handoff_blocked else None, io_poll=lambda: False)
 
-    def _on_handoff(self) -> None:
-        """Take the connections the main loop handed over."""
-        assert self.handoff is not None
-        for _ in range(HANDOFFS_PER_WAKEUP):
+    def _on_handoff(self, limit: int = HANDOFFS_PER_WAKEUP) -> None:
+        """Take the connections the main loop handed over (``limit`` at the most)."""
+        if self.handoff is None:
+            return
+        for _ in range(limit):
             try:
                 received = receive_connection(self.handoff)
             except RemoteProtocolError as exc:
@@ -550,6 +551,10 @@ class IOThreadWorker:
                                                           "export": conn.export_id}))
 
     def _on_nbd_close_export(self, identity: bytes, msg: NbdCloseExport) -> None:
+        # The main loop handed over every connection of the export before it
+        # asked this: they wait in the handoff socket (no order holds between
+        # it and this channel), and are taken first, to be closed with the rest.
+        self._on_handoff(limit=1 << 30)
         self.nbd.close_export(msg.export_id, lambda closed: self.channel.send(
             QueryReply(msg.request_id, {"closed": closed})))
 

@@ -827,7 +827,18 @@ class Cluster:
     def close_nbd_export(self, iothread_id: str, export_id: str, callback: ReplyCallback) -> None:
         """Ask an iothread to close the NBD connections of export ``export_id``
         it serves; ``callback(reply)``: a ``QueryReply`` counting them
-        (``closed``), or an error (an iothread not running answers at once)."""
+        (``closed``), or an error (an iothread not running answers at once).
+        Connections of the export still queued for its handoff socket are not
+        sent: they are closed here, and told to the owner as closed."""
+        t = self.iothreads.get(iothread_id)
+        if t is not None:
+            kept = deque(entry for entry in t._handoff_queue if entry[1].export_id != export_id)
+            dropped = [entry for entry in t._handoff_queue if entry[1].export_id == export_id]
+            t._handoff_queue = kept
+            for conn, msg in dropped:
+                conn.close()
+                if self.connection_owner is not None:
+                    self._call(self.connection_owner.connection_closed, iothread_id, msg.connection_id, export_id)
         self._ask(iothread_id, lambda rid: NbdCloseExport(rid, export_id), callback)
 
     def _node_placed(self, node_name: str) -> None:

@@ -39,7 +39,8 @@ from iothreads import ClockType, Timer
 from protocol import NbdExport, NbdHandshakeState, NbdNegotiated, NbdServerHandshake, ThrottledLog
 
 from ..cluster._cluster import Cluster
-from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
+from ..glib._output import SocketOutput
+from ..glib._source import IO_ERR, IO_HUP, IO_IN
 from ..glib._standard import FdWatchSource
 
 __all__ = ["Negotiation"]
@@ -67,7 +68,8 @@ class Negotiation:
         self._on_negotiated = on_negotiated
         self._on_ended = on_ended
         self._in: FdWatchSource | None = None
-        self._out: FdWatchSource | None = None
+        self._out = SocketOutput(cluster.loop.context, conn, self._flush, name=f"nbd handshake output {peer}",
+                                 chunk_bytes=SEND_BYTES)
         self._deadline: Timer | None = None
         self._deadline_s = deadline_s
         self._deadline_ns = 0
@@ -84,28 +86,15 @@ class Negotiation:
         """Send what the handshake has to say, as far as the socket takes it; then
         go on as its state says."""
         hs = self.handshake
-        while not self.closed:
-            data = hs.data_to_send(SEND_BYTES)
-            if not data:
-                break
-            try:
-                n = self.conn.send(data)
-            except BlockingIOError:
-                if self._out is None:
-                    self._out = FdWatchSource(self.conn.fileno(), IO_OUT, self._on_writable,
-                                              name=f"nbd handshake output {self.peer}")
-                    self.cluster.loop.context.attach(self._out)
-                self._watch_input()
-                return
-            except OSError:
-                self.close()
-                return
-            hs.data_sent(n)
         if self.closed:
             return
-        if self._out is not None:
-            self._out.destroy()
-            self._out = None
+        done = self._out.send(hs.data_to_send, hs.data_sent)
+        if done is None:
+            self.close()
+            return
+        if not done:
+            self._watch_input()
+            return
         if hs.state is NbdHandshakeState.CLOSED:
             if hs.close_reason is not None:
                 self._complaints.log("handshake", logging.WARNING, "NBD client %s: %s; disconnected",
@@ -115,11 +104,6 @@ class Negotiation:
             self._finish()
         else:
             self._watch_input()
-
-    def _on_writable(self, fd: int, cond: int) -> bool:
-        self._out = None  # this source ends; _flush makes another if needed
-        self._flush()
-        return False
 
     # -- input -------------------------------------------------------------------
 
@@ -171,10 +155,10 @@ class Negotiation:
 
     def _stop(self) -> None:
         self.closed = True
-        for src in (self._in, self._out):
-            if src is not None:
-                src.destroy()
-        self._in = self._out = None
+        if self._in is not None:
+            self._in.destroy()
+            self._in = None
+        self._out.close()
         if self._deadline is not None:
             self._deadline.delete()
             self._deadline = None

@@ -88,7 +88,8 @@ from protocol.schema import Command as CommandDeclaration
 
 from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
 from ..cluster._guard import Guard, on_failure
-from ..glib._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
+from ..glib._source import IO_ERR, IO_HUP, IO_IN
+from ..glib._output import SocketOutput
 from ..glib._standard import FdWatchSource
 from ..nbd._server import BLOCK_EXPORT_DELETED, NbdServer
 
@@ -165,7 +166,8 @@ class Session:
         self._dispatching = False  # in _dispatch's loop: an answer given meanwhile does not start it again
         self._in: FdWatchSource | None = None  # watching for input: while the session wants it
         self._at_eof = False
-        self._out: FdWatchSource | None = None
+        self._out = SocketOutput(monitor.loop.context, conn, self._flush, name=f"qmp output {peer}",
+                                 chunk_bytes=SEND_CHUNK_BYTES)
         self._flush()  # the greeting (and the input watch)
 
     def send_event(self, event: dict[str, Any]) -> None:
@@ -177,26 +179,15 @@ class Session:
 
     def _flush(self) -> None:
         """Write what the session has to send, as far as the socket takes it."""
-        while not self.closed:
-            data = self.qmp.data_to_send(SEND_CHUNK_BYTES)
-            if not data:
-                break
-            try:
-                n = self.conn.send(data)
-            except BlockingIOError:
-                if self._out is None:
-                    self._out = FdWatchSource(self.conn.fileno(), IO_OUT, self._on_writable,
-                                              name=f"qmp output {self.peer}")
-                    self.monitor.loop.context.attach(self._out)
-                self._watch_input()
-                return
-            except OSError:
-                self.close()
-                return
-            self.qmp.data_sent(n)
-        if self._out is not None:
-            self._out.destroy()
-            self._out = None
+        if self.closed:
+            return
+        done = self._out.send(self.qmp.data_to_send, self.qmp.data_sent)
+        if done is None:
+            self.close()
+            return
+        if not done:
+            self._watch_input()
+            return
         if self.qmp.closed and not self.closed:  # the protocol ended it: its last words are out, or lost
             if self.qmp.close_reason is not None:
                 log.error("QMP session %s closed: %s", self.peer, self.qmp.close_reason)
@@ -216,11 +207,6 @@ class Session:
         elif not wanted and self._in is not None:
             self._in.destroy()
             self._in = None
-
-    def _on_writable(self, fd: int, cond: int) -> bool:
-        self._out = None  # _flush re-arms if needed
-        self._flush()
-        return False
 
     # -- input ---------------------------------------------------------------
 
@@ -283,9 +269,7 @@ class Session:
         if self._in is not None:
             self._in.destroy()
             self._in = None
-        if self._out is not None:
-            self._out.destroy()
-            self._out = None
+        self._out.close()
         self.conn.close()
         self.monitor.sessions.discard(self)
 
