@@ -51,6 +51,7 @@ from .wire import InFlight as InFlight
 from .wire import request_bytes as request_bytes
 from .state import CLUSTER_STATE_FILE as CLUSTER_STATE_FILE
 from .state import ClusterState as ClusterState
+from .state import ExportEntry as ExportEntry
 from .state import IOThreadEntry as IOThreadEntry
 from .state import NodeEntry as NodeEntry
 from .state import cluster_state_path as cluster_state_path
@@ -120,6 +121,7 @@ __all__ = [
     "ErrorReply",
     "Event",
     "EvloopError",
+    "ExportEntry",
     "FD_RESERVE",
     "FdBudget",
     "Heartbeat",

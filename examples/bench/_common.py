@@ -12,21 +12,29 @@ where ``ratio = ours / baseline_value`` and ``better`` says whether a higher or
 a lower value is the better one.
 
 ``run(main)`` runs a benchmark: Ctrl-C ends it with one line and exit status
-130, what it started being stopped on the way out.
+130, what it started being stopped on the way out.  ``scratch_dir``,
+``write_image``, ``warm`` and ``launched`` are what the benchmarks that drive
+a cluster share: a directory that goes with the run, a page-cached image, a
+launched cluster that is stopped on the way out.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
+import random
 import select
+import shutil
+import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, cast
 
@@ -35,7 +43,8 @@ import zmq
 
 from iothreads import set_parent_death_signal
 
-__all__ = ["Row", "cpu_note", "measure", "parse_args", "print_table", "rows_for", "run", "write_json"]
+__all__ = ["Row", "cpu_note", "launched", "measure", "parse_args", "print_table", "rows_for", "run", "scratch_dir",
+           "warm", "write_image", "write_json"]
 
 Better = Literal["higher", "lower"]
 
@@ -123,6 +132,85 @@ def write_json(rows: Sequence[Row], path: str) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump([asdict(r) for r in rows], f, indent=2)
         f.write("\n")
+
+
+# -- what the benchmarks that drive a cluster share ---------------------------------------
+
+STOP_S = 30.0
+"""Bound on a launched cluster's exit once it is told to stop."""
+
+
+@contextlib.contextmanager
+def scratch_dir(prefix: str) -> Iterator[str]:
+    """A new directory under $TMPDIR, else /tmp (a short path: a Unix
+    socket's must stay under 108 bytes), removed with what is in it on the
+    way out.  Ctrl-C is held off until it is made and covered by the
+    removal: an interrupt in between would leave a directory nobody removes."""
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        path = tempfile.mkdtemp(prefix=prefix, dir=os.environ.get("TMPDIR") or "/tmp")
+    except BaseException:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        raise
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C that came meanwhile lands here
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_image(path: str, size_bytes: int) -> None:
+    """A raw image of ``size_bytes`` (whole MiB), data all through (no holes):
+    one MiB of random bytes, repeated."""
+    chunk = random.Random(0).randbytes(1 << 20)
+    with open(path, "wb") as f:
+        for _ in range(size_bytes >> 20):
+            f.write(chunk)
+
+
+def warm(*paths: str) -> None:
+    """Read files through, so that they sit in the page cache (done before
+    each measured run, for every side alike)."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(8 << 20):
+                pass
+
+
+@contextlib.contextmanager
+def launched(*args: str) -> Iterator[dict[str, Any]]:
+    """``iothreads launch ARGS``: yields the data of its READY event; on the
+    way out it is stopped (SIGTERM) and reaped.  The launcher runs in a
+    session of its own (Ctrl-C at the terminal reaches this process only,
+    which stops it) and goes when this process does.  One that exits before
+    it is ready raises ``RuntimeError`` with the end of what it printed."""
+    with tempfile.TemporaryFile() as errors:
+        proc = subprocess.Popen([sys.executable, "-m", "mainloop", "launch", *args], stdout=subprocess.PIPE,
+                                stderr=errors, text=True, start_new_session=True,
+                                preexec_fn=set_parent_death_signal)
+        try:
+            assert proc.stdout is not None
+            ready: dict[str, Any] | None = None
+            for line in proc.stdout:
+                event = json.loads(line)
+                if event["event"] == "READY":
+                    ready = event["data"]
+                    break
+            if ready is None:
+                proc.wait(STOP_S)
+                errors.seek(0)
+                said = errors.read().decode(errors="replace").strip().splitlines()[-3:]
+                raise RuntimeError(f"the cluster exited (status {proc.returncode}) before it was ready: "
+                                   + " / ".join(said))
+            yield ready
+        finally:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.communicate(timeout=STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
 
 
 # -- the raw pyzmq baseline's peer --------------------------------------------------------

@@ -30,14 +30,13 @@ repeats.  Targets: QD1 latency <= 1.5x raw pyzmq's; QD32 IOPS >= 2x asyncio's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -45,10 +44,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run from a checkout
 
 from _common import (  # noqa: E402
-    EchoPeer, Row, cpu_note, measure, parse_args, print_table, rows_for, run, write_json,
+    EchoPeer, Row, cpu_note, launched, measure, parse_args, print_table, rows_for, run, scratch_dir, warm,
+    write_image, write_json,
 )
 
-from iothreads import BlockClient, set_parent_death_signal  # noqa: E402
+from iothreads import BlockClient  # noqa: E402
 from protocol import BlockCompletion, BlockRequest, encode  # noqa: E402
 
 BS = 4096
@@ -57,67 +57,40 @@ RAW = "raw pyzmq ping-pong"
 RAW_REQUEST = encode(BlockRequest(1, "disk0", "read", 0, BS))
 
 class Setup:
-    """The image, a launched cluster (one iothread) and a client.  The
-    launcher runs in a session of its own (Ctrl-C at the terminal reaches
-    this process only, which stops it) and goes when this process does."""
+    """The image, a launched cluster (one iothread) and a client; ``close``
+    stops the cluster and removes the image (``_common.launched``,
+    ``scratch_dir``)."""
 
     def __init__(self, size: int) -> None:
-        # Ctrl-C held off until the directory is made and the clean-up below covers it:
-        # a KeyboardInterrupt in between would leave a directory nobody removes.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        self._stack = contextlib.ExitStack()
         try:
-            self.dir = tempfile.mkdtemp(prefix="evbio", dir="/tmp")
-        except BaseException:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-            raise
-        self.image = os.path.join(self.dir, "disk.img")
-        self.size = size
-        self.proc: subprocess.Popen[str] | None = None
-        try:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a Ctrl-C that came meanwhile lands here
-            chunk = random.Random(0).randbytes(1 << 20)
-            with open(self.image, "wb") as f:
-                for _ in range(size >> 20):
-                    f.write(chunk)
+            self.dir = self._stack.enter_context(scratch_dir("evbio"))
+            self.image = os.path.join(self.dir, "disk.img")
+            self.size = size
+            write_image(self.image, size)
             run = os.path.join(self.dir, "run")
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "mainloop", "launch", "--iothreads", "1", "--runtime-dir", run,
-                 "--blockdev", f"driver=file,node-name=disk0,filename={self.image}",
-                 "--blockdev", "driver=null-co,node-name=null0,size=1G"],
-                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-                preexec_fn=set_parent_death_signal)
-            assert self.proc.stdout is not None
-            for line in self.proc.stdout:
-                if json.loads(line)["event"] == "READY":
-                    break
+            self._stack.enter_context(launched(
+                "--iothreads", "1", "--runtime-dir", run,
+                "--blockdev", f"driver=file,node-name=disk0,filename={self.image}",
+                "--blockdev", "driver=null-co,node-name=null0,size=1G"))
             self.client = BlockClient(run)
+            self._stack.callback(self.client.close)
         except BaseException:
-            self._stop()
+            self._stack.close()
             raise
         self.blocks = size // BS
         self.rng = random.Random(1)
 
     def warm(self) -> None:
         """Re-read the image so it is in the page cache (same for every side)."""
-        with open(self.image, "rb") as f:
-            while f.read(8 << 20):
-                pass
+        warm(self.image)
 
     def offset(self) -> int:
         return self.rng.randrange(self.blocks) * BS
 
     def close(self) -> None:
-        self.client.close()
-        self._stop()
-
-    def _stop(self) -> None:
-        """Stop the cluster and remove the image."""
-        try:
-            if self.proc is not None:
-                self.proc.send_signal(signal.SIGTERM)
-                self.proc.communicate(timeout=30)
-        finally:
-            shutil.rmtree(self.dir, ignore_errors=True)
+        """Close the client, stop the cluster, remove the image."""
+        self._stack.close()
 
 
 def ours_qd1(s: Setup, n: int) -> float:

@@ -47,15 +47,17 @@ import functools
 import logging
 import mmap
 import os
+import resource
 import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protocol import BlockOp
 from protocol.schema import BlockdevOptionsBase, BlockdevOptionsFile, BlockdevOptionsNull
 
 from ..aio._context import AioContext
+from ..aio._threadpool import ThreadPoolRequest
 
 log = logging.getLogger("iothreads.block")
 
@@ -81,6 +83,9 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit
+INLINE_WRITE_STALL_NS = 1_000_000  # an inline write that took this long waited: the pool takes the next ones...
+INLINE_WRITE_BACKOFF_NS = 1_000_000_000  # ...for this long, twice as long each time it happens again...
+INLINE_WRITE_BACKOFF_MAX_NS = 64_000_000_000  # ...up to this (and after this long without, from the start)
 _WRITING_OPS = frozenset((BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES))
 _BLOCK_OPS = frozenset(op.value for op in BlockOp)
 
@@ -121,6 +126,8 @@ class BlockDriver:
     name = "driver"
     size = 0
     align = 1  # offsets and lengths must be multiples of this
+    reads_nowait = False  # whether ``read_nowait`` may return data
+    buffered_writes = False  # writes land in memory (the page cache) and seldom wait for the device
 
     def read(self, offset: int, length: int) -> Buffer:
         raise NotImplementedError
@@ -131,6 +138,12 @@ class BlockDriver:
 
     def write(self, offset: int, data: Buffer) -> None:
         raise NotImplementedError
+
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        """Write ``data`` at once if that is not expected to wait for the
+        device, and say so; False if not (nothing written, or a part of it:
+        the whole write is to be done the usual way)."""
+        return False
 
     def write_fua(self, offset: int, data: Buffer) -> None:
         """A write that is durable once this returns: a flush after it,
@@ -165,6 +178,8 @@ class NullDriver(BlockDriver):
     clearing a fresh buffer)."""
 
     name = "null-co"
+    reads_nowait = True
+    buffered_writes = True
 
     def __init__(self, size: int, read_zeroes: bool = False) -> None:
         if size < 0:
@@ -181,6 +196,9 @@ class NullDriver(BlockDriver):
 
     def write(self, offset: int, data: Buffer) -> None:
         pass
+
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        return True
 
     def write_zeroes(self, offset: int, length: int, *, may_unmap: bool = False,
                      no_fallback: bool = False) -> None:
@@ -219,7 +237,9 @@ class FileDriver(BlockDriver):
         self.read_only = read_only
         self.direct = direct
         self.align = 4096 if direct else 1
-        self._nowait = hasattr(os, "RWF_NOWAIT") and not direct
+        self.reads_nowait = hasattr(os, "RWF_NOWAIT") and not direct
+        self.buffered_writes = not direct
+        self._write_nowait = self.reads_nowait  # RWF_NOWAIT for buffered writes (until refused)
         self._dsync = hasattr(os, "RWF_DSYNC")  # a write's own FUA
         self._seek_data = True  # SEEK_DATA/SEEK_HOLE work here (until they fail with EINVAL)
         self._libc = ctypes.CDLL(None, use_errno=True)
@@ -243,7 +263,7 @@ class FileDriver(BlockDriver):
         return view  # the buffer itself: no copy
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
-        if not self._nowait:
+        if not self.reads_nowait:
             return None
         buf = bytearray(length)
         try:
@@ -252,7 +272,7 @@ class FileDriver(BlockDriver):
             return None
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-                self._nowait = False  # not for this file system: always use the pool
+                self.reads_nowait = False  # not for this file system: always use the pool
                 return None
             raise
         if n < length:
@@ -275,6 +295,29 @@ class FileDriver(BlockDriver):
             if n == 0:
                 raise OSError(errno.EIO, f"short write: {done} of {length} bytes at offset {offset}")
             done += n
+
+    def write_nowait(self, offset: int, data: Buffer) -> bool:
+        """Whole pages into the page cache: with ``RWF_NOWAIT`` where the file
+        system takes it for buffered writes (False if the kernel would block),
+        else a plain ``pwritev`` (which waits only when the kernel throttles
+        writers or the file system is busy: ``BlockNode.write_cached`` watches
+        for that).  A partial page is not written here: it may need a read
+        of the page first."""
+        length = len(data)
+        if not self.buffered_writes or not length or offset % mmap.PAGESIZE or length % mmap.PAGESIZE:
+            return False
+        if self._write_nowait:
+            try:
+                self.write(offset, data, os.RWF_NOWAIT)
+                return True
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                    raise
+                self._write_nowait = False  # not for this file system's buffered writes
+        self.write(offset, data)
+        return True
 
     def write_fua(self, offset: int, data: Buffer) -> None:
         if self._dsync:
@@ -395,16 +438,20 @@ class OpStats:
         done = self.ops + self.errors
         return self.total_ns / done if done else 0.0
 
-    def record(self, nbytes: int, latency_ns: int, ok: bool) -> None:
+    def record(self, nbytes: int, latency_ns: int, ok: bool, count: int = 1) -> None:
+        """One operation (``count``: as many, done together, ``nbytes`` and
+        ``latency_ns`` their sums: each is in the histograms with their mean)."""
         self.total_ns += latency_ns
         if ok:
-            self.ops += 1
+            self.ops += count
             self.bytes += nbytes
         else:
-            self.errors += 1
-        self.histogram[min(max(latency_ns // 1000, 1).bit_length() - 1, HISTOGRAM_BUCKETS - 1)] += 1
+            self.errors += count
+        if count != 1:
+            latency_ns //= count
+        self.histogram[min(max(latency_ns // 1000, 1).bit_length() - 1, HISTOGRAM_BUCKETS - 1)] += count
         if self.boundaries_ns:
-            self.bins[bisect.bisect_right(self.boundaries_ns, latency_ns)] += 1
+            self.bins[bisect.bisect_right(self.boundaries_ns, latency_ns)] += count
 
     def set_histogram(self, boundaries_ns: tuple[int, ...]) -> None:
         """Count latencies in the intervals these (sorted) boundaries delimit."""
@@ -423,10 +470,19 @@ class BlockNode:
         self.in_flight = 0
         self.stats: dict[str, OpStats] = {op.value: OpStats() for op in BlockOp}
         self._drain_waiters: list[Callable[[], object]] = []
+        # Inline writes (``write_cached``): not before this time, after one that waited.
+        self._inline_writes_after_ns = 0
+        self._inline_write_backoff_ns = INLINE_WRITE_BACKOFF_NS
+        self._inline_write_stalled_ns = -INLINE_WRITE_BACKOFF_MAX_NS  # when one last waited
 
     @property
     def size(self) -> int:
         return self.driver.size
+
+    @property
+    def reads_cached(self) -> bool:
+        """Whether ``read_cached`` may serve reads (its driver's ``read_nowait``)."""
+        return self.driver.reads_nowait
 
     def _check(self, op: str, offset: int, length: int, data: Buffer) -> str | None:
         """The reason a request is invalid, or None."""
@@ -442,10 +498,12 @@ class BlockNode:
         return None
 
     def submit(self, op: str, offset: int, length: int, data: Buffer, callback: Completion,
-               flags: int = 0) -> None:
+               flags: int = 0, *, nowait: bool = True) -> None:
         """Run one request; ``callback(status, message, data)`` exactly once.
         ``flags``: ``BDRV_REQ_FUA`` for a write, ``BDRV_REQ_MAY_UNMAP`` and
-        ``BDRV_REQ_NO_FALLBACK`` for write-zeroes (others are ignored)."""
+        ``BDRV_REQ_NO_FALLBACK`` for write-zeroes (others are ignored).
+        ``nowait=False``: a read goes to the thread pool without trying
+        ``read_nowait`` first (its caller's ``read_cached`` just did)."""
         start = time.monotonic_ns()
         problem = self._check(op, offset, length, data)
         if problem is not None:
@@ -457,7 +515,7 @@ class BlockNode:
         self.in_flight += 1
         if op == BlockOp.READ:
             try:
-                cached = self.driver.read_nowait(offset, length)
+                cached = self.driver.read_nowait(offset, length) if nowait else None
             except Exception as exc:
                 self.in_flight -= 1
                 err = exc.errno if isinstance(exc, OSError) and exc.errno else (
@@ -489,17 +547,127 @@ class BlockNode:
             self.in_flight -= 1
             try:
                 value = req.result()  # type: ignore[attr-defined]
-            except OSError as exc:
-                self._complete(op, start, 0, -(exc.errno or errno.EIO), exc.strerror or str(exc), b"",
-                               callback)
             except Exception as exc:
-                self._complete(op, start, 0, -errno.EIO, f"{type(exc).__name__}: {exc}", b"", callback)
+                self._complete(op, start, 0, *_failure(exc), b"", callback)
             else:
                 nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
                 self._complete(op, start, nbytes, 0, "", value if op == BlockOp.READ else b"", callback)
             self._maybe_drained()
 
         self.ctx.thread_pool.submit(fn, *args, callback=done)
+
+    def submit_writes(self, writes: Sequence[tuple[int, Buffer, Completion]]) -> None:
+        """Writes without flags, each ``(offset, data, callback)``, run as
+        ``submit`` runs them, but together where the driver's writes are
+        buffered (a file in the page cache, not ``cache.direct``): the valid
+        ones go to the thread pool as one job, which does them one after the
+        other, and complete when it ends (each with its own status): one
+        hand-off to a worker and one completion for all of them.  Elsewhere
+        (where writes wait for the device, and are best run side by side)
+        each is ``submit``ted."""
+        if not self.driver.buffered_writes or len(writes) == 1:
+            for offset, data, callback in writes:
+                self.submit(BlockOp.WRITE, offset, len(data), data, callback)
+            return
+        start = time.monotonic_ns()
+        batch: list[tuple[int, Buffer, Completion]] = []
+        for offset, data, callback in writes:
+            problem = self._check(BlockOp.WRITE, offset, len(data), data)
+            if problem is not None:
+                self._complete(BlockOp.WRITE, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
+            elif self.read_only:
+                self._complete(BlockOp.WRITE, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
+            else:
+                batch.append((offset, data, callback))
+        if not batch:
+            return
+        self.in_flight += len(batch)
+        write = self.driver.write
+
+        def run() -> list[Exception | None]:
+            errors: list[Exception | None] = []
+            for offset, data, _ in batch:
+                try:
+                    write(offset, data)
+                    errors.append(None)
+                except Exception as exc:  # (this write's status, not the others')
+                    errors.append(exc)
+            return errors
+
+        def done(req: ThreadPoolRequest[list[Exception | None]]) -> None:
+            self.in_flight -= len(batch)
+            try:
+                errors = req.result()
+            except Exception as exc:  # (the job itself: cancelled)
+                errors = [exc] * len(batch)
+            for (offset, data, callback), error in zip(batch, errors):
+                if error is None:
+                    self._complete(BlockOp.WRITE, start, len(data), 0, "", b"", callback)
+                else:
+                    self._complete(BlockOp.WRITE, start, 0, *_failure(error), b"", callback)
+            self._maybe_drained()
+
+        self.ctx.thread_pool.submit(run, callback=done)
+
+    def read_cached(self, offset: int, length: int) -> Buffer | None:
+        """A read's data at once, if the driver has it without blocking (the
+        page cache: ``read_nowait``), else None: the caller then ``submit``s
+        the read, which takes the usual way (and fails as it must).  For a
+        caller's fast path, which accounts the reads it got this way itself
+        (``account_cached_reads``): the read is not accounted here, and never
+        in flight."""
+        driver = self.driver
+        if not (0 <= offset and 0 < length <= MAX_REQUEST_BYTES and offset + length <= driver.size):
+            return None  # (``submit`` says what is wrong)
+        try:
+            return driver.read_nowait(offset, length)
+        except Exception:
+            return None  # (``submit`` does it again, and reports the error)
+
+    def write_cached(self, offset: int, data: Buffer) -> bool:
+        """A write (without flags) done at once, inline, if the driver can
+        take it into memory without waiting for the device (whole pages of a
+        file without ``cache.direct``: ``write_nowait``), accounted as
+        ``submit`` accounts it; False if not (nothing is accounted): the
+        caller then ``submit``s it.  A write that waited anyway (longer than
+        ``INLINE_WRITE_STALL_NS``: the kernel throttled a writer of too many
+        dirty pages, or the file system was busy) sends the next ones to the
+        thread pool for a while (``INLINE_WRITE_BACKOFF_NS``, doubled each
+        time it happens again), as QEMU runs them all there: the home thread
+        is not held up twice in a row.  Waited: slept in the kernel (a
+        voluntary context switch), not only preempted by a busy machine."""
+        length = len(data)
+        driver = self.driver
+        if self.read_only or not (0 <= offset and 0 < length <= MAX_REQUEST_BYTES
+                                  and offset + length <= driver.size):
+            return False  # (``submit`` says what is wrong)
+        start = time.monotonic_ns()
+        if start < self._inline_writes_after_ns:
+            return False
+        sleeps = _sleeps()
+        try:
+            if not driver.write_nowait(offset, data):
+                return False
+        except Exception:
+            return False  # (``submit`` does it again, and reports the error)
+        end = time.monotonic_ns()
+        self.stats[BlockOp.WRITE].record(length, end - start, True)
+        if end - start >= INLINE_WRITE_STALL_NS and _sleeps() != sleeps:  # (not just a thread preempted)
+            if end - self._inline_write_stalled_ns > INLINE_WRITE_BACKOFF_MAX_NS:
+                self._inline_write_backoff_ns = INLINE_WRITE_BACKOFF_NS
+            else:
+                self._inline_write_backoff_ns = min(2 * self._inline_write_backoff_ns, INLINE_WRITE_BACKOFF_MAX_NS)
+            self._inline_write_stalled_ns = end
+            self._inline_writes_after_ns = end + self._inline_write_backoff_ns
+            log.debug("node %s: an inline write took %d us: writes go to the thread pool for %d s", self.name,
+                      (end - start) // 1000, self._inline_write_backoff_ns // 1_000_000_000)
+        return True
+
+    def account_cached_reads(self, count: int, nbytes: int, elapsed_ns: int) -> None:
+        """Account ``count`` reads done by ``read_cached`` one after the other
+        (``nbytes`` in all) in ``elapsed_ns``: the total time as it was, and
+        each read with the mean latency in the histograms."""
+        self.stats[BlockOp.READ].record(nbytes, elapsed_ns, True, count)
 
     def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
         """The extents of ``[offset, offset + length)``, as (length, ``BDRV_BLOCK_*``
@@ -542,6 +710,18 @@ class BlockNode:
 
     def close(self) -> None:
         self.driver.close()
+
+
+def _sleeps() -> int:
+    """The voluntary context switches of the calling thread so far: each time it slept in the kernel."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
+
+
+def _failure(exc: Exception) -> tuple[int, str]:
+    """A failed request's status and message."""
+    if isinstance(exc, OSError):
+        return -(exc.errno or errno.EIO), exc.strerror or str(exc)
+    return -errno.EIO, f"{type(exc).__name__}: {exc}"
 
 
 def make_driver(options: BlockdevOptionsBase) -> BlockDriver:

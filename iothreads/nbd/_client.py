@@ -51,6 +51,8 @@ import errno
 import logging
 import socket
 import struct
+import sys
+import time
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -73,6 +75,7 @@ from protocol.nbd import (
     NBD_META_CONTEXT_ALLOCATION_DEPTH,
     NBD_META_CONTEXT_BASE_ALLOCATION,
     NBD_REQUEST_SIZE,
+    NBD_SIMPLE_REPLY_SIZE,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     ReplyBuffer,
@@ -81,6 +84,7 @@ from protocol.nbd import (
     chunk_error,
     chunk_read,
     generic_reply,
+    read_reply_header,
     simple_reply,
     system_errno_to_nbd_errno,
 )
@@ -96,6 +100,7 @@ from ..block._node import (
     BDRV_REQ_NO_FALLBACK,
     BlockNode,
     Buffer,
+    Completion,
     Extents,
     merge_extents,
 )
@@ -143,6 +148,17 @@ class NbdCredit:
 
     def admit(self, key: bytes, nbytes: int, backlog: tuple[int, int]) -> bool:
         return self.in_flight.admit(key, nbytes, backlog) is None
+
+    def headroom(self, key: bytes, backlog: tuple[int, int]) -> tuple[int, int, int]:
+        """What ``admit`` would still take from ``key`` (with this ``backlog``):
+        a request is admitted while the first number is above 0 and its bytes
+        are at most the other two (its own room, and the iothread's)."""
+        in_flight = self.in_flight
+        requests, nbytes = in_flight.of(key)
+        credit = in_flight.credit
+        total_bytes = in_flight.total_bytes
+        return (credit.max_requests - requests - backlog[0], credit.max_bytes - nbytes - backlog[1],
+                in_flight.max_total_bytes - total_bytes if total_bytes else sys.maxsize)
 
     def release(self, key: bytes, nbytes: int) -> None:
         self.in_flight.release(key, nbytes)
@@ -290,28 +306,106 @@ class NbdClient:
                    else "the client closed the connection within a request")
 
     def _handle(self, requests: list[NbdRequest]) -> None:
-        """Start (or answer) the requests just received, in order."""
+        """Start (or answer) the requests just received, in order.
+
+        The common cases are served here, inline, and their replies queued
+        without a callback: a READ whose data the node has at once
+        (``read_cached``: the page cache), a WRITE the node takes at once
+        (``write_cached``: whole pages into the page cache), neither with
+        FUA.  The same as ``_start`` and ``_finish`` would do, credit
+        included (a request done inline is admitted and released at once:
+        only its reply's bytes count, while queued), but for the bottom half:
+        the caller sends what is queued right after.  The reads done inline
+        one after the other are accounted together (``account_cached_reads``:
+        two clock reads for a run of them, each read with their mean
+        latency).  The other WRITEs without FUA go to the node together
+        (``submit_writes``); anything else takes ``_start``."""
         self._nest += 1
         try:
+            node = self.node
+            read_cached = node.read_cached if node.reads_cached else None
+            write_cached = node.write_cached
+            structured = self.structured
+            out = self._out
+            ends = self._ends
+            inline = False  # requests may be done inline now (and the room left for them is known)
+            requests_left = bytes_left = total_left = 0
+            run = run_bytes = run_start_ns = 0  # reads done inline since the last clock read
+            writes: list[tuple[int, Buffer, Completion]] = []  # admitted, to submit together
             for request in requests:
-                payload_bytes = request.length if request.command == NBD_CMD_WRITE else 0
-                self._partial_bytes -= NBD_REQUEST_SIZE + payload_bytes
+                command, flags, cookie, offset, length, payload, error, _ = request
+                nowait = True
+                if (command == NBD_CMD_READ or command == NBD_CMD_WRITE) and not (
+                        error or flags & NBD_CMD_FLAG_FUA) and length:
+                    if not (inline or self.closing or self.closed or self._deferred):
+                        inline = True
+                        requests_left, bytes_left, total_left = self.credit.headroom(
+                            self.key, (len(ends), self._queued_bytes - self._sent_bytes))
+                    if inline and requests_left > 0 and length <= bytes_left and length <= total_left:
+                        if command == NBD_CMD_READ:
+                            if read_cached is not None:
+                                if not run:
+                                    run_start_ns = time.monotonic_ns()
+                                data = read_cached(offset, length)
+                                if data is not None:
+                                    header = read_reply_header(cookie, offset, length, structured)
+                                    out.append(header)
+                                    out.append(data)
+                                    reply_bytes = len(header) + length
+                                    self._queued_bytes += reply_bytes
+                                    ends.append(self._queued_bytes)
+                                    self._partial_bytes -= NBD_REQUEST_SIZE
+                                    requests_left -= 1
+                                    bytes_left -= reply_bytes
+                                    run += 1
+                                    run_bytes += length
+                                    continue
+                                nowait = False  # not cached: to the pool (the node need not try again)
+                        else:
+                            if run:  # (the run's time is its reads' only)
+                                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+                                run = run_bytes = 0
+                            assert payload is not None
+                            if write_cached(offset, payload):
+                                out += simple_reply(cookie)
+                                self._queued_bytes += NBD_SIMPLE_REPLY_SIZE
+                                ends.append(self._queued_bytes)
+                                self._partial_bytes -= NBD_REQUEST_SIZE + length
+                                requests_left -= 1
+                                bytes_left -= NBD_SIMPLE_REPLY_SIZE
+                                continue
+                if run:
+                    node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+                    run = run_bytes = 0
+                inline = False  # (what comes next may change the room, or end the connection)
+                self._partial_bytes -= NBD_REQUEST_SIZE + (length if command == NBD_CMD_WRITE else 0)
                 if self.closed:
                     continue
-                if request.error:
-                    self._queue(generic_reply(request.cookie, request.error, request.message, self.structured))
-                elif request.command == NBD_CMD_DISC:
+                if error:
+                    self._queue(generic_reply(cookie, error, request.message, structured))
+                elif command == NBD_CMD_DISC:
                     self.close("the client disconnected")
                 elif self._deferred or not self._admit(request):
                     self._deferred.append(request)
+                elif command == NBD_CMD_WRITE and not flags & NBD_CMD_FLAG_FUA:
+                    assert payload is not None
+                    self.in_flight += 1
+                    writes.append((offset, payload, self._generic_completion(request, "writing to file failed")))
                 else:
-                    self._start(request)
-            error = self.decoder.error
-            if error is not None and not self.closing:
+                    if writes:  # (in the order they came)
+                        node.submit_writes(writes)
+                        writes = []
+                    self._start(request, nowait)
+            if run:
+                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+            if writes:
+                node.submit_writes(writes)
+            stream_error = self.decoder.error
+            if stream_error is not None and not self.closing:
                 self.bad_input.log(("nbd", "protocol"), logging.WARNING,
                                    "NBD connection %d (export %s): %s: disconnecting",
-                                   self.conn.connection_id, self.conn.export_id, error)
-                self.close(f"protocol error: {error}")
+                                   self.conn.connection_id, self.conn.export_id, stream_error)
+                self.close(f"protocol error: {stream_error}")
         finally:
             self._nest -= 1
 
@@ -324,7 +418,9 @@ class NbdClient:
     def _admit(self, request: NbdRequest) -> bool:
         return self.credit.admit(self.key, self._data_bytes(request), (len(self._ends), self.backlog_bytes))
 
-    def _start(self, request: NbdRequest) -> None:
+    def _start(self, request: NbdRequest, nowait: bool = True) -> None:
+        """Start an admitted request (``nowait=False``: a read not in the page
+        cache, which the node need not try inline again)."""
         self.in_flight += 1
         command = request.command
         node = self.node
@@ -337,16 +433,14 @@ class NbdClient:
                         self._read(request)
                 node.submit("flush", 0, 0, b"", flushed)
             else:
-                self._read(request)
+                self._read(request, nowait)
         elif command == NBD_CMD_WRITE:
             assert request.payload is not None
             node.submit("write", request.offset, request.length, request.payload,
-                        lambda status, message, data: self._generic_done(
-                            request, "writing to file failed", status),
+                        self._generic_completion(request, "writing to file failed"),
                         BDRV_REQ_FUA if request.flags & NBD_CMD_FLAG_FUA else 0)
         elif command == NBD_CMD_FLUSH:
-            node.submit("flush", 0, 0, b"", lambda status, message, data: self._generic_done(
-                request, "flush failed", status))
+            node.submit("flush", 0, 0, b"", self._generic_completion(request, "flush failed"))
         elif command == NBD_CMD_TRIM:
             node.submit("discard", request.offset, request.length, b"", self._then_fua(request, "discard failed"))
         elif command == NBD_CMD_WRITE_ZEROES:
@@ -361,7 +455,7 @@ class NbdClient:
             assert command == NBD_CMD_CACHE
             self._finish(request, generic_reply(request.cookie, 0, "", self.structured))
 
-    def _read(self, request: NbdRequest) -> None:
+    def _read(self, request: NbdRequest, nowait: bool = True) -> None:
         def done(status: int, message: str, data: Buffer) -> None:
             if status:
                 self._generic_done(request, "reading from file failed", status)
@@ -372,18 +466,21 @@ class NbdClient:
             else:
                 self._finish(request, chunk_done(request.cookie))
 
-        self.node.submit("read", request.offset, request.length, b"", done)
+        self.node.submit("read", request.offset, request.length, b"", done, nowait=nowait)
 
     def _then_fua(self, request: NbdRequest, what: str) -> Callable[[int, str, Buffer], None]:
         """The completion of a trim or write-zeroes: with FUA, a flush follows
         (as QEMU's block layer does for a driver without FUA of its own)."""
         def done(status: int, message: str, data: Buffer) -> None:
             if status == 0 and request.flags & NBD_CMD_FLAG_FUA:
-                self.node.submit("flush", 0, 0, b"", lambda status, message, data: self._generic_done(
-                    request, what, status))
+                self.node.submit("flush", 0, 0, b"", self._generic_completion(request, what))
             else:
                 self._generic_done(request, what, status)
         return done
+
+    def _generic_completion(self, request: NbdRequest, what: str) -> Completion:
+        """The completion of a request that returns no data (``_generic_done``)."""
+        return lambda status, message, data: self._generic_done(request, what, status)
 
     def _generic_done(self, request: NbdRequest, what: str, status: int) -> None:
         """Answer a request that returns no data (or failed), as QEMU's
@@ -422,7 +519,7 @@ class NbdClient:
 
     def _queue(self, reply: Reply) -> None:
         self._out += reply
-        self._queued_bytes += sum(len(b) for b in reply)
+        self._queued_bytes += sum(map(len, reply))
         self._ends.append(self._queued_bytes)
         if not self._blocked:
             self._send_bh.schedule()  # with whatever else completes in this turn
@@ -430,7 +527,8 @@ class NbdClient:
     def _send(self) -> None:
         """Hand the queued replies to the socket: one ``sendmsg`` (per
         IOV_MAX buffers); what it does not take waits for POLLOUT."""
-        self._send_bh.cancel()
+        if self._send_bh.scheduled:
+            self._send_bh.cancel()
         out = self._out
         while out and not self.closed:
             batch = out if len(out) <= IOV_MAX else out[:IOV_MAX]
@@ -454,6 +552,10 @@ class NbdClient:
         """Drop the ``sent`` bytes from the front of the queue."""
         self._sent_bytes += sent
         out = self._out
+        if self._sent_bytes == self._queued_bytes:  # all of it: the common case
+            out.clear()
+            self._ends.clear()
+            return
         i = 0
         while i < len(out) and (sent or not len(out[i])):
             size = len(out[i])

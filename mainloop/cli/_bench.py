@@ -10,9 +10,12 @@ Jobs (``--numjobs``) are spread over the nodes, and so over the iothreads;
 each job owns a disjoint region of the device and keeps ``--iodepth``
 requests in flight.  All jobs run in this process on one AioContext: the
 client's completions arrive through its channels, never through the main
-loop.  ``--verify`` writes a checksummed pattern and reads it back; any
-mismatch fails the run with exit 1 (it refuses null-co nodes, which discard
-what is written).  ``--json PATH`` writes the results as JSON (``-``: on
+loop.  ``--nbd`` sends the same workload through NBD instead (``_bench_nbd``:
+one connection per job, to its node's export, found in the cluster's state
+file; the embedded cluster then serves NBD on a socket in its runtime
+directory and exports its nodes).  ``--verify`` writes a checksummed pattern
+and reads it back; any mismatch fails the run with exit 1 (it refuses
+null-co nodes, which discard what is written).  ``--json PATH`` writes the results as JSON (``-``: on
 stdout, the table then going to stderr).
 
 Ctrl-C (SIGINT) ends a run early: no new requests, those in flight complete,
@@ -37,11 +40,13 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
-from iothreads import BlockClient, EventNotifier
+from iothreads import AioContext, BlockClient, EventNotifier
+from protocol import ClusterState
 
 from ..cluster._spawn import spawn
+from ._bench_nbd import Completion, NbdTransport
 from ._options import OptionError, parse_size
 
 __all__ = ["EXIT_INTERRUPTED", "EmbeddedCluster", "add_bench_arguments", "run_bench"]
@@ -76,6 +81,9 @@ def add_bench_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ops", type=int, default=0, help="stop after this many requests instead")
     p.add_argument("--size", default="256M", help="embedded image size (default 256M)")
     p.add_argument("--node", action="append", default=[], help="with --attach: nodes to use (default all)")
+    p.add_argument("--nbd", action="store_true",
+                   help="through NBD: one connection per job to its node's export (the embedded cluster "
+                        "exports its nodes; with --attach, the cluster's exports)")
     p.add_argument("--verify", action="store_true", help="write a checksummed pattern, read it back")
     p.add_argument("--json", metavar="PATH", help="write the results as JSON ('-': on stdout)")
     p.add_argument("--plot", metavar="PATH", help="a latency histogram PNG (needs matplotlib)")
@@ -105,23 +113,72 @@ def _pattern(offset: int, bs: int) -> bytes:
     return body + hashlib.blake2b(body, digest_size=16).digest()
 
 
-class Workload:
-    """Jobs over a client's nodes; runs in the client's context."""
+Job = tuple[str, int, int]  # (node, start, blocks)
 
-    def __init__(self, client: BlockClient, nodes: list[str], args: argparse.Namespace, bs: int) -> None:
+
+def plan_jobs(sizes: dict[str, int], numjobs: int, bs: int) -> list[Job]:
+    """``numjobs`` jobs (0: one per node) spread over the nodes (``sizes``:
+    their sizes, by name, in order), each with its own region of its node."""
+    nodes = list(sizes)
+    numjobs = numjobs or len(nodes)
+    jobs: list[Job] = []
+    per_node = {n: [j for j in range(numjobs) if j % len(nodes) == nodes.index(n)] for n in nodes}
+    for node, node_jobs in per_node.items():
+        size = sizes[node]
+        region = (size // max(len(node_jobs), 1)) // bs * bs
+        if region < bs:
+            raise OptionError(f"node {node} ({size} bytes) is too small for {len(node_jobs)} jobs "
+                              f"of --bs {bs}")
+        for i, _ in enumerate(node_jobs):
+            jobs.append((node, i * region, region // bs))
+    return jobs
+
+
+class Transport(Protocol):
+    """What carries the jobs' requests: the block client, or NBD (``NbdTransport``)."""
+
+    name: str
+    ctx: AioContext
+
+    def submit(self, job: int, op: str, offset: int, length: int, data: bytes, done: Completion) -> None:
+        """Send job ``job``'s request; ``done(status, message, data)`` runs in ``ctx``."""
+
+    def flush(self) -> None:
+        """Make everything written so far stable (blocking)."""
+
+    def close(self) -> None:
+        """Release what the transport holds (not the block client, which its owner closes)."""
+
+
+class BlockTransport:
+    """The jobs' requests through the block client, straight to the iothreads."""
+
+    name = "block"
+
+    def __init__(self, client: BlockClient, jobs: list[Job]) -> None:
         self.client = client
+        self.ctx = client.ctx
+        self._nodes = [node for node, _, _ in jobs]
+
+    def submit(self, job: int, op: str, offset: int, length: int, data: bytes, done: Completion) -> None:
+        self.client.submit(self._nodes[job], op, offset, length, data, done)
+
+    def flush(self) -> None:
+        for node in sorted(set(self._nodes)):
+            self.client.flush(node)
+
+    def close(self) -> None:
+        pass  # the client is its owner's
+
+
+class Workload:
+    """Jobs over nodes, their requests carried by ``io``; runs in its context."""
+
+    def __init__(self, io: Transport, jobs: list[Job], args: argparse.Namespace, bs: int) -> None:
+        self.io = io
         self.args = args
         self.bs = bs
-        numjobs = args.numjobs or len(nodes)
-        self.jobs: list[tuple[str, int, int]] = []  # (node, start, blocks)
-        per_node = {n: [j for j in range(numjobs) if j % len(nodes) == nodes.index(n)] for n in nodes}
-        for node, jobs in per_node.items():
-            size = client.node_size(node)
-            region = (size // max(len(jobs), 1)) // bs * bs
-            if region < bs:
-                raise OptionError(f"node {node} ({size} bytes) is too small for {len(jobs)} jobs of --bs {bs}")
-            for i, _ in enumerate(jobs):
-                self.jobs.append((node, i * region, region // bs))
+        self.jobs = jobs
         self.results: dict[str, OpResult] = {}
         self.rng = random.Random(12345)
         self.cursor = [0] * len(self.jobs)
@@ -170,13 +227,13 @@ class Workload:
             if check and out != _pattern(offset, self.bs) and len(self.mismatches) < 10:
                 self.mismatches.append(f"verify: {node}@{offset}: data differs from what was written")
 
-        self.client.submit(node, op, offset, self.bs if op != "flush" else 0, data, done)
+        self.io.submit(j, op, offset, self.bs if op != "flush" else 0, data, done)
 
     def _pump(self, make: Callable[[int], bool], total: int, progress: Progress | None) -> None:
         """Keep every job at --iodepth until ``total`` requests were made
         (or the runtime ran out, when total is 0).  ``make(j)`` submits one
         request for job j, or returns False when that job has nothing left."""
-        ctx = self.client.ctx
+        ctx = self.io.ctx
         deadline = time.monotonic() + (self.args.runtime if not total else 1e9)
         depth = self.args.iodepth
         start_submitted = self.submitted
@@ -219,8 +276,7 @@ class Workload:
                 if self.interrupted:
                     return
                 if op == "write":
-                    for node in sorted({n for n, _, _ in self.jobs}):
-                        self.client.flush(node)
+                    self.io.flush()
             return
 
         def make(j: int) -> bool:
@@ -293,12 +349,24 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
 
 # The embedded launcher: ``iothreads launch`` that first asks for its
 # parent-death signal (and exits if its parent, argv[1], is gone already).
+# With argv[2] "nbd" it makes its runtime directory itself, serves NBD on a
+# socket there, and removes the directory once the launcher is done.
 _LAUNCHER = """\
-import sys
+import json, shutil, sys
 from iothreads import die_with_parent
 die_with_parent(int(sys.argv[1]))
 from mainloop.cli import main
-sys.exit(main(sys.argv[2:]))
+argv = sys.argv[3:]
+if sys.argv[2] != "nbd":
+    sys.exit(main(argv))
+from protocol import make_runtime_dir
+run = make_runtime_dir()
+server = {"addr": {"type": "unix", "path": run + "/nbd.sock"}}
+try:
+    status = main(argv + ["--runtime-dir", run, "--nbd-server", json.dumps(server)])
+finally:
+    shutil.rmtree(run, ignore_errors=True)
+sys.exit(status)
 """
 
 
@@ -320,9 +388,14 @@ class EmbeddedCluster:
 
     ``log_level`` is the launcher's ``--log-level``; at ``debug`` its
     messages go to this process's stderr, else to a file shown only if
-    something goes wrong."""
+    something goes wrong.
 
-    def __init__(self, size: int, log_level: str = "info") -> None:
+    With ``nbd``, the cluster also serves NBD (on a socket in its runtime
+    directory) and exports each node, writable, as ``exp0`` and ``exp1``:
+    ``exports`` holds their URIs by id, as the launcher's READY line gives
+    them (empty without ``nbd``)."""
+
+    def __init__(self, size: int, log_level: str = "info", *, nbd: bool = False) -> None:
         self._closed = False
         self.pid = 0
         """The launcher's process id."""
@@ -335,10 +408,12 @@ class EmbeddedCluster:
         try:
             self.image.truncate(size)
             filename = f"/proc/{os.getpid()}/fd/{self.image.fileno()}"
-            argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()),
+            argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "nbd" if nbd else "-",
                     "launch", "--iothreads", "2", "--log-level", log_level]
             for i in range(2):
                 argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={filename},iothread=io{i}"]
+                if nbd:
+                    argv += ["--export", f"type=nbd,id=exp{i},node-name=disk{i},writable=on"]
             read_fd, write_fd = os.pipe()
             self._events = open(read_fd, encoding="utf-8")
             try:
@@ -351,6 +426,7 @@ class EmbeddedCluster:
                 event = json.loads(line)
                 if event["event"] == "READY":
                     self.runtime_dir: str = event["data"]["runtime_dir"]
+                    self.exports: dict[str, str] = event["data"]["exports"]
                     log.debug("embedded cluster started (launcher pid %d) in %s", self.pid, self.runtime_dir)
                     return
             self._wait(30)
@@ -406,7 +482,7 @@ def _ended_by_sigint(workload: Workload) -> Iterator[None]:
     """While the block runs, a first SIGINT (Ctrl-C) ends the workload early
     (``workload.interrupted``: no new requests, those in flight complete); a
     second one raises KeyboardInterrupt.  Main thread, the client's home."""
-    ctx = workload.client.ctx
+    ctx = workload.io.ctx
     wakeup = EventNotifier()
     woken = False  # read by busy polling, as QEMU's notifiers read theirs in memory
 
@@ -450,35 +526,62 @@ def run_bench(args: argparse.Namespace) -> int:
             raise OptionError("--plot needs matplotlib (pip install -e '.[plot]')") from None
     embedded = None
     if args.attach is None:
-        embedded = EmbeddedCluster(parse_size("--size", args.size), args.log_level)
+        embedded = EmbeddedCluster(parse_size("--size", args.size), args.log_level, nbd=args.nbd)
         runtime_dir = embedded.runtime_dir
     else:
         runtime_dir = args.attach
     try:
         with BlockClient(runtime_dir) as client:
-            nodes = args.node or sorted(client.nodes())
+            exports = _exports_by_node(client.state) if args.nbd else {}
+            nodes = args.node or sorted(exports if args.nbd else client.nodes())
             if not nodes:
-                raise OptionError(f"the cluster in {runtime_dir} has no block nodes")
-            for n in nodes:
-                client.node_size(n)  # unknown names fail here, clearly
+                raise OptionError(f"the cluster in {runtime_dir} has no block nodes" if not args.nbd else
+                                  f"--nbd: the cluster in {runtime_dir} exports no node over NBD (launch it "
+                                  "with --nbd-server and --export, or add them with QMP's nbd-server-start "
+                                  "and block-export-add)")
+            sizes = {n: client.node_size(n) for n in nodes}  # unknown names fail here, clearly
             discarding = [n for n in nodes if client.nodes()[n].driver == "null-co"]
             if args.verify and discarding:
                 raise OptionError(f"--verify: node {', '.join(discarding)} is null-co, which discards what is "
                                   "written: there is nothing to read back (choose other nodes with --node)")
-            workload = Workload(client, nodes, args, bs)
-            what = "verify" if args.verify else args.rw
-            print(f"{what}: bs={bs} iodepth={args.iodepth} jobs={len(workload.jobs)} on "
-                  f"{', '.join(nodes)}", file=sys.stderr)
-            progress = Progress(bs)
-            t0 = time.monotonic()
-            with _ended_by_sigint(workload):
-                workload.run(progress)
-            elapsed = time.monotonic() - t0
-            progress.update(workload, final=True)
+            unexported = [n for n in nodes if args.nbd and n not in exports]
+            if unexported:
+                raise OptionError(f"--nbd: node {', '.join(unexported)} has no NBD export in the cluster in "
+                                  f"{runtime_dir}")
+            jobs = plan_jobs(sizes, args.numjobs, bs)
+            io: Transport = (NbdTransport(client.ctx, [exports[node] for node, _, _ in jobs]) if args.nbd
+                             else BlockTransport(client, jobs))
+            try:
+                read_only = io.read_only if isinstance(io, NbdTransport) else []
+                if read_only and (args.verify or args.rw not in ("randread", "read")):
+                    raise OptionError(f"--nbd: export {', '.join(read_only)} is read-only, and "
+                                      f"{'--verify' if args.verify else f'--rw {args.rw}'} writes (choose "
+                                      "--rw randread or read, or other nodes with --node)")
+                workload = Workload(io, jobs, args, bs)
+                what = "verify" if args.verify else args.rw
+                through = (f" through NBD ({', '.join(exports[n][0] for n in nodes)})" if args.nbd else "")
+                print(f"{what}: bs={bs} iodepth={args.iodepth} jobs={len(jobs)} on "
+                      f"{', '.join(nodes)}{through}", file=sys.stderr)
+                progress = Progress(bs)
+                t0 = time.monotonic()
+                with _ended_by_sigint(workload):
+                    workload.run(progress)
+                elapsed = time.monotonic() - t0
+                progress.update(workload, final=True)
+            finally:
+                io.close()
     finally:
         if embedded is not None:
             embedded.close()
     return _report(workload, args, elapsed)
+
+
+def _exports_by_node(state: ClusterState) -> dict[str, tuple[str, str]]:
+    """The NBD export of each exported node, as (id, URI): its first by id."""
+    found: dict[str, tuple[str, str]] = {}
+    for export_id, entry in sorted(state.exports.items()):
+        found.setdefault(entry.node, (export_id, entry.uri))
+    return found
 
 
 def _report(workload: Workload, args: argparse.Namespace, elapsed: float) -> int:
@@ -487,7 +590,8 @@ def _report(workload: Workload, args: argparse.Namespace, elapsed: float) -> int
     text, data = _table(workload.results, elapsed, workload.bs)
     print(text, file=sys.stderr if args.json == "-" else sys.stdout)
     data.update({"rw": args.rw, "iodepth": args.iodepth, "jobs": len(workload.jobs), "verify": args.verify,
-                 "errors": workload.mismatches, "interrupted": workload.interrupted})
+                 "transport": workload.io.name, "errors": workload.mismatches,
+                 "interrupted": workload.interrupted})
     if args.json == "-":
         json.dump(data, sys.stdout, indent=2)
         print()

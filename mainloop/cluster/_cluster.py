@@ -49,7 +49,8 @@ queued while the socket is full) and gives what comes back, and what the
 iothreads say of the connections they served, to its ``connection_owner``
 (the NBD server of ``mainloop.nbd``), which it also tells when a node gets a
 running home again (a move ends, a restarted iothread reopened it) and when
-an iothread exits (its connections are gone with it).
+an iothread exits (its connections are gone with it).  The owner's exports
+are part of the published state (``published_exports``).
 
 The deadlines here (a handshake, a stop, a request's answer) run on the
 main loop's own time: monotonic time less the time this process was away
@@ -80,7 +81,7 @@ import socket
 import sys
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -94,6 +95,7 @@ from protocol import (
     Channel,
     ClusterState,
     ErrorReply,
+    ExportEntry,
     Event,
     FdBudget,
     Heartbeat,
@@ -230,6 +232,10 @@ class ConnectionOwner(Protocol):
 
     def iothread_exited(self, iothread_id: str) -> None:
         """An iothread's process exited: the connections it served are gone."""
+
+    def published_exports(self) -> Mapping[str, ExportEntry]:
+        """The exports offered, by id, for the state file (``write_state``,
+        which the owner calls when they change)."""
 
 
 @dataclass
@@ -1181,7 +1187,8 @@ class Cluster:
         return ClusterState(
             self.runtime_dir, self.endpoint,
             tuple(IOThreadEntry(t.id, t.pid, t.state.value, t.data_endpoint) for t in self.iothreads.values()),
-            {n.name: NodeEntry(n.iothread, n.driver, n.size) for n in self.nodes.values()})
+            {n.name: NodeEntry(n.iothread, n.driver, n.size) for n in self.nodes.values()},
+            self.connection_owner.published_exports() if self.connection_owner is not None else {})
 
     def describe(self) -> dict[str, Any]:
         """The machine-readable summary printed in the launcher's ready line:

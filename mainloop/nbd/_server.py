@@ -29,6 +29,10 @@ iothread that holds a node serves the I/O of its connections.
   its iothread says it ended (``NBD_CONNECTION_CLOSED``: ``connection_closed``)
   or exits (``iothread_exited``): ``block-export-del`` in safe mode, and
   ``max-connections``, go by that count.
+* **Publication.**  The exports offered, each with its node and NBD URI, are
+  part of the cluster's state file (``published_exports``; written again as
+  one is added or starts its removal): a client finds them in the runtime
+  directory, as it finds the nodes.
 * **Removal.**  An export being removed is no longer offered; its parked
   connections are closed, its iothreads are asked to close the others
   (``NbdCloseExport``), and once they all answered it is gone
@@ -54,6 +58,7 @@ from urllib.parse import quote
 
 from protocol import (
     ErrorReply,
+    ExportEntry,
     FdBudget,
     LocalProtocolError,
     NbdConnection,
@@ -442,6 +447,7 @@ class NbdServer:
             raise StateError(str(exc)) from None
         self.exports[e.id] = e
         self.by_name[e.name] = e
+        self.cluster.write_state()
         log.info("NBD export %s: node %s as '%s'%s", e.id, e.node_name, e.name, "" if e.writable else " (read-only)")
         return e
 
@@ -473,9 +479,16 @@ class NbdServer:
 
     def uris(self) -> dict[str, str]:
         """Each export's NBD URI, by id (those not shutting down)."""
+        return {export_id: entry.uri for export_id, entry in self.published_exports().items()}
+
+    def published_exports(self) -> dict[str, ExportEntry]:
+        """Each export offered (not shutting down), by id: its node and NBD URI,
+        as the cluster's state file publishes them."""
         if self.address is None:
             return {}
-        return {e.id: nbd_uri(e.name, self.address) for e in self.exports.values() if not e.shutting_down}
+        address = self.address
+        return {e.id: ExportEntry(e.node_name, nbd_uri(e.name, address))
+                for e in self.exports.values() if not e.shutting_down}
 
     def _shut_down(self, e: Export) -> None:
         """No longer offered; its parked connections closed, its iothreads asked
@@ -483,6 +496,7 @@ class NbdServer:
         e.shutting_down = True
         if self.by_name.get(e.name) is e:
             del self.by_name[e.name]
+        self.cluster.write_state()
         holders: set[str] = set()
         for client in [c for c in self._clients.values() if c.export_id == e.id]:
             if client.iothread is None:

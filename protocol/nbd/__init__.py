@@ -6,6 +6,8 @@ turns the transmission phase's bytes into checked ``NbdRequest`` objects;
 the reply builders (``simple_reply``, ``chunk_*``, ``generic_reply``) give
 lists of buffers for one ``sendmsg``.  The main loop owns the listener and
 the handshake, the iothread that holds a node serves the transmission phase.
+A client's side too: ``NbdClientHandshake`` (NBD_OPT_GO), ``encode_request``,
+``NbdReplyDecoder`` (simple replies) and ``parse_nbd_uri``.
 """
 
 from __future__ import annotations
@@ -113,6 +115,13 @@ from ._export import NbdMetaContext as NbdMetaContext
 from ._export import NbdNegotiated as NbdNegotiated
 from ._handshake import NbdHandshakeState as NbdHandshakeState
 from ._handshake import NbdServerHandshake as NbdServerHandshake
+from ._client import NBD_DEFAULT_PORT as NBD_DEFAULT_PORT
+from ._client import NbdClientHandshake as NbdClientHandshake
+from ._client import NbdClientState as NbdClientState
+from ._client import NbdReplyDecoder as NbdReplyDecoder
+from ._client import NbdSimpleReply as NbdSimpleReply
+from ._client import NbdUri as NbdUri
+from ._client import parse_nbd_uri as parse_nbd_uri
 from ._requests import NbdRequest as NbdRequest
 from ._requests import NbdRequestDecoder as NbdRequestDecoder
 from ._requests import encode_request as encode_request
@@ -124,6 +133,7 @@ from ._replies import chunk_error_offset as chunk_error_offset
 from ._replies import chunk_hole as chunk_hole
 from ._replies import chunk_read as chunk_read
 from ._replies import generic_reply as generic_reply
+from ._replies import read_reply_header as read_reply_header
 from ._replies import simple_reply as simple_reply
 
 __all__ = [
@@ -140,6 +150,7 @@ __all__ = [
     "NBD_CMD_TRIM",
     "NBD_CMD_WRITE",
     "NBD_CMD_WRITE_ZEROES",
+    "NBD_DEFAULT_PORT",
     "NBD_EINVAL",
     "NBD_EIO",
     "NBD_ENOMEM",
@@ -222,13 +233,18 @@ __all__ = [
     "NBD_STRUCTURED_REPLY_MAGIC",
     "NBD_STRUCTURED_REPLY_SIZE",
     "NBD_SUCCESS",
+    "NbdClientHandshake",
+    "NbdClientState",
     "NbdExport",
     "NbdHandshakeState",
     "NbdMetaContext",
     "NbdNegotiated",
+    "NbdReplyDecoder",
     "NbdRequest",
     "NbdRequestDecoder",
     "NbdServerHandshake",
+    "NbdSimpleReply",
+    "NbdUri",
     "ReplyBuffer",
     "chunk_block_status",
     "chunk_done",
@@ -240,6 +256,8 @@ __all__ = [
     "generic_reply",
     "nbd_cmd_lookup",
     "nbd_opt_lookup",
+    "parse_nbd_uri",
+    "read_reply_header",
     "simple_reply",
     "system_errno_to_nbd_errno",
 ]

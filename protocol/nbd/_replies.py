@@ -19,6 +19,8 @@ system call.
   ``chunk_hole`` (OFFSET_HOLE) answer READ; ``chunk_block_status`` answers
   BLOCK_STATUS, once per metadata context; ``chunk_error`` and
   ``chunk_error_offset`` carry an error and a message.
+- ``read_reply_header``: the header alone of a successful READ's reply
+  (simple, or its one final OFFSET_DATA chunk), the data to follow it.
 - ``generic_reply``: the answer to a request that has no data, or that
   failed, as QEMU's ``nbd_send_generic_reply`` gives it: with structured
   replies an error is a final ERROR chunk (with the message), anything else
@@ -59,6 +61,7 @@ __all__ = [
     "chunk_hole",
     "chunk_read",
     "generic_reply",
+    "read_reply_header",
     "simple_reply",
 ]
 
@@ -97,6 +100,17 @@ def simple_reply(cookie: int, error: int = 0, data: ReplyBuffer | None = None) -
     if error:
         raise LocalProtocolError("a simple reply carries data only when it reports no error")
     return [header, data]
+
+
+def read_reply_header(cookie: int, offset: int, length: int, structured_replies: bool) -> bytes:
+    """The header that goes before a successful READ's ``length`` bytes (one
+    or more) read at ``offset``: a simple reply's, or with structured replies
+    a final OFFSET_DATA chunk's (what ``simple_reply`` and ``chunk_read`` put
+    first).  For a server's fast path, which sends the data after it."""
+    if structured_replies:
+        return _CHUNK_READ.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, cookie,
+                                8 + length, offset)
+    return _SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
 
 
 def chunk_done(cookie: int) -> list[ReplyBuffer]:

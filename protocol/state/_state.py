@@ -3,12 +3,14 @@
 Theory of operation
 -------------------
 The main loop owns the cluster's shape (its iothreads, their data endpoints,
-which iothread holds which node) and publishes it in the runtime directory as
-``cluster.json``, replaced atomically whenever it changes.  Clients read it to
-find a node's iothread and that iothread's data endpoint.  Both sides go
-through ``ClusterState``: the main loop builds one and writes ``to_json()``;
-a client reads ``ClusterState.from_json(text)``.  The same shape is the body
-of the launcher's READY line (``as_dict()``).
+which iothread holds which node, the NBD exports offered) and publishes it in
+the runtime directory as ``cluster.json``, replaced atomically whenever it
+changes.  Clients read it to find a node's iothread and that iothread's data
+endpoint, or a node's NBD export and its URI.  Both sides go through
+``ClusterState``: the main loop builds one and writes ``to_json()``; a client
+reads ``ClusterState.from_json(text)``.  The same shape is the body of the
+launcher's READY line (``as_dict()``), where ``exports`` gives each export's
+URI alone.
 
 ``from_json`` trusts nothing: the file may be torn by a crash, written by
 another program, or left over by another version.  Anything that is not
@@ -29,7 +31,8 @@ from typing import Any
 
 from .._errors import RemoteProtocolError
 
-__all__ = ["CLUSTER_STATE_FILE", "ClusterState", "IOThreadEntry", "NodeEntry", "cluster_state_path"]
+__all__ = ["CLUSTER_STATE_FILE", "ClusterState", "ExportEntry", "IOThreadEntry", "NodeEntry",
+           "cluster_state_path"]
 
 CLUSTER_STATE_FILE = "cluster.json"
 """The state file's name, in the cluster's runtime directory."""
@@ -84,6 +87,23 @@ class NodeEntry:
 
 
 @dataclass(frozen=True, slots=True)
+class ExportEntry:
+    """One NBD export offered: the node it exports and its NBD URI (where an
+    NBD client finds it)."""
+
+    node: str
+    uri: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "uri": self.uri}
+
+    @classmethod
+    def from_dict(cls, value: object, where: str) -> ExportEntry:
+        fields = _object(value, where, ("node", "uri"))
+        return cls(_str(fields, "node", where), _str(fields, "uri", where))
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterState:
     """The cluster's shape as clients see it."""
 
@@ -92,6 +112,8 @@ class ClusterState:
     """The control channel's endpoint (the iothreads connect there)."""
     iothreads: tuple[IOThreadEntry, ...] = ()
     nodes: Mapping[str, NodeEntry] = field(default_factory=dict)
+    exports: Mapping[str, ExportEntry] = field(default_factory=dict)
+    """The NBD exports offered (not shutting down), by id; none while no NBD server runs."""
 
     def iothread(self, iothread_id: str) -> IOThreadEntry | None:
         """The iothread with this id, or None."""
@@ -104,6 +126,7 @@ class ClusterState:
             "control": self.control,
             "iothreads": [t.as_dict() for t in self.iothreads],
             "nodes": {name: n.as_dict() for name, n in self.nodes.items()},
+            "exports": {export_id: e.as_dict() for export_id, e in self.exports.items()},
         }
 
     def to_json(self) -> str:
@@ -116,7 +139,7 @@ class ClusterState:
             value = json.loads(text)
         except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise RemoteProtocolError(f"not a cluster state file: {exc}") from None
-        fields = _object(value, "cluster state", ("runtime_dir", "control", "iothreads", "nodes"))
+        fields = _object(value, "cluster state", ("runtime_dir", "control", "iothreads", "nodes", "exports"))
         iothreads = fields["iothreads"]
         if type(iothreads) is not list:
             raise RemoteProtocolError(f"cluster state: 'iothreads' must be a list, not {_kind(iothreads)}")
@@ -128,9 +151,14 @@ class ClusterState:
         nodes = fields["nodes"]
         if type(nodes) is not dict:
             raise RemoteProtocolError(f"cluster state: 'nodes' must be an object, not {_kind(nodes)}")
+        exports = fields["exports"]
+        if type(exports) is not dict:
+            raise RemoteProtocolError(f"cluster state: 'exports' must be an object, not {_kind(exports)}")
         return cls(_str(fields, "runtime_dir", "cluster state"), _str(fields, "control", "cluster state"),
                    entries, {name: NodeEntry.from_dict(n, f"cluster state: node {name!r}")
-                             for name, n in nodes.items()})
+                             for name, n in nodes.items()},
+                   {export_id: ExportEntry.from_dict(e, f"cluster state: export {export_id!r}")
+                    for export_id, e in exports.items()})
 
 
 def _kind(value: object) -> str:

@@ -13,7 +13,8 @@ makes sure that none outlives its test:
 ``descendants`` and ``wait_gone`` find a process's tree and wait for it to
 exit: a test that stops something checks that what it started is gone;
 ``iothreads_of`` and ``processes_in`` find what outlived a process that
-exited (its iothreads are in sessions of their own, and reparented then).
+exited (its iothreads are in sessions of their own, and reparented then);
+``left_behind`` what a script left in its TMPDIR.
 """
 
 from __future__ import annotations
@@ -77,6 +78,24 @@ def processes_in(directory: str) -> list[int]:
     """The processes whose working directory is ``directory`` or below it."""
     root = os.path.realpath(directory)
     return _processes(lambda argv, cwd: cwd == root or cwd.startswith(root + os.sep))
+
+
+def left_behind(scratch: str) -> list[str]:
+    """What a script run with ``scratch`` as its TMPDIR left: files in it,
+    file systems mounted under it, processes whose command line names it
+    (launchers, iothreads, servers and clients given paths in it do)."""
+    left = [f"file {name}" for name in os.listdir(scratch)]
+    with open("/proc/mounts") as f:
+        left += [f"mount {line.split()[1]}" for line in f if line.split()[1].startswith(scratch)]
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                cmdline = f.read().decode(errors="replace")
+        except OSError:  # gone meanwhile
+            continue
+        if scratch in cmdline:
+            left.append(f"process {pid}: {cmdline.replace(chr(0), ' ')}")
+    return left
 
 
 def _processes(match: Callable[[list[str], str], bool]) -> list[int]:

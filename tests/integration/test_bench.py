@@ -31,7 +31,7 @@ def test_bench_verify_end_to_end(tmp_path: object) -> None:
     assert "read" in out.stdout and "write" in out.stdout and "p99.9 us" in out.stdout
     with open(out_json) as f:
         data = json.load(f)
-    assert data["verify"] is True and data["errors"] == []
+    assert data["verify"] is True and data["errors"] == [] and data["transport"] == "block"
     assert data["ops"]["write"]["ops"] == data["ops"]["read"]["ops"] == 2000
     assert data["ops"]["read"]["errors"] == 0
 
@@ -99,12 +99,14 @@ def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: path
     wait_gone(pids, 30, "the embedded cluster")
 
 
-def test_a_killed_bench_leaves_nothing_behind() -> None:
+@pytest.mark.parametrize("args", [[], ["--nbd"]])
+def test_a_killed_bench_leaves_nothing_behind(args: list[str]) -> None:
     """Regression: a bench killed with SIGKILL left its temporary image behind.
     The image never has a name (the iothreads open it through the bench's
     /proc/PID/fd); the embedded launcher gets SIGTERM from the kernel
-    (parent-death signal), stops its iothreads and removes its runtime directory."""
-    proc, pids = _running_bench()
+    (parent-death signal), stops its iothreads and removes its runtime
+    directory (with ``--nbd``, the NBD server's socket in it too)."""
+    proc, pids = _running_bench(*args)
     with open(f"/proc/{pids[0]}/cmdline") as f:
         launcher = f.read().split("\0")
     images = {arg.split("filename=")[1].split(",")[0] for arg in launcher if "filename=" in arg}
@@ -115,6 +117,7 @@ def test_a_killed_bench_leaves_nothing_behind() -> None:
     control = iothread[iothread.index("--connect") + 1]
     run_dir = os.path.dirname(control.removeprefix("ipc://"))
     assert os.path.isdir(run_dir)
+    assert ("nbd.sock" in os.listdir(run_dir)) == bool(args)
     proc.kill()
     proc.communicate(timeout=60)
     wait_gone(pids, 30, "the embedded cluster")
@@ -226,8 +229,99 @@ def test_verify_catches_corruption(block_cluster: tuple[str, str], monkeypatch: 
 
     monkeypatch.setattr(_bench, "_pattern", drifting)
     args = argparse.Namespace(attach=run, rw="randrw", bs="4k", iodepth=4, numjobs=1, runtime=3.0, ops=16,
-                              size="8M", node=["disk0"], verify=True, json=None, plot=None)
+                              size="8M", node=["disk0"], verify=True, json=None, plot=None, nbd=False)
     assert _bench.run_bench(args) == 1
+
+
+# -- through NBD ---------------------------------------------------------------------------------
+
+
+def nbd_cluster(clusters: Clusters, *exports: str) -> tuple[str, str]:
+    """A launched cluster like ``block_cluster``'s (``disk0``: an 8 MiB image in
+    io0, ``null0``: 1 MiB of null-co in io1), serving NBD with ``exports``:
+    (its runtime directory, the image)."""
+    image = clusters.image(8 << 20)
+    run = os.path.join(clusters.scratch_dir, "run")
+    clusters.launch("--iothreads", "2", "--runtime-dir", run,
+                    "--blockdev", f"driver=file,node-name=disk0,filename={image},iothread=io0",
+                    "--blockdev", "driver=null-co,node-name=null0,size=1M,iothread=io1",
+                    "--nbd-server", f"addr.type=unix,addr.path={run}/nbd.sock",
+                    *(arg for export in exports for arg in ("--export", export)))
+    return run, image
+
+
+def test_bench_nbd_verify_end_to_end_with_its_embedded_cluster(tmp_path: pathlib.Path) -> None:
+    """``--nbd``: the embedded cluster exports its two nodes, and every job
+    writes and reads back its pattern over a connection of its own."""
+    result = tmp_path / "result.json"
+    out = subprocess.run([*COMMAND, "bench", "--nbd", "--verify", "--ops", "600", "--size", "8M", "--bs", "512",
+                          "--numjobs", "3", "--iodepth", "4", "--json", str(result)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "verify: bs=512 iodepth=4 jobs=3 on disk0, disk1 through NBD (exp0, exp1)" in out.stderr
+    data = json.loads(result.read_text())
+    assert data["transport"] == "nbd" and data["verify"] is True and data["errors"] == []
+    assert data["ops"]["write"]["ops"] == data["ops"]["read"]["ops"] == 600
+    assert data["ops"]["write"]["errors"] == data["ops"]["read"]["errors"] == 0
+
+
+def test_bench_nbd_verify_catches_data_changed_behind_its_back(
+        clusters: Clusters, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Between the writes and the reads through NBD, a block of the image is
+    overwritten in the file itself: the reads come back through the export
+    with the bytes that are there now, and verify names the block."""
+    run, image = nbd_cluster(clusters, "type=nbd,id=e0,node-name=disk0,writable=on")
+    real_flush = _bench.NbdTransport.flush
+
+    def flush_then_corrupt(self: _bench.NbdTransport, timeout_s: float = 60.0) -> None:
+        real_flush(self, timeout_s)
+        fd = os.open(image, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"\xff" * 16, 8192 + 100)  # inside the third 4 KiB block
+        finally:
+            os.close(fd)
+
+    monkeypatch.setattr(_bench.NbdTransport, "flush", flush_then_corrupt)
+    args = argparse.Namespace(attach=run, rw="randrw", bs="4k", iodepth=4, numjobs=1, runtime=3.0, ops=16,
+                              size="8M", node=[], verify=True, json=None, plot=None, nbd=True)
+    assert _bench.run_bench(args) == 1
+    err = capsys.readouterr().err
+    assert "iothreads: verify: disk0@8192: data differs from what was written" in err, err
+    assert err.count("data differs") == 1, err
+
+
+def test_bench_nbd_attached_to_a_cluster_with_exports(clusters: Clusters) -> None:
+    """``--attach DIR --nbd``: the exports come from the cluster's state file;
+    a node with several exports gets its first (by id)."""
+    run, _ = nbd_cluster(clusters, "type=nbd,id=e1,node-name=disk0,writable=on",
+                         "type=nbd,id=e2,node-name=disk0,name=again", "type=nbd,id=n0,node-name=null0")
+    out = subprocess.run([*COMMAND, "bench", "--attach", run, "--nbd", "--rw", "randread", "--ops", "300",
+                          "--iodepth", "8", "--json", "-"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "randread: bs=4096 iodepth=8 jobs=2 on disk0, null0 through NBD (e1, n0)" in out.stderr
+    data = json.loads(out.stdout)
+    assert data["transport"] == "nbd" and data["ops"]["read"]["ops"] == 300 and data["errors"] == []
+    assert data["ops"]["read"]["errors"] == 0
+
+
+@pytest.mark.parametrize(("exports", "args", "message"), [
+    ((), [], "--nbd: the cluster in RUN exports no node over NBD (launch it with --nbd-server and --export, "
+             "or add them with QMP's nbd-server-start and block-export-add)"),
+    (("type=nbd,id=e0,node-name=disk0,writable=on",), ["--node", "null0"],
+     "--nbd: node null0 has no NBD export in the cluster in RUN"),
+    (("type=nbd,id=e0,node-name=disk0",), ["--rw", "randwrite"],
+     "--nbd: export e0 is read-only, and --rw randwrite writes (choose --rw randread or read, or other nodes "
+     "with --node)"),
+    (("type=nbd,id=e0,node-name=disk0",), ["--verify"], "--nbd: export e0 is read-only, and --verify writes"),
+])
+def test_bench_nbd_refuses_what_it_cannot_run_in_one_line(clusters: Clusters, exports: tuple[str, ...],
+                                                          args: list[str], message: str) -> None:
+    run, _ = nbd_cluster(clusters, *exports)
+    out = subprocess.run([*COMMAND, "bench", "--attach", run, "--nbd", "--ops", "16", *args],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1, out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"iothreads: {message.replace('RUN', run)}"), out.stderr
 
 
 def test_bench_plot_needs_matplotlib_or_writes_a_png(tmp_path: object) -> None:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from .support import descendants, wait_gone
+from .support import descendants, left_behind, wait_gone
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "hardening.py"
 PLANES = {"qmp", "data", "faults", "resources"}
@@ -32,23 +32,6 @@ def _copy(tmp_path: pathlib.Path, short_dir: str) -> tuple[pathlib.Path, dict[st
     work.mkdir()
     shutil.copy(SCRIPT, work / "hardening.py")
     return work, {**os.environ, "TMPDIR": short_dir}
-
-
-def _left_behind(scratch: str) -> list[str]:
-    """What a run left: files in its TMPDIR, file systems mounted under it,
-    processes whose command line names it (launchers and iothreads do)."""
-    left = [f"file {name}" for name in os.listdir(scratch)]
-    with open("/proc/mounts") as f:
-        left += [f"mount {line.split()[1]}" for line in f if line.split()[1].startswith(scratch)]
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                cmdline = f.read().decode(errors="replace")
-        except OSError:  # gone meanwhile
-            continue
-        if scratch in cmdline:
-            left.append(f"process {pid}: {cmdline.replace(chr(0), ' ')}")
-    return left
 
 
 def test_a_small_run_reads_zero_where_it_must_and_leaves_nothing(tmp_path: pathlib.Path, short_dir: str) -> None:
@@ -68,7 +51,7 @@ def test_a_small_run_reads_zero_where_it_must_and_leaves_nothing(tmp_path: pathl
     header = next(line for line in out.stdout.splitlines() if line.startswith("plane "))
     assert header.split()[:4] == ["plane", "case", "inputs", "crashes"]
     assert sorted(p.name for p in work.iterdir()) == ["hardening.py", "result.json"]
-    assert _left_behind(short_dir) == []
+    assert left_behind(short_dir) == []
 
 
 @pytest.mark.parametrize(("plane", "point"), [
@@ -99,7 +82,7 @@ def test_ctrl_c_stops_it_with_one_line_and_leaves_nothing(tmp_path: pathlib.Path
             proc.communicate()
     assert proc.returncode == 130 and err == "hardening.py: interrupted\n", err
     wait_gone(started, 30, "what hardening.py started")
-    assert _left_behind(short_dir) == []
+    assert left_behind(short_dir) == []
 
 
 def test_a_bad_option_is_one_clear_error() -> None:

@@ -28,7 +28,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 from iothreads.testing import poll_until
 from mainloop import bql
 from mainloop.nbd import NbdServer
-from protocol import ErrorReply, QueryReply
+from protocol import ErrorReply, QueryReply, cluster_state_path
 from protocol.nbd import (
     NBD_CMD_DISC,
     NBD_CMD_READ,
@@ -215,6 +215,27 @@ def test_the_ready_line_names_every_export_and_nbdinfo_lists_them(clusters: Clus
     assert run_tool("nbdinfo", "--size", ready["exports"]["e1"]).strip() == str(1 << 20)
     assert subprocess.run(["nbdinfo", "--is", "read-only", ready["exports"]["e1"]], timeout=BOUND_S).returncode == 0
     assert subprocess.run(["nbdinfo", "--is", "read-only", ready["exports"]["e0"]], timeout=BOUND_S).returncode == 2
+
+
+def test_the_state_file_publishes_the_exports_offered(clusters: Clusters, qmp_of: Any) -> None:
+    """``RUNTIME_DIR/cluster.json`` lists each export offered with its node and
+    URI (the READY line's URI), as exports come and go."""
+    ready, path = launch(clusters, "--export", "nbd,id=e0,node-name=disk0,writable=on")
+
+    def published() -> dict[str, Any]:
+        with open(cluster_state_path(ready["runtime_dir"]), encoding="utf-8") as f:
+            exports: dict[str, Any] = json.load(f)["exports"]
+        return exports
+
+    assert published() == {"e0": {"node": "disk0", "uri": ready["exports"]["e0"]}}
+    q = qmp_of(ready)
+    assert q("block-export-add", type="nbd", id="e1", **{"node-name": "null0", "name": "zero"}) == {}
+    assert published() == {"e0": {"node": "disk0", "uri": f"nbd+unix:///disk0?socket={path}"},
+                           "e1": {"node": "null0", "uri": f"nbd+unix:///zero?socket={path}"}}
+    assert q("block-export-del", id="e0") == {}  # no client: gone at once
+    assert published() == {"e1": {"node": "null0", "uri": f"nbd+unix:///zero?socket={path}"}}
+    assert q("nbd-server-stop") == {}
+    assert published() == {}
 
 
 def test_an_inet_server_names_its_port(clusters: Clusters) -> None:

@@ -5,14 +5,26 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import mmap
 import os
 import random
+import time
 from collections.abc import Iterator
 
 import pytest
 
 from iothreads import AioContext
-from iothreads.block._node import HISTOGRAM_BUCKETS, BlockNode, FileDriver, NullDriver, open_node
+from iothreads.block import _node
+from iothreads.block._node import (
+    HISTOGRAM_BUCKETS,
+    BlockNode,
+    Buffer,
+    Completion,
+    FileDriver,
+    NullDriver,
+    OpStats,
+    open_node,
+)
 from protocol.schema import BlockdevOptions, parse
 from iothreads.testing import poll_until
 
@@ -200,3 +212,114 @@ def test_a_request_over_the_size_limit_fails_at_once_with_einval() -> None:
         results: list[int] = []
         node.submit("read", 0, 1 << 34, b"", lambda s, m, d: results.append(s))
         assert results == [-errno.EINVAL] and node.in_flight == 0
+
+
+def test_a_batch_of_operations_is_counted_each_with_their_mean_latency() -> None:
+    """OpStats.record with a count: ops, bytes and the total time as given;
+    each operation in the histograms (the log2 one and a user-set one) with
+    the mean latency."""
+    st = OpStats()
+    st.set_histogram((4_000, 8_000))
+    st.record(3 * 4096, 3 * 5_000, True, 3)  # 5 us each
+    st.record(512, 20_000, False)
+    assert (st.ops, st.bytes, st.errors, st.total_ns) == (3, 3 * 4096, 1, 35_000)
+    assert st.histogram[2] == 3 and st.histogram[4] == 1 and sum(st.histogram) == 4  # [4, 8) us, [16, 32) us
+    assert st.bins == [0, 3, 1]
+
+
+def test_read_cached_gives_what_the_page_cache_holds_and_leaves_the_rest_to_submit(ctx: AioContext,
+                                                                                   image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    assert node.reads_cached
+    with open(image, "r+b") as f:
+        f.write(b"\x5a" * 8192)
+    data = node.read_cached(0, 8192)
+    assert data is not None and bytes(data) == b"\x5a" * 8192  # (just written: in the page cache)
+    for offset, length in ((4 * MiB - 100, 200), (-1, 10), (0, 0)):  # past the end, negative, empty
+        assert node.read_cached(offset, length) is None
+    assert node.stats["read"].ops == 0 and node.in_flight == 0  # not accounted: its caller does that
+    node.account_cached_reads(2, 8192, 6_000)
+    st = node.stats["read"]
+    assert (st.ops, st.bytes, st.total_ns, st.histogram[1]) == (2, 8192, 6_000, 2)
+    node.close()
+
+
+def test_write_cached_takes_whole_pages_into_the_page_cache_and_counts_them(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "disk0", FileDriver(image))
+    page = mmap.PAGESIZE
+    assert node.write_cached(page, b"\x11" * 2 * page)
+    # Not here: a part of a page (it may have to be read first), past the end, nothing.
+    assert not node.write_cached(page + 512, b"\x22" * page)
+    assert not node.write_cached(4 * MiB, b"\x22" * page)
+    assert not node.write_cached(0, b"")
+    st = node.stats["write"]
+    assert (st.ops, st.bytes, st.errors, sum(st.histogram)) == (1, 2 * page, 0, 1) and st.total_ns > 0
+    with open(image, "rb") as f:
+        assert f.read(4 * page) == bytes(page) + b"\x11" * 2 * page + bytes(page)
+    node.close()
+    read_only = BlockNode(ctx, "ro", FileDriver(image, read_only=True), read_only=True)
+    assert not read_only.write_cached(0, bytes(page))  # (submit refuses it with EPERM)
+    read_only.close()
+    assert BlockNode(ctx, "null0", NullDriver(MiB)).write_cached(0, bytes(page))
+
+
+def test_an_inline_write_that_slept_sends_the_next_ones_to_the_pool(ctx: AioContext,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that waited in the kernel (here: a driver that sleeps) makes
+    the node send the next writes to the thread pool, for a while."""
+    monkeypatch.setattr(_node, "INLINE_WRITE_STALL_NS", 1)
+    monkeypatch.setattr(_node, "INLINE_WRITE_BACKOFF_NS", 3600 * 10**9)  # (the test's own pace cannot end it)
+
+    class Throttled(NullDriver):
+        def write_nowait(self, offset: int, data: Buffer) -> bool:
+            time.sleep(0.001)  # as a writer the kernel throttles
+            return True
+
+    node = BlockNode(ctx, "slow0", Throttled(MiB))
+    assert node.write_cached(0, bytes(4096))
+    assert not node.write_cached(4096, bytes(4096))
+    assert run(ctx, node, "write", 4096, 4096, bytes(4096))[0] == 0  # (the usual way, through the pool)
+    assert node.stats["write"].ops == 2
+
+
+class FailingAt(FileDriver):
+    """A file whose writes at one offset fail with EIO."""
+
+    bad_offset = 8192
+
+    def write(self, offset: int, data: Buffer, rwf_flags: int = 0) -> None:
+        if offset == self.bad_offset:
+            raise OSError(errno.EIO, "Input/output error")
+        super().write(offset, data, rwf_flags)
+
+
+def test_submit_writes_runs_buffered_writes_as_one_job_each_with_its_own_status(ctx: AioContext,
+                                                                                 image: str) -> None:
+    node = BlockNode(ctx, "disk0", FailingAt(image))
+    results: dict[int, tuple[int, str]] = {}
+
+    def done(offset: int) -> Completion:
+        return lambda status, message, data: results.__setitem__(offset, (status, message))
+
+    jobs = ctx.thread_pool.stats()["completed_total"]
+    node.submit_writes([(offset, bytes([offset // 4096]) * 4096, done(offset)) for offset in (0, 4096, 8192, 12288)]
+                       + [(4 * MiB, bytes(4096), done(4 * MiB))])  # past the end: refused at once
+    assert results == {4 * MiB: (-errno.EINVAL, results[4 * MiB][1])} and node.in_flight == 4
+    poll_until(lambda: ctx.poll(True), lambda: len(results) == 5, "the writes to complete", 30)
+    assert ctx.thread_pool.stats()["completed_total"] == jobs + 1  # one job for the four
+    assert results[8192] == (-errno.EIO, "Input/output error")
+    assert all(results[offset] == (0, "") for offset in (0, 4096, 12288))
+    st = node.stats["write"]
+    assert (st.ops, st.bytes, st.errors, st.invalid, sum(st.histogram)) == (3, 3 * 4096, 1, 1, 4)
+    with open(image, "rb") as f:
+        assert f.read(16384) == bytes(4096) + b"\x01" * 4096 + bytes(4096) + b"\x03" * 4096
+    assert node.in_flight == 0
+    node.close()
+
+
+def test_submit_writes_to_a_read_only_node_fails_each_with_eperm(ctx: AioContext, image: str) -> None:
+    node = BlockNode(ctx, "ro", FileDriver(image, read_only=True), read_only=True)
+    results: list[int] = []
+    node.submit_writes([(0, bytes(512), lambda s, m, d: results.append(s))] * 2)
+    assert results == [-errno.EPERM] * 2 and node.stats["write"].errors == 2 and node.in_flight == 0
+    node.close()

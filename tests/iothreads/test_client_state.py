@@ -31,7 +31,7 @@ def test_no_cluster_or_a_foreign_file_is_a_clear_state_error(runtime_dir: str) -
     with pytest.raises(StateError) as info:
         BlockClient(runtime_dir)
     assert str(info.value) == (f"{cluster_state_path(runtime_dir)}: cluster state: "
-                               "missing 'runtime_dir', 'control', 'iothreads', 'nodes'")
+                               "missing 'runtime_dir', 'control', 'iothreads', 'nodes', 'exports'")
     _write(runtime_dir, '{"runtime_dir": "')  # torn
     with pytest.raises(StateError, match="not a cluster state file"):
         BlockClient(runtime_dir)

@@ -23,9 +23,9 @@ from iothreads.block._node import (
     FileDriver,
     NullDriver,
 )
-from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdServer, allocation_depth, base_allocation
+from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdCredit, NbdServer, allocation_depth, base_allocation
 from iothreads.testing import FakeClock, poll_until
-from protocol import CLIENT_CREDIT, NbdConnection
+from protocol import CLIENT_CREDIT, ClientCredit, InFlight, NbdConnection
 from protocol.nbd import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -562,3 +562,67 @@ def test_a_file_nodes_block_status_stops_at_max_extents(ctx: AioContext, file_no
     assert sum(n for n, _ in full) == IMAGE_BYTES and len(full) == 16
     with pytest.raises(ValueError):
         file_node.block_status(IMAGE_BYTES - 512, 1024, 1)
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_reads_and_writes_served_inline_are_counted_as_qemu_counts_them(ctx: AioContext, file_node: BlockNode,
+                                                                        image: str, structured: bool) -> None:
+    """Whole-page writes and reads from the page cache are served inline, the
+    others through the thread pool: the replies are the same, and the node's
+    counters hold every one of them (operations, bytes, time, histogram)."""
+    peer = Peer(ctx, file_node, structured=structured)
+    writes = [(0, 4096), (8192, 8192), (20_000, 3000), (65536, 4096)]  # the third: part of two pages
+    burst = b"".join(encode_request(NBD_CMD_WRITE, 10 + i, offset, length, 0, pattern(i, length))
+                     for i, (offset, length) in enumerate(writes))
+    peer.send(burst)
+    assert sorted((r.cookie, r.error) for r in peer.wait_replies(len(writes))
+                  if isinstance(r, SimpleReply)) == [(10 + i, 0) for i in range(len(writes))]
+    for i, (offset, length) in enumerate(writes):
+        assert read_data(peer, 20 + i, offset, length) == pattern(i, length)
+    with open(image, "rb") as f:
+        for i, (offset, length) in enumerate(writes):
+            f.seek(offset)
+            assert f.read(length) == pattern(i, length)
+    for op in ("write", "read"):
+        st = file_node.stats[op]
+        assert (st.ops, st.bytes, st.errors, st.invalid) == (len(writes), sum(n for _, n in writes), 0, 0), op
+        assert sum(st.histogram) == len(writes) and st.total_ns > 0, op
+    assert file_node.in_flight == 0 and peer.client.in_flight == 0
+    assert peer.server.credit.in_flight.of(peer.client.key) == (0, 0)
+
+
+def test_writes_received_together_go_to_the_pool_as_one_job(ctx: AioContext, file_node: BlockNode,
+                                                            image: str) -> None:
+    """Writes that cannot be done inline (here: parts of pages), received in
+    one read, are one thread-pool job; each is answered."""
+    peer = Peer(ctx, file_node)
+    jobs = ctx.thread_pool.stats()["completed_total"]
+    peer.send(b"".join(encode_request(NBD_CMD_WRITE, i, i * 10_000 + 1, 512, 0, pattern(i, 512))
+                       for i in range(20)))
+    assert sorted(r.cookie for r in peer.wait_replies(20)) == list(range(20))
+    assert ctx.thread_pool.stats()["completed_total"] == jobs + 1
+    with open(image, "rb") as f:
+        for i in range(20):
+            f.seek(i * 10_000 + 1)
+            assert f.read(512) == pattern(i, 512)
+
+
+def test_the_credits_headroom_is_what_it_admits(ctx: AioContext) -> None:
+    """What ``NbdCredit.headroom`` says a connection may still start is what
+    ``admit`` takes (the inline path counts on it), at each of its limits."""
+    credit = NbdCredit(ctx, InFlight(ClientCredit(max_requests=4, max_bytes=10_000), max_total_bytes=15_000))
+    try:
+        for backlog in ((0, 0), (2, 3000), (3, 9000), (4, 0)):
+            for others in (0, 1, 2):  # another client's bytes in flight (the iothread's total)
+                for i in range(others):
+                    assert credit.admit(b"other%d" % i, 6000, (0, 0))
+                requests_left, bytes_left, total_left = credit.headroom(b"me", backlog)
+                for nbytes in (0, 1000, 5000, 7000, 9000, 10_000, 12_000):
+                    expected = requests_left > 0 and nbytes <= bytes_left and nbytes <= total_left
+                    assert credit.admit(b"me", nbytes, backlog) == expected, (backlog, others, nbytes)
+                    if expected:
+                        credit.release(b"me", nbytes)
+                for i in range(others):
+                    credit.release(b"other%d" % i, 6000)
+    finally:
+        credit.close()

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from protocol import (
     CLUSTER_STATE_FILE,
     ClusterState,
+    ExportEntry,
     IOThreadEntry,
     NodeEntry,
     RemoteProtocolError,
@@ -24,6 +25,7 @@ STATE = ClusterState(
     "/run/evl", "ipc:///run/evl/control",
     (IOThreadEntry("io0", 101, "running", "ipc:///run/evl/io0.data"), IOThreadEntry("io1", 102, "starting")),
     {"disk0": NodeEntry("io0", "file", 1 << 30), "null0": NodeEntry("io0", "null-co", 0)},
+    {"exp0": ExportEntry("disk0", "nbd+unix:///disk0?socket=/run/evl/nbd.sock")},
 )
 
 names = st.text(min_size=1, max_size=12)
@@ -35,7 +37,8 @@ names = st.text(min_size=1, max_size=12)
                                  state=st.sampled_from(["starting", "running", "stopping", "exited"]),
                                  data=st.text()), unique_by=lambda t: t.id).map(tuple),
     nodes=st.dictionaries(names, st.builds(NodeEntry, iothread=names, driver=names,
-                                           size=st.integers(0, 2**63)))))
+                                           size=st.integers(0, 2**63))),
+    exports=st.dictionaries(names, st.builds(ExportEntry, node=names, uri=st.text()))))
 def test_round_trip(state: ClusterState) -> None:
     assert ClusterState.from_json(state.to_json()) == state
     assert ClusterState.from_json(state.to_json().encode()) == state
@@ -50,6 +53,7 @@ def test_the_file_shape() -> None:
                       {"id": "io1", "pid": 102, "state": "starting", "data": ""}],
         "nodes": {"disk0": {"iothread": "io0", "driver": "file", "size": 1 << 30},
                   "null0": {"iothread": "io0", "driver": "null-co", "size": 0}},
+        "exports": {"exp0": {"node": "disk0", "uri": "nbd+unix:///disk0?socket=/run/evl/nbd.sock"}},
     }
     assert STATE.iothread("io1") == IOThreadEntry("io1", 102, "starting") and STATE.iothread("io9") is None
     assert cluster_state_path("/run/evl") == f"/run/evl/{CLUSTER_STATE_FILE}"
@@ -80,7 +84,13 @@ def _node(**change: object) -> str:
     (b"\xff\xfe", "not a cluster state file"),
     ("[" * 100_000, "not a cluster state file"),
     ("[]", "cluster state: expected an object, not a list"),
-    ('{"name": "something else"}', "cluster state: missing 'runtime_dir', 'control', 'iothreads', 'nodes'"),
+    ('{"name": "something else"}',
+     "cluster state: missing 'runtime_dir', 'control', 'iothreads', 'nodes', 'exports'"),
+    (_with({"exports": None}), "cluster state: missing 'exports'"),
+    (_with({"exports": [["exp0", "nbd://h/x"]]}), "cluster state: 'exports' must be an object, not a list"),
+    (_with({"exports": {"e": "nbd://h/x"}}), "cluster state: export 'e': expected an object, not a string"),
+    (_with({"exports": {"e": {"node": "d"}}}), "cluster state: export 'e': missing 'uri'"),
+    (_with({"exports": {"e": {"node": "d", "uri": 1}}}), "export 'e': 'uri' must be a string, not an integer"),
     (_with({"nodes": None}), "cluster state: missing 'nodes'"),
     (_with({"extra": 1}), "cluster state: unexpected 'extra'"),
     (_with({"control": 5}), "cluster state: 'control' must be a string, not an integer"),
