@@ -15,6 +15,16 @@ QEMU says), counted as a failed operation:
 * everything else runs in the context's thread pool, whose completion bottom
   half calls back in the home thread.
 
+A caller with many requests at once (the NBD server) has a faster way for
+the common ones, with the same checks, results and counters:
+``read_cached`` (a read served from the page cache, inline, no callback),
+``write_cached`` (a small write of whole pages taken into the page cache, inline:
+``RWF_NOWAIT`` where the file system has it for buffered writes, else a plain
+``pwritev`` watched for a write that slept, after which the next ones go to
+the pool for a while), and ``submit_writes`` (buffered writes run as one
+thread-pool job, one hand-off for all of them).  ``cache.direct=on`` keeps
+the pool for every write, one job each.
+
 Every request completes exactly once, through its callback, with a status
 (0 or a negative errno), a message on error, and a read's data (the buffer the
 driver read into, not a copy of it).  A short read or write is never passed
@@ -35,7 +45,11 @@ thread, as QEMU's file driver runs its ``lseek``.
 
 Per node: counters per operation (ops, bytes, errors, total latency, and a
 log2 latency histogram), the number of requests in flight, and ``drain``,
-which calls back once nothing is in flight.
+which calls back once nothing is in flight.  A request's latency is from
+its submission to its completion, as QEMU's block accounting measures it;
+reads served by ``read_cached`` one after the other are accounted by their
+caller as a run (``account_cached_reads``): the run's total time exactly,
+each read in the histograms with the run's mean.
 """
 
 from __future__ import annotations
@@ -83,11 +97,13 @@ _FALLOC_FL_ZERO_RANGE = 0x10
 _ZERO_CHUNK = 1 << 20
 HISTOGRAM_BUCKETS = 32  # bucket i: latency in [2**i, 2**(i+1)) microseconds (0: < 2 us)
 MAX_REQUEST_BYTES = 32 * 1024 * 1024  # one request's data: well under the channel's frame limit
-INLINE_WRITE_STALL_NS = 1_000_000  # an inline write that took this long waited: the pool takes the next ones...
+INLINE_WRITE_MAX_BYTES = 64 * 1024  # larger writes are done by the pool, while the home thread receives more
+INLINE_WRITE_STALL_NS = 1_000_000  # an inline write that slept this long: the pool takes the next ones...
 INLINE_WRITE_BACKOFF_NS = 1_000_000_000  # ...for this long, twice as long each time it happens again...
 INLINE_WRITE_BACKOFF_MAX_NS = 64_000_000_000  # ...up to this (and after this long without, from the start)
 _WRITING_OPS = frozenset((BlockOp.WRITE, BlockOp.DISCARD, BlockOp.WRITE_ZEROES))
 _BLOCK_OPS = frozenset(op.value for op in BlockOp)
+_READ, _WRITE = BlockOp.READ.value, BlockOp.WRITE.value  # (plain strings: the cheapest keys)
 
 
 def merge_extents(extents: Extents) -> Extents:
@@ -567,16 +583,16 @@ class BlockNode:
         each is ``submit``ted."""
         if not self.driver.buffered_writes or len(writes) == 1:
             for offset, data, callback in writes:
-                self.submit(BlockOp.WRITE, offset, len(data), data, callback)
+                self.submit(_WRITE, offset, len(data), data, callback)
             return
         start = time.monotonic_ns()
         batch: list[tuple[int, Buffer, Completion]] = []
         for offset, data, callback in writes:
-            problem = self._check(BlockOp.WRITE, offset, len(data), data)
+            problem = self._check(_WRITE, offset, len(data), data)
             if problem is not None:
-                self._complete(BlockOp.WRITE, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
+                self._complete(_WRITE, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
             elif self.read_only:
-                self._complete(BlockOp.WRITE, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
+                self._complete(_WRITE, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
             else:
                 batch.append((offset, data, callback))
         if not batch:
@@ -602,9 +618,9 @@ class BlockNode:
                 errors = [exc] * len(batch)
             for (offset, data, callback), error in zip(batch, errors):
                 if error is None:
-                    self._complete(BlockOp.WRITE, start, len(data), 0, "", b"", callback)
+                    self._complete(_WRITE, start, len(data), 0, "", b"", callback)
                 else:
-                    self._complete(BlockOp.WRITE, start, 0, *_failure(error), b"", callback)
+                    self._complete(_WRITE, start, 0, *_failure(error), b"", callback)
             self._maybe_drained()
 
         self.ctx.thread_pool.submit(run, callback=done)
@@ -625,9 +641,10 @@ class BlockNode:
             return None  # (``submit`` does it again, and reports the error)
 
     def write_cached(self, offset: int, data: Buffer) -> bool:
-        """A write (without flags) done at once, inline, if the driver can
-        take it into memory without waiting for the device (whole pages of a
-        file without ``cache.direct``: ``write_nowait``), accounted as
+        """A write (without flags, of at most ``INLINE_WRITE_MAX_BYTES``) done
+        at once, inline, if the driver can take it into memory without waiting
+        for the device (whole pages of a file without ``cache.direct``:
+        ``write_nowait``), accounted as
         ``submit`` accounts it; False if not (nothing is accounted): the
         caller then ``submit``s it.  A write that waited anyway (longer than
         ``INLINE_WRITE_STALL_NS``: the kernel throttled a writer of too many
@@ -638,9 +655,9 @@ class BlockNode:
         voluntary context switch), not only preempted by a busy machine."""
         length = len(data)
         driver = self.driver
-        if self.read_only or not (0 <= offset and 0 < length <= MAX_REQUEST_BYTES
-                                  and offset + length <= driver.size):
-            return False  # (``submit`` says what is wrong)
+        if not driver.buffered_writes or self.read_only or not (
+                0 <= offset and 0 < length <= INLINE_WRITE_MAX_BYTES and offset + length <= driver.size):
+            return False  # (``submit`` says what is wrong, or writes in the pool)
         start = time.monotonic_ns()
         if start < self._inline_writes_after_ns:
             return False
@@ -651,12 +668,13 @@ class BlockNode:
         except Exception:
             return False  # (``submit`` does it again, and reports the error)
         end = time.monotonic_ns()
-        self.stats[BlockOp.WRITE].record(length, end - start, True)
+        self.stats[_WRITE].record(length, end - start, True)
         if end - start >= INLINE_WRITE_STALL_NS and _sleeps() != sleeps:  # (not just a thread preempted)
             if end - self._inline_write_stalled_ns > INLINE_WRITE_BACKOFF_MAX_NS:
                 self._inline_write_backoff_ns = INLINE_WRITE_BACKOFF_NS
             else:
-                self._inline_write_backoff_ns = min(2 * self._inline_write_backoff_ns, INLINE_WRITE_BACKOFF_MAX_NS)
+                self._inline_write_backoff_ns = min(2 * self._inline_write_backoff_ns,
+                                                    INLINE_WRITE_BACKOFF_MAX_NS)
             self._inline_write_stalled_ns = end
             self._inline_writes_after_ns = end + self._inline_write_backoff_ns
             log.debug("node %s: an inline write took %d us: writes go to the thread pool for %d s", self.name,
@@ -667,7 +685,7 @@ class BlockNode:
         """Account ``count`` reads done by ``read_cached`` one after the other
         (``nbytes`` in all) in ``elapsed_ns``: the total time as it was, and
         each read with the mean latency in the histograms."""
-        self.stats[BlockOp.READ].record(nbytes, elapsed_ns, True, count)
+        self.stats[_READ].record(nbytes, elapsed_ns, True, count)
 
     def block_status(self, offset: int, length: int, max_extents: int) -> Extents:
         """The extents of ``[offset, offset + length)``, as (length, ``BDRV_BLOCK_*``

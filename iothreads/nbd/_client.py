@@ -11,8 +11,13 @@ AioContext, with no main loop in the way:
   there (up to ``RECV_BYTES``; a large write's payload is read straight into
   the decoder's buffer instead, ``recv_into``, without a copy), and the
   ``NbdRequestDecoder`` returns every request it completed, checked as
-  QEMU's ``nbd_co_receive_request`` checks them.  Each is started at once
-  (``BlockNode.submit``); a write's data is a view of the bytes received.
+  QEMU's ``nbd_co_receive_request`` checks them.  Each is started at once;
+  a write's data is a view of the bytes received.  The common ones are
+  served inline, in the same loop, their replies queued at once: a READ
+  from the page cache (``BlockNode.read_cached``), a small WRITE of whole
+  pages taken into it (``write_cached``); the other writes without FUA that came
+  together go to the node together (``submit_writes``: one thread-pool
+  job); anything else through ``BlockNode.submit``.
 * **Output.**  Each completion appends its reply's buffers (a small header,
   then the data read itself: a view, not a copy) to the connection's queue
   and schedules a bottom half; the bottom half, and the end of the input
@@ -311,7 +316,7 @@ class NbdClient:
         The common cases are served here, inline, and their replies queued
         without a callback: a READ whose data the node has at once
         (``read_cached``: the page cache), a WRITE the node takes at once
-        (``write_cached``: whole pages into the page cache), neither with
+        (``write_cached``: a few whole pages into the page cache), neither with
         FUA.  The same as ``_start`` and ``_finish`` would do, credit
         included (a request done inline is admitted and released at once:
         only its reply's bytes count, while queued), but for the bottom half:
@@ -390,7 +395,8 @@ class NbdClient:
                 elif command == NBD_CMD_WRITE and not flags & NBD_CMD_FLAG_FUA:
                     assert payload is not None
                     self.in_flight += 1
-                    writes.append((offset, payload, self._generic_completion(request, "writing to file failed")))
+                    writes.append((offset, payload,
+                                   self._generic_completion(request, "writing to file failed")))
                 else:
                     if writes:  # (in the order they came)
                         node.submit_writes(writes)

@@ -108,8 +108,8 @@ def read_reply_header(cookie: int, offset: int, length: int, structured_replies:
     a final OFFSET_DATA chunk's (what ``simple_reply`` and ``chunk_read`` put
     first).  For a server's fast path, which sends the data after it."""
     if structured_replies:
-        return _CHUNK_READ.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA, cookie,
-                                8 + length, offset)
+        return _CHUNK_READ.pack(NBD_STRUCTURED_REPLY_MAGIC, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_DATA,
+                                cookie, 8 + length, offset)
     return _SIMPLE.pack(NBD_SIMPLE_REPLY_MAGIC, 0, cookie)
 
 

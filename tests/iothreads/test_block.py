@@ -248,10 +248,12 @@ def test_write_cached_takes_whole_pages_into_the_page_cache_and_counts_them(ctx:
     node = BlockNode(ctx, "disk0", FileDriver(image))
     page = mmap.PAGESIZE
     assert node.write_cached(page, b"\x11" * 2 * page)
-    # Not here: a part of a page (it may have to be read first), past the end, nothing.
+    # Not here: a part of a page (it may have to be read first), past the end, nothing, a large one (the
+    # pool's: the home thread receives the next meanwhile).
     assert not node.write_cached(page + 512, b"\x22" * page)
     assert not node.write_cached(4 * MiB, b"\x22" * page)
     assert not node.write_cached(0, b"")
+    assert not node.write_cached(0, b"\x22" * (_node.INLINE_WRITE_MAX_BYTES + page))
     st = node.stats["write"]
     assert (st.ops, st.bytes, st.errors, sum(st.histogram)) == (1, 2 * page, 0, 1) and st.total_ns > 0
     with open(image, "rb") as f:
@@ -302,7 +304,8 @@ def test_submit_writes_runs_buffered_writes_as_one_job_each_with_its_own_status(
         return lambda status, message, data: results.__setitem__(offset, (status, message))
 
     jobs = ctx.thread_pool.stats()["completed_total"]
-    node.submit_writes([(offset, bytes([offset // 4096]) * 4096, done(offset)) for offset in (0, 4096, 8192, 12288)]
+    node.submit_writes([(offset, bytes([offset // 4096]) * 4096, done(offset))
+                        for offset in (0, 4096, 8192, 12288)]
                        + [(4 * MiB, bytes(4096), done(4 * MiB))])  # past the end: refused at once
     assert results == {4 * MiB: (-errno.EINVAL, results[4 * MiB][1])} and node.in_flight == 4
     poll_until(lambda: ctx.poll(True), lambda: len(results) == 5, "the writes to complete", 30)

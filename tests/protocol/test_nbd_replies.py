@@ -32,6 +32,7 @@ from protocol.nbd import (
     chunk_hole,
     chunk_read,
     generic_reply,
+    read_reply_header,
     simple_reply,
 )
 from tests.protocol.nbd_model import Chunk, SimpleReply, read_replies
@@ -92,6 +93,16 @@ def test_chunk_read_round_trips_with_its_data_uncopied(cookie: int, offset: int,
     chunk = one(buffers)
     assert chunk == Chunk(NBD_REPLY_FLAG_DONE if done else 0, NBD_REPLY_TYPE_OFFSET_DATA, cookie, offset=offset,
                           data=data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(COOKIES, OFFSETS, st.integers(1, 2**25), st.booleans())
+def test_read_reply_header_is_the_header_of_a_reads_reply(cookie: int, offset: int, length: int,
+                                                          structured: bool) -> None:
+    """The fast path's header is what ``simple_reply`` and ``chunk_read`` put before the data."""
+    data = memoryview(bytes(length))
+    expected = chunk_read(cookie, offset, data) if structured else simple_reply(cookie, 0, data)
+    assert [read_reply_header(cookie, offset, length, structured), data] == expected
 
 
 def test_chunk_read_counts_bytes_of_any_view() -> None:
