@@ -8,7 +8,6 @@ import fcntl
 import mmap
 import os
 import random
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -267,14 +266,18 @@ def test_write_cached_takes_whole_pages_into_the_page_cache_and_counts_them(ctx:
 
 def test_an_inline_write_that_slept_sends_the_next_ones_to_the_pool(ctx: AioContext,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write that waited in the kernel (here: a driver that sleeps) makes
-    the node send the next writes to the thread pool, for a while."""
-    monkeypatch.setattr(_node, "INLINE_WRITE_STALL_NS", 1)
+    """A write that waited in the kernel (here: a driver during which the
+    thread's count of voluntary context switches rises, as it does for a
+    writer the kernel throttles) makes the node send the next writes to the
+    thread pool, for a while."""
+    switches = [0]
+    monkeypatch.setattr(_node, "_sleeps", lambda: switches[0])
+    monkeypatch.setattr(_node, "INLINE_WRITE_STALL_NS", 0)  # any time at all counts as long
     monkeypatch.setattr(_node, "INLINE_WRITE_BACKOFF_NS", 3600 * 10**9)  # (the test's own pace cannot end it)
 
     class Throttled(NullDriver):
         def write_nowait(self, offset: int, data: Buffer) -> bool:
-            time.sleep(0.001)  # as a writer the kernel throttles
+            switches[0] += 1  # it slept in the kernel
             return True
 
     node = BlockNode(ctx, "slow0", Throttled(MiB))
