@@ -1,11 +1,14 @@
-"""A sans-I/O protocol's output, written to a non-blocking socket.
+"""A sans-I/O protocol's socket: its output written, its input watched only while wanted.
 
 The QMP monitor's sessions and the NBD server's handshakes each drive a
 protocol object that queues bytes (``data_to_send``) and is told how many
 went out (``data_sent``).  ``SocketOutput`` writes them as far as the socket
 takes them and, when it takes no more, watches it for room (an ``IO_OUT``
 fd watch of the main context, made here and removed once all is out), so a
-slow reader never blocks the loop.  Main-loop thread.
+slow reader never blocks the loop.  ``SocketInput`` is the other way: a
+read watch that exists only while the protocol wants input (a peer that
+sends faster than it is answered is not read: its input waits in its own
+socket buffers).  Main-loop thread.
 """
 
 from __future__ import annotations
@@ -14,10 +17,10 @@ import socket
 from collections.abc import Callable
 
 from ._context import MainContext
-from ._source import IO_OUT
+from ._source import IO_ERR, IO_HUP, IO_IN, IO_OUT
 from ._standard import FdWatchSource
 
-__all__ = ["SocketOutput"]
+__all__ = ["SocketInput", "SocketOutput"]
 
 
 class SocketOutput:
@@ -66,3 +69,35 @@ class SocketOutput:
     def close(self) -> None:
         """Stop watching (the socket is the caller's to close)."""
         self._unwatch()
+
+
+class SocketInput:
+    """``on_readable()`` when ``conn`` has input (or hung up), while ``want(True)``."""
+
+    def __init__(self, context: MainContext, conn: socket.socket, on_readable: Callable[[], object], *,
+                 name: str, role: str) -> None:
+        self.context = context
+        self.conn = conn
+        self.on_readable = on_readable
+        self.name = name
+        self.role = role
+        self._watch: FdWatchSource | None = None
+
+    def want(self, wanted: bool) -> None:
+        """Watch for input, or stop (idempotent)."""
+        if wanted and self._watch is None:
+            self._watch = FdWatchSource(self.conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_input,
+                                        name=self.name, role=self.role)
+            self.context.attach(self._watch)
+        elif not wanted and self._watch is not None:
+            self._watch.destroy()
+            self._watch = None
+
+    def _on_input(self, _fd: int, _cond: int) -> bool:
+        watch = self._watch  # the source running this: kept only while it is still the watch
+        self.on_readable()
+        return self._watch is watch
+
+    def close(self) -> None:
+        """Stop watching (the socket is the caller's to close)."""
+        self.want(False)

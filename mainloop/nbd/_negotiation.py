@@ -39,9 +39,7 @@ from iothreads import ClockType, Timer
 from protocol import NbdExport, NbdHandshakeState, NbdNegotiated, NbdServerHandshake, ThrottledLog
 
 from ..cluster._cluster import Cluster
-from ..glib._output import SocketOutput
-from ..glib._source import IO_ERR, IO_HUP, IO_IN
-from ..glib._standard import FdWatchSource
+from ..glib._output import SocketInput, SocketOutput
 
 __all__ = ["Negotiation"]
 
@@ -67,7 +65,8 @@ class Negotiation:
         self._complaints = complaints
         self._on_negotiated = on_negotiated
         self._on_ended = on_ended
-        self._in: FdWatchSource | None = None
+        self._in = SocketInput(cluster.loop.context, conn, self._on_readable, name=f"nbd handshake {peer}",
+                               role=f"NBD handshake ({peer})")
         self._out = SocketOutput(cluster.loop.context, conn, self._flush, name=f"nbd handshake output {peer}",
                                  chunk_bytes=SEND_BYTES)
         self._deadline: Timer | None = None
@@ -109,26 +108,17 @@ class Negotiation:
 
     def _watch_input(self) -> None:
         """Watch for input while the handshake wants it, and only then."""
-        wanted = self.handshake.wants_input and not self.closed
-        if wanted and self._in is None:
-            self._in = FdWatchSource(self.conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
-                                     name=f"nbd handshake {self.peer}", role=f"NBD handshake ({self.peer})")
-            self.cluster.loop.context.attach(self._in)
-        elif not wanted and self._in is not None:
-            self._in.destroy()
-            self._in = None
+        self._in.want(self.handshake.wants_input and not self.closed)
 
-    def _on_readable(self, fd: int, cond: int) -> bool:
-        watch = self._in  # the source running this; kept only while it still is the watch
+    def _on_readable(self) -> None:
         try:
             data = self.conn.recv(READ_BYTES)
         except BlockingIOError:
-            return True
+            return
         except OSError:
             data = b""
         self.handshake.receive_data(data)  # b"": the client hung up, the handshake closes
         self._flush()
-        return self._in is watch
 
     # -- the end -------------------------------------------------------------------
 
@@ -155,9 +145,7 @@ class Negotiation:
 
     def _stop(self) -> None:
         self.closed = True
-        if self._in is not None:
-            self._in.destroy()
-            self._in = None
+        self._in.close()
         self._out.close()
         if self._deadline is not None:
             self._deadline.delete()

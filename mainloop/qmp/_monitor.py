@@ -88,8 +88,8 @@ from protocol.schema import Command as CommandDeclaration
 
 from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
 from ..cluster._guard import Guard, on_failure
-from ..glib._source import IO_ERR, IO_HUP, IO_IN
-from ..glib._output import SocketOutput
+from ..glib._source import IO_IN
+from ..glib._output import SocketInput, SocketOutput
 from ..glib._standard import FdWatchSource
 from ..nbd._server import BLOCK_EXPORT_DELETED, NbdServer
 
@@ -164,7 +164,8 @@ class Session:
         self.qmp = QmpSession(VERSION, max_message_bytes=monitor.max_message_bytes)
         self.closed = False
         self._dispatching = False  # in _dispatch's loop: an answer given meanwhile does not start it again
-        self._in: FdWatchSource | None = None  # watching for input: while the session wants it
+        self._in = SocketInput(monitor.loop.context, conn, self._on_readable, name=f"qmp session {peer}",
+                               role=f"QMP session socket ({peer})")  # watched while the session wants input
         self._at_eof = False
         self._out = SocketOutput(monitor.loop.context, conn, self._flush, name=f"qmp output {peer}",
                                  chunk_bytes=SEND_CHUNK_BYTES)
@@ -199,23 +200,15 @@ class Session:
         that sends faster than it is answered, or does not read its replies,
         is not read either (QEMU suspends such a monitor), so its input waits
         in its own socket buffers, not in this process."""
-        wanted = self.qmp.wants_input and not self.closed and not self._at_eof
-        if wanted and self._in is None:
-            self._in = FdWatchSource(self.conn.fileno(), IO_IN | IO_HUP | IO_ERR, self._on_readable,
-                                     name=f"qmp session {self.peer}", role=f"QMP session socket ({self.peer})")
-            self.monitor.loop.context.attach(self._in)
-        elif not wanted and self._in is not None:
-            self._in.destroy()
-            self._in = None
+        self._in.want(self.qmp.wants_input and not self.closed and not self._at_eof)
 
     # -- input ---------------------------------------------------------------
 
-    def _on_readable(self, fd: int, cond: int) -> bool:
-        watch = self._in  # the source running this; kept only while it is still the watch
+    def _on_readable(self) -> None:
         try:
             data = self.conn.recv(65536)
         except BlockingIOError:
-            return True
+            return
         except OSError:
             data = b""
         if not data:
@@ -226,10 +219,9 @@ class Session:
             self._at_eof = True
             self.qmp.receive_data(b"")
             self._dispatch()
-            return self._in is watch  # False: _flush stopped watching
+            return
         self.qmp.receive_data(data)
         self._dispatch()
-        return self._in is watch  # False when the session stopped watching (it wants no input now)
 
     def _dispatch(self) -> None:
         """Run the session's commands, one after the other, until one waits or none is left."""
@@ -266,9 +258,7 @@ class Session:
             return
         self.closed = True
         self.qmp.close()
-        if self._in is not None:
-            self._in.destroy()
-            self._in = None
+        self._in.close()
         self._out.close()
         self.conn.close()
         self.monitor.sessions.discard(self)
