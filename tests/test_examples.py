@@ -16,7 +16,7 @@ from types import ModuleType
 
 import pytest
 
-from .integration.support import descendants, wait_gone
+from .integration.support import interrupt_at
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -132,21 +132,4 @@ def test_ctrl_c_ends_an_example_with_one_line_and_status_130(example: list[str],
     terminal (SIGINT to the example's process group) once it reached a
     concrete point: one line, status 130, and what it started is gone."""
     script, *args = example
-    proc = subprocess.Popen([sys.executable, str(EXAMPLES / script), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # bounded: each example ends by itself
-            if line.startswith(point):
-                break
-        else:
-            raise AssertionError(f"{script} ended before {point!r}")
-        started = descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 130 and err == f"{os.path.basename(script)}: interrupted\n", err
-    wait_gone(started, 30, f"what {script} started")
+    interrupt_at([sys.executable, str(EXAMPLES / script), *args], point, os.path.basename(script), cwd=ROOT)

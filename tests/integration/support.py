@@ -115,6 +115,33 @@ def _processes(match: Callable[[list[str], str], bool]) -> list[int]:
     return found
 
 
+def interrupt_at(argv: list[str], point: str, name: str, *, cwd: str | os.PathLike[str],
+                 env: dict[str, str] | None = None, timeout_s: float = 60) -> list[int]:
+    """Run ``argv`` in a session of its own until it prints a line starting
+    with ``point``, then Ctrl-C it as a terminal does (SIGINT to its process
+    group): it must end with one line, ``NAME: interrupted``, and status
+    130, and every process it had started must be gone.  Those processes."""
+    proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded: it ends by itself
+            if line.startswith(point):
+                break
+        else:
+            raise AssertionError(f"{name} ended before {point!r}")
+        started = descendants(proc.pid)
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=timeout_s)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 130 and err == f"{name}: interrupted\n", err
+    wait_gone(started, 30, f"what {name} started")
+    return started
+
+
 def wait_gone(pids: list[int], timeout_s: float, what: str = "the processes") -> None:
     """Wait until every process of ``pids`` has exited, on pidfds (woken by the
     exits, no polling); fail naming those still alive after ``timeout_s``.

@@ -9,13 +9,12 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from .support import descendants, left_behind, wait_gone
+from .support import interrupt_at, left_behind
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "hardening.py"
 PLANES = {"qmp", "data", "faults", "resources"}
@@ -63,25 +62,8 @@ def test_ctrl_c_stops_it_with_one_line_and_leaves_nothing(tmp_path: pathlib.Path
     """Ctrl-C at a terminal (SIGINT to its process group) once it printed
     ``point``: one line, status 130, and what it started is gone."""
     work, env = _copy(tmp_path, short_dir)
-    proc = subprocess.Popen([sys.executable, "hardening.py", "--seed", "1", "--planes", plane], cwd=work,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # bounded: the run ends by itself
-            if line.startswith(point):
-                break
-        else:
-            raise AssertionError(f"it ended before {point!r}")
-        started = descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=RUN_S)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 130 and err == "hardening.py: interrupted\n", err
-    wait_gone(started, 30, "what hardening.py started")
+    interrupt_at([sys.executable, "hardening.py", "--seed", "1", "--planes", plane], point, "hardening.py",
+                 cwd=work, env=env, timeout_s=RUN_S)
     assert left_behind(short_dir) == []
 
 

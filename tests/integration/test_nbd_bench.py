@@ -11,13 +11,12 @@ import os
 import pathlib
 import re
 import shutil
-import signal
 import subprocess
 import sys
 
 import pytest
 
-from .support import descendants, left_behind, wait_gone
+from .support import interrupt_at, left_behind
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "bench" / "nbd.py"
 TINY = ["--size-mib", "16", "--repeats", "1", "--warmup", "0"]
@@ -72,25 +71,9 @@ def test_ctrl_c_stops_it_with_one_line_and_leaves_nothing(tmp_path: pathlib.Path
     starts (qemu-img bench against the cluster, the bare loop running too):
     one line, status 130, and every process it started is gone, its
     directory with its images and sockets too."""
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, "--seconds", "1"], cwd=tmp_path,
-                            env={**os.environ, "TMPDIR": short_dir}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # bounded: the run ends by itself
-            if line.startswith("measuring: qemu-img bench 4K randread QD32"):
-                break
-        else:
-            raise AssertionError("the benchmark ended before its second row")
-        started = descendants(proc.pid)
-        os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 130 and err == "nbd.py: interrupted\n", err
+    started = interrupt_at([sys.executable, str(SCRIPT), *TINY, "--seconds", "1"],
+                           "measuring: qemu-img bench 4K randread QD32", "nbd.py", cwd=tmp_path,
+                           env={**os.environ, "TMPDIR": short_dir})
     assert started, "nothing was running when it was interrupted"
-    wait_gone(started, 30, "what nbd.py started")
     assert left_behind(short_dir) == []
     assert list(tmp_path.iterdir()) == []
