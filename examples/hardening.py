@@ -1596,7 +1596,7 @@ class FullFileSystem(FaultCase):
             yield None if mounted else f"skipped: a small tmpfs could not be mounted (it takes root): {why}"
         finally:
             with sigint_held():
-                if mounted:
+                if mounted or (made and os.path.ismount(self.image_dir)):  # (mounted whatever mount said)
                     unmount(self.image_dir)
                 if made:
                     os.rmdir(self.image_dir)
@@ -1611,8 +1611,10 @@ class FullFileSystem(FaultCase):
 def mount_tmpfs(path: str, size_bytes: int) -> str | None:
     """Mount a tmpfs of ``size_bytes`` at ``path``; why it could not be, or None."""
     try:
+        # In a session of its own: a Ctrl-C at the terminal is this script's to
+        # handle, and must not end a mount half-way (mounted, but reported failed).
         out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_bytes // 1024}k,mode=0700", "tmpfs", path],
-                             capture_output=True, text=True)
+                             capture_output=True, text=True, start_new_session=True)
     except OSError as exc:
         return str(exc)
     return (out.stderr.strip() or f"status {out.returncode}") if out.returncode else None
@@ -1620,8 +1622,8 @@ def mount_tmpfs(path: str, size_bytes: int) -> str | None:
 
 def unmount(path: str) -> None:
     """Unmount ``path``; lazily if it is still busy."""
-    if subprocess.run(["umount", path], capture_output=True).returncode != 0:
-        subprocess.run(["umount", "-l", path], capture_output=True)
+    if subprocess.run(["umount", path], capture_output=True, start_new_session=True).returncode != 0:
+        subprocess.run(["umount", "-l", path], capture_output=True, start_new_session=True)
 
 
 FAULT_CASES: list[type[FaultCase]] = [KillIothread, StopIothread, StopLauncher, TruncateImage, UnlinkImage,
