@@ -73,12 +73,12 @@ class DataListener:
         self.listening = True
         self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
-        # With an io_poll that never finds anything: connection events are rare
-        # and can wait for the next real poll of the fds (the fd stays readable
-        # until they are read), while a real check here (a ZMQ_EVENTS read) would
-        # cost every busy-polling iteration of the data path (about 10% of the
-        # block client's IOPS); without one, busy polling would be off altogether.
-        ctx.set_fd_handler(self._monitor_fd, io_read=self._on_events, io_poll=lambda: False)
+        # With a real io_poll (a ZMQ_EVENTS read), though it costs every
+        # busy-polling turn: connections must be counted at once, while
+        # busy polling too, or libzmq accepts past the margin and aborts the
+        # process (an io_poll that never found them let a flood of clients do it).
+        ctx.set_fd_handler(self._monitor_fd, io_read=self._on_events,
+                           io_poll=lambda: bool(cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
         self._on_events()  # its fd is signalled only once a read has found the queue empty
 
     def _on_events(self) -> None:

@@ -568,6 +568,9 @@ def test_an_iothread_that_dies_takes_its_connections_and_the_export_stays(cluste
     q = qmp_of(ready)
     old = RawClient(path)
     old.go(b"disk0")
+    old.sock.sendall(encode_request(NBD_CMD_READ, 1, 0, 512))  # answered: io0 serves it now
+    replies, _ = read_replies(old.recv_exactly(16 + 512), {1: 512})
+    assert [(r.cookie, r.error) for r in replies] == [(1, 0)]
     io0 = next(t["pid"] for t in ready["iothreads"] if t["id"] == "io0")
     os.kill(io0, 9)
     assert old.closed()  # its socket went with the process
