@@ -7,17 +7,19 @@ what it agreed (``protocol.NbdConnection``); from then on an ``NbdClient``
 (QEMU's ``NBDClient``) serves it from an fd handler of the node's
 AioContext, with no main loop in the way:
 
-* **Input.**  When the socket is readable, one ``recv`` takes what is
-  there (up to ``RECV_BYTES``; a large write's payload is read straight into
-  the decoder's buffer instead, ``recv_into``, without a copy), and the
-  ``NbdRequestDecoder`` returns every request it completed, checked as
-  QEMU's ``nbd_co_receive_request`` checks them.  Each is started at once;
-  a write's data is a view of the bytes received.  The common ones are
-  served inline, in the same loop, their replies queued at once: a READ
-  from the page cache (``BlockNode.read_cached``), a small WRITE of whole
-  pages taken into it (``write_cached``); the other writes without FUA that came
-  together go to the node together (``submit_writes``: one thread-pool
-  job); anything else through ``BlockNode.submit``.
+* **Input.**  When the socket is readable, one ``recv_into`` takes what is
+  there (up to ``RECV_BYTES``) into the thread's receive buffer, and
+  ``_input`` goes through it in order, as a bare NBD loop would: the
+  common requests are parsed and checked there and served inline, their
+  replies queued at once: a READ from the page cache
+  (``BlockNode.read_cached``), a small WRITE of whole pages taken into it
+  (``write_cached``).  Any other request is given, alone, to the
+  ``NbdRequestDecoder``, which checks it as QEMU's ``nbd_co_receive_request``
+  does; the writes without FUA among them go to the node together
+  (``submit_writes``: one thread-pool job), anything else through
+  ``BlockNode.submit``.  A request cut by the end of a read is kept for the
+  next one, except a large write, whose payload is read straight into the
+  decoder's buffer (``recv_into``, without a copy).
 * **Output.**  Each completion appends its reply's buffers (a small header,
   then the data read itself: a view, not a copy) to the connection's queue
   and schedules a bottom half; the bottom half, and the end of the input
@@ -57,6 +59,7 @@ import logging
 import socket
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -77,8 +80,10 @@ from protocol.nbd import (
     NBD_CMD_WRITE_ZEROES,
     NBD_FLAG_READ_ONLY,
     NBD_MAX_BLOCK_STATUS_EXTENTS,
+    NBD_MAX_BUFFER_SIZE,
     NBD_META_CONTEXT_ALLOCATION_DEPTH,
     NBD_META_CONTEXT_BASE_ALLOCATION,
+    NBD_REQUEST_MAGIC,
     NBD_REQUEST_SIZE,
     NBD_SIMPLE_REPLY_SIZE,
     NBD_STATE_HOLE,
@@ -116,10 +121,21 @@ log = logging.getLogger("iothreads.nbd")
 
 RECV_BYTES = 256 * 1024  # one read of the socket at most: what one turn parses
 RECV_INTO_MIN_BYTES = 64 * 1024  # a payload still missing this much is read into its buffer
+CARRY_MAX_BYTES = RECV_INTO_MIN_BYTES  # a cut request up to this long is kept whole for the next read
 DRAIN_TIMEOUT_MS = 10_000  # the longest a closing or quiescing connection waits for its client
 IOV_MAX = 1024  # buffers in one sendmsg (Linux's UIO_MAXIOV)
 SECTOR_BYTES = 512  # an export's size: its node's, rounded down to this (QEMU's nbd_export_create; the main loop's)
 _HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
+
+# Each thread's buffer that sockets are read into, RECV_BYTES long.  Not ``recv(RECV_BYTES)``:
+# that allocates RECV_BYTES and shrinks them to what came, which glibc's malloc serves with
+# mmap, mremap and munmap (and a page fault) for every read; copying out what is kept is cheaper.
+_receiving = threading.local()
+
+# Each thread's buffer that sockets are read into, RECV_BYTES long.  Not ``recv(RECV_BYTES)``:
+# that allocates RECV_BYTES and shrinks them to what came, which glibc's malloc serves with
+# mmap, mremap and munmap (and a page fault) for every read; copying what came out is cheaper.
+_receiving = threading.local()
 
 Reply = list[ReplyBuffer]
 OnEnd = Callable[["NbdClient", "NbdConnection | None"], object]
@@ -226,16 +242,20 @@ class NbdClient:
         self._queued_bytes = 0  # in all, since the start
         self._sent_bytes = 0
         self._blocked = False  # the socket took less than was queued: waiting for POLLOUT
-        # The request being received: bytes of it read so far, and its first bytes (its header).
-        self._partial_bytes = 0
-        self._head = b""
+        # The start of a request cut by the end of a read (part of a header, or a
+        # small WRITE and part of its payload), kept for the next; a large WRITE's
+        # payload is collected by the decoder instead, in a buffer of its own.
+        self._carry = b""
+        self._collecting = False  # the decoder collects a WRITE's payload
+        self._read_flags = ~(self.decoder.valid_flags(NBD_CMD_READ) or 0) | NBD_CMD_FLAG_FUA  # not inline
+        self._writes_plain = self.decoder.valid_flags(NBD_CMD_WRITE) is not None
         self._nest = 0  # > 0 while requests are being started (completions then only queue)
         self._reading = False
         self._writing = False
         self._deadline: Timer | None = None
         self._send_bh = ctx.bh_new(self._send, "nbd-send")
         if conn.pending:
-            self._input(conn.pending)
+            self._input(conn.pending, len(conn.pending))
         self._send()
 
     @property
@@ -256,29 +276,45 @@ class NbdClient:
     @property
     def partial_request_bytes(self) -> int:
         """The bytes read of a request not yet complete."""
-        return self._partial_bytes
+        return len(self._carry) + self.decoder.partial_bytes
 
     # -- input ---------------------------------------------------------------
 
     def _on_readable(self) -> None:
-        buf = self.decoder.payload_buffer()
+        decoder = self.decoder
         try:
-            if buf is not None and (len(buf) >= RECV_INTO_MIN_BYTES or self.quiescing):
-                n = self.sock.recv_into(buf)
-                if not n:
-                    self._eof()
+            if self._collecting:  # a large write's payload: straight into its buffer
+                payload = decoder.payload_buffer()
+                if payload is not None and (len(payload) >= RECV_INTO_MIN_BYTES or self.quiescing):
+                    n = self.sock.recv_into(payload)
+                    if not n:
+                        self._eof()
+                        return
+                    requests = decoder.payload_received(n)
+                    if requests:
+                        self._collecting = False
+                        self._begin_all(requests)
+                    self._send()
                     return
-                self._partial_bytes += n
-                self._handle(self.decoder.payload_received(n))
+            limit = self._missing_bytes() if self.quiescing else RECV_BYTES - len(self._carry)
+            if limit <= 0:
+                return
+            try:
+                buf = _receiving.buffer
+            except AttributeError:
+                buf = _receiving.buffer = bytearray(RECV_BYTES)
+            carry = self._carry
+            start = len(carry)
+            if start:
+                buf[:start] = carry
+                n = self.sock.recv_into(memoryview(buf)[start:], limit)
             else:
-                limit = self._missing_bytes() if self.quiescing else RECV_BYTES
-                if limit <= 0:
-                    return
-                data = self.sock.recv(limit)
-                if not data:
-                    self._eof()
-                    return
-                self._input(data)
+                n = self.sock.recv_into(buf, limit)
+            if not n:
+                self._eof()
+                return
+            self._carry = b""
+            self._input(buf, start + n)
         except BlockingIOError:
             return
         except OSError as exc:
@@ -286,134 +322,195 @@ class NbdClient:
             return
         self._send()
 
-    def _input(self, data: bytes) -> None:
-        n = len(data)
-        requests = self.decoder.feed(data)
-        self._partial_bytes += n
-        self._handle(requests)
-        partial = self._partial_bytes
-        if partial and not self.decoder.closed:  # a request left incomplete: keep its header
-            if partial <= n:
-                self._head = data[n - partial:n - partial + NBD_REQUEST_SIZE]
-            elif len(self._head) < NBD_REQUEST_SIZE:
-                self._head += data[:NBD_REQUEST_SIZE - len(self._head)]
+    def _input(self, buf: bytes | bytearray, end: int) -> None:
+        """Serve or start the requests in ``buf[:end]``, in order.
+
+        The common ones are parsed here and served inline, their replies
+        queued without a callback, as a bare NBD loop would (the fast path):
+        a READ whose data the node has at once (``read_cached``: the page
+        cache), a WRITE the node takes at once (``write_cached``: a few whole
+        pages into the page cache), neither with FUA, each checked as the
+        decoder would and found valid (``NbdRequestDecoder.valid_flags``).
+        The same as ``_begin`` then ``_finish`` would do, credit included (a
+        request done inline is admitted and released at once: only its
+        reply's bytes count, while queued).  The reads done inline one after
+        the other are accounted together (``account_cached_reads``: two clock
+        reads for a run of them, each with their mean latency).  Any other
+        request goes through the decoder, alone, and to ``_begin``; the
+        WRITEs without FUA among them go to the node together
+        (``submit_writes``).  A request cut by the end of ``buf`` is kept
+        (``_carry``) for the next read, or, a large WRITE, given to the
+        decoder, whose buffer its payload is read into (``_collecting``).
+        ``buf`` may be the thread's receive buffer: nothing here keeps a
+        view of it (what the decoder keeps, it is given a copy of)."""
+        self._nest += 1
+        try:
+            decoder = self.decoder
+            writes: list[tuple[int, Buffer, Completion]] = []  # admitted, to submit together
+            pos = 0
+            if self._collecting:  # the end of a write's payload, read with what follows
+                pos = min(decoder.missing_bytes, end)
+                requests = decoder.feed(buf[:pos])
+                if decoder.missing_bytes:
+                    return
+                self._collecting = False
+                for request in requests:
+                    self._begin(request, writes)
+            node = self.node
+            read_cached = node.read_cached if node.reads_cached else None
+            write_cached = node.write_cached if self._writes_plain else None
+            read_flags = self._read_flags
+            structured = self.structured
+            size = self.size_bytes
+            unpack = _HEADER.unpack_from
+            out = self._out
+            ends = self._ends
+            view = memoryview(buf)
+            room = False  # the room left for requests done inline is known
+            requests_left = bytes_left = total_left = 0
+            run = run_bytes = run_start_ns = 0  # reads done inline since the last clock read
+            cut = False  # the loop stopped at a request cut by the end of buf
+            while end - pos >= NBD_REQUEST_SIZE:
+                magic, flags, command, cookie, offset, length = unpack(buf, pos)
+                if magic == NBD_REQUEST_MAGIC and 0 < length <= NBD_MAX_BUFFER_SIZE and offset + length <= size:
+                    if not room:
+                        room = True
+                        if self._deferred:  # (nothing overtakes a request waiting for credit)
+                            requests_left = 0
+                        else:
+                            requests_left, bytes_left, total_left = self.credit.headroom(
+                                self.key, (len(ends), self._queued_bytes - self._sent_bytes))
+                    if command == NBD_CMD_READ and not flags & read_flags and read_cached is not None:
+                        if requests_left > 0 and length <= bytes_left and length <= total_left:
+                            if not run:
+                                run_start_ns = time.monotonic_ns()
+                            data = read_cached(offset, length)
+                            if data is not None:
+                                header = read_reply_header(cookie, offset, length, structured)
+                                out.append(header)
+                                out.append(data)
+                                reply_bytes = len(header) + length
+                                self._queued_bytes += reply_bytes
+                                ends.append(self._queued_bytes)
+                                requests_left -= 1
+                                bytes_left -= reply_bytes
+                                run += 1
+                                run_bytes += length
+                                pos += NBD_REQUEST_SIZE
+                                continue
+                            # Not cached: to the pool, where the node need not try again.
+                            if run:
+                                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+                                run = run_bytes = 0
+                            room = False
+                            pos += NBD_REQUEST_SIZE
+                            self._begin(NbdRequest(command, flags, cookie, offset, length), writes, False)
+                            continue
+                    elif command == NBD_CMD_WRITE and not flags and write_cached is not None:
+                        stop = pos + NBD_REQUEST_SIZE + length
+                        if stop > end:
+                            cut = True
+                            break
+                        if requests_left > 0 and length <= bytes_left and length <= total_left and write_cached(
+                                offset, view[pos + NBD_REQUEST_SIZE:stop]):
+                            if run:  # (the run's time is its reads' only)
+                                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+                                run = run_bytes = 0
+                            out += simple_reply(cookie)
+                            self._queued_bytes += NBD_SIMPLE_REPLY_SIZE
+                            ends.append(self._queued_bytes)
+                            requests_left -= 1
+                            bytes_left -= NBD_SIMPLE_REPLY_SIZE
+                            pos = stop
+                            continue
+                # Any other request: through the decoder, alone.
+                stop = pos + NBD_REQUEST_SIZE + (length if command == NBD_CMD_WRITE else 0)
+                if stop > end:
+                    cut = True
+                    break
+                if run:
+                    node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+                    run = run_bytes = 0
+                room = False  # (what it does may change the room, or end the connection)
+                for request in decoder.feed(buf[pos:stop]):
+                    self._begin(request, writes)
+                pos = stop
+                if decoder.closed:
+                    break
+            if run:
+                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+            if pos < end and not decoder.closed:
+                if not cut or stop - pos <= CARRY_MAX_BYTES:
+                    self._carry = bytes(buf[pos:end])
+                else:  # a large WRITE's start: the decoder collects the rest in a buffer of its own
+                    for request in decoder.feed(buf[pos:end]):
+                        self._begin(request, writes)
+                    self._collecting = decoder.missing_bytes > 0
+            if writes:
+                node.submit_writes(writes)
+            self._check_stream()
+        finally:
+            self._nest -= 1
+
+    def _begin_all(self, requests: list[NbdRequest]) -> None:
+        """Start the requests the decoder completed, in order (``_begin``)."""
+        self._nest += 1
+        try:
+            writes: list[tuple[int, Buffer, Completion]] = []
+            for request in requests:
+                self._begin(request, writes)
+            if writes:
+                self.node.submit_writes(writes)
+            self._check_stream()
+        finally:
+            self._nest -= 1
+
+    def _check_stream(self) -> None:
+        """Disconnect once the decoder found the stream lost (after answering what it returned)."""
+        stream_error = self.decoder.error
+        if stream_error is not None and not self.closing:
+            self.bad_input.log(("nbd", "protocol"), logging.WARNING,
+                               "NBD connection %d (export %s): %s: disconnecting",
+                               self.conn.connection_id, self.conn.export_id, stream_error)
+            self.close(f"protocol error: {stream_error}")
 
     def _missing_bytes(self) -> int:
         """What the request being received still lacks, once its header is in
         (a write's payload); 0 at a request boundary or within a header."""
-        if self._partial_bytes < NBD_REQUEST_SIZE:
-            return 0
-        _, _, _, _, _, length = _HEADER.unpack_from(self._head)
-        return NBD_REQUEST_SIZE + int(length) - self._partial_bytes
+        carry = self._carry
+        if len(carry) >= NBD_REQUEST_SIZE:  # (only a WRITE is kept past its header)
+            length: int = _HEADER.unpack_from(carry)[5]
+            return NBD_REQUEST_SIZE + length - len(carry)
+        return self.decoder.missing_bytes
 
     def _eof(self) -> None:
-        self.close("the client closed the connection" if not self._partial_bytes
+        self.close("the client closed the connection" if not self.partial_request_bytes
                    else "the client closed the connection within a request")
 
-    def _handle(self, requests: list[NbdRequest]) -> None:
-        """Start (or answer) the requests just received, in order.
-
-        The common cases are served here, inline, and their replies queued
-        without a callback: a READ whose data the node has at once
-        (``read_cached``: the page cache), a WRITE the node takes at once
-        (``write_cached``: a few whole pages into the page cache), neither with
-        FUA.  The same as ``_start`` and ``_finish`` would do, credit
-        included (a request done inline is admitted and released at once:
-        only its reply's bytes count, while queued), but for the bottom half:
-        the caller sends what is queued right after.  The reads done inline
-        one after the other are accounted together (``account_cached_reads``:
-        two clock reads for a run of them, each read with their mean
-        latency).  The other WRITEs without FUA go to the node together
-        (``submit_writes``); anything else takes ``_start``."""
-        self._nest += 1
-        try:
-            node = self.node
-            read_cached = node.read_cached if node.reads_cached else None
-            write_cached = node.write_cached
-            structured = self.structured
-            out = self._out
-            ends = self._ends
-            inline = False  # requests may be done inline now (and the room left for them is known)
-            requests_left = bytes_left = total_left = 0
-            run = run_bytes = run_start_ns = 0  # reads done inline since the last clock read
-            writes: list[tuple[int, Buffer, Completion]] = []  # admitted, to submit together
-            for request in requests:
-                command, flags, cookie, offset, length, payload, error, _ = request
-                nowait = True
-                if (command == NBD_CMD_READ or command == NBD_CMD_WRITE) and not (
-                        error or flags & NBD_CMD_FLAG_FUA) and length:
-                    if not (inline or self.closing or self.closed or self._deferred):
-                        inline = True
-                        requests_left, bytes_left, total_left = self.credit.headroom(
-                            self.key, (len(ends), self._queued_bytes - self._sent_bytes))
-                    if inline and requests_left > 0 and length <= bytes_left and length <= total_left:
-                        if command == NBD_CMD_READ:
-                            if read_cached is not None:
-                                if not run:
-                                    run_start_ns = time.monotonic_ns()
-                                data = read_cached(offset, length)
-                                if data is not None:
-                                    header = read_reply_header(cookie, offset, length, structured)
-                                    out.append(header)
-                                    out.append(data)
-                                    reply_bytes = len(header) + length
-                                    self._queued_bytes += reply_bytes
-                                    ends.append(self._queued_bytes)
-                                    self._partial_bytes -= NBD_REQUEST_SIZE
-                                    requests_left -= 1
-                                    bytes_left -= reply_bytes
-                                    run += 1
-                                    run_bytes += length
-                                    continue
-                                nowait = False  # not cached: to the pool (the node need not try again)
-                        else:
-                            if run:  # (the run's time is its reads' only)
-                                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
-                                run = run_bytes = 0
-                            assert payload is not None
-                            if write_cached(offset, payload):
-                                out += simple_reply(cookie)
-                                self._queued_bytes += NBD_SIMPLE_REPLY_SIZE
-                                ends.append(self._queued_bytes)
-                                self._partial_bytes -= NBD_REQUEST_SIZE + length
-                                requests_left -= 1
-                                bytes_left -= NBD_SIMPLE_REPLY_SIZE
-                                continue
-                if run:
-                    node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
-                    run = run_bytes = 0
-                inline = False  # (what comes next may change the room, or end the connection)
-                self._partial_bytes -= NBD_REQUEST_SIZE + (length if command == NBD_CMD_WRITE else 0)
-                if self.closed:
-                    continue
-                if error:
-                    self._queue(generic_reply(cookie, error, request.message, structured))
-                elif command == NBD_CMD_DISC:
-                    self.close("the client disconnected")
-                elif self._deferred or not self._admit(request):
-                    self._deferred.append(request)
-                elif command == NBD_CMD_WRITE and not flags & NBD_CMD_FLAG_FUA:
-                    assert payload is not None
-                    self.in_flight += 1
-                    writes.append((offset, payload,
-                                   self._generic_completion(request, "writing to file failed")))
-                else:
-                    if writes:  # (in the order they came)
-                        node.submit_writes(writes)
-                        writes = []
-                    self._start(request, nowait)
-            if run:
-                node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
+    def _begin(self, request: NbdRequest, writes: list[tuple[int, Buffer, Completion]],
+               nowait: bool = True) -> None:
+        """Answer a refused request, or start a valid one (or defer it until
+        there is credit); a WRITE without FUA joins ``writes``, which go to
+        the node together (and before any other request is started: in the
+        order they came).  ``nowait=False``: a READ not in the page cache."""
+        if self.closed:
+            return
+        command, flags, cookie, offset, length, payload, error, _ = request
+        if error:
+            self._queue(generic_reply(cookie, error, request.message, self.structured))
+        elif command == NBD_CMD_DISC:
+            self.close("the client disconnected")
+        elif self._deferred or not self._admit(request):
+            self._deferred.append(request)
+        elif command == NBD_CMD_WRITE and not flags & NBD_CMD_FLAG_FUA:
+            assert payload is not None
+            self.in_flight += 1
+            writes.append((offset, payload, self._generic_completion(request, "writing to file failed")))
+        else:
             if writes:
-                node.submit_writes(writes)
-            stream_error = self.decoder.error
-            if stream_error is not None and not self.closing:
-                self.bad_input.log(("nbd", "protocol"), logging.WARNING,
-                                   "NBD connection %d (export %s): %s: disconnecting",
-                                   self.conn.connection_id, self.conn.export_id, stream_error)
-                self.close(f"protocol error: {stream_error}")
-        finally:
-            self._nest -= 1
+                self.node.submit_writes(writes)
+                writes.clear()
+            self._start(request, nowait)
 
     # -- requests ------------------------------------------------------------
 
@@ -605,7 +702,7 @@ class NbdClient:
                 self._end(None)
                 return
         elif self.quiescing and idle and not self._out and not self._missing_bytes():
-            self._end(replace(self.conn, pending=self._head[:self._partial_bytes]))
+            self._end(replace(self.conn, pending=self._carry))
             return
         self._watch(not self.closing and not self._deferred and (not self.quiescing or self._missing_bytes() > 0),
                     self._blocked)

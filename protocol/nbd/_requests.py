@@ -161,6 +161,32 @@ class NbdRequestDecoder:
         """No more requests will come: NBD_CMD_DISC, or an error."""
         return self.disconnected or self.error is not None
 
+    @property
+    def partial_bytes(self) -> int:
+        """The bytes of the request being received held so far (part of a
+        header, or a WRITE's header and the part of its payload that came)."""
+        if self._pending is None:
+            return len(self._tail)
+        return NBD_REQUEST_SIZE + self._filled
+
+    @property
+    def missing_bytes(self) -> int:
+        """What the WRITE whose payload is being received still lacks (0 when
+        none is: at a request boundary, or within a header)."""
+        return 0 if self._pending is None else self._pending.length - self._filled
+
+    def valid_flags(self, command: int) -> int | None:
+        """The flags a request of ``command`` may carry on this export, or None
+        if the export refuses the command whatever its flags (a write on a
+        read-only export, a command it does not know, BLOCK_STATUS without a
+        metadata context).  For an owner's fast path that checks the common
+        requests itself and feeds the others here."""
+        rule = self._rules.get(command)
+        if rule is None or (rule[2] and self._read_only) or (command == NBD_CMD_BLOCK_STATUS
+                                                             and not self._meta_contexts):
+            return None
+        return rule[0]
+
     # -- input -----------------------------------------------------------------
 
     def feed(self, data: bytes | bytearray | memoryview) -> list[NbdRequest]:

@@ -607,6 +607,61 @@ def test_writes_received_together_go_to_the_pool_as_one_job(ctx: AioContext, fil
             assert f.read(512) == pattern(i, 512)
 
 
+@pytest.mark.parametrize("cut", [1, 5, 27, 28, 29, 100, 4124, 5000, 1 << 20])
+def test_a_stream_cut_anywhere_is_served_the_same(ctx: AioContext, file_node: BlockNode, image: str,
+                                                  cut: int) -> None:
+    """Requests of every way the input takes (reads and whole-page writes
+    served inline, a write of part of a page and FUA writes that go to the
+    pool, a flush, a read with FUA, a large write), sent in pieces of ``cut``
+    bytes, each read by the server on its own: every piece boundary falls
+    somewhere else (within a header, within a payload, between requests).
+    Each is answered, the reads with the data that was in the image, the
+    writes land whole: a payload that waits for the pool is not the
+    thread's receive buffer, which the next piece is read into."""
+    with open(image, "r+b") as f:
+        f.write(pattern(99, 256 * 1024))  # what the reads read (no write in the stream overlaps them)
+    big = 300_000  # a large write (more than a read takes): its payload is collected in a buffer of its own
+    stream = [  # (command, offset, length, flags, payload seed)
+        (NBD_CMD_WRITE, 512 * 1024, 4096, 0, 1),
+        (NBD_CMD_READ, 0, 4096, 0, 0),
+        (NBD_CMD_WRITE, 600 * 1024 + 1, 512, 0, 2),
+        (NBD_CMD_FLUSH, 0, 0, 0, 0),
+        (NBD_CMD_WRITE, 700 * 1024, 4096, NBD_CMD_FLAG_FUA, 3),
+        (NBD_CMD_READ, 8192, 8192, 0, 0),
+        (NBD_CMD_READ, 100_000, 1000, NBD_CMD_FLAG_FUA, 0),
+        (NBD_CMD_WRITE, 800 * 1024, 8192, 0, 4),
+        (NBD_CMD_WRITE, 1024 * 1024, big, 0, 5),
+        (NBD_CMD_READ, 200_000, 4096, 0, 0),
+        (NBD_CMD_WRITE, 900 * 1024 + 7, 3000, 0, 6),
+    ]
+    if cut < 28:
+        stream = [r for r in stream if r[2] != big]  # (a step per byte of it: too long)
+    peer = Peer(ctx, file_node)
+    data = b""
+    for cookie, (command, offset, length, flags, seed) in enumerate(stream):
+        if command == NBD_CMD_READ:
+            peer.read_lengths[cookie] = length
+        data += encode_request(command, cookie, offset, length, flags,
+                               pattern(seed, length) if command == NBD_CMD_WRITE else b"")
+    for start in range(0, len(data), cut):
+        peer.send(data[start:start + cut])
+        peer.step()
+    replies = {r.cookie: r for r in peer.wait_replies(len(stream))}
+    assert sorted(replies) == list(range(len(stream)))
+    expected = pattern(99, 256 * 1024)
+    for cookie, (command, offset, length, flags, seed) in enumerate(stream):
+        reply = replies[cookie]
+        assert isinstance(reply, SimpleReply) and reply.error == 0, cookie
+        if command == NBD_CMD_READ:
+            assert reply.data == expected[offset:offset + length], cookie
+    with open(image, "rb") as f:
+        for command, offset, length, flags, seed in stream:
+            if command == NBD_CMD_WRITE:
+                f.seek(offset)
+                assert f.read(length) == pattern(seed, length), offset
+    assert not peer.closed and peer.client.partial_request_bytes == 0
+
+
 def test_the_credits_headroom_is_what_it_admits(ctx: AioContext) -> None:
     """What ``NbdCredit.headroom`` says a connection may still start is what
     ``admit`` takes (the inline path counts on it), at each of its limits."""
