@@ -722,6 +722,12 @@ class AioContext:
     # Introspection and teardown
     # ------------------------------------------------------------------
 
+    @property
+    def iterations(self) -> int:
+        """How many iterations (``poll`` calls, nested ones included) began so
+        far: a number that tells one turn of the loop from the next.  Any thread."""
+        return self._iterations
+
     def stats(self) -> AioContextStats:
         """A snapshot of the context's counters.  Any thread."""
         return AioContextStats(**self.counters())

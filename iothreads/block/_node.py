@@ -332,7 +332,9 @@ class FileDriver(BlockDriver):
                 if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                     raise
                 self._write_nowait = False  # not for this file system's buffered writes
-        self.write(offset, data)
+        n = os.pwrite(self.fd, data, offset)  # (``write``'s loop, for the rare short write)
+        if n < length:
+            self.write(offset + n, memoryview(data)[n:])
         return True
 
     def write_fua(self, offset: int, data: Buffer) -> None:
@@ -490,6 +492,11 @@ class BlockNode:
         self._inline_writes_after_ns = 0
         self._inline_write_backoff_ns = INLINE_WRITE_BACKOFF_NS
         self._inline_write_stalled_ns = -INLINE_WRITE_BACKOFF_MAX_NS  # when one last waited
+        # The home thread's voluntary context switches (``_sleeps``), read at the
+        # first inline write of a turn of the context (``_sleeps_turn``) and when
+        # one took long: one system call per turn, not one per write.
+        self._sleeps_turn = -1
+        self._sleeps_mark = 0
 
     @property
     def size(self) -> int:
@@ -661,7 +668,10 @@ class BlockNode:
         start = time.monotonic_ns()
         if start < self._inline_writes_after_ns:
             return False
-        sleeps = _sleeps()
+        turn = self.ctx.iterations
+        if turn != self._sleeps_turn:  # the first inline write of this turn
+            self._sleeps_turn = turn
+            self._sleeps_mark = _sleeps()
         try:
             if not driver.write_nowait(offset, data):
                 return False
@@ -669,7 +679,7 @@ class BlockNode:
             return False  # (``submit`` does it again, and reports the error)
         end = time.monotonic_ns()
         self.stats[_WRITE].record(length, end - start, True)
-        if end - start >= INLINE_WRITE_STALL_NS and _sleeps() != sleeps:  # (not just a thread preempted)
+        if end - start >= INLINE_WRITE_STALL_NS and self._slept():  # (not just a thread preempted)
             if end - self._inline_write_stalled_ns > INLINE_WRITE_BACKOFF_MAX_NS:
                 self._inline_write_backoff_ns = INLINE_WRITE_BACKOFF_NS
             else:
@@ -680,6 +690,16 @@ class BlockNode:
             log.debug("node %s: an inline write took %d us: writes go to the thread pool for %d s", self.name,
                       (end - start) // 1000, self._inline_write_backoff_ns // 1_000_000_000)
         return True
+
+    def _slept(self) -> bool:
+        """Whether the home thread slept in the kernel since the last time this
+        was asked, or since the first inline write of this turn: what it does
+        between inline writes in a turn does not sleep (non-blocking sockets,
+        reads with RWF_NOWAIT), so a sleep there was a write's."""
+        sleeps = _sleeps()
+        slept = sleeps != self._sleeps_mark
+        self._sleeps_mark = sleeps
+        return slept
 
     def account_cached_reads(self, count: int, nbytes: int, elapsed_ns: int) -> None:
         """Account ``count`` reads done by ``read_cached`` one after the other
