@@ -549,7 +549,11 @@ class AioContext:
                 progress = True
 
             # -- 8. timers -------------------------------------------------
-            if any(self._timer_heaps) and self._timers.run(self.report_exception):
+            # Without a call while none can be due: not before the group's
+            # quiet_until_ns, unless a timer became the earliest since.
+            timers = self._timers
+            if any(self._timer_heaps) and (timers.changed or time.monotonic_ns() >= timers.quiet_until_ns) \
+                    and timers.run(self.report_exception):
                 progress = True
         finally:
             if outer_ctx is None:
@@ -560,15 +564,18 @@ class AioContext:
 
     def _compute_timeout_ns(self) -> int:
         """QEMU's aio_compute_timeout: 0 if a BH is runnable, else the timer deadline."""
-        timeout = self._bhs.compute_timeout_ns()
+        bhs = self._bhs
+        timeout = bhs.compute_timeout_ns() if bhs._queue or bhs._slices else -1
         if timeout == 0:
             return 0
-        if not any(self._timer_heaps):
+        timers = self._timers
+        quiet_until_ns = timers.quiet_until_ns
+        deadline = quiet_until_ns - time.monotonic_ns() if quiet_until_ns and not timers.changed else 0
+        if deadline <= 0:  # (nothing known: ask the lists)
+            deadline = timers.deadline_ns()
+        if deadline < 0:
             return timeout
-        deadline = self._timers.deadline_ns()
-        if deadline == 0:
-            return 0
-        return soonest_timeout(timeout, deadline)
+        return deadline if timeout < 0 or deadline < timeout else timeout  # (soonest_timeout)
 
     # ------------------------------------------------------------------
     # The context as a glib-style source (QEMU's aio_ctx_prepare/check/dispatch)

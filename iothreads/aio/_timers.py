@@ -238,10 +238,16 @@ class TimerListGroup:
         clocks = resolve_clocks(clock)
         self.clocks = clocks
         self._notify = notify
+        # What a loop may skip, re-read by every ``deadline_ns``: no timer is due before
+        # ``time.monotonic_ns()`` reaches ``quiet_until_ns`` (0: unknown), unless ``changed``
+        # (set, from any thread, when a timer became the earliest of its list or a manual
+        # clock moved: only then can a timer become due sooner).
+        self.quiet_until_ns = 0
+        self.changed = True
         self._manual = {id(c): c for c in clocks.values() if isinstance(c, ManualClock)}
         for manual in self._manual.values():
-            manual.subscribe(notify)
-        self.lists = [TimerList(ct, clocks[ct], notify) for ct in ClockType]
+            manual.subscribe(self._head_changed)
+        self.lists = [TimerList(ct, clocks[ct], self._head_changed) for ct in ClockType]
         self.heaps = [tl._heap for tl in self.lists]  # for a cheap "any timer armed?"
         # By ClockType; plain ints hash alike.  ClockType(x) costs more than
         # reading the clock, and now_ns runs on every timer re-arm.
@@ -270,31 +276,67 @@ class TimerListGroup:
         except (KeyError, TypeError):
             return self.lists[ClockType(clock_type)]  # raises ValueError
 
+    def _head_changed(self) -> None:
+        """A timer may be due sooner than the group last said.  Any thread."""
+        # GIL ordering: stored after the heap changed (partner: deadline_ns,
+        # which clears it before it reads the heaps): a change is seen by
+        # that read, or leaves this set for the next one.
+        self.changed = True
+        self._notify()
+
     def deadline_ns(self) -> int:
-        """Nanoseconds until the earliest timer is due (0: due now; -1: none)."""
+        """Nanoseconds until the earliest timer is due (0: due now; -1: none).
+
+        Also sets what a loop may skip until then (``quiet_until_ns``) when
+        every armed timer is on the monotonic clock or a manual one (a wall
+        clock can jump: no promise is made then).
+        """
+        self.changed = False
+        self.quiet_until_ns = 0
         if not any(self.heaps):
             return -1
         deadline = -1
+        quiet_until_ns = -1  # the earliest monotonic expiry, while every list allows one
         for tl in self.lists:
-            if not tl._heap:  # most lists are empty: skip the call
+            heap = tl._heap
+            if not heap:  # most lists are empty
                 continue
-            d = tl.deadline_ns()
-            if d == 0:
+            head = heap[0]  # (the common case here, in one frame: a live head on a clock that runs)
+            if head[2] is None or tl.manual:
+                d = tl.deadline_ns()
+                if d < 0:
+                    continue  # (a manual clock's future: its advance sets ``changed``)
+                expire_ns = tl.now_ns() + d
+            else:
+                expire_ns = head[0]  # type: ignore[assignment]
+                d = expire_ns - tl.now_ns()
+            if d <= 0:
                 return 0
-            if d > 0 and (deadline < 0 or d < deadline):
+            if deadline < 0 or d < deadline:
                 deadline = d
+            if tl.now_ns is not time.monotonic_ns:
+                quiet_until_ns = 0
+            elif quiet_until_ns and (quiet_until_ns < 0 or expire_ns < quiet_until_ns):
+                quiet_until_ns = expire_ns
+        self.quiet_until_ns = max(quiet_until_ns, 0)
         return deadline
 
     def run(self, report: Callable[[Exception, str], None]) -> bool:
         """Fire every due timer, clock types in QEMU's order.  Returns progress."""
         fired = 0
         for tl in self.lists:
-            if tl._heap:
+            heap = tl._heap
+            if heap:
+                head = heap[0]
+                if head[0] > tl.now_ns() and head[2] is not None:  # type: ignore[operator]
+                    continue  # nothing due: the common case, without a call
                 fired += tl.run(report)
-        self.fired += fired
+        if fired:
+            self.fired += fired
+            self.changed = True  # (the heads moved: the next deadline_ns looks again)
         return fired > 0
 
     def close(self) -> None:
         """Stop listening to manual clocks."""
         for manual in self._manual.values():
-            manual.unsubscribe(self._notify)
+            manual.unsubscribe(self._head_changed)

@@ -58,7 +58,6 @@ import errno
 import logging
 import socket
 import struct
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -170,17 +169,6 @@ class NbdCredit:
     def admit(self, key: bytes, nbytes: int, backlog: tuple[int, int]) -> bool:
         return self.in_flight.admit(key, nbytes, backlog) is None
 
-    def headroom(self, key: bytes, backlog: tuple[int, int]) -> tuple[int, int, int]:
-        """What ``admit`` would still take from ``key`` (with this ``backlog``):
-        a request is admitted while the first number is above 0 and its bytes
-        are at most the other two (its own room, and the iothread's)."""
-        in_flight = self.in_flight
-        requests, nbytes = in_flight.of(key)
-        credit = in_flight.credit
-        total_bytes = in_flight.total_bytes
-        return (credit.max_requests - requests - backlog[0], credit.max_bytes - nbytes - backlog[1],
-                in_flight.max_total_bytes - total_bytes if total_bytes else sys.maxsize)
-
     def release(self, key: bytes, nbytes: int) -> None:
         self.in_flight.release(key, nbytes)
         if self.waiting:
@@ -254,6 +242,7 @@ class NbdClient:
         self._writing = False
         self._deadline: Timer | None = None
         self._send_bh = ctx.bh_new(self._send, "nbd-send")
+        self._send_scheduled = False  # _send_bh is (cheaper to ask here than the bottom half)
         if conn.pending:
             self._input(conn.pending, len(conn.pending))
         self._send()
@@ -357,7 +346,7 @@ class NbdClient:
                 for request in requests:
                     self._begin(request, writes)
             node = self.node
-            read_cached = node.read_cached if node.reads_cached else None
+            read_cached = node.read_cached  # (None when the node cannot: then the pool)
             write_cached = node.write_cached if self._writes_plain else None
             read_flags = self._read_flags
             structured = self.structured
@@ -365,7 +354,6 @@ class NbdClient:
             unpack = _HEADER.unpack_from
             out = self._out
             ends = self._ends
-            view = memoryview(buf)
             room = False  # the room left for requests done inline is known
             requests_left = bytes_left = total_left = 0
             run = run_bytes = run_start_ns = 0  # reads done inline since the last clock read
@@ -378,9 +366,9 @@ class NbdClient:
                         if self._deferred:  # (nothing overtakes a request waiting for credit)
                             requests_left = 0
                         else:
-                            requests_left, bytes_left, total_left = self.credit.headroom(
+                            requests_left, bytes_left, total_left = self.credit.in_flight.headroom(
                                 self.key, (len(ends), self._queued_bytes - self._sent_bytes))
-                    if command == NBD_CMD_READ and not flags & read_flags and read_cached is not None:
+                    if command == NBD_CMD_READ and not flags & read_flags:
                         if requests_left > 0 and length <= bytes_left and length <= total_left:
                             if not run:
                                 run_start_ns = time.monotonic_ns()
@@ -412,7 +400,7 @@ class NbdClient:
                             cut = True
                             break
                         if requests_left > 0 and length <= bytes_left and length <= total_left and write_cached(
-                                offset, view[pos + NBD_REQUEST_SIZE:stop]):
+                                offset, memoryview(buf)[pos + NBD_REQUEST_SIZE:stop]):
                             if run:  # (the run's time is its reads' only)
                                 node.account_cached_reads(run, run_bytes, time.monotonic_ns() - run_start_ns)
                                 run = run_bytes = 0
@@ -448,7 +436,8 @@ class NbdClient:
                     self._collecting = decoder.missing_bytes > 0
             if writes:
                 node.submit_writes(writes)
-            self._check_stream()
+            if decoder.error is not None:
+                self._check_stream()
         finally:
             self._nest -= 1
 
@@ -625,12 +614,13 @@ class NbdClient:
         self._queued_bytes += sum(map(len, reply))
         self._ends.append(self._queued_bytes)
         if not self._blocked:
-            self._send_bh.schedule()  # with whatever else completes in this turn
+            self._schedule_send()  # with whatever else completes in this turn
 
     def _send(self) -> None:
         """Hand the queued replies to the socket: one ``sendmsg`` (per
         IOV_MAX buffers); what it does not take waits for POLLOUT."""
-        if self._send_bh.scheduled:
+        if self._send_scheduled:
+            self._send_scheduled = False
             self._send_bh.cancel()
         out = self._out
         while out and not self.closed:
@@ -643,22 +633,29 @@ class NbdClient:
             except OSError as exc:  # the client cannot take them any more
                 self.close(f"sending failed: {exc.strerror or exc}", drop_replies=True)
                 break
+            if sent == batch_bytes and batch is out:  # all of it: the common case
+                self._sent_bytes += sent
+                out.clear()
+                self._ends.clear()
+                self._blocked = False
+                break
             self._consume(sent)
             if sent < batch_bytes:
                 self._blocked = True
                 break
         else:
             self._blocked = False
-        self._progress()
+        if self._blocked or self._writing or not self._reading or self._deferred or self.closing or self.quiescing:
+            self._progress()  # (else nothing changes: the common case)
+
+    def _schedule_send(self) -> None:
+        self._send_scheduled = True
+        self._send_bh.schedule()
 
     def _consume(self, sent: int) -> None:
         """Drop the ``sent`` bytes from the front of the queue."""
         self._sent_bytes += sent
         out = self._out
-        if self._sent_bytes == self._queued_bytes:  # all of it: the common case
-            out.clear()
-            self._ends.clear()
-            return
         i = 0
         while i < len(out) and (sent or not len(out[i])):
             size = len(out[i])
@@ -692,7 +689,7 @@ class NbdClient:
             finally:
                 self._nest -= 1
             if self._out and not self._blocked:
-                self._send_bh.schedule()
+                self._schedule_send()
             if self._deferred and not self.in_flight and not self._out:
                 # Nothing of its own will free credit: the others' completions will.
                 self.credit.waiting.add(self)

@@ -26,6 +26,8 @@ completions costs an iothread does not grow with what it sends.
 
 from __future__ import annotations
 
+import sys
+
 from dataclasses import dataclass
 
 __all__ = ["CLIENT_CREDIT", "ClientCredit", "DATA_RCVHWM", "DATA_SNDHWM", "InFlight", "MAX_TOTAL_BYTES",
@@ -98,6 +100,20 @@ class InFlight:
         self.total_bytes -= nbytes
         if not used[0]:
             del self._clients[client]
+
+    def headroom(self, client: bytes, backlog: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+        """What ``admit`` would still take from ``client`` (with this
+        ``backlog``): a request of ``nbytes`` is admitted while the first
+        number is above 0 and ``nbytes`` is at most the other two (the
+        client's room, and the iothread's).  For an owner that serves many
+        requests at once, each admitted and released at once: it counts them
+        down itself instead of asking ``admit`` for each."""
+        used = self._clients.get(client)
+        requests, used_bytes = (used[0], used[1]) if used is not None else (0, 0)
+        credit = self.credit
+        total_bytes = self.total_bytes
+        return (credit.max_requests - requests - backlog[0], credit.max_bytes - used_bytes - backlog[1],
+                self.max_total_bytes - total_bytes if total_bytes else sys.maxsize)
 
     def of(self, client: bytes) -> tuple[int, int]:
         """``client``'s requests in flight and their bytes."""

@@ -25,7 +25,7 @@ from iothreads.block._node import (
 )
 from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdCredit, NbdServer, allocation_depth, base_allocation
 from iothreads.testing import FakeClock, poll_until
-from protocol import CLIENT_CREDIT, ClientCredit, InFlight, NbdConnection
+from protocol import CLIENT_CREDIT, NbdConnection
 from protocol.nbd import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
@@ -660,24 +660,3 @@ def test_a_stream_cut_anywhere_is_served_the_same(ctx: AioContext, file_node: Bl
                 f.seek(offset)
                 assert f.read(length) == pattern(seed, length), offset
     assert not peer.closed and peer.client.partial_request_bytes == 0
-
-
-def test_the_credits_headroom_is_what_it_admits(ctx: AioContext) -> None:
-    """What ``NbdCredit.headroom`` says a connection may still start is what
-    ``admit`` takes (the inline path counts on it), at each of its limits."""
-    credit = NbdCredit(ctx, InFlight(ClientCredit(max_requests=4, max_bytes=10_000), max_total_bytes=15_000))
-    try:
-        for backlog in ((0, 0), (2, 3000), (3, 9000), (4, 0)):
-            for others in (0, 1, 2):  # another client's bytes in flight (the iothread's total)
-                for i in range(others):
-                    assert credit.admit(b"other%d" % i, 6000, (0, 0))
-                requests_left, bytes_left, total_left = credit.headroom(b"me", backlog)
-                for nbytes in (0, 1000, 5000, 7000, 9000, 10_000, 12_000):
-                    expected = requests_left > 0 and nbytes <= bytes_left and nbytes <= total_left
-                    assert credit.admit(b"me", nbytes, backlog) == expected, (backlog, others, nbytes)
-                    if expected:
-                        credit.release(b"me", nbytes)
-                for i in range(others):
-                    credit.release(b"other%d" % i, 6000)
-    finally:
-        credit.close()

@@ -213,3 +213,33 @@ def test_timer_mod_from_another_thread_wakes_the_loop(fake_ctx: AioContext) -> N
     poll_until(lambda: fake_ctx.poll(True), lambda: fired, "the timer")
     th.join()
     assert fired == [1]
+
+
+def test_a_timer_that_becomes_the_earliest_fires_though_the_loop_knew_a_later_one(ctx: AioContext) -> None:
+    """The loop skips the timer lists while none can be due (before the
+    earliest monotonic expiry it last computed): a timer armed sooner than
+    that, from a callback or from outside, still fires on the next poll, and
+    deleting the earliest one does not stop the others."""
+    fired: list[str] = []
+    far = ctx.timer_new_ms(ClockType.REALTIME, lambda: fired.append("far"))
+    far.mod(far.now() + 3_600_000)
+    assert not ctx.poll(True, 1_000_000)  # (computes the deadline: an hour away)
+    assert ctx._timers.quiet_until_ns == far.expire_time_ns  # what lets the next polls skip the lists
+    now = ctx.timer_new_ns(ClockType.REALTIME, lambda: fired.append("now"))
+    now.mod_ns(time.monotonic_ns())  # due at once: the earliest now
+    assert ctx.poll(False) and fired == ["now"]
+
+    def arm_from_a_bh() -> None:
+        now.mod_ns(time.monotonic_ns())
+
+    ctx.bh_schedule_oneshot(arm_from_a_bh)
+    assert ctx.poll(False) and fired == ["now", "now"]  # (the BH, then the timers, in one iteration)
+    soon = ctx.timer_new_ms(ClockType.REALTIME, lambda: fired.append("soon"))
+    soon.mod(soon.now() + 1)
+    far.delete()
+    poll_until(lambda: ctx.poll(True), lambda: "soon" in fired, "the timer armed after the far one was deleted")
+    host = ctx.timer_new_ns(ClockType.HOST, lambda: fired.append("host"))
+    host.mod_ns(time.time_ns() + 3_600_000_000_000)
+    assert not ctx.poll(True, 1_000_000)
+    assert ctx._timers.quiet_until_ns == 0  # a wall-clock timer: the lists are looked at every time
+    host.delete()

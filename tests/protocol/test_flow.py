@@ -35,6 +35,24 @@ def test_the_iothreads_total_is_shared_but_one_request_always_fits_an_idle_one()
     assert InFlight(ClientCredit(max_bytes=1 << 30), max_total_bytes=10).admit(b"c", 1 << 20) is None
 
 
+def test_the_headroom_is_what_admit_takes() -> None:
+    """What ``headroom`` says a client may still start is what ``admit``
+    takes (an inline path counts on it), at each of its limits."""
+    f = InFlight(ClientCredit(max_requests=4, max_bytes=10_000), max_total_bytes=15_000)
+    for backlog in ((0, 0), (2, 3000), (3, 9000), (4, 0)):
+        for others in (0, 1, 2):  # another client's bytes in flight (the iothread's total)
+            for i in range(others):
+                assert f.admit(b"other%d" % i, 6000) is None
+            requests_left, bytes_left, total_left = f.headroom(b"me", backlog)
+            for nbytes in (0, 1000, 5000, 7000, 9000, 10_000, 12_000):
+                expected = requests_left > 0 and nbytes <= bytes_left and nbytes <= total_left
+                assert (f.admit(b"me", nbytes, backlog) is None) == expected, (backlog, others, nbytes)
+                if expected:
+                    f.release(b"me", nbytes)
+            for i in range(others):
+                f.release(b"other%d" % i, 6000)
+
+
 @given(st.lists(st.tuples(st.sampled_from([b"a", b"b", b"c"]), st.integers(0, 50), st.booleans()), max_size=200))
 def test_admitted_minus_released_is_what_is_counted(ops: list[tuple[bytes, int, bool]]) -> None:
     f = InFlight(ClientCredit(max_requests=5, max_bytes=120), max_total_bytes=200)
