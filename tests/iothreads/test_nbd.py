@@ -12,6 +12,8 @@ from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from iothreads import AioContext
 from iothreads.block._node import (
@@ -25,11 +27,12 @@ from iothreads.block._node import (
 )
 from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdCredit, NbdServer, allocation_depth, base_allocation
 from iothreads.testing import FakeClock, poll_until
-from protocol import CLIENT_CREDIT, NbdConnection
+from protocol import CLIENT_CREDIT, NbdConnection, NbdRequestDecoder
 from protocol.nbd import (
     NBD_CMD_BLOCK_STATUS,
     NBD_CMD_CACHE,
     NBD_CMD_DISC,
+    NBD_CMD_FLAG_DF,
     NBD_CMD_FLAG_FAST_ZERO,
     NBD_CMD_FLAG_FUA,
     NBD_CMD_FLAG_NO_HOLE,
@@ -660,3 +663,63 @@ def test_a_stream_cut_anywhere_is_served_the_same(ctx: AioContext, file_node: Bl
                 f.seek(offset)
                 assert f.read(length) == pattern(seed, length), offset
     assert not peer.closed and peer.client.partial_request_bytes == 0
+
+
+_COMMANDS = [NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_FLUSH, NBD_CMD_DISC, 77]
+_FLAGS = [0, NBD_CMD_FLAG_FUA, NBD_CMD_FLAG_DF, NBD_CMD_FLAG_NO_HOLE, 0x8000]
+_SIZE = 64 * 1024
+
+
+@st.composite
+def _streams(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int, bool]], list[int], bool]:
+    """Requests, the read sizes of the stream's cuts, and whether the export is read-only."""
+    in_range = st.tuples(st.sampled_from([0, 4096, _SIZE - 8192]), st.sampled_from([1, 4096, 8192]))
+    out_of_range = st.tuples(st.sampled_from([0, _SIZE - 100, _SIZE, 1 << 40]),
+                             st.sampled_from([0, 4096, _SIZE + 1, NBD_MAX_BUFFER_SIZE + 1]))
+    requests = draw(st.lists(st.tuples(
+        st.sampled_from(_COMMANDS), st.sampled_from(_FLAGS), st.one_of(in_range, in_range, out_of_range),
+        st.integers(0, 15).map(lambda n: n == 0)), max_size=12))  # (the last: a bad magic, now and then)
+    requests = [(command, flags, offset, length, bad) for command, flags, (offset, length), bad in requests]
+    return requests, draw(st.lists(st.integers(1, 5000), min_size=1, max_size=6)), draw(st.booleans())
+
+
+@settings(max_examples=200, deadline=None)
+@given(_streams())
+def test_the_fast_path_answers_what_the_decoder_decides(stream: tuple[list[tuple[int, int, int, int, bool]],
+                                                                       list[int], bool]) -> None:
+    """Any stream of requests, good and bad (flags a command does not take,
+    past the end, too long, an unknown command, a bad magic, DISC, writes to
+    a read-only export), cut anywhere: the connection answers each request
+    the decoder returns for that stream, with the error the decoder decides,
+    and nothing after a DISC or a bad magic, whichever way it served it."""
+    requests, cuts, read_only = stream
+    data = b""
+    for cookie, (command, flags, offset, length, bad_magic) in enumerate(requests):
+        payload = b"w" * length if command == NBD_CMD_WRITE and length <= 2 * _SIZE else b""
+        encoded = encode_request(command, cookie, offset, length, flags, payload)
+        data += (b"\x00" * 4 + encoded[4:]) if bad_magic else encoded
+    decoder = NbdRequestDecoder(_SIZE, read_only=read_only, structured_replies=True)
+    expected = {r.cookie: r.error for r in decoder.feed(data) if r.command != NBD_CMD_DISC or r.error}  # (DISC: none)
+    with AioContext() as ctx:
+        node = BlockNode(ctx, "null0", NullDriver(_SIZE))
+        try:
+            peer = Peer(ctx, node, structured=True, read_only=read_only)
+            for cookie, (command, _, _, length, _) in enumerate(requests):
+                if command == NBD_CMD_READ and expected.get(cookie) == 0:
+                    peer.read_lengths[cookie] = length
+            pos = i = 0
+            while pos < len(data) and not peer.eof:
+                try:
+                    peer.send(data[pos:pos + cuts[i % len(cuts)]])
+                except (BrokenPipeError, ConnectionResetError):
+                    break  # (the server closed: after a bad magic, an over-long write, DISC)
+                peer.step()
+                pos += cuts[i % len(cuts)]
+                i += 1
+            peer.wait(lambda: len(peer.final()) >= len(expected) or peer.eof, "the replies")
+            got = {r.cookie: (r.error if isinstance(r, SimpleReply) or r.error is not None else 0)
+                   for r in peer.final()}
+            assert got == expected
+        finally:
+            _close_all()
+            node.close()
