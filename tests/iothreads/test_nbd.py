@@ -676,10 +676,10 @@ def _streams(draw: st.DrawFn) -> tuple[list[tuple[int, int, int, int, bool]], li
     in_range = st.tuples(st.sampled_from([0, 4096, _SIZE - 8192]), st.sampled_from([1, 4096, 8192]))
     out_of_range = st.tuples(st.sampled_from([0, _SIZE - 100, _SIZE, 1 << 40]),
                              st.sampled_from([0, 4096, _SIZE + 1, NBD_MAX_BUFFER_SIZE + 1]))
-    requests = draw(st.lists(st.tuples(
+    drawn = draw(st.lists(st.tuples(
         st.sampled_from(_COMMANDS), st.sampled_from(_FLAGS), st.one_of(in_range, in_range, out_of_range),
         st.integers(0, 15).map(lambda n: n == 0)), max_size=12))  # (the last: a bad magic, now and then)
-    requests = [(command, flags, offset, length, bad) for command, flags, (offset, length), bad in requests]
+    requests = [(command, flags, offset, length, bad) for command, flags, (offset, length), bad in drawn]
     return requests, draw(st.lists(st.integers(1, 5000), min_size=1, max_size=6)), draw(st.booleans())
 
 
