@@ -22,6 +22,13 @@ One ``poll`` runs QEMU 10.0's ``aio_poll`` phases, in this order:
 7. dispatch the ready fd handlers (and adapt each one's polling window).
 8. fire due timers.
 
+Steps 1 and 8 do not walk the timer lists while no timer can be due: the
+group remembers the earliest expiry on the monotonic clock it last computed
+(``quiet_until_ns``), which holds until a timer becomes the earliest of its
+list or a manual clock moves (``changed``, set from any thread before the
+``notify()`` that follows).  An armed watchdog timer cost a turn 14k
+instructions before.
+
 ``poll`` returns whether progress was made: a BH, a handler or a timer ran.
 Waking up for a ``notify()`` alone, draining the context's own notifier and
 running idle BHs are not progress.
