@@ -323,7 +323,8 @@ class LaunchedCluster:
     runtime directory and its log in the scratch directory, its events read
     as they come (a thread: a launcher whose stdout nobody reads would block)."""
 
-    def __init__(self, scratch: str, name: str, args: Sequence[str], nofile: int = 0) -> None:
+    def __init__(self, scratch: str, name: str, args: Sequence[str], nofile: int = 0,
+                 started: list[LaunchedCluster] | None = None) -> None:
         self.name = name
         self.runtime_dir = os.path.join(scratch, f"{name}.run")
         self.log_path = os.path.join(scratch, f"{name}.log")
@@ -333,15 +334,20 @@ class LaunchedCluster:
         self._thread: threading.Thread | None = None
         self._seen_pids: set[int] = set()
         self._closed = False
-        with open(self.log_path, "ab") as log:
-            self.proc: subprocess.Popen[str] = subprocess.Popen(
-                [sys.executable, "-c", _LAUNCHER, str(os.getpid()), str(nofile), "launch",
-                 "--runtime-dir", self.runtime_dir, *args],
-                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
         try:
+            # Ctrl-C held off while the launcher is started: one that landed
+            # inside Popen (after the fork) would leave a launcher nobody stops.
+            with open(self.log_path, "ab") as log, sigint_held():
+                self.proc: subprocess.Popen[str] = subprocess.Popen(
+                    [sys.executable, "-c", _LAUNCHER, str(os.getpid()), str(nofile), "launch",
+                     "--runtime-dir", self.runtime_dir, *args],
+                    stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+                if started is not None:
+                    started.append(self)  # (where whoever stops everything finds it, from its first moment)
             self._read_until_ready()
         except BaseException:
-            self.close()
+            if "proc" in vars(self):  # (started: the Ctrl-C held off lands here, or later)
+                self.close()
             raise
         self._thread = threading.Thread(target=self._read_events, name=f"{name}-events", daemon=True)
         self._thread.start()
@@ -465,9 +471,7 @@ class Clusters:
         self.left_behind = 0
 
     def launch(self, name: str, args: Sequence[str], nofile: int = 0) -> LaunchedCluster:
-        cluster = LaunchedCluster(self.scratch, name, args, nofile)
-        self._open.append(cluster)
-        return cluster
+        return LaunchedCluster(self.scratch, name, args, nofile, started=self._open)
 
     def close(self, cluster: LaunchedCluster) -> None:
         self._open.remove(cluster)
