@@ -71,6 +71,7 @@ from ._constants import (
     NBD_SIMPLE_REPLY_SIZE,
     NBD_STRUCTURED_REPLY_MAGIC,
 )
+from ._framing import FrameDecoder
 
 __all__ = ["NBD_DEFAULT_PORT", "NbdClientHandshake", "NbdClientState", "NbdReplyDecoder", "NbdSimpleReply",
            "NbdUri", "parse_nbd_uri"]
@@ -244,17 +245,16 @@ class NbdSimpleReply(NamedTuple):
     data: memoryview | None = None
 
 
-class NbdReplyDecoder:
+class NbdReplyDecoder(FrameDecoder[NbdSimpleReply]):
     """Finds the simple replies in the transmission phase's bytes of one connection."""
 
+    HEADER_SIZE = NBD_SIMPLE_REPLY_SIZE
+
     def __init__(self) -> None:
+        super().__init__()
         #: Why the stream cannot go on (a reply nobody asked for, a bad magic), once it cannot.
         self.error: RemoteProtocolError | None = None
         self._expected: dict[int, int] = {}  # cookie -> data bytes its successful reply carries
-        self._tail = b""  # the start of a header
-        self._pending: NbdSimpleReply | None = None  # a READ's reply waiting for its data
-        self._data = bytearray()  # that data, being filled
-        self._filled = 0
 
     def expect(self, cookie: int, read_bytes: int = 0) -> None:
         """A request with ``cookie`` was sent; its reply carries ``read_bytes``
@@ -277,26 +277,21 @@ class NbdReplyDecoder:
             return out
         view = memoryview(data).cast("B")
         end = len(view)
-        pos = 0
-        if self._pending is not None:
-            pos = self._fill(view, out)
-            if self._pending is not None:
-                return out
-        if self._tail:
-            need = NBD_SIMPLE_REPLY_SIZE - len(self._tail)
-            if end - pos < need:
-                self._tail += bytes(view[pos:])
-                return out
-            header = self._tail + bytes(view[pos:pos + need])
-            self._tail = b""
-            pos = self._reply(header, 0, view, pos + need, out)
+        pos = self._resume(view, out)
+        if pos < 0:
+            return out
         while self.error is None and self._pending is None and end - pos >= NBD_SIMPLE_REPLY_SIZE:
-            pos = self._reply(view, pos, view, pos + NBD_SIMPLE_REPLY_SIZE, out)
-        if self.error is None and self._pending is None and pos < end:
-            self._tail = bytes(view[pos:])
+            pos = self._frame(view, pos, view, pos + NBD_SIMPLE_REPLY_SIZE, out)
+        self._keep_tail(view, pos)
         return out
 
-    def _reply(self, header: bytes | memoryview, at: int, view: memoryview, pos: int,
+    def _stopped(self) -> bool:
+        return self.error is not None
+
+    def _with_payload(self, frame: NbdSimpleReply, payload: memoryview) -> NbdSimpleReply:
+        return frame._replace(data=payload)
+
+    def _frame(self, header: bytes | memoryview, at: int, view: memoryview, pos: int,
                out: list[NbdSimpleReply]) -> int:
         """The reply whose header is at ``header[at:]`` and whose data, if any,
         starts at ``view[pos:]``; where the next one starts."""
@@ -318,22 +313,7 @@ class NbdReplyDecoder:
         if len(view) - pos >= read_bytes:  # all its data is here: no copy
             out.append(NbdSimpleReply(cookie, 0, view[pos:pos + read_bytes]))
             return pos + read_bytes
-        self._pending = NbdSimpleReply(cookie, 0)
-        self._data = bytearray(read_bytes)
-        return pos + self._fill(view[pos:], out)
-
-    def _fill(self, view: memoryview, out: list[NbdSimpleReply]) -> int:
-        """Take the pending READ's data from ``view``; how much was taken."""
-        assert self._pending is not None
-        take = min(len(self._data) - self._filled, len(view))
-        self._data[self._filled:self._filled + take] = view[:take]
-        self._filled += take
-        if self._filled == len(self._data):
-            out.append(self._pending._replace(data=memoryview(self._data)))
-            self._pending = None
-            self._data = bytearray()
-            self._filled = 0
-        return take
+        return pos + self._collect(NbdSimpleReply(cookie, 0), read_bytes, True, view[pos:], out)
 
 
 # -- URIs ------------------------------------------------------------------------------------

@@ -71,6 +71,7 @@ from ._constants import (
     NBD_REQUEST_SIZE,
     nbd_cmd_lookup,
 )
+from ._framing import FrameDecoder
 
 __all__ = ["NbdRequest", "NbdRequestDecoder", "encode_request"]
 
@@ -124,7 +125,7 @@ def encode_request(command: int, cookie: int, offset: int, length: int, flags: i
     return _REQUEST.pack(NBD_REQUEST_MAGIC, flags, command, cookie, offset, length) + payload
 
 
-class NbdRequestDecoder:
+class NbdRequestDecoder(FrameDecoder[NbdRequest]):
     """Finds and checks the requests in the byte stream of one connection.
 
     :param size_bytes: the export's size (requests past it are refused).
@@ -134,8 +135,11 @@ class NbdRequestDecoder:
         (BLOCK_STATUS is refused without one).
     """
 
+    HEADER_SIZE = NBD_REQUEST_SIZE
+
     def __init__(self, size_bytes: int, *, read_only: bool = False, structured_replies: bool = False,
                  meta_contexts: int = 0) -> None:
+        super().__init__()
         self._size_bytes = size_bytes
         self._read_only = read_only
         self._meta_contexts = meta_contexts
@@ -151,29 +155,11 @@ class NbdRequestDecoder:
         self._fast = {command: (valid_flags, NBD_MAX_BUFFER_SIZE if check_length else 1 << 64)
                       for command, (valid_flags, check_length, check_rofs) in self._rules.items()
                       if command != NBD_CMD_BLOCK_STATUS and not (check_rofs and read_only)}
-        self._tail = b""  # the start of a header
-        self._pending: NbdRequest | None = None  # a WRITE waiting for its payload
-        self._payload = bytearray()  # its payload, being filled (empty when discarding)
-        self._filled = 0  # bytes of it received (or dropped)
 
     @property
     def closed(self) -> bool:
         """No more requests will come: NBD_CMD_DISC, or an error."""
         return self.disconnected or self.error is not None
-
-    @property
-    def partial_bytes(self) -> int:
-        """The bytes of the request being received held so far (part of a
-        header, or a WRITE's header and the part of its payload that came)."""
-        if self._pending is None:
-            return len(self._tail)
-        return NBD_REQUEST_SIZE + self._filled
-
-    @property
-    def missing_bytes(self) -> int:
-        """What the WRITE whose payload is being received still lacks (0 when
-        none is: at a request boundary, or within a header)."""
-        return 0 if self._pending is None else self._pending.length - self._filled
 
     def valid_flags(self, command: int) -> int | None:
         """The flags a request of ``command`` may carry on this export, or None
@@ -196,23 +182,11 @@ class NbdRequestDecoder:
             return out
         view = memoryview(data).cast("B")
         end = len(view)
-        pos = 0
-        if self._pending is not None:
-            pos = self._fill(view, out)
-            if self._pending is not None:
-                return out
-        if self._tail:
-            need = NBD_REQUEST_SIZE - len(self._tail)
-            if end - pos < need:
-                self._tail += bytes(view[pos:])
-                return out
-            header = self._tail + bytes(view[pos:pos + need])
-            self._tail = b""
-            pos = self._request(header, 0, view, pos + need, out)
-        if self.closed:
+        pos = self._resume(view, out)
+        if pos < 0:
             return out
         # The common case inline: a valid request whose payload, if any, is all here.  Anything
-        # else (a refusal, NBD_CMD_DISC, BLOCK_STATUS, a payload cut by the read) takes _request.
+        # else (a refusal, NBD_CMD_DISC, BLOCK_STATUS, a payload cut by the read) takes _frame.
         unpack = _REQUEST.unpack_from
         fast = self._fast
         size = self._size_bytes
@@ -232,11 +206,10 @@ class NbdRequestDecoder:
                                              0, "")))
                     pos = start + length
                     continue
-            pos = self._request(view, pos, view, pos + NBD_REQUEST_SIZE, out)
+            pos = self._frame(view, pos, view, pos + NBD_REQUEST_SIZE, out)
             if self.closed:
                 return out
-        if pos < end and self._pending is None:
-            self._tail = bytes(view[pos:])
+        self._keep_tail(view, pos)
         return out
 
     def payload_buffer(self) -> memoryview | None:
@@ -256,30 +229,14 @@ class NbdRequestDecoder:
             self._complete(out)
         return out
 
-    def _fill(self, view: memoryview, out: list[NbdRequest]) -> int:
-        """Take the pending WRITE's payload (or drop it) from ``view``; where it ends."""
-        assert self._pending is not None
-        missing = self._pending.length - self._filled
-        take = min(missing, len(view))
-        if self._payload:
-            self._payload[self._filled:self._filled + take] = view[:take]
-        self._filled += take
-        if take == missing:
-            self._complete(out)
-        return take
+    def _stopped(self) -> bool:
+        return self.closed
 
-    def _complete(self, out: list[NbdRequest]) -> None:
-        request = self._pending
-        assert request is not None
-        if self._payload:
-            request = request._replace(payload=memoryview(self._payload))
-            self._payload = bytearray()
-        out.append(request)
-        self._pending = None
-        self._filled = 0
+    def _with_payload(self, frame: NbdRequest, payload: memoryview) -> NbdRequest:
+        return frame._replace(payload=payload)
 
-    def _request(self, header: bytes | memoryview, at: int, view: memoryview, pos: int,
-                 out: list[NbdRequest]) -> int:
+    def _frame(self, header: bytes | memoryview, at: int, view: memoryview, pos: int,
+               out: list[NbdRequest]) -> int:
         """Check the request whose header is at ``header[at:]`` and whose payload, if
         any, starts at ``view[pos:]``; queue it; return where the next one starts."""
         fields: tuple[int, int, int, int, int, int] = _REQUEST.unpack_from(header, at)
@@ -324,7 +281,4 @@ class NbdRequestDecoder:
         if not message and end - pos >= length:  # the whole payload is here: no copy
             out.append(request._replace(payload=view[pos:pos + length]))
             return pos + length
-        self._pending = request
-        if not message:
-            self._payload = bytearray(length)
-        return pos + self._fill(view[pos:], out)
+        return pos + self._collect(request, length, not message, view[pos:], out)
