@@ -502,11 +502,6 @@ class BlockNode:
     def size(self) -> int:
         return self.driver.size
 
-    @property
-    def reads_cached(self) -> bool:
-        """Whether ``read_cached`` may serve reads (its driver's ``read_nowait``)."""
-        return self.driver.reads_nowait
-
     def _check(self, op: str, offset: int, length: int, data: Buffer) -> str | None:
         """The reason a request is invalid, or None."""
         problem = request_problem(op, offset, length, data)

@@ -229,7 +229,7 @@ def test_a_batch_of_operations_is_counted_each_with_their_mean_latency() -> None
 def test_read_cached_gives_what_the_page_cache_holds_and_leaves_the_rest_to_submit(ctx: AioContext,
                                                                                    image: str) -> None:
     node = BlockNode(ctx, "disk0", FileDriver(image))
-    assert node.reads_cached
+    assert node.driver.reads_nowait
     with open(image, "r+b") as f:
         f.write(b"\x5a" * 8192)
     data = node.read_cached(0, 8192)

@@ -25,7 +25,7 @@ from iothreads.block._node import (
     FileDriver,
     NullDriver,
 )
-from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdCredit, NbdServer, allocation_depth, base_allocation
+from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdServer, allocation_depth, base_allocation
 from iothreads.testing import FakeClock, poll_until
 from protocol import CLIENT_CREDIT, NbdConnection, NbdRequestDecoder
 from protocol.nbd import (
@@ -67,6 +67,14 @@ CONTEXTS = {NBD_META_CONTEXT_BASE_ALLOCATION: 0, NBD_META_CONTEXT_ALLOCATION_DEP
 
 def pattern(seed: int, length: int) -> bytes:
     return bytes((seed + i * 7) & 0xFF for i in range(256)) * (length // 256) + bytes(length % 256)
+
+
+def assert_written(image: str, writes: list[tuple[int, int, int]]) -> None:
+    """The file holds each write's ``pattern(seed, length)`` at its offset: (offset, length, seed)."""
+    with open(image, "rb") as f:
+        for offset, length, seed in writes:
+            f.seek(offset)
+            assert f.read(length) == pattern(seed, length), offset
 
 
 _SERVERS: list[NbdServer] = []  # closed before their context (a context refuses to close over their BHs)
@@ -222,10 +230,7 @@ def test_writes_then_reads_verify_with_both_kinds_of_replies(ctx: AioContext, fi
     peer.wait_replies(len(writes) + 1)
     for i, (offset, length) in enumerate(writes):
         assert read_data(peer, 300 + i, offset, length) == pattern(i, length)
-    with open(image, "rb") as f:
-        for i, (offset, length) in enumerate(writes):
-            f.seek(offset)
-            assert f.read(length) == pattern(i, length)
+    assert_written(image, [(offset, length, i) for i, (offset, length) in enumerate(writes)])
     assert read_data(peer, 400, 0, 0) == b""  # a read of nothing: an empty reply (NONE chunk when structured)
     assert not peer.closed
 
@@ -582,10 +587,7 @@ def test_reads_and_writes_served_inline_are_counted_as_qemu_counts_them(ctx: Aio
                   if isinstance(r, SimpleReply)) == [(10 + i, 0) for i in range(len(writes))]
     for i, (offset, length) in enumerate(writes):
         assert read_data(peer, 20 + i, offset, length) == pattern(i, length)
-    with open(image, "rb") as f:
-        for i, (offset, length) in enumerate(writes):
-            f.seek(offset)
-            assert f.read(length) == pattern(i, length)
+    assert_written(image, [(offset, length, i) for i, (offset, length) in enumerate(writes)])
     for op in ("write", "read"):
         st = file_node.stats[op]
         assert (st.ops, st.bytes, st.errors, st.invalid) == (len(writes), sum(n for _, n in writes), 0, 0), op
@@ -604,10 +606,7 @@ def test_writes_received_together_go_to_the_pool_as_one_job(ctx: AioContext, fil
                        for i in range(20)))
     assert sorted(r.cookie for r in peer.wait_replies(20)) == list(range(20))
     assert ctx.thread_pool.stats()["completed_total"] == jobs + 1
-    with open(image, "rb") as f:
-        for i in range(20):
-            f.seek(i * 10_000 + 1)
-            assert f.read(512) == pattern(i, 512)
+    assert_written(image, [(i * 10_000 + 1, 512, i) for i in range(20)])
 
 
 @pytest.mark.parametrize("cut", [1, 5, 27, 28, 29, 100, 4124, 5000, 1 << 20])
@@ -657,11 +656,8 @@ def test_a_stream_cut_anywhere_is_served_the_same(ctx: AioContext, file_node: Bl
         assert isinstance(reply, SimpleReply) and reply.error == 0, cookie
         if command == NBD_CMD_READ:
             assert reply.data == expected[offset:offset + length], cookie
-    with open(image, "rb") as f:
-        for command, offset, length, flags, seed in stream:
-            if command == NBD_CMD_WRITE:
-                f.seek(offset)
-                assert f.read(length) == pattern(seed, length), offset
+    assert_written(image, [(offset, length, seed) for command, offset, length, _, seed in stream
+                           if command == NBD_CMD_WRITE])
     assert not peer.closed and peer.client.partial_request_bytes == 0
 
 
