@@ -10,11 +10,11 @@ iothread that holds its node."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import resource
 import select
-import shutil
 import socket
 import struct
 import subprocess
@@ -51,6 +51,8 @@ from protocol.schema import (
     blockdev_to_wire,
     parse,
 )
+from tests import clients
+from tests.clients import need
 from tests.protocol.nbd_model import GREETING_SIZE, client_flags, go, option, read_handshake, read_replies
 
 from .support import Clusters
@@ -59,19 +61,7 @@ BOUND_S = 30.0
 """Bound on any one wait here (a reply, a tool's run, a connection's end)."""
 
 
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:  # CI installs them (.ci/run); a bare machine may lack them
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
-def run_tool(*argv: str) -> str:
-    """A client tool's output; it must succeed within the bound."""
-    need(argv[0])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=BOUND_S)
-    assert done.returncode == 0, f"{argv}: status {done.returncode}: {done.stderr}"
-    return done.stdout
+run_tool = functools.partial(clients.run_tool, timeout_s=BOUND_S)
 
 
 # -- a client of the handshake, from the specification -----------------------------------

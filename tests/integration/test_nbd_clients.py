@@ -8,11 +8,11 @@ byte here is served by the iothread that holds the node."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import random
-import shutil
 import socket
 import struct
 import subprocess
@@ -30,6 +30,8 @@ from protocol.nbd import (
     NBD_OPT_EXPORT_NAME,
     encode_request,
 )
+from tests import clients
+from tests.clients import need
 from tests.protocol.nbd_model import GREETING_SIZE, client_flags, option, read_replies
 
 from .support import Clusters
@@ -40,19 +42,7 @@ BOUND_S = 120.0
 MiB = 1 << 20
 
 
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:  # CI installs them (.ci/run); a bare machine may lack them
-        pytest.skip(f"{tool} is not installed")
-    return path
-
-
-def run(*argv: str) -> str:
-    """A tool's output; it must succeed within the bound."""
-    need(argv[0])
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=BOUND_S)
-    assert done.returncode == 0, f"{argv}: status {done.returncode}: {done.stdout}{done.stderr}"
-    return done.stdout
+run = functools.partial(clients.run_tool, timeout_s=BOUND_S)
 
 
 def launch(clusters: Clusters, image_bytes: int, *exports: str) -> tuple[dict[str, Any], str]:

@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import selectors
-import shutil
 import socket
 import struct
 import subprocess
@@ -73,6 +72,7 @@ from protocol.nbd import (
     generic_reply,
     simple_reply,
 )
+from tests.clients import need
 from tests.protocol.nbd_model import (
     CLIENT_FLAGS,
     Chunk,
@@ -89,13 +89,6 @@ pytestmark = pytest.mark.integration  # runs the real clients and qemu-nbd
 
 BLOCK = 4096
 TOOL_TIMEOUT_S = 60
-
-
-def need(tool: str) -> str:
-    path = shutil.which(tool)
-    if path is None:
-        pytest.skip(f"{tool} is not installed")
-    return path
 
 
 # -- a tiny server: the codec over a bytearray ------------------------------------------------------
