@@ -22,10 +22,17 @@ class ChannelHandler:
     def __init__(self, ctx: AioContext, channel: Channel, name: str = "channel") -> None:
         self.ctx = ctx
         self.channel = channel
-        self._bh: BottomHalf = ctx.bh_new(channel.drain, f"{name}-drain")
-        channel.kick = self._bh.schedule
-        ctx.set_fd_handler(channel.fileno(), io_read=channel.drain, io_poll=channel.pending_input)
-        self._bh.schedule()  # messages may have arrived before the handler existed
+        bh = ctx.bh_new(channel.drain, f"{name}-drain")
+        try:  # (an exception here, a Ctrl-C too, leaves nothing registered behind)
+            self._bh: BottomHalf = bh
+            channel.kick = bh.schedule
+            ctx.set_fd_handler(channel.fileno(), io_read=channel.drain, io_poll=channel.pending_input)
+            bh.schedule()  # messages may have arrived before the handler existed
+        except BaseException:
+            channel.kick = lambda: None
+            ctx.set_fd_handler(channel.fileno())
+            bh.delete()
+            raise
 
     def close(self) -> None:
         """Remove the handler, delete the BH, close the channel.  Idempotent."""

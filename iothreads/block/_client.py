@@ -213,11 +213,16 @@ class BlockClient:
             channel = Channel(sock, lambda _identity, msg: self._on_message(iothread, pending, msg),
                               on_error=lambda _identity, exc: self._on_bad_message(iothread, pending, exc))
             handler = ChannelHandler(self.ctx, channel, f"data-{iothread}")
-            conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data)
-            self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
-                                    io_read=lambda: self._on_monitor(iothread, conn),
-                                    io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
-            self._connections[iothread] = conn
+            try:  # (interrupted, a Ctrl-C too: what is registered goes; close() destroys the sockets)
+                conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data)
+                self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
+                                        io_read=lambda: self._on_monitor(iothread, conn),
+                                        io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
+                self._connections[iothread] = conn
+            except BaseException:
+                self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)))
+                handler.close()
+                raise
             self._on_monitor(iothread, conn)  # ZeroMQ signals its fd only once a read has found it empty
         return conn
 

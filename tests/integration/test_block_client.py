@@ -12,6 +12,7 @@ import signal
 import pytest
 
 from iothreads import AioContext, BlockClient, BlockIOError, reschedule
+from iothreads.block import _client
 from iothreads.testing import poll_until
 
 
@@ -138,3 +139,34 @@ def test_a_client_that_disconnects_mid_flight_leaks_nothing(block_cluster: tuple
     with BlockClient(run) as other:  # the iothread still serves everyone else
         other.write("disk0", 0, b"still here")
         assert other.read("disk0", 0, 10) == b"still here"
+
+
+@pytest.mark.parametrize("where", ["the channel's handler", "the connection's record", "the monitor's handler"])
+def test_an_interrupt_while_a_connection_is_set_up_leaves_nothing_behind(block_cluster: tuple[str, str],
+                                                                           monkeypatch: pytest.MonkeyPatch,
+                                                                           where: str) -> None:
+    """Regression: Ctrl-C while the first request set up its connection (the
+    example random_read.py, interrupted at its first submit) left a bottom half
+    behind, and closing the client raised BottomHalfLeakError in place of the
+    KeyboardInterrupt.  Now the interrupt comes out of the ``with`` as it came in."""
+    run, _ = block_cluster
+    client = BlockClient(run)
+    real = client.ctx.set_fd_handler
+    registrations = [0]
+
+    def set_fd_handler(fd: int, *args: object, **kwargs: object) -> None:
+        if args or kwargs:  # (a registration, not a removal)
+            registrations[0] += 1
+            if registrations[0] == {"the channel's handler": 1, "the monitor's handler": 2}.get(where):
+                raise KeyboardInterrupt
+        real(fd, *args, **kwargs)  # type: ignore[arg-type]
+
+    def connection(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(client.ctx, "set_fd_handler", set_fd_handler)
+    if where == "the connection's record":
+        monkeypatch.setattr(_client, "_Connection", connection)
+    with pytest.raises(KeyboardInterrupt), client:  # (its context closes on the way out: a leak raises there)
+        client.read("disk0", 0, 10)
+    assert client.ctx.closed
