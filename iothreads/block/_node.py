@@ -17,7 +17,7 @@ QEMU says), counted as a failed operation:
 
 A caller with many requests at once (the NBD server) has a faster way for
 the common ones, with the same checks, results and counters:
-``read_cached`` (a read served from the page cache, inline, no callback),
+``cached_reader`` (reads served from the page cache, inline, no callback),
 ``write_cached`` (a small write of whole pages taken into the page cache, inline:
 ``RWF_NOWAIT`` where the file system has it for buffered writes, else a plain
 ``pwritev`` watched for a write that slept, after which the next ones go to
@@ -47,7 +47,7 @@ Per node: counters per operation (ops, bytes, errors, total latency, and a
 log2 latency histogram), the number of requests in flight, and ``drain``,
 which calls back once nothing is in flight.  A request's latency is from
 its submission to its completion, as QEMU's block accounting measures it;
-reads served by ``read_cached`` one after the other are accounted by their
+reads served by a ``cached_reader`` one after the other are accounted by their
 caller as a run (``account_cached_reads``): the run's total time exactly,
 each read in the histograms with the run's mean.
 """
@@ -150,7 +150,14 @@ class BlockDriver:
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         """The data if it can be had without blocking, else None."""
-        return None
+        buf = bytearray(length)
+        return buf if self.read_into_nowait(offset, buf) else None
+
+    def read_into_nowait(self, offset: int, buf: bytearray | memoryview) -> bool:
+        """Fill ``buf`` with the data at ``offset`` if that can be done
+        without blocking, and say so; False if not (``buf`` then holds
+        anything).  Errors other than "would block" raise ``OSError``."""
+        return False
 
     def write(self, offset: int, data: Buffer) -> None:
         raise NotImplementedError
@@ -209,6 +216,10 @@ class NullDriver(BlockDriver):
 
     def read_nowait(self, offset: int, length: int) -> Buffer | None:
         return self.read(offset, length)
+
+    def read_into_nowait(self, offset: int, buf: bytearray | memoryview) -> bool:
+        buf[:] = bytes(len(buf)) if len(buf) > len(self._zeroes) else memoryview(self._zeroes)[:len(buf)]
+        return True
 
     def write(self, offset: int, data: Buffer) -> None:
         pass
@@ -278,22 +289,19 @@ class FileDriver(BlockDriver):
             done += n
         return view  # the buffer itself: no copy
 
-    def read_nowait(self, offset: int, length: int) -> Buffer | None:
+    def read_into_nowait(self, offset: int, buf: bytearray | memoryview) -> bool:
         if not self.reads_nowait:
-            return None
-        buf = bytearray(length)
+            return False
         try:
-            n = os.preadv(self.fd, [buf], offset, os.RWF_NOWAIT)
+            # Short: partly cached or at EOF (the blocking path decides).
+            return os.preadv(self.fd, (buf,), offset, os.RWF_NOWAIT) == len(buf)
         except BlockingIOError:
-            return None
+            return False
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
                 self.reads_nowait = False  # not for this file system: always use the pool
-                return None
+                return False
             raise
-        if n < length:
-            return None  # partly cached or at EOF: let the blocking path decide
-        return buf
 
     def write(self, offset: int, data: Buffer, rwf_flags: int = 0) -> None:
         if not len(data):
@@ -521,7 +529,7 @@ class BlockNode:
         ``flags``: ``BDRV_REQ_FUA`` for a write, ``BDRV_REQ_MAY_UNMAP`` and
         ``BDRV_REQ_NO_FALLBACK`` for write-zeroes (others are ignored).
         ``nowait=False``: a read goes to the thread pool without trying
-        ``read_nowait`` first (its caller's ``read_cached`` just did)."""
+        ``read_nowait`` first (its caller's ``cached_reader`` just did)."""
         start = time.monotonic_ns()
         problem = self._check(op, offset, length, data)
         if problem is not None:
@@ -627,20 +635,20 @@ class BlockNode:
 
         self.ctx.thread_pool.submit(run, callback=done)
 
-    def read_cached(self, offset: int, length: int) -> Buffer | None:
-        """A read's data at once, if the driver has it without blocking (the
-        page cache: ``read_nowait``), else None: the caller then ``submit``s
-        the read, which takes the usual way (and fails as it must).  For a
-        caller's fast path, which accounts the reads it got this way itself
-        (``account_cached_reads``): the read is not accounted here, and never
-        in flight."""
+    def cached_reader(self) -> Callable[[int, bytearray | memoryview], bool] | None:
+        """A way to read data the driver has at once (the page cache:
+        ``read_into_nowait``), into the caller's buffers; None if this node
+        never has any.  ``reader(offset, buf)`` fills ``buf`` and returns
+        True, or returns False (or raises ``OSError``) and the caller then
+        ``submit``s the read, which takes the usual way (and fails as it
+        must).  For a caller's fast path that checked the range already
+        (within the node, not empty, at most ``MAX_REQUEST_BYTES``: the
+        reader does not, and a file's reads at offset -1 would read at its
+        position), and that accounts the reads it got this way
+        itself (``account_cached_reads``): they are not accounted here, and
+        never in flight."""
         driver = self.driver
-        if not (0 <= offset and 0 < length <= MAX_REQUEST_BYTES and offset + length <= driver.size):
-            return None  # (``submit`` says what is wrong)
-        try:
-            return driver.read_nowait(offset, length)
-        except Exception:
-            return None  # (``submit`` does it again, and reports the error)
+        return driver.read_into_nowait if driver.reads_nowait else None
 
     def write_cached(self, offset: int, data: Buffer) -> bool:
         """A write (without flags, of at most ``INLINE_WRITE_MAX_BYTES``) done
@@ -697,7 +705,7 @@ class BlockNode:
         return slept
 
     def account_cached_reads(self, count: int, nbytes: int, elapsed_ns: int) -> None:
-        """Account ``count`` reads done by ``read_cached`` one after the other
+        """Account ``count`` reads done by a ``cached_reader`` one after the other
         (``nbytes`` in all) in ``elapsed_ns``: the total time as it was, and
         each read with the mean latency in the histograms."""
         self.stats[_READ].record(nbytes, elapsed_ns, True, count)

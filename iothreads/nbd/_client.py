@@ -12,7 +12,8 @@ AioContext, with no main loop in the way:
   ``_input`` goes through it in order, as a bare NBD loop would: the
   common requests are parsed and checked there and served inline, their
   replies queued at once: a READ from the page cache
-  (``BlockNode.read_cached``), a small WRITE of whole pages taken into it
+  (``BlockNode.cached_reader``: into a buffer of the connection, reused
+  once its replies are sent), a small WRITE of whole pages taken into it
   (``write_cached``).  Any other request is given, alone, to the
   ``NbdRequestDecoder``, which checks it as QEMU's ``nbd_co_receive_request``
   does; the writes without FUA among them go to the node together
@@ -123,17 +124,13 @@ RECV_INTO_MIN_BYTES = 64 * 1024  # a payload still missing this much is read int
 CARRY_MAX_BYTES = RECV_INTO_MIN_BYTES  # a cut request up to this long is kept whole for the next read
 DRAIN_TIMEOUT_MS = 10_000  # the longest a closing or quiescing connection waits for its client
 IOV_MAX = 1024  # buffers in one sendmsg (Linux's UIO_MAXIOV)
+READ_SLAB_BYTES = 128 * 1024  # a connection's buffer that the reads served inline read into
 SECTOR_BYTES = 512  # an export's size: its node's, rounded down to this (QEMU's nbd_export_create; the main loop's)
 _HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 
 # Each thread's buffer that sockets are read into, RECV_BYTES long.  Not ``recv(RECV_BYTES)``:
 # that allocates RECV_BYTES and shrinks them to what came, which glibc's malloc serves with
 # mmap, mremap and munmap (and a page fault) for every read; copying out what is kept is cheaper.
-_receiving = threading.local()
-
-# Each thread's buffer that sockets are read into, RECV_BYTES long.  Not ``recv(RECV_BYTES)``:
-# that allocates RECV_BYTES and shrinks them to what came, which glibc's malloc serves with
-# mmap, mremap and munmap (and a page fault) for every read; copying what came out is cheaper.
 _receiving = threading.local()
 
 Reply = list[ReplyBuffer]
@@ -235,6 +232,11 @@ class NbdClient:
         # payload is collected by the decoder instead, in a buffer of its own.
         self._carry = b""
         self._collecting = False  # the decoder collects a WRITE's payload
+        # The reads served inline read into slices of one buffer, reused once
+        # the socket took every reply queued (a fresh, zeroed buffer for each
+        # read cost more than the read's own copy).
+        self._slab: memoryview | None = None
+        self._slab_used = 0
         self._read_flags = ~(self.decoder.valid_flags(NBD_CMD_READ) or 0) | NBD_CMD_FLAG_FUA  # not inline
         self._writes_plain = self.decoder.valid_flags(NBD_CMD_WRITE) is not None
         self._nest = 0  # > 0 while requests are being started (completions then only queue)
@@ -316,7 +318,7 @@ class NbdClient:
 
         The common ones are parsed here and served inline, their replies
         queued without a callback, as a bare NBD loop would (the fast path):
-        a READ whose data the node has at once (``read_cached``: the page
+        a READ whose data the node has at once (``cached_reader``: the page
         cache), a WRITE the node takes at once (``write_cached``: a few whole
         pages into the page cache), neither with FUA, each checked as the
         decoder would and found valid (``NbdRequestDecoder.valid_flags``).
@@ -331,8 +333,16 @@ class NbdClient:
         (``_carry``) for the next read, or, a large WRITE, given to the
         decoder, whose buffer its payload is read into (``_collecting``).
         ``buf`` may be the thread's receive buffer: nothing here keeps a
-        view of it (what the decoder keeps, it is given a copy of)."""
+        view of it (what the decoder keeps, it is given a copy of).  The
+        reads done inline read into the connection's slab, from its start
+        again once every reply queued before was sent (then nothing refers
+        to it), else after what the queued ones use; a read that does not
+        fit gets a buffer of its own."""
         self._nest += 1
+        slab = self._slab
+        if slab is None:
+            slab = self._slab = memoryview(bytearray(READ_SLAB_BYTES))
+        slab_used = 0 if not self._out else self._slab_used  # (the socket took all it held)
         try:
             decoder = self.decoder
             writes: list[tuple[int, Buffer, Completion]] = []  # admitted, to submit together
@@ -346,7 +356,7 @@ class NbdClient:
                 for request in requests:
                     self._begin(request, writes)
             node = self.node
-            read_cached = node.read_cached  # (None when the node cannot: then the pool)
+            read_into = node.cached_reader()  # (None when the node cannot: then the pool)
             write_cached = node.write_cached if self._writes_plain else None
             read_flags = self._read_flags
             structured = self.structured
@@ -372,8 +382,15 @@ class NbdClient:
                         if requests_left > 0 and length <= bytes_left and length <= total_left:
                             if not run:
                                 run_start_ns = time.monotonic_ns()
-                            data = read_cached(offset, length)
-                            if data is not None:
+                            in_slab = slab_used + length <= READ_SLAB_BYTES
+                            data = slab[slab_used:slab_used + length] if in_slab else bytearray(length)
+                            try:
+                                got = read_into is not None and read_into(offset, data)
+                            except OSError:
+                                got = False  # (the pool's read reports it)
+                            if got:
+                                if in_slab:
+                                    slab_used += length
                                 header = read_reply_header(cookie, offset, length, structured)
                                 out.append(header)
                                 out.append(data)
@@ -439,6 +456,7 @@ class NbdClient:
             if decoder.error is not None:
                 self._check_stream()
         finally:
+            self._slab_used = slab_used
             self._nest -= 1
 
     def _begin_all(self, requests: list[NbdRequest]) -> None:

@@ -226,21 +226,29 @@ def test_a_batch_of_operations_is_counted_each_with_their_mean_latency() -> None
     assert st.bins == [0, 3, 1]
 
 
-def test_read_cached_gives_what_the_page_cache_holds_and_leaves_the_rest_to_submit(ctx: AioContext,
-                                                                                   image: str) -> None:
+def test_cached_reader_fills_buffers_with_what_the_page_cache_holds(ctx: AioContext, image: str) -> None:
     node = BlockNode(ctx, "disk0", FileDriver(image))
-    assert node.driver.reads_nowait
+    reader = node.cached_reader()
+    assert reader is not None
     with open(image, "r+b") as f:
         f.write(b"\x5a" * 8192)
-    data = node.read_cached(0, 8192)
-    assert data is not None and bytes(data) == b"\x5a" * 8192  # (just written: in the page cache)
-    for offset, length in ((4 * MiB - 100, 200), (-1, 10), (0, 0)):  # past the end, negative, empty
-        assert node.read_cached(offset, length) is None
+    buf = bytearray(8192)
+    assert reader(0, buf) and buf == b"\x5a" * 8192  # (just written: in the page cache)
+    view = memoryview(bytearray(16384))[4096:12288]  # (a slice of a larger buffer, as a slab's)
+    assert reader(0, view) and bytes(view) == b"\x5a" * 8192
+    assert not reader(4 * MiB - 100, bytearray(200))  # past the end: short, left to submit
     assert node.stats["read"].ops == 0 and node.in_flight == 0  # not accounted: its caller does that
     node.account_cached_reads(2, 8192, 6_000)
     st = node.stats["read"]
     assert (st.ops, st.bytes, st.total_ns, st.histogram[1]) == (2, 8192, 6_000, 2)
     node.close()
+    null = BlockNode(ctx, "null0", NullDriver(4 * MiB, read_zeroes=True))
+    null_reader = null.cached_reader()
+    assert null_reader is not None
+    for length in (4096, 100_000):  # within its buffer of zeroes, and past it
+        used = bytearray(b"\xff" * length)  # (a reused buffer: its old bytes must not show)
+        assert null_reader(0, used) and used == bytes(length)
+    null.close()
 
 
 def test_write_cached_takes_whole_pages_into_the_page_cache_and_counts_them(ctx: AioContext, image: str) -> None:

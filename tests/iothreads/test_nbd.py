@@ -54,6 +54,7 @@ from protocol.nbd import (
     NBD_REPLY_TYPE_ERROR,
     NBD_REPLY_TYPE_NONE,
     NBD_REPLY_TYPE_OFFSET_DATA,
+    NBD_REQUEST_SIZE,
     NBD_STATE_HOLE,
     NBD_STATE_ZERO,
     encode_request,
@@ -465,6 +466,50 @@ def test_a_client_that_never_reads_stops_being_read(ctx: AioContext) -> None:
     assert max(held) <= credit + CLIENT_CREDIT.max_requests * 32 + length  # (and the replies' headers)
     peer.wait(lambda: len(peer.final()) == total and not peer.outgoing, "every reply")
     assert [r.cookie for r in peer.final()] == list(range(total))
+
+
+@pytest.mark.parametrize("structured", [False, True])
+def test_replies_waiting_for_a_slow_client_keep_their_data(ctx: AioContext, file_node: BlockNode, image: str,
+                                                           structured: bool) -> None:
+    """The reads served inline read into one buffer of the connection, used
+    again only once every reply queued was sent: a client that reads its
+    replies slowly (the socket takes part of them, the rest waits) gets each
+    page's own data, however the reads and the sends interleave."""
+    page = 4096
+    pages = IMAGE_BYTES // page
+    with open(image, "r+b") as f:
+        for i in range(pages):
+            f.write(pattern(i, page))
+    peer = Peer(ctx, file_node, structured=structured)
+    peer.client.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)  # (each send takes a few replies)
+    total = 2000  # 8 MiB of replies: many times what the sockets hold
+    order = [(i * 37) % pages for i in range(total)]
+    for cookie in range(total):
+        peer.read_lengths[cookie] = page
+    peer.outgoing = b"".join(encode_request(NBD_CMD_READ, cookie, order[cookie] * page, page)
+                             for cookie in range(total))
+    waited: list[bool] = []
+
+    def trickle() -> None:  # the client sends a few requests, and takes a little of what came
+        try:
+            peer.outgoing = peer.outgoing[peer.sock.send(peer.outgoing[:8 * NBD_REQUEST_SIZE]):]
+        except BlockingIOError:
+            pass
+        ctx.poll(True, 10_000_000)
+        waited.append(peer.client.send_blocked)
+        try:
+            peer.received += peer.sock.recv(64_000)
+        except BlockingIOError:
+            pass
+        replies, peer.received = read_replies(peer.received, peer.read_lengths)
+        peer.replies += replies
+
+    poll_until(trickle, lambda: len(peer.final()) == total, "every reply, read slowly")
+    assert sum(waited) > 10  # (replies did wait for the socket: the case under test)
+    for cookie, parts in peer.by_cookie().items():
+        data = parts[0].data if isinstance(parts[0], SimpleReply) else b"".join(
+            c.data for c in parts if isinstance(c, Chunk) and c.type == NBD_REPLY_TYPE_OFFSET_DATA)
+        assert data == pattern(order[cookie], page), cookie
 
 
 def test_quiesce_hands_back_at_a_request_boundary_with_the_bytes_not_handled(ctx: AioContext,
