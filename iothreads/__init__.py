@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .aio import AioContext as AioContext
 from .aio import AioContextStats as AioContextStats
+from .aio import AsyncioSource as AsyncioSource
 from .aio import get_current_aio_context as get_current_aio_context
 from .aio import BottomHalf as BottomHalf
 from .aio import ChannelHandler as ChannelHandler
@@ -42,6 +43,7 @@ from .worker import set_parent_death_signal as set_parent_death_signal
 __all__ = [
     "AioContext",
     "AioContextStats",
+    "AsyncioSource",
     "BlockClient",
     "BlockIOError",
     "BottomHalf",

@@ -95,6 +95,20 @@ def test_random_read_example() -> None:
 
 
 @pytest.mark.integration
+def test_asyncio_program_example() -> None:
+    """One asyncio loop: QMP (qemu.qmp), block I/O awaited from tasks, a node moved under its reads."""
+    out = _run_example(str(EXAMPLES / "asyncio_program.py"))
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("iothreads: io0 (pid ") and ", io1 (pid " in lines[0]
+    assert lines[1] == "disk0: 256 blocks written by 32 tasks at once"
+    assert lines[2].startswith("disk0: read back while it moved to io1, 0 mismatches")
+    assert re.fullmatch(r"disk0 \(query-blockstats\): (\d+) reads, (\d+) writes", lines[3])
+    reads, writes = map(int, re.findall(r"\d+", lines[3].split(":")[1]))
+    assert reads >= 256 and writes == 256
+
+
+@pytest.mark.integration
 def test_verify_example() -> None:
     out = _run_example(str(EXAMPLES / "verify.py"))
     assert out.returncode == 0, out.stderr
@@ -124,6 +138,7 @@ def test_bql_contention_example_gives_the_median_and_range_of_several_rounds() -
 @pytest.mark.parametrize(("example", "point"), [
     (["bql_contention.py", "--seconds", "5"], "(a) completions in the main loop"),  # a case measured
     (["random_read.py"], "disk0: random 4 KiB reads"),  # reading
+    (["asyncio_program.py"], "iothreads: io0"),  # an asyncio program, QMP connected
     (["bench/loop.py", "--quick"], "median of"),  # measuring
     (["bench/blockio.py", "--quick"], "the main loop, the iothread"),  # setting up
 ])

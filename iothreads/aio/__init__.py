@@ -3,6 +3,8 @@ adaptive busy polling, the thread pool, coroutines, and a channel served by a co
 
 from __future__ import annotations
 
+from ._asyncio import AsyncioSource as AsyncioSource
+from ._asyncio import asyncio_source_of as asyncio_source_of
 from ._bh import BottomHalf as BottomHalf
 from ._bh import BottomHalfQueue as BottomHalfQueue
 from ._channel_handler import ChannelHandler as ChannelHandler

@@ -15,7 +15,10 @@ Three ways to wait, over the same machinery:
 * ``submit(node, op, ..., callback)``: ``callback(status, message, data)``
   runs in the client's AioContext (yours, if you passed one; attach it to a
   MainContext with ``mainloop.AioSource`` to get callbacks there);
-* ``await client.aread(...)`` etc. in our coroutines;
+* ``await client.aread(...)`` etc. in our coroutines, or in asyncio tasks
+  (the client's context is then driven by the running asyncio loop, an
+  ``AsyncioSource``: completions come through the loop, no thread in
+  between);
 * ``client.read(...)`` etc.: blocking calls that poll the client's context,
   up to ``timeout_s``; then the request is given up (its answer, if it
   comes, is dropped) and ``TimeoutError`` raised.
@@ -45,12 +48,13 @@ can read fails that request with EIO.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -77,10 +81,11 @@ from protocol import (
     request_bytes,
 )
 
+from ..aio._asyncio import AsyncioSource, asyncio_source_of
 from ..aio._context import AioContext
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
-from ..aio._coroutine import Future
+from ..aio._coroutine import Future, current_coroutine
 from ._node import request_problem
 
 __all__ = ["CLUSTER_STATE_FILE", "BlockClient", "BlockIOError"]
@@ -90,6 +95,27 @@ MAX_RESENDS = 1000  # a node in the middle of a move answers ESTALE for a little
 RESEND_DELAY_MS = 1
 RESEND_DELAY_MAX_MS = 100
 Completion = Callable[[int, str, bytes], object]
+
+
+def _asyncio_task() -> asyncio.Task[Any] | None:
+    """The asyncio task running in this thread, if any."""
+    try:
+        return asyncio.current_task()
+    except RuntimeError:  # no running loop
+        return None
+
+
+def _completing(fut: Future[bytes] | asyncio.Future[bytes]) -> Callable[[int, str, bytes], None]:
+    """A request's completion callback that completes ``fut`` (unless it is
+    done already: an asyncio task cancelled while it waited)."""
+    def done(status: int, message: str, out: bytes) -> None:
+        if fut.done():
+            return
+        if status < 0:
+            fut.set_exception(BlockIOError(-status, message))
+        else:
+            fut.set_result(out)
+    return done
 
 
 class BlockIOError(OSError):
@@ -152,6 +178,7 @@ class BlockClient:
         self._lost: set[str] = set()  # iothreads whose connection dropped (and has not come back)
         self.resends = 0  # requests sent again because their node had moved
         self._bad_input = ThrottledLog(log)  # what iothreads send wrong: a few lines each, then counts
+        self._asyncio_source: AsyncioSource | None = None  # the client's own context, driven by asyncio
 
     # -- the cluster's shape ---------------------------------------------------
 
@@ -426,20 +453,36 @@ class BlockClient:
     def write_zeroes(self, node: str, offset: int, length: int) -> None:
         self._wait(node, "write_zeroes", offset, length, b"")
 
-    def _future(self, node: str, op: str, offset: int, length: int, data: bytes) -> Future[bytes]:
+    def _future(self, node: str, op: str, offset: int, length: int, data: bytes) -> Awaitable[bytes]:
+        """What the ``a*`` methods await: one of our ``Future``s in our
+        coroutines, an asyncio future in an asyncio task."""
+        if current_coroutine() is None and _asyncio_task() is not None:
+            return self._asyncio_future(node, op, offset, length, data)
         fut: Future[bytes] = Future()
+        self.submit(node, op, offset, length, data, _completing(fut))
+        return fut
 
-        def done(status: int, message: str, out: bytes) -> None:
-            if status < 0:
-                fut.set_exception(BlockIOError(-status, message))
-            else:
-                fut.set_result(out)
-
-        self.submit(node, op, offset, length, data, done)
+    def _asyncio_future(self, node: str, op: str, offset: int, length: int, data: bytes) -> asyncio.Future[bytes]:
+        """The request, completed through the running asyncio loop: the
+        client's context must be driven by it (an ``AsyncioSource``; made
+        here for a context of the client's own).  A task cancelled while it
+        waits gives the request up: its completion is dropped."""
+        loop = asyncio.get_running_loop()
+        source = asyncio_source_of(self.ctx)
+        if source is None and self._owns_ctx:
+            source = self._asyncio_source = AsyncioSource(self.ctx, loop)
+        if source is None or source.loop is not loop:
+            raise StateError(f"the block client's AioContext {self.ctx.name!r} is not driven by this asyncio loop: "
+                             "attach it with iothreads.aio.AsyncioSource(ctx) in the loop's thread")
+        fut: asyncio.Future[bytes] = loop.create_future()
+        self.submit(node, op, offset, length, data, _completing(fut))
         return fut
 
     async def aread(self, node: str, offset: int, length: int) -> bytes:
-        """``await client.aread(...)`` in a coroutine on the client's context."""
+        """``await client.aread(...)``: in a coroutine on the client's
+        context, or in an asyncio task of the loop that drives it (the
+        client's own context is attached to the running loop at the first
+        such call: create the client in the loop's thread)."""
         return await self._future(node, "read", offset, length, b"")
 
     async def awrite(self, node: str, offset: int, data: bytes) -> None:
@@ -459,6 +502,9 @@ class BlockClient:
         # connection interrupted while it was being set up (Ctrl-C) leaves
         # sockets that no _Connection holds; destroy closes them all.
         self.zmq.destroy(linger=0)
+        if self._asyncio_source is not None:
+            self._asyncio_source.close()
+            self._asyncio_source = None
         if self._owns_ctx:
             self.ctx.close()
 
