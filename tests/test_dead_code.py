@@ -32,6 +32,8 @@ USED_ALL_THE_SAME: dict[str, str] = {
     "set_home_thread": "public API", "thread_pool_min": "public API",
     # Public API: the block client's awaitable forms, one per operation (aread is used).
     "awrite": "public API", "aflush": "public API",
+    # The pytest plugin's hooks: pytest calls them by name.
+    "pytest_addoption": "pytest hook", "pytest_configure": "pytest hook", "pytest_pyfunc_call": "pytest hook",
 }
 
 

@@ -69,6 +69,7 @@ PARTS = {
         "nbd": {"glib", "loop", "cluster"},
         "qmp": {"glib", "loop", "cluster", "nbd"},
         "cli": {"glib", "loop", "cluster", "nbd", "qmp"},
+        "pytest_plugin": {"glib", "loop", "cluster", "nbd", "qmp", "cli"},
     },
 }
 

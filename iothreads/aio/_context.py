@@ -569,6 +569,13 @@ class AioContext:
                 running[ident] = outer_ctx
         return progress
 
+    def until_next_timer_ns(self) -> int:
+        """Nanoseconds until the earliest armed timer is due, whatever its
+        clock (a fake one too: what a test advances it by to fire it); -1 if
+        none.  Home thread."""
+        deltas = [d for d in (tl.until_next_ns() for tl in self._timers.lists) if d >= 0]
+        return min(deltas) if deltas else -1
+
     def _compute_timeout_ns(self) -> int:
         """QEMU's aio_compute_timeout: 0 if a BH is runnable, else the timer deadline."""
         bhs = self._bhs

@@ -150,6 +150,12 @@ class TimerList:
         On a manual clock a future deadline reads as -1: nothing will move the
         clock while the loop sleeps, and advancing it notifies the context.
         """
+        delta = self.until_next_ns()
+        return -1 if delta > 0 and self.manual else delta
+
+    def until_next_ns(self) -> int:
+        """Nanoseconds until the earliest timer is due on this list's clock,
+        a manual one too; -1 if none; 0 if due."""
         heap = self._heap
         try:
             head = heap[0]  # lock-free peek: an entry never changes its expiry
@@ -163,10 +169,7 @@ class TimerList:
                 if not heap:
                     return -1
                 expire_ns = heap[0][0]  # type: ignore[assignment]
-        delta = expire_ns - self.now_ns()
-        if delta <= 0:
-            return 0
-        return -1 if self.manual else delta
+        return max(expire_ns - self.now_ns(), 0)
 
     def run(self, report: Callable[[Exception, str], None]) -> int:
         """Fire every timer due now.  Home thread only.  Returns how many fired."""
