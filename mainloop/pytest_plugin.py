@@ -16,6 +16,10 @@ fails the test on a leak (it names what leaked):
   own (stopped, and checked for leaks, at the end).
 * ``disk_image``: a factory of raw images (``disk_image(size_bytes)``, a
   path in the test's ``tmp_path``).
+* ``iothreads_cluster``: a factory of launched clusters
+  (``iothreads_cluster(size_bytes, iothreads=2, nbd=False, args=())``, an
+  ``EmbeddedCluster``), stopped at the end; a process of one still running,
+  or its runtime directory, fails the test.
 
 A test that uses ``aio_context`` is also checked for threads it started
 and did not stop (given ``aio_leak_wait`` seconds, 10 by default, to end).
@@ -34,13 +38,15 @@ import inspect
 import os
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from iothreads import AioContext
 from iothreads.testing import FakeClock, LoopThread
+
+from .cli import EmbeddedCluster
 
 __all__ = ["AutojumpClock"]
 
@@ -165,6 +171,68 @@ def disk_image(tmp_path: Any) -> Callable[[int], str]:
         return path
 
     return make
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """Every live process: pid -> (parent pid, session id); zombies left out."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # (gone meanwhile)
+        if fields[0] != "Z":
+            table[int(entry)] = (int(fields[1]), int(fields[3]))
+    return table
+
+
+def _cluster_processes(launcher_pid: int) -> set[int]:
+    """A cluster's processes: its launcher, what descends from it, and what
+    is in its session (the launcher leads one)."""
+    table = _process_table()
+    found = {pid for pid, (_, sid) in table.items() if sid == launcher_pid}
+    if launcher_pid in table:
+        found.add(launcher_pid)
+    grew = True
+    while grew:
+        more = {pid for pid, (ppid, _) in table.items() if ppid in found} - found
+        found |= more
+        grew = bool(more)
+    return found
+
+
+@pytest.fixture
+def iothreads_cluster() -> Iterator[Callable[..., EmbeddedCluster]]:
+    """``iothreads_cluster(size_bytes=64 MiB, *, iothreads=2, nbd=False,
+    args=())``: a launched cluster (an ``EmbeddedCluster``: ``runtime_dir``
+    for a ``BlockClient``, ``qmp_path`` for QMP, ``exports`` with ``nbd``),
+    stopped at the test's end; a process of it still running then, or its
+    runtime directory still there, fails the test."""
+    made: list[EmbeddedCluster] = []
+
+    processes: list[set[int]] = []
+
+    def make(size_bytes: int = 64 << 20, *, iothreads: int = 2, nbd: bool = False,
+             args: Sequence[str] = ()) -> EmbeddedCluster:
+        cluster = EmbeddedCluster(size_bytes, iothreads=iothreads, nbd=nbd, args=args)
+        made.append(cluster)
+        processes.append(_cluster_processes(cluster.pid))  # (once ready: its iothreads run)
+        return cluster
+
+    yield make
+    left: list[str] = []
+    for cluster, started in zip(made, processes):
+        cluster.close()
+        alive = (started | _cluster_processes(cluster.pid)) & set(_process_table())
+        if alive:
+            left.append(f"processes {sorted(alive)} of the cluster of launcher {cluster.pid}")
+        if os.path.exists(cluster.runtime_dir):
+            left.append(f"its runtime directory {cluster.runtime_dir}")
+    if left:
+        pytest.fail(f"the test's clusters left: {'; '.join(left)}", pytrace=False)
 
 
 # -- the aio marker ---------------------------------------------------------------

@@ -5,6 +5,7 @@ through its entry point, not through this repository's conftest."""
 
 from __future__ import annotations
 
+import os
 import pathlib
 import re
 import shutil
@@ -12,6 +13,9 @@ import subprocess
 import sys
 
 import pytest
+
+from mainloop import EmbeddedCluster
+from mainloop.pytest_plugin import _cluster_processes
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.integration  # (each test starts a pytest of its own)
@@ -26,7 +30,7 @@ def run(pytester: pytest.Pytester, source: str, *args: str) -> pytest.RunResult:
 
 def test_the_plugin_is_found_through_its_entry_point(pytester: pytest.Pytester) -> None:
     result = run(pytester, "def test_nothing(): pass", "--fixtures")
-    for name in ("aio_context", "aio_clock", "aio_autojump_clock", "aio_thread", "disk_image"):
+    for name in ("aio_context", "aio_clock", "aio_autojump_clock", "aio_thread", "disk_image", "iothreads_cluster"):
         result.stdout.fnmatch_lines([f"{name} -- *pytest_plugin.py*"])
 
 
@@ -138,4 +142,15 @@ def test_the_example_test_file_passes_from_a_folder_of_its_own(tmp_path: pathlib
     done = subprocess.run([sys.executable, "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", EXAMPLE.name],
                           cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"\b6 passed\b", done.stdout), done.stdout
+    assert re.search(r"\b7 passed\b", done.stdout), done.stdout
+
+
+def test_the_cluster_leak_check_sees_a_clusters_processes() -> None:
+    """What ``iothreads_cluster``'s teardown looks for: the launcher and
+    what descends from it or shares its session while the cluster runs,
+    nothing once it was closed."""
+    with EmbeddedCluster(1 << 20, iothreads=2) as cluster:
+        running = _cluster_processes(cluster.pid)
+        assert cluster.pid in running and len(running) >= 3  # the launcher, and its two iothreads (at least)
+    assert not _cluster_processes(cluster.pid) and not any(os.path.exists(f"/proc/{pid}") for pid in running)
+    assert not os.path.exists(cluster.runtime_dir)

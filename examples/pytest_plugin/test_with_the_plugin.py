@@ -1,18 +1,23 @@
 """A user's test file: it uses only what the installed plugin gives (no
-conftest).  Run it from any folder, in parallel if you like:
+conftest), and ``qemu.qmp`` for QMP.  Run it from any folder, in parallel if
+you like:
 
     pytest -n 2 test_with_the_plugin.py
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable
+from typing import Any
 
 import pytest
+from qemu.qmp import QMPClient
 
-from iothreads import AioContext, ClockType, Future, sleep_ns
+from iothreads import AioContext, BlockClient, ClockType, Future, sleep_ns
 from iothreads.testing import FakeClock, LoopThread
+from mainloop import EmbeddedCluster
 
 
 def test_a_timer_on_a_fake_clock(aio_context: AioContext, aio_clock: FakeClock) -> None:
@@ -48,3 +53,21 @@ async def test_a_day_of_timeouts_takes_no_time(aio_context: AioContext, aio_auto
 def test_disk_images(disk_image: Callable[[int], str], size: int) -> None:
     path = disk_image(size)
     assert os.path.getsize(path) == size
+
+
+def test_a_cluster_serves_block_io_qmp_and_nbd(iothreads_cluster: Callable[..., EmbeddedCluster]) -> None:
+    cluster = iothreads_cluster(8 << 20, iothreads=1, nbd=True)
+    with BlockClient(cluster.runtime_dir) as client:
+        client.write("disk0", 4096, b"\x42" * 4096)
+        assert client.read("disk0", 4096, 4096) == b"\x42" * 4096
+
+    async def exports() -> Any:
+        qmp = QMPClient("a-test")
+        await qmp.connect(cluster.qmp_path)
+        try:
+            return await qmp.execute("query-block-exports")
+        finally:
+            await qmp.disconnect()
+
+    assert [e["id"] for e in asyncio.run(exports())] == ["exp0"]
+    assert cluster.exports["exp0"].startswith("nbd+unix:///")

@@ -39,7 +39,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any, Protocol
 
 from iothreads import AioContext, BlockClient, EventNotifier
@@ -371,10 +371,13 @@ sys.exit(status)
 
 
 class EmbeddedCluster:
-    """``iothreads launch`` in a child process: 2 iothreads, a temporary raw
-    image of ``size`` bytes, nodes ``disk0`` (on io0) and ``disk1`` (on io1).
-    ``runtime_dir`` is what a ``BlockClient`` attaches to; ``close()`` stops
-    the cluster and removes everything.
+    """``iothreads launch`` in a child process: ``iothreads`` iothreads (2),
+    a temporary raw image of ``size`` bytes, a node of it on each, ``disk0``
+    on io0, ``disk1`` on io1...; ``args``: more of the launcher's options
+    (``--blockdev``, ``--export``, ``--object``...).  ``runtime_dir`` is what
+    a ``BlockClient`` attaches to, ``qmp_path`` the QMP socket; ``close()``
+    (or the end of a ``with`` block) stops the cluster and removes
+    everything.
 
     Nothing outlives this process, even killed (SIGKILL): the image never
     has a name (a temporary file the iothreads open as ``/proc/PID/fd/N``;
@@ -391,11 +394,12 @@ class EmbeddedCluster:
     something goes wrong.
 
     With ``nbd``, the cluster also serves NBD (on a socket in its runtime
-    directory) and exports each node, writable, as ``exp0`` and ``exp1``:
+    directory) and exports each node, writable, as ``exp0``, ``exp1``...:
     ``exports`` holds their URIs by id, as the launcher's READY line gives
     them (empty without ``nbd``)."""
 
-    def __init__(self, size: int, log_level: str = "info", *, nbd: bool = False) -> None:
+    def __init__(self, size: int, log_level: str = "info", *, nbd: bool = False, iothreads: int = 2,
+                 args: Sequence[str] = ()) -> None:
         self._closed = False
         self.pid = 0
         """The launcher's process id."""
@@ -408,12 +412,15 @@ class EmbeddedCluster:
         try:
             self.image.truncate(size)
             filename = f"/proc/{os.getpid()}/fd/{self.image.fileno()}"
+            if iothreads < 1:
+                raise ValueError("an embedded cluster has at least one iothread")
             argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "nbd" if nbd else "-",
-                    "launch", "--iothreads", "2", "--log-level", log_level]
-            for i in range(2):
+                    "launch", "--iothreads", str(iothreads), "--log-level", log_level]
+            for i in range(iothreads):
                 argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={filename},iothread=io{i}"]
                 if nbd:
                     argv += ["--export", f"type=nbd,id=exp{i},node-name=disk{i},writable=on"]
+            argv += args
             read_fd, write_fd = os.pipe()
             self._events = open(read_fd, encoding="utf-8")
             try:
@@ -434,6 +441,17 @@ class EmbeddedCluster:
         except BaseException:
             self.close()
             raise
+
+    def __enter__(self) -> EmbeddedCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def qmp_path(self) -> str:
+        """The QMP monitor's socket (``qemu.qmp``'s ``QMPClient.connect`` takes it)."""
+        return os.path.join(self.runtime_dir, "qmp.sock")
 
     def messages(self) -> str:
         """What the cluster said on stderr."""
