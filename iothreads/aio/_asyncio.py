@@ -68,8 +68,14 @@ class AsyncioSource:
                                       "thread, where the asyncio loop runs")
         if ctx in _SOURCES:
             raise StateError(f"AioContext {ctx.name!r} is driven by an asyncio loop already")
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise StateError(f"an AsyncioSource for AioContext {ctx.name!r} needs an asyncio loop: make it "
+                                 "while the loop runs (in a coroutine or callback of it), or pass loop=") from None
         self.ctx = ctx
-        self.loop = loop if loop is not None else asyncio.get_running_loop()
+        self.loop = loop
         self.turns = 0  # how many times the context was dispatched: a statistic
         self._thread = threading.get_ident()
         self._ready = ctx.gsource_ready_fds  # (the context's list, which its check reads)

@@ -174,6 +174,12 @@ def test_close_hands_the_context_back(actx: AioContext) -> None:
     assert actx.poll(True, 1_000_000_000) and ran  # polled directly again
 
 
+def test_without_a_running_loop_it_says_what_it_needs(actx: AioContext) -> None:
+    with pytest.raises(StateError, match="needs an asyncio loop"):
+        AsyncioSource(actx)
+    assert asyncio_source_of(actx) is None
+
+
 def test_only_the_home_thread_may_attach_it(actx: AioContext) -> None:
     errors: list[BaseException] = []
 
