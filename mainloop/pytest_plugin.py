@@ -157,8 +157,9 @@ def aio_thread(request: pytest.FixtureRequest) -> Iterator[LoopThread]:
 
 @pytest.fixture
 def disk_image(tmp_path: Any) -> Callable[[int], str]:
-    """``disk_image(size_bytes, name="disk.img")``: a sparse raw image in the
-    test's temporary directory; its path."""
+    """``disk_image(size_bytes, name=None)``: a sparse raw image in the
+    test's temporary directory (``disk0.img``, ``disk1.img``... unless
+    named); its path."""
     made: list[str] = []
 
     def make(size_bytes: int, name: str | None = None) -> str:
@@ -212,14 +213,13 @@ def iothreads_cluster() -> Iterator[Callable[..., EmbeddedCluster]]:
     stopped at the test's end; a process of it still running then, or its
     runtime directory still there, fails the test."""
     made: list[EmbeddedCluster] = []
-
-    processes: list[set[int]] = []
+    processes: list[set[int]] = []  # each one's, once it was ready
 
     def make(size_bytes: int = 64 << 20, *, iothreads: int = 2, nbd: bool = False,
              args: Sequence[str] = ()) -> EmbeddedCluster:
         cluster = EmbeddedCluster(size_bytes, iothreads=iothreads, nbd=nbd, args=args)
         made.append(cluster)
-        processes.append(_cluster_processes(cluster.pid))  # (once ready: its iothreads run)
+        processes.append(_cluster_processes(cluster.pid))
         return cluster
 
     yield make
