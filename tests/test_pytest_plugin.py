@@ -133,16 +133,23 @@ def test_leaks_fail_the_test_that_made_them(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(["*threads outlived the test: ?'left-behind'?*"])
 
 
-@pytest.mark.integration
-@pytest.mark.parametrize("workers", ["2", "4"])
-def test_the_example_test_file_passes_from_a_folder_of_its_own(tmp_path: pathlib.Path, workers: str) -> None:
+@pytest.mark.parametrize(("workers", "runs"), [("2", 1), ("4", 3)])
+def test_the_example_test_file_passes_from_a_folder_of_its_own(tmp_path: pathlib.Path, workers: str,
+                                                               runs: int) -> None:
     """examples/pytest_plugin: a user's test file, copied to a folder outside
-    this repository (no conftest, no ini), run as its user would, in parallel."""
+    this repository (no conftest, no ini), run as its user would, in
+    parallel, in random order (pytest-randomly, a new seed each run)."""
     shutil.copy(EXAMPLE, tmp_path)
-    done = subprocess.run([sys.executable, "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", EXAMPLE.name],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert re.search(r"\b7 passed\b", done.stdout), done.stdout
+    seeds = set()
+    for _ in range(runs):
+        done = subprocess.run([sys.executable, "-m", "pytest", "-n", workers, "-p", "no:cacheprovider", EXAMPLE.name],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert re.search(r"\b7 passed\b", done.stdout), done.stdout
+        seed = re.search(r"--randomly-seed=(\d+)", done.stdout)
+        assert seed is not None, done.stdout  # (in random order)
+        seeds.add(seed.group(1))
+    assert len(seeds) == runs
 
 
 def test_the_cluster_leak_check_sees_a_clusters_processes() -> None:
