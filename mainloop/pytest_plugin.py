@@ -251,7 +251,15 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
         pytest.fail("an @pytest.mark.aio test runs on aio_context: ask for it", pytrace=False)
     timeout_s = marker.kwargs.get("timeout_s")
     if timeout_s is None:
-        timeout_s = float(pyfuncitem.config.getini("aio_timeout"))
+        timeout_s = pyfuncitem.config.getini("aio_timeout")
+    try:
+        timeout_s = float(timeout_s)
+    except (TypeError, ValueError):
+        timeout_s = -1.0
+    if not timeout_s > 0:  # (NaN too)
+        pytest.fail(f"@pytest.mark.aio: timeout_s (or the ini option aio_timeout) must be a number of seconds "
+                    f"above 0, not {marker.kwargs.get('timeout_s', pyfuncitem.config.getini('aio_timeout'))!r}",
+                    pytrace=False)
     names = pyfuncitem._fixtureinfo.argnames
     coro = pyfuncitem.obj(**{name: funcargs[name] for name in names})
     co = ctx.spawn(coro, pyfuncitem.name)
