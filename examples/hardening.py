@@ -1478,10 +1478,11 @@ class Workload:
             self.floor[block] = self.issued[block]
             self.acked[block] = self.durable[block] = 0
 
-    def lost(self, read: Callable[[int], bytes | None]) -> list[int]:
+    def lost(self, read: Callable[[int], bytes | None], where: str) -> dict[int, str]:
         """The blocks whose durable generation ``read(block)`` does not find
-        (``read`` returns None where it cannot read: not counted)."""
-        lost = []
+        (``read`` returns None where it cannot read: not counted), each with
+        what ``where`` held instead."""
+        lost = {}
         for block, durable in enumerate(self.durable):
             if not durable:
                 continue
@@ -1490,7 +1491,9 @@ class Workload:
                 continue
             generation = generation_of(self.seed, block, data)
             if generation is None or not durable <= generation <= self.issued[block]:
-                lost.append(block)
+                held = "no generation" if generation is None else f"generation {generation}"
+                lost[block] = (f"block {block}: {where} holds {held}, flushed {durable}, "
+                               f"acknowledged {self.acked[block]}, sent {self.issued[block]}")
         return lost
 
 
@@ -1657,7 +1660,7 @@ def node_names(cluster: LaunchedCluster) -> set[str]:
         return set()
 
 
-def lost_writes(workload: Workload, client: BlockClient, node_served: bool, fd: int) -> set[int]:
+def lost_writes(workload: Workload, client: BlockClient, node_served: bool, fd: int) -> dict[int, str]:
     """Blocks whose durable write is not there: read through the cluster
     (when it serves the node) and from the image file."""
 
@@ -1670,9 +1673,10 @@ def lost_writes(workload: Workload, client: BlockClient, node_served: bool, fd: 
     def from_file(block: int) -> bytes:
         return os.pread(fd, BS, block * BS).ljust(BS, b"\0")
 
-    lost = set(workload.lost(from_file))
+    lost = workload.lost(from_file, "the file")
     if node_served:
-        lost |= set(workload.lost(through_cluster))
+        for block, what in workload.lost(through_cluster, "the cluster").items():
+            lost[block] = f"{lost[block]}; {what.split(': ', 1)[1]}" if block in lost else what
     return lost
 
 
@@ -1683,7 +1687,8 @@ class RoundResult:
     """Why the workload or the fault's way back stopped, None if neither did."""
     served: bool
     """Whether the cluster still had the node at the end."""
-    lost: set[int]
+    lost: dict[int, str]
+    """The blocks whose flushed write was not read back, each with what was read instead."""
     outcomes: Counter[str]
 
 
@@ -1730,7 +1735,9 @@ def count_round(row: Row, case: FaultCase, result: RoundResult, findings: Findin
         findings.add("faults", "hang", f"{case.name}: {result.stuck}", round=index)
     if result.lost:
         row.writes_lost += len(result.lost)
-        findings.add("faults", "writes lost", f"{case.name}: blocks {sorted(result.lost)[:20]}", round=index)
+        findings.add("faults", "writes lost", f"{case.name}: blocks {sorted(result.lost)[:20]} "
+                                              f"({'; '.join(result.lost[b] for b in sorted(result.lost)[:3])})",
+                     round=index)
 
 
 def outcomes_note(outcomes: Counter[str]) -> str:
