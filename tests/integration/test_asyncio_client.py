@@ -27,6 +27,16 @@ def run_bounded(main: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(asyncio.wait_for(main, BOUND_S))
 
 
+async def tasks_started() -> None:
+    """Return once every task created before has run its first step (where
+    it sends its request): the loop runs ready callbacks in order, and this
+    one was queued after theirs."""
+    loop = asyncio.get_running_loop()
+    reached: asyncio.Future[None] = loop.create_future()
+    loop.call_soon(reached.set_result, None)
+    await reached
+
+
 def block(i: int) -> bytes:
     return bytes([i % 251 + 1]) * BLOCK
 
@@ -38,7 +48,7 @@ def test_tasks_await_many_requests_at_once_through_the_loop(block_cluster: tuple
         threads_before = set(threading.enumerate())
         with BlockClient(run) as c:
             writes = [asyncio.create_task(c.awrite("disk0", i * BLOCK, block(i))) for i in range(TASKS)]
-            await asyncio.sleep(0)  # (one turn of the loop: every task has sent its request)
+            await tasks_started()
             in_flight = c.in_flight
             await asyncio.gather(*writes)
             await c.aflush("disk0")
@@ -78,7 +88,7 @@ def test_a_cancelled_task_gives_its_request_up(block_cluster: tuple[str, str]) -
     async def main() -> None:
         with BlockClient(run) as c:
             task = asyncio.create_task(c.aread("disk0", 0, BLOCK))
-            await asyncio.sleep(0)  # (its request is sent)
+            await tasks_started()  # (its request is sent)
             task.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await task
