@@ -382,12 +382,14 @@ class NbdClient:
                         if requests_left > 0 and length <= bytes_left and length <= total_left:
                             if not run:
                                 run_start_ns = time.monotonic_ns()
-                            in_slab = slab_used + length <= READ_SLAB_BYTES
-                            data = slab[slab_used:slab_used + length] if in_slab else bytearray(length)
-                            try:
-                                got = read_into is not None and read_into(offset, data)
-                            except OSError:
-                                got = False  # (the pool's read reports it)
+                            got = in_slab = False
+                            if read_into is not None:
+                                in_slab = slab_used + length <= READ_SLAB_BYTES
+                                data = slab[slab_used:slab_used + length] if in_slab else bytearray(length)
+                                try:
+                                    got = read_into(offset, data)
+                                except OSError:
+                                    pass  # (the pool's read reports it)
                             if got:
                                 if in_slab:
                                     slab_used += length
