@@ -34,6 +34,8 @@ USED_ALL_THE_SAME: dict[str, str] = {
     "awrite": "public API", "aflush": "public API",
     # The pytest plugin's hooks: pytest calls them by name.
     "pytest_addoption": "pytest hook", "pytest_configure": "pytest hook", "pytest_pyfunc_call": "pytest hook",
+    "pytest_configure_node": "pytest-xdist hook", "pytest_sessionfinish": "pytest hook",
+    "pytest_runtest_makereport": "pytest hook", "exitstatus": "pytest hook argument, and the session's status",
 }
 
 

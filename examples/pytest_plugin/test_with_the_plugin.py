@@ -2,14 +2,18 @@
 conftest), and ``qemu.qmp`` for QMP.  Run it from any folder, in parallel if
 you like:
 
-    pytest -n 2 test_with_the_plugin.py
+    pytest -n 4 test_with_the_plugin.py
+
+Under xdist, the tests that take ``iothreads_shared_cluster`` share one
+cluster across every worker (the first worker launches it, the last one to
+finish stops it); ``module_cluster`` is one cluster per module, per worker.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +21,8 @@ from qemu.qmp import QMPClient
 
 from iothreads import AioContext, BlockClient, ClockType, Future, sleep_ns
 from iothreads.testing import FakeClock, LoopThread
-from mainloop import EmbeddedCluster
+from mainloop import EmbeddedCluster, MainLoop, bql_locked
+from mainloop.pytest_plugin import ClusterFactory, SharedCluster
 
 
 def test_a_timer_on_a_fake_clock(aio_context: AioContext, aio_clock: FakeClock) -> None:
@@ -71,3 +76,39 @@ def test_a_cluster_serves_block_io_qmp_and_nbd(iothreads_cluster: Callable[..., 
 
     assert [e["id"] for e in asyncio.run(exports())] == ["exp0"]
     assert cluster.exports["exp0"].startswith("nbd+unix:///")
+
+
+def test_the_main_loop_runs_under_the_bql(main_loop: MainLoop) -> None:
+    ran: list[bool] = []
+    main_loop.run_in_main_loop(lambda: ran.append(bql_locked()), "work")
+    while not ran:
+        main_loop.main_loop_wait(False)
+    assert ran == [True]
+
+
+@pytest.fixture(scope="module")
+def module_cluster(iothreads_cluster_factory: ClusterFactory) -> Iterator[EmbeddedCluster]:
+    with iothreads_cluster_factory.launch(16 << 20, iothreads=1,
+                                          blockdevs=["driver=null-co,node-name=null0,iothread=io0"]) as cluster:
+        yield cluster
+
+
+@pytest.mark.parametrize("block", range(4))
+def test_a_module_cluster(module_cluster: EmbeddedCluster, block: int) -> None:
+    data = bytes([block]) * 4096
+    module_cluster.client.write("disk0", block * 4096, data)
+    assert module_cluster.client.read("disk0", block * 4096, 4096) == data
+    nodes = {n["node-name"] for n in module_cluster.qmp.cmd("query-named-block-nodes")}
+    assert {"disk0", "null0"} <= nodes
+
+
+@pytest.mark.parametrize("block", range(8))
+def test_the_shared_cluster(iothreads_shared_cluster: SharedCluster, block: int) -> None:
+    """Eight tests, spread over the workers, on one cluster: each writes and
+    reads its own block of disk1, and sees what the cluster serves."""
+    client = iothreads_shared_cluster.client
+    data = os.urandom(4096)
+    client.write("disk1", block * 4096, data)
+    assert client.read("disk1", block * 4096, 4096) == data
+    assert {t["id"] for t in iothreads_shared_cluster.qmp.cmd("query-iothreads")} == {"io0", "io1"}
+    assert iothreads_shared_cluster.exports["exp1"].startswith("nbd+unix:///disk1?socket=")  # (named as its node)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from ._bench import EmbeddedCluster as EmbeddedCluster
+from ._embedded import ClusterHandle as ClusterHandle
+from ._embedded import EmbeddedCluster as EmbeddedCluster
 from ._bench import add_bench_arguments as add_bench_arguments
 from ._bench import run_bench as run_bench
 from ._main import main as main
@@ -15,6 +16,7 @@ from ._options import parse_size as parse_size
 
 __all__ = [
     "BlockdevSpec",
+    "ClusterHandle",
     "EmbeddedCluster",
     "OptionError",
     "add_bench_arguments",

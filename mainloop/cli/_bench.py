@@ -33,23 +33,21 @@ import logging
 import math
 import os
 import random
-import select
 import signal
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from collections.abc import Callable, Iterator, Sequence
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from iothreads import AioContext, BlockClient, EventNotifier
 from protocol import ClusterState
 
-from ..cluster._spawn import spawn
 from ._bench_nbd import Completion, NbdTransport
+from ._embedded import EmbeddedCluster
 from ._options import OptionError, parse_size
 
-__all__ = ["EXIT_INTERRUPTED", "EmbeddedCluster", "add_bench_arguments", "run_bench"]
+__all__ = ["EXIT_INTERRUPTED", "add_bench_arguments", "run_bench"]
 
 EXIT_INTERRUPTED = 128 + signal.SIGINT  # the shell's status for a command ended by Ctrl-C
 log = logging.getLogger("mainloop.cli")
@@ -351,150 +349,6 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
 # parent-death signal (and exits if its parent, argv[1], is gone already).
 # With argv[2] "nbd" it makes its runtime directory itself, serves NBD on a
 # socket there, and removes the directory once the launcher is done.
-_LAUNCHER = """\
-import json, shutil, sys
-from iothreads import die_with_parent
-die_with_parent(int(sys.argv[1]))
-from mainloop.cli import main
-argv = sys.argv[3:]
-if sys.argv[2] != "nbd":
-    sys.exit(main(argv))
-from protocol import make_runtime_dir
-run = make_runtime_dir()
-server = {"addr": {"type": "unix", "path": run + "/nbd.sock"}}
-try:
-    status = main(argv + ["--runtime-dir", run, "--nbd-server", json.dumps(server)])
-finally:
-    shutil.rmtree(run, ignore_errors=True)
-sys.exit(status)
-"""
-
-
-class EmbeddedCluster:
-    """``iothreads launch`` in a child process: ``iothreads`` iothreads (2),
-    a temporary raw image of ``size`` bytes, a node of it on each, ``disk0``
-    on io0, ``disk1`` on io1...; ``args``: more of the launcher's options
-    (``--blockdev``, ``--export``, ``--object``...).  ``runtime_dir`` is what
-    a ``BlockClient`` attaches to, ``qmp_path`` the QMP socket; ``close()``
-    (or the end of a ``with`` block) stops the cluster and removes
-    everything.
-
-    Nothing outlives this process, even killed (SIGKILL): the image never
-    has a name (a temporary file the iothreads open as ``/proc/PID/fd/N``;
-    the kernel frees it once the last of them has closed it), and the
-    launcher gets SIGTERM from the kernel when this process dies (a
-    parent-death signal, which it asks for itself, first thing): it stops
-    its iothreads and removes its private runtime directory.  It runs in a
-    session of its own, so that Ctrl-C at the terminal reaches this process
-    only, which then stops it in order; and it starts clean of this
-    process's signal state (``spawn``: no signal blocked or ignored).
-
-    ``log_level`` is the launcher's ``--log-level``; at ``debug`` its
-    messages go to this process's stderr, else to a file shown only if
-    something goes wrong.
-
-    With ``nbd``, the cluster also serves NBD (on a socket in its runtime
-    directory) and exports each node, writable, as ``exp0``, ``exp1``...:
-    ``exports`` holds their URIs by id, as the launcher's READY line gives
-    them (empty without ``nbd``)."""
-
-    def __init__(self, size: int, log_level: str = "info", *, nbd: bool = False, iothreads: int = 2,
-                 args: Sequence[str] = ()) -> None:
-        self._closed = False
-        self.pid = 0
-        """The launcher's process id."""
-        self.returncode: int | None = None
-        """Its exit code once it has exited and was reaped (minus a signal's number)."""
-        self._pidfd = -1
-        self._events: IO[str] | None = None  # its stdout: one JSON event a line; open while it runs
-        self.log = tempfile.TemporaryFile("w+")
-        self.image = tempfile.TemporaryFile()  # unnamed (O_TMPFILE), or unlinked at once
-        try:
-            self.image.truncate(size)
-            filename = f"/proc/{os.getpid()}/fd/{self.image.fileno()}"
-            if iothreads < 1:
-                raise ValueError("an embedded cluster has at least one iothread")
-            argv = [sys.executable, "-c", _LAUNCHER, str(os.getpid()), "nbd" if nbd else "-",
-                    "launch", "--iothreads", str(iothreads), "--log-level", log_level]
-            for i in range(iothreads):
-                argv += ["--blockdev", f"driver=file,node-name=disk{i},filename={filename},iothread=io{i}"]
-                if nbd:
-                    argv += ["--export", f"type=nbd,id=exp{i},node-name=disk{i},writable=on"]
-            argv += args
-            read_fd, write_fd = os.pipe()
-            self._events = open(read_fd, encoding="utf-8")
-            try:
-                self.pid = spawn(argv, new_session=True, stdout_fd=write_fd,
-                                 stderr_fd=None if log_level == "debug" else self.log.fileno())
-            finally:
-                os.close(write_fd)
-            self._pidfd = os.pidfd_open(self.pid)
-            for line in self._events:
-                event = json.loads(line)
-                if event["event"] == "READY":
-                    self.runtime_dir: str = event["data"]["runtime_dir"]
-                    self.exports: dict[str, str] = event["data"]["exports"]
-                    log.debug("embedded cluster started (launcher pid %d) in %s", self.pid, self.runtime_dir)
-                    return
-            self._wait(30)
-            raise RuntimeError(f"the embedded cluster did not start:\n{self.messages()}")
-        except BaseException:
-            self.close()
-            raise
-
-    def __enter__(self) -> EmbeddedCluster:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @property
-    def qmp_path(self) -> str:
-        """The QMP monitor's socket (``qemu.qmp``'s ``QMPClient.connect`` takes it)."""
-        return os.path.join(self.runtime_dir, "qmp.sock")
-
-    def messages(self) -> str:
-        """What the cluster said on stderr."""
-        self.log.seek(0)
-        return self.log.read().rstrip()
-
-    def _wait(self, timeout_s: float | None) -> bool:
-        """Wait up to ``timeout_s`` (None: for ever) for the launcher to exit,
-        then reap it; whether it has exited."""
-        if self.returncode is None:
-            waiter = select.poll()
-            waiter.register(self._pidfd, select.POLLIN)
-            if not waiter.poll(None if timeout_s is None else int(timeout_s * 1000)):
-                return False
-            _, status = os.waitpid(self.pid, 0)
-            self.returncode = os.waitstatus_to_exitcode(status)
-        return True
-
-    def close(self) -> None:
-        """Stop the cluster (SIGTERM, then SIGKILL after 30 s).  Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
-        try:
-            if self._pidfd < 0:
-                return
-            if self.returncode is None:
-                os.kill(self.pid, signal.SIGTERM)
-                if not self._wait(30):
-                    os.kill(self.pid, signal.SIGKILL)
-                    self._wait(None)
-            if self.returncode != 0:
-                print(f"the embedded cluster exited with status {self.returncode}:\n{self.messages()}",
-                      file=sys.stderr)
-        finally:
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-            if self._events is not None:
-                self._events.close()
-            self.log.close()
-            self.image.close()
-
-
 @contextlib.contextmanager
 def _ended_by_sigint(workload: Workload) -> Iterator[None]:
     """While the block runs, a first SIGINT (Ctrl-C) ends the workload early
