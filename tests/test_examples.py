@@ -5,6 +5,7 @@ that can be checked without running them."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import pathlib
 import re
@@ -106,6 +107,20 @@ def test_asyncio_program_example() -> None:
     assert re.fullmatch(r"disk0 \(query-blockstats\): (\d+) reads, (\d+) writes", lines[3])
     reads, writes = map(int, re.findall(r"\d+", lines[3].split(":")[1]))
     assert reads >= 256 and writes == 256
+
+
+@pytest.mark.integration
+def test_resilience_example_kills_launchers_and_finds_nothing_left(tmp_path: pathlib.Path) -> None:
+    """examples/resilience.py at a small count: each launcher killed with
+    SIGKILL leaves no process, socket file (its NBD server's included) or
+    runtime directory: its janitor cleans up after it."""
+    result = tmp_path / "result.json"
+    out = _run_example(str(EXAMPLES / "resilience.py"), "--repeats", "3", "--json", str(result))
+    assert out.returncode == 0, out.stdout + out.stderr
+    row, = json.loads(result.read_text())["rows"]
+    assert row["repetitions"] == 3
+    assert (row["processes left"], row["socket files left"], row["runtime dirs left"]) == (0, 0, 0)
+    assert "SIGKILL launcher" in out.stdout
 
 
 @pytest.mark.integration

@@ -38,6 +38,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import stat
 import sys
 from collections.abc import Callable, Iterator
@@ -62,10 +63,12 @@ from protocol import (
     prepare_runtime_dir,
 )
 
-from protocol.schema import BlockExportOptionsBase, NbdServerOptions
+from protocol.schema import BlockExportOptionsBase, NbdServerOptions, SocketAddressUnix
 
 from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
+from ._embedded import wait_pidfd
 from ..loop._bql import bql
+from ..cluster._spawn import spawn
 from ..cluster._cluster import MAX_IOTHREADS, Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
 from ..loop._loop import MainLoop
 from ..nbd._server import NbdServer
@@ -182,6 +185,13 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--runtime-dir", action="append", default=[], metavar="DIR",
                          help="look at DIR (a launcher's --runtime-dir) instead of the default ones; repeatable")
     cleanup.add_argument("--dry-run", action="store_true", help="say what would be removed, remove nothing")
+    cleanup.add_argument("--socket", action="append", default=[], metavar="PATH",
+                         help="with --when-gone: also remove the socket file PATH (the launcher's NBD server's or "
+                              "monitor's) if nothing listens there any more; repeatable")
+    cleanup.add_argument("--when-gone", type=int, metavar="PID",
+                         help="first wait for process PID to exit, then clean each --runtime-dir (one that is "
+                              "gone already is no error): what a launcher starts, to clean up after itself "
+                              "if it is killed")
     _add_log_arguments(cleanup)
     return parser
 
@@ -496,12 +506,23 @@ def _clean_runtime_dir(path: str, *, made: bool, dry_run: bool = False) -> _Exam
         os.close(fd)  # its lock goes with it
 
 
+def _vanished_is_fine(*failed: Any) -> None:
+    """``shutil.rmtree``'s error handler (its function, path, exc_info): an
+    entry that is gone already is fine."""
+    exc = failed[2][1]
+    if not isinstance(exc, FileNotFoundError):
+        raise exc
+
+
 def _remove_launcher_files(path: str, made: bool) -> None:
     """What a launcher's exit removes: a ``made`` runtime directory whole
     (``shutil.rmtree`` follows no link), else its sockets, its state file
     (and a temporary one left while replacing it) and its lock."""
     if made:
-        shutil.rmtree(path)
+        # Its iothreads may still be removing their own sockets as they exit
+        # (a janitor wakes as soon as the launcher is gone): what vanished
+        # meanwhile is no error.
+        shutil.rmtree(path, onerror=_vanished_is_fine)
         return
     _remove_stale_sockets(path)
     with contextlib.suppress(FileNotFoundError, UnsafePathError):
@@ -525,9 +546,105 @@ def _remove_stale_runtime_dirs(own: str) -> None:
                 log.debug("left alone: %s %s", path, found.problem)
 
 
+def _wait_gone(pid: int) -> None:
+    """Return once process ``pid`` has exited (at once if there is none)."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    try:
+        wait_pidfd(pidfd, None)
+    finally:
+        os.close(pidfd)
+
+
+# The janitor: ``iothreads cleanup --when-gone PID ...``, which imports the
+# command (and ZeroMQ with it) only once PID is gone: a janitor that is
+# stopped in order, the usual end, costs a bare interpreter's start.
+_JANITOR = """\
+import os, select, sys
+pid = int(sys.argv[sys.argv.index("--when-gone") + 1])
+try:
+    pidfd = os.pidfd_open(pid)
+except ProcessLookupError:
+    pass
+else:
+    select.select([pidfd], [], [])
+from mainloop.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _start_janitor(runtime_dir: str, sockets: list[str]) -> tuple[int, int] | None:
+    """The launcher's janitor: ``iothreads cleanup --when-gone PID`` for its
+    runtime directory, in a session of its own (a Ctrl-C or a signal to the
+    launcher's group does not reach it), its output to /dev/null.  Killed
+    with SIGKILL, the launcher cannot remove its directory; the janitor,
+    woken by its exit, does it as ``iothreads cleanup`` would (the lock, free
+    then, tells a dead launcher's directory from a live one's).  A launcher
+    that exits in order stops it first (``_stop_janitor``).  ``sockets``:
+    the socket files the launcher binds outside its runtime directory (its
+    NBD server's, its monitors'), which the janitor removes too once nothing
+    listens there.  Its pid and a pidfd of it, or None (and a warning) if it
+    could not be started."""
+    argv = [sys.executable, "-c", _JANITOR, "cleanup", "--when-gone", str(os.getpid()),
+            "--runtime-dir", runtime_dir, "--log-level", "error"]
+    argv += [arg for path in sockets for arg in ("--socket", os.path.abspath(path))]
+    try:
+        with open(os.devnull, "r+b") as null:
+            pid = spawn(argv, new_session=True, stdout_fd=null.fileno(), stderr_fd=null.fileno(),
+                        pass_fds={0: null.fileno()})
+        return pid, os.pidfd_open(pid)
+    except OSError as exc:
+        log.warning("no janitor for %s (it stays behind if this launcher is killed): %s", runtime_dir, exc)
+        return None
+
+
+def _remove_if_unheard(path: str) -> None:
+    """Remove the socket file ``path`` if nothing listens there (a connection
+    is refused): a killed launcher's.  Anything else is left alone: not a
+    socket (or a link), or a socket another process listens on now."""
+    try:
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            return
+    except OSError:
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except ConnectionRefusedError:
+        with contextlib.suppress(FileNotFoundError, UnsafePathError):
+            remove_stale_socket(path)
+    except OSError:
+        pass
+    finally:
+        probe.close()
+
+
+def _stop_janitor(janitor: tuple[int, int]) -> None:
+    """Stop and reap the janitor of a launcher exiting in order."""
+    pid, pidfd = janitor
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+    finally:
+        os.close(pidfd)
+
+
 def cleanup(args: argparse.Namespace) -> int:
     """``iothreads cleanup``: what it removed on stdout, what it left alone
-    and why on stderr; exit 1 if a ``--runtime-dir`` was left alone."""
+    and why on stderr; exit 1 if a ``--runtime-dir`` was left alone.  With
+    ``--when-gone PID``, after PID has exited (a launcher's janitor)."""
+    if args.when_gone is not None:
+        if not args.runtime_dir:
+            raise OptionError("--when-gone: which --runtime-dir?")
+        _wait_gone(args.when_gone)
+        for path in args.socket:
+            _remove_if_unheard(path)
+    elif args.socket:
+        raise OptionError("--socket: only with --when-gone")
     made = made_runtime_dirs()
     status = EXIT_OK
     for path in [os.path.abspath(p) for p in args.runtime_dir] or made:
@@ -535,6 +652,8 @@ def cleanup(args: argparse.Namespace) -> int:
         if not found.problem:
             what = path if path in made else f"the files of a launcher from {path}"
             print(f"{'would remove' if args.dry_run else 'removed'} {what} (launcher pid {found.pid}, gone)")
+        elif args.when_gone is not None and found.quiet:
+            pass  # (the launcher removed it, or it never had one)
         elif args.runtime_dir or not found.quiet:
             print(f"{PROG}: left alone: {path} {found.problem}", file=sys.stderr)
             if args.runtime_dir:
@@ -582,6 +701,12 @@ def launch(args: argparse.Namespace) -> int:
     with contextlib.ExitStack() as held:
         held.callback(loop.close)
         runtime_dir = _hold_files(args, configs, held)
+        sockets = [m.path for m in monitors if m.path is not None]
+        if nbd_server is not None and isinstance(nbd_server.addr, SocketAddressUnix):
+            sockets.append(nbd_server.addr.path)
+        janitor = _start_janitor(runtime_dir, sockets)
+        if janitor is not None:
+            held.callback(_stop_janitor, janitor)
         with bql():
             cluster = _new_cluster(loop, args, runtime_dir)
             try:

@@ -74,6 +74,15 @@ def iothreads_of(launcher_pid: int) -> list[int]:
     return _processes(match)
 
 
+def janitor_of(launcher_pid: int) -> int | None:
+    """The janitor a launcher started (``iothreads cleanup --when-gone PID``),
+    wherever it is now; None if there is none (any more)."""
+    def match(argv: list[str], cwd: str) -> bool:
+        return "--when-gone" in argv and argv[argv.index("--when-gone") + 1:][:1] == [str(launcher_pid)]
+    found = _processes(match)
+    return found[0] if found else None
+
+
 def processes_in(directory: str) -> list[int]:
     """The processes whose working directory is ``directory`` or below it."""
     root = os.path.realpath(directory)
@@ -190,7 +199,7 @@ class Clusters:
       ``clean_exit=False`` (a test that kills it checks what it expects
       itself), it must exit with status 0, however it was stopped, and
       leave its runtime directory empty or removed.  The iothreads of its
-      READY line must be gone.
+      READY line, and its janitor, must be gone.
     """
 
     def __init__(self, scratch_dir: str) -> None:
@@ -262,6 +271,7 @@ class Clusters:
     @staticmethod
     def _stop(launcher: _Launcher) -> None:
         proc = launcher.proc
+        janitor = janitor_of(proc.pid)
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
         try:
@@ -276,8 +286,8 @@ class Clusters:
             runtime_dir = ready.get("runtime_dir")
             left = os.listdir(runtime_dir) if runtime_dir is not None and os.path.exists(runtime_dir) else []
             assert left == [], f"left in the runtime directory {runtime_dir}: {left}"
-        wait_gone([t["pid"] for t in ready.get("iothreads", ())], GONE_S,
-                  "the iothreads of a stopped launcher")
+        wait_gone([t["pid"] for t in ready.get("iothreads", ())] + ([janitor] if janitor else []), GONE_S,
+                  "the iothreads and the janitor of a stopped launcher")
 
     def close(self) -> None:
         """End every cluster (any order of failures: each is ended, the first

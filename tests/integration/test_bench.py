@@ -17,7 +17,7 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from mainloop.cli import _bench
 
-from .support import COMMAND, Clusters, descendants, wait_gone
+from .support import COMMAND, Clusters, descendants, janitor_of, wait_gone
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
@@ -69,7 +69,8 @@ def test_bench_json_dash_goes_to_stdout(tmp_path: pathlib.Path) -> None:
 def _running_bench(*args: str) -> tuple[subprocess.Popen[str], list[int]]:
     """``iothreads bench`` with its embedded cluster, in a session of its own
     (as at a terminal), once it reports progress: (the process, the pids of
-    its embedded cluster: launcher first, then iothreads)."""
+    its embedded cluster: launcher first, then iothreads, then the launcher's
+    janitor)."""
     proc = subprocess.Popen([*COMMAND, "bench", "--runtime", "60", "--size", "8M", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     assert proc.stderr is not None
@@ -77,8 +78,11 @@ def _running_bench(*args: str) -> tuple[subprocess.Popen[str], list[int]]:
         if "IOPS" in line:
             break
     pids = descendants(proc.pid)
+    janitor = janitor_of(pids[0])
+    assert janitor in pids, pids
+    pids.remove(janitor)
     assert len(pids) == 3, pids  # the launcher and two iothreads
-    return proc, pids
+    return proc, pids + [janitor]
 
 
 def test_bench_interrupted_reports_what_it_measured_and_cleans_up(tmp_path: pathlib.Path) -> None:

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 from typing import Any
 
 import pytest
 
-from .support import COMMAND, GONE_S, STOP_S, Clusters, wait_gone
+from .support import COMMAND, GONE_S, STOP_S, Clusters, janitor_of, wait_gone
 from .test_runtime_dir import OTHER_UID, as_root
 
 STALE_PID = "4242\n"  # what a dead launcher's lock file holds
@@ -27,10 +28,74 @@ def cleanup(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def kill_launcher(proc: subprocess.Popen[str], ready: dict[str, Any]) -> None:
-    """SIGKILL, then its iothreads exit by themselves (their launcher is gone)."""
+    """SIGKILL of the launcher and of its janitor (as an OOM kill of both
+    would): what ``iothreads cleanup`` is for; its iothreads exit by
+    themselves (their launcher is gone)."""
+    janitor = janitor_of(proc.pid)
+    assert janitor is not None
+    os.kill(janitor, signal.SIGKILL)
+    wait_gone([janitor], GONE_S, "the janitor")
     proc.kill()
     proc.communicate(timeout=STOP_S)
     wait_gone([t["pid"] for t in ready["iothreads"]], GONE_S, "the iothreads of a killed launcher")
+
+
+def test_a_launcher_killed_alone_is_cleaned_up_after_by_its_janitor(clusters: Clusters, tmpdir_env: str,
+                                                                     short_dir: str) -> None:
+    """SIGKILL of the launcher alone: its janitor (in a session of its own,
+    woken by the launcher's exit) removes the runtime directory, as
+    ``iothreads cleanup`` would; with a --runtime-dir, the launcher's files
+    in it only.  Nothing of the cluster is left."""
+    given = os.path.join(short_dir, "given")
+    os.mkdir(given, 0o700)
+    nbd_sock = os.path.join(short_dir, "nbd.sock")
+    for extra in ((), ("--runtime-dir", given)):
+        proc, ready = clusters.launch("--iothreads", "2", *extra, "--nbd-server",
+                                      f"addr.type=unix,addr.path={nbd_sock}", clean_exit=False)
+        assert os.path.exists(nbd_sock)
+        run = ready["runtime_dir"]
+        janitor = janitor_of(proc.pid)
+        assert janitor is not None and os.getsid(janitor) == janitor  # (a session of its own)
+        proc.kill()
+        proc.communicate(timeout=STOP_S)
+        wait_gone([janitor] + [t["pid"] for t in ready["iothreads"]], GONE_S, "the killed launcher's processes")
+        if extra:
+            assert os.listdir(run) == []
+        else:
+            assert not os.path.exists(run)
+        assert not os.path.exists(nbd_sock)  # (its NBD server's socket, outside the directory, too)
+
+
+def test_a_janitor_removes_only_the_sockets_nothing_listens_on(short_dir: str) -> None:
+    """``--socket``: a socket file whose listener is gone is removed; one that
+    another process listens on now, or a file that is not a socket, is not."""
+    stale, live, plain = (os.path.join(short_dir, name) for name in ("stale.sock", "live.sock", "plain"))
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(stale)  # (closed without unlinking: what a killed process leaves)
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(live)
+    listener.listen()
+    open(plain, "w").close()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    try:
+        done = cleanup("--when-gone", str(gone.pid), "--runtime-dir", os.path.join(short_dir, "none"),
+                       "--socket", stale, "--socket", live, "--socket", plain)
+        assert done.returncode == 0, done
+        assert sorted(os.listdir(short_dir)) == ["live.sock", "plain"]
+    finally:
+        listener.close()
+    assert cleanup("--socket", live).returncode == 1  # (only with --when-gone)
+
+
+def test_a_launcher_that_exits_in_order_stops_its_janitor(clusters: Clusters, tmpdir_env: str) -> None:
+    proc, ready = clusters.launch("--iothreads", "1")
+    janitor = janitor_of(proc.pid)
+    assert janitor is not None
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(STOP_S) == 0
+    assert janitor_of(proc.pid) is None  # stopped and reaped by the launcher before it exited
+    assert not os.path.exists(ready["runtime_dir"])
 
 
 def stale_dir(path: str, lock: str = STALE_PID) -> str:

@@ -20,7 +20,7 @@ from mainloop import EmbeddedCluster, bql
 from mainloop.cluster import HEARTBEAT_INTERVAL_MS
 from protocol import ErrorReply, QueryReply
 
-from .support import COMMAND, GONE_S, STOP_S, Clusters, descendants, wait_gone
+from .support import COMMAND, GONE_S, STOP_S, Clusters, descendants, janitor_of, wait_gone
 
 PAUSE_S = 8 * HEARTBEAT_INTERVAL_MS / 1000
 """How long a launcher is stopped: eight heartbeat periods (the watchdog that
@@ -247,8 +247,11 @@ def test_the_bench_s_embedded_cluster_starts_clean_of_its_signal_state() -> None
         assert blocked == bits(signal.SIGINT, signal.SIGTERM), f"{blocked:#x}"  # its signalfd's, no more
         assert not ignored & bits(signal.SIGHUP, signal.SIGINT, signal.SIGTERM), f"{ignored:#x}"
         iothreads = descendants(embedded.pid)
+        janitor = janitor_of(embedded.pid)
+        assert janitor in iothreads
+        iothreads.remove(janitor)
         assert len(iothreads) == 2
-        for pid in iothreads:
+        for pid in iothreads + [janitor]:  # (the launcher's janitor too)
             blocked, ignored = signal_masks(pid)
             assert blocked == 0, f"iothread {pid} blocks {blocked:#x}"
             assert not ignored & bits(signal.SIGHUP, signal.SIGINT, signal.SIGTERM), f"{ignored:#x}"

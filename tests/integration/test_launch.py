@@ -13,7 +13,7 @@ import pytest
 
 from protocol import ClusterState, cluster_state_path
 
-from .support import COMMAND, Clusters, iothreads_of, wait_gone
+from .support import COMMAND, Clusters, iothreads_of, janitor_of, wait_gone
 
 
 def iothread_pids(ready: dict[str, object]) -> list[int]:
@@ -116,6 +116,10 @@ def test_iothreads_exit_by_themselves_when_the_launcher_is_killed(clusters: Clus
     proc, ready = clusters.launch("--iothreads", "3", "--runtime-dir", short_dir, "--pidfile", pidfile,
                                   clean_exit=False)
     pids = iothread_pids(ready)
+    janitor = janitor_of(proc.pid)
+    assert janitor is not None
+    os.kill(janitor, signal.SIGKILL)  # (killed with it: else it would clean the directory up)
+    wait_gone([janitor], 2.0, "the janitor")
     proc.kill()
     proc.communicate(timeout=30)
     wait_gone(pids, 2.0, "the iothreads of a killed launcher")
