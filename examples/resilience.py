@@ -140,16 +140,29 @@ def main() -> int:
         with open(image, "wb") as f:
             f.truncate(16 << 20)
         results = []
-        try:
-            for i in range(args.repeats):
+        interrupted: list[bool] = []
+        progress = sys.stderr.isatty()
+        # Ctrl-C ends the run after the repetition under way (its launchers are in sessions of their own).
+        signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(True))
+        print(f"SIGKILL launcher, {args.repeats} times", flush=True)
+        for i in range(args.repeats):
+            if interrupted:
+                break
+            try:
                 results.append(one_kill(scratch, image))
-                print(f"\rSIGKILL launcher: {i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
-        except KeyboardInterrupt:
-            print("\ninterrupted", file=sys.stderr)
-        print(file=sys.stderr)
+            except RuntimeError as exc:
+                if interrupted:  # (the Ctrl-C reached a launcher being started, before its setsid)
+                    break
+                print(f"resilience.py: {exc}", file=sys.stderr)
+                return 1
+            if progress:
+                print(f"\r{i + 1}/{args.repeats}", end="", file=sys.stderr, flush=True)
+        if progress:
+            print(file=sys.stderr)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    if not results:
+    if interrupted:
+        print("resilience.py: interrupted", file=sys.stderr)
         return 130
     gone = [r["gone_ms"] for r in results]
     row = {

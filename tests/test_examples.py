@@ -124,6 +124,19 @@ def test_resilience_example_kills_launchers_and_finds_nothing_left(tmp_path: pat
 
 
 @pytest.mark.integration
+def test_soak_example_checks_memory_descriptors_and_data(tmp_path: pathlib.Path) -> None:
+    """examples/soak.py at a small count: every request answered and read back
+    right, each process's memory and descriptors sampled before and after."""
+    result = tmp_path / "soak.json"
+    out = _run_example(str(EXAMPLES / "soak.py"), "--requests", "5000", "--json", str(result))
+    assert out.returncode == 0, out.stdout + out.stderr
+    data = json.loads(result.read_text())
+    assert (data["requests"], data["errors"], data["mismatches"]) == (5000, 0, 0)
+    assert [p["process"] for p in data["processes"]] == ["launcher", "io0", "io1"]
+    assert all(p["fds_before"] == p["fds_after"] and p["rss_kib_before"] > 0 for p in data["processes"])
+
+
+@pytest.mark.integration
 def test_verify_example() -> None:
     out = _run_example(str(EXAMPLES / "verify.py"))
     assert out.returncode == 0, out.stderr
@@ -156,6 +169,8 @@ def test_bql_contention_example_gives_the_median_and_range_of_several_rounds() -
     (["asyncio_program.py"], "iothreads: io0"),  # an asyncio program, QMP connected
     (["bench/loop.py", "--quick"], "median of"),  # measuring
     (["bench/blockio.py", "--quick"], "the main loop, the iothread"),  # setting up
+    (["soak.py"], "soak: "),  # warming up
+    (["resilience.py"], "SIGKILL launcher, "),  # launching and killing
 ])
 def test_ctrl_c_ends_an_example_with_one_line_and_status_130(example: list[str], point: str) -> None:
     """Regression: Ctrl-C in an example printed a traceback.  Ctrl-C at a
