@@ -95,6 +95,25 @@ import zmq
 
 from iothreads import BlockClient, BlockIOError
 from mainloop.cluster import HEARTBEAT_INTERVAL_MS
+from protocol.nbd import (
+    NBD_CMD_BLOCK_STATUS,
+    NBD_CMD_CACHE,
+    NBD_CMD_FLAG_FUA,
+    NBD_CMD_READ,
+    NBD_CMD_TRIM,
+    NBD_CMD_WRITE,
+    NBD_CMD_WRITE_ZEROES,
+    NBD_FLAG_C_FIXED_NEWSTYLE,
+    NBD_FLAG_C_NO_ZEROES,
+    NBD_OPT_GO,
+    NBD_OPT_INFO,
+    NBD_OPT_LIST,
+    NBD_OPT_SET_META_CONTEXT,
+    NBD_SIMPLE_REPLY_MAGIC,
+    NbdClientHandshake,
+    NbdClientState,
+    encode_request,
+)
 from protocol import (
     PROTOCOL_VERSION,
     BlockCompletion,
@@ -138,6 +157,7 @@ class Counts:
     max_burst: int
     """The largest pipelined burst, in commands; the second QMP input is one."""
     data_frames: int
+    nbd_inputs: int
     fault_rounds: int
     pause_s: float
     """How long a process stays stopped."""
@@ -156,11 +176,11 @@ class Counts:
     """How long a greedy client's effect on memory is watched."""
 
 
-SMALL = Counts(qmp_inputs=100, max_burst=1000, data_frames=100, fault_rounds=1,
+SMALL = Counts(qmp_inputs=100, max_burst=1000, data_frames=100, nbd_inputs=100, fault_rounds=1,
                pause_s=2 * HEARTBEAT_INTERVAL_MS / 1000, blocks=128, warm_acks=32, nofile=128,
                over_limit=64, unread_qmp_bytes=2 * MiB, unread_reads=8, unread_read_bytes=4 * MiB,
                watch_s=0.5)
-FULL = Counts(qmp_inputs=10_000, max_burst=10_000, data_frames=2_000, fault_rounds=5,
+FULL = Counts(qmp_inputs=10_000, max_burst=10_000, data_frames=2_000, nbd_inputs=100_000, fault_rounds=5,
               pause_s=8 * HEARTBEAT_INTERVAL_MS / 1000, blocks=1024, warm_acks=256, nofile=128,
               over_limit=256, unread_qmp_bytes=24 * MiB, unread_reads=48, unread_read_bytes=32 * MiB,
               watch_s=3.0)
@@ -1326,6 +1346,213 @@ def send_data_input(rng: random.Random, sock: DataSocket, endpoint: str) -> tupl
     return mutation, frames
 
 
+# -- the NBD plane --------------------------------------------------------------------------
+
+NBD_EXPORT = "e0"
+NBD_PROBE_EXPORT = "probe"
+"""A read-only export of another node of the same iothread: what the other peers read (the fuzzing
+client may write anywhere in ``NBD_EXPORT``, validly too)."""
+NBD_GREETING_BYTES = 18  # NBDMAGIC, IHAVEOPT, the handshake flags
+NBD_READ_S = 0.05
+"""How long a fuzzing connection waits for what the server says back before it hangs up."""
+NBD_OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
+
+
+def nbd_socket(cluster: LaunchedCluster) -> str:
+    return os.path.join(cluster.runtime_dir, "nbd.sock")
+
+
+def nbd_cluster_args(image: str, probe_image: str, runtime_dir: str) -> list[str]:
+    return data_cluster_args(image) + [
+        "--blockdev", f"driver=file,node-name=nbdprobe,filename={probe_image},read-only=on,iothread=io0",
+        "--nbd-server", f"addr.type=unix,addr.path={os.path.join(runtime_dir, 'nbd.sock')}",
+        "--export", f"type=nbd,id={NBD_EXPORT},name={NBD_EXPORT},node-name=disk0,writable=on",
+        "--export", f"type=nbd,id={NBD_PROBE_EXPORT},name={NBD_PROBE_EXPORT},node-name=nbdprobe"]
+
+
+class NbdConnection:
+    """A well-behaved client: NBD_OPT_GO on the export, then requests one at a time."""
+
+    def __init__(self, path: str, timeout_s: float, export: str = NBD_EXPORT) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.cookie = 0
+        try:
+            self.sock.settimeout(timeout_s)
+            self.sock.connect(path)
+            handshake = NbdClientHandshake(export)
+            while handshake.state is NbdClientState.NEGOTIATING:
+                out = handshake.data_to_send()
+                if out:
+                    self.sock.sendall(out)
+                    handshake.data_sent(len(out))
+                handshake.receive_data(self.sock.recv(65536))
+            if handshake.state is not NbdClientState.TRANSMISSION:
+                raise OSError(errno.ECONNRESET, f"handshake refused: {handshake.close_reason}")
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def request(self, command: int, offset: int, length: int, payload: bytes = b"") -> tuple[int, bytes]:
+        """One request; (its error, the data of a READ)."""
+        self.cookie += 1
+        self.sock.sendall(encode_request(command, self.cookie, offset, length, payload=payload))
+        header = self._exactly(16)
+        magic, error, cookie = struct.unpack(">IIQ", header)
+        if magic != NBD_SIMPLE_REPLY_MAGIC or cookie != self.cookie:
+            raise OSError(errno.EPROTO, f"a reply out of place: {header!r}")
+        data = self._exactly(length) if command == NBD_CMD_READ and not error else b""
+        return error, data
+
+    def _exactly(self, n: int) -> bytes:
+        chunks, left = [], n
+        while left:
+            chunk = self.sock.recv(left)
+            if not chunk:
+                raise OSError(errno.ECONNRESET, "the server closed the connection")
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def nbd_answers(cluster: LaunchedCluster, expected: bytes, timeout_s: float) -> str | None:
+    """None if a new connection to the probe export reads block 0 back as ``expected``, else why not."""
+    try:
+        conn = NbdConnection(nbd_socket(cluster), timeout_s, NBD_PROBE_EXPORT)
+    except OSError as exc:
+        return f"a new NBD client could not connect or negotiate: {exc}"
+    try:
+        error, data = conn.request(NBD_CMD_READ, 0, BS)
+        return None if (error, data) == (0, expected) else f"a new NBD client read error {error} / other data"
+    except OSError as exc:
+        return f"a new NBD client got no answer: {exc}"
+    finally:
+        conn.close()
+
+
+def nbd_input(rng: random.Random) -> tuple[str, bool, bytes]:
+    """The next hostile input: (its mutation, whether it follows a valid
+    handshake, the bytes sent after the greeting or after the handshake)."""
+    flags = struct.pack(">I", NBD_FLAG_C_FIXED_NEWSTYLE | NBD_FLAG_C_NO_ZEROES)
+    kind = rng.randrange(8)
+    if kind == 0:
+        return "negotiation: random bytes", False, rng.randbytes(rng.randrange(1, 300))
+    if kind == 1:
+        return "negotiation: bad client flags", False, rng.randbytes(4)
+    if kind == 2:
+        option = NBD_OPTION.pack(rng.getrandbits(64), NBD_OPT_GO, 0)
+        return "negotiation: bad option magic", False, flags + option
+    if kind == 3:
+        length = rng.choice([1 << 31, (1 << 32) - 1, 65536 + 1, rng.getrandbits(32)])
+        body = rng.randbytes(rng.randrange(0, 64))
+        return "negotiation: option length past its data", False, flags + NBD_OPTION.pack(
+            0x49484156454F5054, rng.choice([NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_SET_META_CONTEXT]),
+            length) + body
+    if kind == 4:
+        option = rng.choice([0, 11, 99, rng.getrandbits(32)])
+        body = rng.randbytes(rng.randrange(0, 64))
+        return "negotiation: unknown or malformed option", False, flags + NBD_OPTION.pack(
+            0x49484156454F5054, option, len(body)) + body
+    # After a valid NBD_OPT_GO: transmission requests.
+    size = DATA_IMAGE_BYTES
+    if kind == 5:
+        header = bytearray(encode_request(NBD_CMD_READ, rng.getrandbits(64), 0, BS))
+        for _ in range(rng.randrange(1, 4)):
+            header[rng.randrange(len(header))] = rng.randrange(256)
+        return "request: a mutated header", True, bytes(header)
+    if kind == 6:
+        command = rng.choice([NBD_CMD_READ, NBD_CMD_WRITE, NBD_CMD_TRIM, NBD_CMD_WRITE_ZEROES,
+                              NBD_CMD_BLOCK_STATUS, NBD_CMD_CACHE, 99, rng.randrange(1 << 16)])
+        offset = rng.choice([0, size - BS, size, size + BS, (1 << 63) - 1, rng.getrandbits(64)])
+        length = rng.choice([0, 1, BS, 33 << 20, (1 << 32) - 1])
+        flags_ = rng.choice([0, NBD_CMD_FLAG_FUA, rng.randrange(1 << 16)])
+        payload = rng.randbytes(min(length, 256)) if command == NBD_CMD_WRITE else b""
+        return "request: bad command, flags, offset or length", True, encode_request(
+            command, rng.getrandbits(64), offset, length, flags_, payload)
+    cut = encode_request(NBD_CMD_WRITE, rng.getrandbits(64), 0, BS, payload=rng.randbytes(BS))
+    return "request: cut off mid-request", True, cut[:rng.randrange(1, len(cut))]
+
+
+def send_nbd_input(path: str, after_handshake: bool, data: bytes) -> None:
+    """Connect, (negotiate,) send ``data``, read what comes back for a moment, hang up."""
+    if after_handshake:
+        conn = NbdConnection(path, FRESH_S)
+        sock = conn.sock
+    else:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(FRESH_S)
+        sock.connect(path)
+        try:
+            greeting = b""
+            while len(greeting) < NBD_GREETING_BYTES:
+                chunk = sock.recv(NBD_GREETING_BYTES - len(greeting))
+                if not chunk:
+                    raise OSError(errno.ECONNRESET, "the server closed the connection before its greeting")
+                greeting += chunk
+        except BaseException:
+            sock.close()
+            raise
+    try:
+        sock.sendall(data)
+        sock.settimeout(NBD_READ_S)
+        while sock.recv(65536):
+            pass
+    except OSError:
+        pass  # (refused, reset, or nothing more said in NBD_READ_S: what a hostile client sees)
+    finally:
+        sock.close()
+
+
+def nbd_plane(clusters: Clusters, counts: Counts, seed: int, findings: Findings) -> list[Row]:
+    rng = random.Random(f"{seed}:nbd")
+    image, probe_image = os.path.join(clusters.scratch, "nbd.img"), os.path.join(clusters.scratch, "probe.img")
+    expected = rng.randbytes(BS)
+    with open(image, "wb") as f:
+        f.truncate(DATA_IMAGE_BYTES)
+    with open(probe_image, "wb") as f:
+        f.write(expected)  # block 0 of the probe export: what every probe reads back
+    target = Target(clusters, "nbd", nbd_cluster_args(image, probe_image, os.path.join(clusters.scratch, "nbd.run")))
+    row = Row("nbd", "malformed negotiation and requests")
+    row.rss_before(target.cluster.rss())
+    mutations: Counter[str] = Counter()
+    probe = NbdConnection(nbd_socket(target.cluster), FRESH_S, NBD_PROBE_EXPORT)  # another peer, connected throughout
+    try:
+        for index in range(counts.nbd_inputs):
+            row.inputs += 1
+            mutation, after_handshake, data = nbd_input(rng)
+            mutations[mutation] += 1
+            where: dict[str, Any] = {"index": index, "mutation": mutation}
+            try:
+                send_nbd_input(nbd_socket(target.cluster), after_handshake, data)
+            except OSError as exc:
+                findings.add("nbd", "refused", f"the fuzzing client could not connect or negotiate: {exc}", data,
+                             **where)
+            why: str | None = None
+            try:
+                error, got = probe.request(NBD_CMD_READ, 0, BS)
+                if (error, got) != (0, expected):
+                    why = f"the connected client read error {error} / other data"
+            except OSError as exc:
+                why = f"the connected client got no answer: {exc}"
+            if why is not None:
+                row.deaf += 1
+                findings.add("nbd", "other peer harmed", why, data, **where)
+            problem = target.check(row, lambda cluster: nbd_answers(cluster, expected, FRESH_S))
+            if problem is not None:
+                findings.add("nbd", *problem, data, **where)
+            if why is not None or problem is not None:
+                probe.close()
+                probe = NbdConnection(nbd_socket(target.cluster), FRESH_S, NBD_PROBE_EXPORT)
+    finally:
+        probe.close()
+    row.rss_after(target.cluster.rss())
+    row.notes.append(", ".join(f"{m} {n}" for m, n in sorted(mutations.items())))
+    row.notes += log_notes(target.cluster)
+    return [row]
+
+
 # -- the faults plane -----------------------------------------------------------------------
 
 WORKLOAD_DEPTH = 8
@@ -2083,7 +2310,7 @@ def write_json(path: str, report: dict[str, Any]) -> None:
 # -- main -----------------------------------------------------------------------------------
 
 Plane = Callable[[Clusters, Counts, int, Findings], list[Row]]
-PLANES: dict[str, Plane] = {"qmp": qmp_plane, "data": data_plane, "faults": fault_rows,
+PLANES: dict[str, Plane] = {"qmp": qmp_plane, "data": data_plane, "nbd": nbd_plane, "faults": fault_rows,
                             "resources": resource_rows}
 
 
@@ -2124,6 +2351,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                         help=f"which planes, comma-separated (default: {','.join(PLANES)})")
     parser.add_argument("--qmp-inputs", type=_count, help="QMP inputs (instead of the default's or --full's)")
     parser.add_argument("--data-frames", type=_count, help="data-plane frames")
+    parser.add_argument("--nbd-inputs", type=_count, help="malformed NBD negotiations and requests")
     parser.add_argument("--fault-rounds", type=_count, help="rounds of each fault")
     parser.add_argument("--json", metavar="PATH", type=_json_path, help="also write the results as JSON to PATH")
     return parser.parse_args(argv)
@@ -2131,7 +2359,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 def counts_for(args: argparse.Namespace) -> Counts:
     counts = FULL if args.full else SMALL
-    overrides = {"qmp_inputs": args.qmp_inputs, "data_frames": args.data_frames, "fault_rounds": args.fault_rounds}
+    overrides = {"qmp_inputs": args.qmp_inputs, "data_frames": args.data_frames, "nbd_inputs": args.nbd_inputs,
+                 "fault_rounds": args.fault_rounds}
     return dataclasses.replace(counts, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -2160,7 +2389,8 @@ def main(argv: Sequence[str]) -> int:
     raise_own_fd_limit()
     load_start = os.getloadavg()[0]
     print(f"seed {seed}{' (--full)' if args.full else ''}: {counts.qmp_inputs:,} QMP inputs, "
-          f"{counts.data_frames:,} data-plane frames, each fault {counts.fault_rounds} time(s)", flush=True)
+          f"{counts.data_frames:,} data-plane frames, {counts.nbd_inputs:,} NBD inputs, "
+          f"each fault {counts.fault_rounds} time(s)", flush=True)
     started = time.monotonic()
     findings = Findings()
     rows, left_behind = run_planes(args.planes, counts, seed, findings)

@@ -17,7 +17,7 @@ import pytest
 from .support import interrupt_at, left_behind
 
 SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "examples" / "hardening.py"
-PLANES = {"qmp", "data", "faults", "resources"}
+PLANES = {"qmp", "data", "nbd", "faults", "resources"}
 MUST_BE_ZERO = ("crashes", "hangs", "deaf", "writes_lost", "nodes_lost")
 RUN_S = 120
 """Bound on a run at the small counts (it takes seconds)."""
@@ -55,6 +55,7 @@ def test_a_small_run_reads_zero_where_it_must_and_leaves_nothing(tmp_path: pathl
 
 @pytest.mark.parametrize(("plane", "point"), [
     ("qmp", "qmp: running"),  # its cluster being launched
+    ("nbd", "nbd: running"),  # hostile NBD clients
     ("faults", "faults: ENOSPC"),  # a workload running, a small file system being mounted
 ])
 def test_ctrl_c_stops_it_with_one_line_and_leaves_nothing(tmp_path: pathlib.Path, short_dir: str, plane: str,
@@ -72,5 +73,5 @@ def test_a_bad_option_is_one_clear_error() -> None:
                          text=True, timeout=60)
     assert out.returncode == 2 and out.stdout == "", out
     assert out.stderr.splitlines()[-1].endswith(
-        "argument --planes: unknown plane(s) sideways; choose from qmp, data, faults, resources"), out.stderr
+        "argument --planes: unknown plane(s) sideways; choose from qmp, data, nbd, faults, resources"), out.stderr
     assert "Traceback" not in out.stderr
