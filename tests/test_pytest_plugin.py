@@ -208,6 +208,8 @@ def test_the_cluster_leak_check_sees_a_clusters_processes() -> None:
         assert cluster.pid in running and len(running) >= 3  # the launcher, and its two iothreads (at least)
     assert not _cluster_processes(cluster.pid) and not any(os.path.exists(f"/proc/{pid}") for pid in running)
     assert not os.path.exists(cluster.runtime_dir)
+    with pytest.raises(ValueError, match="a size of 0 bytes or more, not -1"):
+        EmbeddedCluster(-1)
 
 
 SHARED_USER = """

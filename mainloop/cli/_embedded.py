@@ -251,6 +251,8 @@ class EmbeddedCluster(ClusterHandle):
                  args: Sequence[str] = (), owner_pid: int | None = None, image_path: str | None = None,
                  log_path: str | None = None, log_to_stderr: bool | None = None) -> None:
         super().__init__()
+        if size < 0:
+            raise ValueError(f"an embedded cluster's image has a size of 0 bytes or more, not {size}")
         self._closed = False
         self.pid = 0
         """The launcher's process id."""

@@ -188,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     cleanup.add_argument("--socket", action="append", default=[], metavar="PATH",
                          help="with --when-gone: also remove the socket file PATH (the launcher's NBD server's or "
                               "monitor's) if nothing listens there any more; repeatable")
-    cleanup.add_argument("--when-gone", type=int, metavar="PID",
+    cleanup.add_argument("--when-gone", type=_pid, metavar="PID",
                          help="first wait for process PID to exit, then clean each --runtime-dir (one that is "
                               "gone already is no error): what a launcher starts, to clean up after itself "
                               "if it is killed")
@@ -544,6 +544,17 @@ def _remove_stale_runtime_dirs(own: str) -> None:
                 log.info("removed %s, left behind by a killed launcher (pid %d)", path, found.pid)
             elif not found.quiet:
                 log.debug("left alone: %s %s", path, found.problem)
+
+
+def _pid(text: str) -> int:
+    """A --when-gone value: a process id, a whole number above 0."""
+    try:
+        pid = int(text)
+    except ValueError:
+        pid = 0
+    if pid <= 0:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a process id (a whole number above 0)")
+    return pid
 
 
 def _wait_gone(pid: int) -> None:

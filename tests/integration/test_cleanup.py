@@ -86,6 +86,9 @@ def test_a_janitor_removes_only_the_sockets_nothing_listens_on(short_dir: str) -
     finally:
         listener.close()
     assert cleanup("--socket", live).returncode == 1  # (only with --when-gone)
+    for bad in ("-5", "0", "abc"):
+        refused = cleanup("--when-gone", bad, "--runtime-dir", short_dir)
+        assert refused.returncode == 1 and f"'{bad}' is not a process id" in refused.stderr, refused
 
 
 def test_a_launcher_that_exits_in_order_stops_its_janitor(clusters: Clusters, tmpdir_env: str) -> None:
