@@ -37,7 +37,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, field
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
 from iothreads import AioContext, BlockClient, EventNotifier
@@ -345,10 +345,6 @@ def _plot(results: dict[str, OpResult], path: str) -> None:
     plt.close(fig)
 
 
-# The embedded launcher: ``iothreads launch`` that first asks for its
-# parent-death signal (and exits if its parent, argv[1], is gone already).
-# With argv[2] "nbd" it makes its runtime directory itself, serves NBD on a
-# socket there, and removes the directory once the launcher is done.
 @contextlib.contextmanager
 def _ended_by_sigint(workload: Workload) -> Iterator[None]:
     """While the block runs, a first SIGINT (Ctrl-C) ends the workload early

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 from collections.abc import Sequence
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING
 
 from iothreads import BlockClient, die_with_parent
 from protocol import make_runtime_dir
@@ -33,7 +33,8 @@ from ..cluster._spawn import spawn
 if TYPE_CHECKING:
     from qemu.qmp.legacy import QEMUMonitorProtocol
 
-__all__ = ["ClusterHandle", "EmbeddedCluster", "launcher_main", "process_start_time", "stop_launcher", "wait_pidfd"]
+__all__ = ["ClusterHandle", "EmbeddedCluster", "launcher_main", "proc_stat", "process_start_time",
+           "stop_launcher", "wait_pidfd"]
 
 log = logging.getLogger("mainloop.cli")
 
@@ -44,16 +45,23 @@ STOP_TIMEOUT_S = 30.0  # from SIGTERM to SIGKILL
 _LAUNCHER = "import sys\nfrom mainloop.cli._embedded import launcher_main\nsys.exit(launcher_main(sys.argv[1:]))\n"
 
 
-def process_start_time(pid: int) -> int | None:
-    """When ``pid`` started (clock ticks since boot, /proc's field 22): with
-    the pid, it names one process even after the pid is reused.  None if no
-    such process (or only its zombie) is left."""
+def proc_stat(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command's name (the first is
+    the state, field 3), or None if no such process, or only its zombie, is left."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
     except OSError:
         return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
+    return None if fields[0] in ("Z", "X") else fields
+
+
+def process_start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc's field 22): with
+    the pid, it names one process even after the pid is reused.  None if no
+    such process (or only its zombie) is left."""
+    fields = proc_stat(pid)
+    return None if fields is None else int(fields[19])
 
 
 def wait_pidfd(pidfd: int, timeout_s: float | None) -> bool:
@@ -74,16 +82,22 @@ def stop_launcher(pid: int, start_time: int, timeout_s: float = STOP_TIMEOUT_S) 
     try:
         if process_start_time(pid) != start_time:
             return False  # gone, and its pid given to another process
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        if wait_pidfd(pidfd, timeout_s):
-            return False
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-        wait_pidfd(pidfd, None)
-        return True
+        return _terminate(pidfd, timeout_s)
     except ProcessLookupError:
         return False
     finally:
         os.close(pidfd)
+
+
+def _terminate(pidfd: int, timeout_s: float) -> bool:
+    """SIGTERM to the process of ``pidfd``, SIGKILL if it has not exited
+    ``timeout_s`` later; return once it has exited: whether it was killed."""
+    signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+    if wait_pidfd(pidfd, timeout_s):
+        return False
+    signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    wait_pidfd(pidfd, None)
+    return True
 
 
 class _EventsOut(io.TextIOBase):
@@ -207,10 +221,6 @@ class ClusterHandle:
         finally:
             if client is not None:
                 client.close()
-
-    def describe(self) -> dict[str, Any]:
-        """What another process needs to attach: JSON-ready."""
-        return {"pid": self.pid, "runtime_dir": self.runtime_dir, "exports": self.exports}
 
 
 class EmbeddedCluster(ClusterHandle):
@@ -349,10 +359,9 @@ class EmbeddedCluster(ClusterHandle):
         finally:
             try:
                 if self._pidfd >= 0 and self.returncode is None:
-                    os.kill(self.pid, signal.SIGTERM)
-                    if not self._wait(STOP_TIMEOUT_S):
-                        os.kill(self.pid, signal.SIGKILL)
-                        self._wait(None)
+                    with contextlib.suppress(ProcessLookupError):  # (exited and reaped meanwhile: not here)
+                        _terminate(self._pidfd, STOP_TIMEOUT_S)
+                    self._wait(None)
                 if self._pidfd >= 0 and self.returncode != 0:
                     print(f"the embedded cluster exited with status {self.returncode}:\n{self.messages()}",
                           file=sys.stderr)

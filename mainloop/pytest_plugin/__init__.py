@@ -113,9 +113,8 @@ def _shared_clusters(config: pytest.Config) -> SharedClusters | None:
     is set up)."""
     shared = config.stash.get(_SHARED, None)
     if shared is None and config.stash.get(_CONTROLLER, False):
-        factory = getattr(config, "_tmp_path_factory", None)  # (what the tmp_path_factory fixture gives)
-        parent = str(factory.getbasetemp()) if factory is not None else None
-        shared = config.stash[_SHARED] = SharedClusters.create(parent, 1, config.getoption("iothreads_log_level"))
+        shared = config.stash[_SHARED] = SharedClusters.create(_basetemp(config), 1,
+                                                               config.getoption("iothreads_log_level"))
     return shared
 
 
@@ -167,12 +166,16 @@ def pytest_runtest_makereport(item: pytest.Item,
     return report
 
 
+def _basetemp(config: pytest.Config) -> str | None:
+    """The run's base temporary directory (what the ``tmp_path_factory`` fixture gives), if set up."""
+    factory = getattr(config, "_tmp_path_factory", None)
+    return str(factory.getbasetemp()) if factory is not None else None
+
+
 def _kept_base(config: pytest.Config) -> str | None:
     if not config.getoption("iothreads_keep_failed"):
         return None
-    factory = getattr(config, "_tmp_path_factory", None)
-    base = str(factory.getbasetemp()) if factory is not None else os.getcwd()
-    return os.path.join(base, "iothreads-kept")
+    return os.path.join(_basetemp(config) or os.getcwd(), "iothreads-kept")
 
 
 def _failed(item: pytest.Item) -> bool:
@@ -182,8 +185,11 @@ def _failed(item: pytest.Item) -> bool:
 # -- leaks ------------------------------------------------------------------------
 
 
-def _leak_wait_s(config: pytest.Config) -> float:
-    return float(config.getini("aio_leak_wait"))
+def _outlived(before: Snapshot, config: pytest.Config) -> list[str]:
+    """The threads and child processes started since ``before`` still alive
+    after ``aio_leak_wait`` (the plugin's own launchers aside), each a sentence."""
+    return [f"{what} outlived the test" for what in before.leaks(float(config.getini("aio_leak_wait")),
+                                                                 launched_pids)]
 
 
 def _context_leaks(ctx: AioContext) -> list[str]:
@@ -245,9 +251,7 @@ def aio_context(request: pytest.FixtureRequest) -> Iterator[AioContext]:
     ctx = AioContext(clock=clock, name=name) if clock is not None else AioContext(name=name)
     ctx.set_exception_handler(_raise)
     yield ctx
-    leaks = _close_checked(ctx, "the test's AioContext", [ctx])
-    _fail_on(leaks + [f"{what} outlived the test" for what in before.leaks(_leak_wait_s(request.config),
-                                                                           launched_pids)])
+    _fail_on(_close_checked(ctx, "the test's AioContext", [ctx]) + _outlived(before, request.config))
 
 
 @pytest.fixture
@@ -272,8 +276,7 @@ def main_loop(request: pytest.FixtureRequest) -> Iterator[MainLoop]:
     sources = [f"source {src.name!r}" for src in loop.context.sources() if src not in own_sources]
     leaks = [f"the test's MainLoop kept {', '.join(sources)} attached"] if sources else []
     leaks += _close_checked(loop, "the test's MainLoop", [loop.aio_context, loop.iohandler_context])
-    _fail_on(leaks + [f"{what} outlived the test" for what in before.leaks(_leak_wait_s(request.config),
-                                                                           launched_pids)])
+    _fail_on(leaks + _outlived(before, request.config))
 
 
 @pytest.fixture

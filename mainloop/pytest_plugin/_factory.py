@@ -11,13 +11,12 @@ import stat
 from collections.abc import Sequence
 
 from ..cli._embedded import EmbeddedCluster
-from ._processes import cluster_processes, still_running
+from ._processes import STOP_WAIT_S, cluster_processes, still_running
 from ._shared import SharedCluster, SharedClusters
 
 __all__ = ["DEFAULT_SIZE_BYTES", "ClusterFactory", "launched_pids"]
 
 DEFAULT_SIZE_BYTES = 64 << 20
-STOP_WAIT_S = 5.0  # for a cluster's processes to be gone once its launcher has exited
 
 launched_pids: set[int] = set()
 """Every launcher the plugin started in this process: a test's leak check

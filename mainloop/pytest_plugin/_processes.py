@@ -12,24 +12,20 @@ import time
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
-from ..cli._embedded import wait_pidfd
+from ..cli._embedded import proc_stat, wait_pidfd
 
-__all__ = ["Snapshot", "cluster_processes", "process_table", "still_running"]
+__all__ = ["STOP_WAIT_S", "Snapshot", "cluster_processes", "process_table", "still_running"]
+
+STOP_WAIT_S = 5.0  # for a cluster's processes to be gone once its launcher has exited
 
 
 def process_table() -> dict[int, tuple[int, int]]:
     """Every live process: pid -> (parent pid, session id); zombies left out."""
     table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # (gone meanwhile)
-        if fields[0] not in ("Z", "X"):
-            table[int(entry)] = (int(fields[1]), int(fields[3]))
+    for pid in map(int, filter(str.isdigit, os.listdir("/proc"))):
+        fields = proc_stat(pid)  # (None: gone meanwhile)
+        if fields is not None:
+            table[pid] = (int(fields[1]), int(fields[3]))
     return table
 
 

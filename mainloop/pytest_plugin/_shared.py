@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ..cli._embedded import ClusterHandle, EmbeddedCluster, process_start_time, stop_launcher
-from ._processes import cluster_processes, process_table
+from ._processes import STOP_WAIT_S, cluster_processes, still_running
 
 __all__ = ["SharedCluster", "SharedClusters", "SharedState"]
 
@@ -164,7 +164,7 @@ class SharedClusters:
                 return []
             killed = stop_launcher(state.pid, state.start_time)
             problems = [f"the shared cluster {name!r} did not stop on SIGTERM (killed)"] if killed else []
-            alive = set(state.processes) & set(process_table())
+            alive = still_running(set(state.processes), STOP_WAIT_S)
             if alive:
                 problems.append(f"the shared cluster {name!r} left processes {sorted(alive)}")
             if os.path.exists(state.runtime_dir):
