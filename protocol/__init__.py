@@ -89,6 +89,8 @@ from .wire import BlockdevDel as BlockdevDel
 from .wire import BlockRequest as BlockRequest
 from .wire import ErrorReply as ErrorReply
 from .wire import Event as Event
+from .wire import IOTHREAD_LEFT as IOTHREAD_LEFT
+from .wire import PEER_REFUSED as PEER_REFUSED
 from .wire import Heartbeat as Heartbeat
 from .wire import NodeStats as NodeStats
 from .wire import Hello as Hello
@@ -126,6 +128,7 @@ __all__ = [
     "FdBudget",
     "Heartbeat",
     "Hello",
+    "IOTHREAD_LEFT",
     "IOThreadEntry",
     "InFlight",
     "Limits",
@@ -143,6 +146,7 @@ __all__ = [
     "NodeEntry",
     "NodeStats",
     "PAUSED_SUFFIX",
+    "PEER_REFUSED",
     "PROTOCOL_VERSION",
     "PendingRequests",
     "ProtocolError",

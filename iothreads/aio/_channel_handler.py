@@ -8,7 +8,7 @@ announce) schedules a bottom half that drains it.
 
 from __future__ import annotations
 
-from protocol import Channel
+from protocol.channel import Drainable
 
 from ._context import AioContext
 from ._bh import BottomHalf
@@ -19,7 +19,7 @@ __all__ = ["ChannelHandler"]
 class ChannelHandler:
     """``channel`` served by ``ctx``: create in, and use from, the home thread."""
 
-    def __init__(self, ctx: AioContext, channel: Channel, name: str = "channel") -> None:
+    def __init__(self, ctx: AioContext, channel: Drainable, name: str = "channel") -> None:
         self.ctx = ctx
         self.channel = channel
         bh = ctx.bh_new(channel.drain, f"{name}-drain")
@@ -34,10 +34,11 @@ class ChannelHandler:
             bh.delete()
             raise
 
-    def close(self) -> None:
-        """Remove the handler, delete the BH, close the channel.  Idempotent."""
+    def close(self, linger_ms: int = 0) -> None:
+        """Remove the handler, delete the BH, close the channel (giving what
+        it has not sent ``linger_ms`` to leave).  Idempotent."""
         if not self._bh.deleted:
             self.ctx.set_fd_handler(self.channel.fileno())
             self._bh.delete()
         self.channel.kick = lambda: None
-        self.channel.close()
+        self.channel.close(linger_ms)

@@ -61,6 +61,7 @@ from typing import Any, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
+from protocol.channel import KeyPair, curve_client, load_key_pair, local_key_paths
 from protocol import (
     CLIENT_CREDIT,
     CLUSTER_STATE_FILE,
@@ -166,8 +167,10 @@ def _ignore(status: int, message: str, data: bytes) -> None:
 class BlockClient:
     """Block I/O to a running cluster.  Use from the client context's home thread."""
 
-    def __init__(self, runtime_dir: str, ctx: AioContext | None = None, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, runtime_dir: str, ctx: AioContext | None = None, *, timeout_s: float = 30.0,
+                 curve_keys: KeyPair | None = None) -> None:
         self.runtime_dir = runtime_dir
+        self._curve_keys = curve_keys  # (None: the cluster's local pair, read when a tcp:// iothread needs it)
         self.timeout_s = timeout_s
         self.state = self._read_state()  # first: no cluster there, nothing created
         self._owns_ctx = ctx is None
@@ -228,6 +231,12 @@ class BlockClient:
                                                        "(it is at its limit of connections or descriptors)")
             sock = channel_socket(self.zmq, zmq.DEALER)
             sock.setsockopt(zmq.IDENTITY, self._identity)
+            if entry.curve:
+                try:
+                    curve_client(sock, self._keys(), entry.curve.encode())
+                except BaseException:
+                    sock.close(linger=0)
+                    raise
             # Requests wait in ZeroMQ only for a live connection: when it drops,
             # those not yet written out are dropped with it (they fail, below),
             # never delivered to an iothread restarted on the same endpoint.
@@ -252,6 +261,18 @@ class BlockClient:
                 raise
             self._on_monitor(iothread, conn)  # ZeroMQ signals its fd only once a read has found it empty
         return conn
+
+    def _keys(self) -> KeyPair:
+        """This client's CURVE key pair: the one given, or the cluster's local
+        one from its runtime directory (``StateError`` if it cannot be read)."""
+        if self._curve_keys is None:
+            path = local_key_paths(self.runtime_dir)[0]
+            try:
+                self._curve_keys = load_key_pair(path)
+            except (ValueError, OSError) as exc:
+                raise StateError(f"the cluster serves CURVE on tcp://, and this client has no key pair: {exc} "
+                                 "(give curve_keys=)") from None
+        return self._curve_keys
 
     def _reconnect(self, node: str, iothread: str) -> str:
         """Where a request for ``node`` goes now that the connection to its

@@ -43,6 +43,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import PAUSED_SUFFIX, FdBudget
+from protocol.channel import HANDSHAKE_FAILURES, Refusal, handshake_refusal
 
 from ..aio._context import AioContext
 
@@ -61,7 +62,7 @@ class DataListener:
 
     def __init__(self, ctx: AioContext, sock: zmq.Socket[Any], endpoint: str, *,
                  on_limit: Callable[[str], object], max_clients: int = MAX_CLIENTS,
-                 budget: FdBudget | None = None) -> None:
+                 budget: FdBudget | None = None, on_refused: Callable[[Refusal], object] | None = None) -> None:
         self.ctx = ctx
         self.sock = sock
         self.endpoint = endpoint
@@ -69,9 +70,11 @@ class DataListener:
         self.max_clients = max_clients
         self.budget = budget or FdBudget()
         self.on_limit = on_limit
+        self.on_refused = on_refused  # (a CURVE socket: clients that failed the handshake)
         self.clients = 0
         self.listening = True
-        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self._monitor = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED
+                                                | (HANDSHAKE_FAILURES if on_refused is not None else 0))
         self._monitor_fd = cast(int, self._monitor.getsockopt(zmq.FD))
         # With a real io_poll (a ZMQ_EVENTS read), though it costs every
         # busy-polling turn: connections must be counted at once, while
@@ -85,11 +88,16 @@ class DataListener:
         """Count the connections (the monitor's fd is edge-triggered: read every event)."""
         monitor = self._monitor
         while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
-            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))["event"]
+            message = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            event = message["event"]
             if event == zmq.EVENT_ACCEPTED:
                 self.clients += 1
             elif event == zmq.EVENT_DISCONNECTED:
                 self.clients = max(0, self.clients - 1)
+            elif self.on_refused is not None:
+                refusal = handshake_refusal(event, message["value"], "data")
+                if refusal is not None:
+                    self.on_refused(refusal)
         self.check()
 
     def check(self) -> None:

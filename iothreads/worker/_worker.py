@@ -85,9 +85,10 @@ import socket
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
     DATA_RCVHWM,
@@ -103,7 +104,9 @@ from protocol import (
     FdBudget,
     Heartbeat,
     Hello,
+    IOTHREAD_LEFT,
     InFlight,
+    PEER_REFUSED,
     LocalProtocolError,
     Message,
     NbdCloseExport,
@@ -124,6 +127,17 @@ from protocol import (
     receive_connection,
     request_bytes,
     send_connection,
+)
+from protocol.channel import (
+    HANDSHAKE_FAILURES,
+    KeyPair,
+    Refusal,
+    ZapHandler,
+    ZapPolicy,
+    curve_client,
+    curve_server,
+    load_key_pair,
+    load_public_key,
 )
 from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
 
@@ -149,6 +163,7 @@ _MAX_MESSAGE_CHARS = 1024  # an error message in a completion
 MAX_NODES = 1024  # block nodes in one iothread
 HANDOFFS_PER_WAKEUP = 64  # connections taken from the handoff socket at one go (it says again if more wait)
 SHUTDOWN_DRAIN_MS = 5_000  # the longest an orderly exit waits for requests in flight
+LEAVE_LINGER_MS = 1_000  # the longest a remote iothread's exit waits for its last word to leave
 EXIT_OK, EXIT_ERROR, EXIT_ORPHANED = 0, 1, 3
 _PR_SET_PDEATHSIG = 1
 
@@ -181,7 +196,8 @@ class IOThreadWorker:
     def __init__(self, iothread_id: str, endpoint: str, *, poll_max_ns: int = 32768,
                  poll_grow: int = 0, poll_shrink: int = 0, aio_max_batch: int = 0,
                  handshake_timeout_ms: int = 10_000, data_endpoint: str | None = None,
-                 handoff_fd: int | None = None) -> None:
+                 handoff_fd: int | None = None, keys: KeyPair | None = None, server_key: bytes = b"",
+                 host: str = "") -> None:
         self.id = iothread_id
         self.pid = os.getpid()
         self.ctx = AioContext(name=iothread_id)
@@ -203,8 +219,25 @@ class IOThreadWorker:
             NbdCloseExport: self._on_nbd_close_export,
         }
         self.zmq = zmq.Context()
+        # CURVE on tcp://: the ZAP handler first (its data socket lets in the
+        # keys the Welcome gives, none before), a client of the main loop's key.
+        self.keys = keys
+        self._refusals = ThrottledLog(log)
+        self.zap: ZapHandler | None = None
+        self.zap_handler: ChannelHandler | None = None
+        if keys is not None:
+            self.zap = ZapHandler(self.zmq, ZapPolicy(), self._on_refused)
+            self.zap_handler = ChannelHandler(self.ctx, self.zap, "zap")
         sock = channel_socket(self.zmq, zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, iothread_id.encode())
+        self._control_monitor: zmq.Socket[Any] | None = None
+        if keys is not None:
+            curve_client(sock, keys, server_key)
+            # Told at once when the main loop refuses this key, or this is not its server key.
+            self._control_monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            monitor_fd = cast(int, self._control_monitor.getsockopt(zmq.FD))
+            self.ctx.set_fd_handler(monitor_fd, io_read=self._on_control_monitor)
+            self._on_control_monitor()  # its fd is signalled only once a read has found the queue empty
         sock.connect(endpoint)
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
         self.handler = ChannelHandler(self.ctx, self.channel, "control")
@@ -223,6 +256,8 @@ class IOThreadWorker:
             # that never reads costs this process stays bounded (see InFlight).
             dsock = channel_socket(self.zmq, zmq.ROUTER, sndhwm=DATA_SNDHWM, rcvhwm=DATA_RCVHWM)
             dsock.setsockopt(zmq.BACKLOG, LISTEN_BACKLOG)  # what libzmq may accept past a pause (DataListener)
+            if keys is not None:
+                curve_server(dsock, keys, "data")
             bind_owner_only(dsock, data_endpoint)  # an ipc socket file: the user's alone, whatever the umask
             self.data = Channel(dsock, self._on_data, on_error=self._on_bad_data)
             self.data_handler = ChannelHandler(self.ctx, self.data, "data")
@@ -250,8 +285,10 @@ class IOThreadWorker:
         if self.data is not None:
             bound = self.data.socket.getsockopt_string(zmq.LAST_ENDPOINT)
             # Listening only while clients can be afforded (libzmq accepts them on its own).
-            self.listener = DataListener(self.ctx, self.data.socket, bound, on_limit=self._on_listener_limit)
-        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound))
+            self.listener = DataListener(self.ctx, self.data.socket, bound, on_limit=self._on_listener_limit,
+                                         on_refused=self._on_refused if keys is not None else None)
+        curve_key = keys.public.decode() if keys is not None and bound else ""
+        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound, curve_key, host))
 
     # -- messages ---------------------------------------------------------
 
@@ -270,6 +307,30 @@ class IOThreadWorker:
             request_id = getattr(msg, "request_id", None)
             if request_id is not None:
                 self.channel.send(ErrorReply(request_id, "GenericError", _bounded(f"the answer cannot be sent: {exc}")))
+
+    def _on_control_monitor(self) -> None:
+        """The control connection's failed handshakes: before the Welcome,
+        a reason to give up at once, said plainly."""
+        monitor = self._control_monitor
+        while monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+            event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                problem = f"the main loop refused this iothread's key (not among its authorised keys; ZAP {event['value']})"
+            elif event["event"] & HANDSHAKE_FAILURES:
+                problem = "the CURVE handshake with the main loop failed (is --server-key the main loop's public key?)"
+            else:
+                continue
+            if self._bad_input.log(("control-handshake", event["event"]), logging.ERROR, "%s", problem) \
+                    and not self.welcomed and not self.shutting_down:
+                self.shutdown(EXIT_ERROR)
+
+    def _on_refused(self, refusal: Refusal) -> None:
+        """A client kept out of the data socket: said (a few lines per kind), and told to the main loop."""
+        if self._refusals.log((refusal.address, refusal.key, refusal.reason), logging.WARNING,
+                              "data channel refused a peer%s%s: %s",
+                              f" from {refusal.address}" if refusal.address else "",
+                              f" with key {refusal.key}" if refusal.key else "", refusal.reason):
+            self.channel.send(Event(PEER_REFUSED, dict(refusal.as_event())))
 
     def _on_listener_limit(self, problem: str) -> None:
         self.channel.send(Event("RESOURCE_LIMIT_REACHED", {
@@ -327,6 +388,10 @@ class IOThreadWorker:
         self.channel.send(QueryReply(msg.request_id, {}))
 
     def _on_stop(self, identity: bytes, msg: Stop) -> None:
+        if not self.welcomed:  # its Hello was refused (a remote one that cannot join)
+            log.error("the main loop refused this iothread: %s", msg.reason)
+            self.shutdown(EXIT_ERROR)
+            return
         self.shutdown(EXIT_OK)
 
     def _on_control_block_request(self, identity: bytes, msg: BlockRequest) -> None:
@@ -601,6 +666,8 @@ class IOThreadWorker:
             return
         self.welcomed = True
         self.heartbeat_interval_ms = max(msg.heartbeat_interval_ms, 0)
+        if self.zap is not None:
+            self.zap.policy.set_authorized(k.encode() for k in msg.authorized_keys)
         self._arm_watchdog()
 
     def _on_set_poll_params(self, identity: bytes, msg: SetPollParams) -> None:
@@ -746,12 +813,24 @@ class IOThreadWorker:
 
     def close(self) -> None:
         self._bad_input.flush()
+        self._refusals.flush()
         self._watchdog.delete()
+        linger_ms = 0
+        if self.welcomed and not self.main_loop_pid and not self.channel.closed:
+            # Remote: no pidfd tells the main loop that this process is gone; its last word does.
+            self.channel.send(Event(IOTHREAD_LEFT, {"exit-code": self.exit_code}))
+            self.channel.flush()
+            linger_ms = LEAVE_LINGER_MS
         if self._main_loop_pidfd >= 0:
             self.ctx.set_fd_handler(self._main_loop_pidfd)
             os.close(self._main_loop_pidfd)
             self._main_loop_pidfd = -1
-        self.handler.close()
+        self.handler.close(linger_ms)
+        if self._control_monitor is not None:
+            self.ctx.set_fd_handler(cast(int, self._control_monitor.getsockopt(zmq.FD)))
+            self._control_monitor.close(linger=0)
+        if self.zap_handler is not None:
+            self.zap_handler.close()
         if self.listener is not None:
             self.listener.close()
         if self.data_handler is not None:
@@ -844,20 +923,54 @@ def _histogram_problem(boundaries_ns: tuple[int, ...]) -> str:
     return "" if list(boundaries_ns) == sorted(set(boundaries_ns)) else "unsorted boundaries"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m iothreads.worker", description="Run one iothread process.")
+def parse_args(argv: list[str] | None, prog: str = "python -m iothreads.worker") -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog=prog, description="Run one iothread process: started by its main loop, or joining a running "
+                               "cluster from another host (--connect tcp://HOST:PORT with its CURVE keys).")
     p.add_argument("--id", required=True, help="the iothread's id (QEMU's object id)")
-    p.add_argument("--connect", required=True, metavar="ENDPOINT", help="the main loop's control endpoint")
+    p.add_argument("--connect", required=True, metavar="ENDPOINT",
+                   help="the main loop's control endpoint (a launcher's --control tcp://HOST:PORT)")
+    p.add_argument("--curve-keys", metavar="FILE",
+                   help="this iothread's key pair (a .key_secret file of 'iothreads keygen', mode 0600); "
+                        "required with tcp://")
+    p.add_argument("--server-key", metavar="FILE",
+                   help="the main loop's public key (its .key file); required with tcp://")
+    p.add_argument("--host", default="", help="how the cluster names this host (default: the data endpoint's "
+                                              "address)")
     p.add_argument("--parent-pid", type=int, default=0, help="exit if this process is not our parent")
     for m in members(IothreadProperties):  # the iothread object's properties, as the schema declares them
         p.add_argument(f"--{m.name}", type=int, default=m.default(), help=m.doc)
     p.add_argument("--handshake-timeout-ms", type=int, default=10_000)
-    p.add_argument("--data-endpoint", metavar="ENDPOINT", help="bind the data plane (clients) here")
+    p.add_argument("--data-endpoint", metavar="ENDPOINT",
+                   help="bind the data plane (clients) here (default with tcp:// and no --parent-pid: "
+                        "tcp://ADDRESS:* on the address this host reaches the main loop from)")
     p.add_argument("--handoff-fd", type=int, metavar="FD",
                    help="the handoff socket: NBD connections from and back to the main loop")
     p.add_argument("--log-level", type=_log_level, default=logging.INFO, metavar="LEVEL",
                    help="messages from this logging level up (a name or a number; default INFO)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.connect.startswith("tcp://"):
+        if not args.curve_keys or not args.server_key:
+            p.error("--connect tcp://... needs --curve-keys and --server-key (CURVE is mandatory on tcp://)")
+        if args.data_endpoint is None and not args.parent_pid:
+            args.data_endpoint = f"tcp://{_address_toward(args.connect)}:*"
+    if not args.host and args.data_endpoint and args.data_endpoint.startswith("tcp://") and not args.parent_pid:
+        args.host = args.data_endpoint.removeprefix("tcp://").rsplit(":", 1)[0]
+    return args
+
+
+def _address_toward(endpoint: str) -> str:
+    """This host's address on the route to ``tcp://HOST:PORT`` (a UDP
+    socket's connect picks it; nothing is sent); 127.0.0.1 if there is none."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
+            probe.connect((host, int(port) if port.isdigit() else 9))
+            return str(probe.getsockname()[0])
+    except (OSError, ValueError):
+        return "127.0.0.1"
 
 
 def _log_level(text: str) -> int:
@@ -867,14 +980,14 @@ def _log_level(text: str) -> int:
     return level
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m iothreads.worker") -> int:
     # First of all: no signal blocked, whatever the mask inherited (a main
     # loop blocks SIGINT and SIGTERM for its signalfd; a mask survives fork
     # and exec).  The main loop spawns its iothreads clean already; this is
     # for whoever else starts one.  Before ZeroMQ's threads exist: they
     # inherit this thread's mask.
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level, format=f"iothread {args.id}: %(message)s")
     raise_fd_limit()  # the headroom the system grants; clients get what the reserve leaves (FdBudget)
     if args.parent_pid:
@@ -897,11 +1010,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     try:
+        keys = load_key_pair(args.curve_keys) if args.curve_keys else None
+        server_key = load_public_key(args.server_key) if args.server_key else b""
         worker = IOThreadWorker(
             args.id, args.connect, poll_max_ns=args.poll_max_ns, poll_grow=args.poll_grow,
             poll_shrink=args.poll_shrink, aio_max_batch=args.aio_max_batch,
             handshake_timeout_ms=args.handshake_timeout_ms, data_endpoint=args.data_endpoint,
-            handoff_fd=args.handoff_fd,
+            handoff_fd=args.handoff_fd, keys=keys, server_key=server_key, host=args.host,
         )
     except (ValueError, OSError, zmq.ZMQError) as exc:  # (OSError: a --handoff-fd that is no socket)
         print(f"iothread {args.id}: {exc}", file=sys.stderr)

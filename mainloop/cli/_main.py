@@ -63,13 +63,16 @@ from protocol import (
     prepare_runtime_dir,
 )
 
+from protocol.channel import KeyPair, generate_key_pair, load_authorized_keys, load_key_pair
 from protocol.schema import BlockExportOptionsBase, NbdServerOptions, SocketAddressUnix
+from iothreads.worker import main as worker_main
 
 from ._bench import EXIT_INTERRUPTED, add_bench_arguments, run_bench
 from ._embedded import wait_pidfd
 from ..loop._bql import bql
 from ..cluster._spawn import spawn
 from ..cluster._cluster import MAX_IOTHREADS, Cluster, IOThread, IOThreadConfig, IOThreadState, data_endpoint
+from ..cluster._security import ClusterKeys
 from ..loop._loop import MainLoop
 from ..nbd._server import NbdServer
 from ..qmp._monitor import Monitor, package_version
@@ -167,7 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
                              "RUNTIME_DIR/qmp.sock")
     launch.add_argument("--control", metavar="tcp://HOST:PORT",
                         help="serve the iothreads' control channel on TCP instead of ipc:// "
-                             "in the runtime directory (port 0: any free port)")
+                             "in the runtime directory (port 0: any free port); CURVE-encrypted, and only "
+                             "this cluster's own keys and --authorized-keys get in")
+    launch.add_argument("--curve-keys", metavar="FILE",
+                        help="with --control: the main loop's key pair (a .key_secret file of 'iothreads "
+                             "keygen', mode 0600), whose public half remote iothreads are given "
+                             "(default: a new pair for this run)")
+    launch.add_argument("--authorized-keys", metavar="DIR",
+                        help="with --control: let in the peers whose public keys (NAME.key files) are in DIR "
+                             "(remote iothreads, clients on other hosts); DIR must be yours and not writable "
+                             "by others")
     launch.add_argument("--restart", action="store_true",
                         help="restart iothreads that exit unexpectedly")
     _add_log_arguments(launch)
@@ -193,6 +205,19 @@ def build_parser() -> argparse.ArgumentParser:
                               "gone already is no error): what a launcher starts, to clean up after itself "
                               "if it is killed")
     _add_log_arguments(cleanup)
+    keygen = sub.add_parser(
+        "keygen", help="make a CURVE key pair",
+        description="Write a new CURVE key pair as DIR/NAME.key (the public key, for the peers that must let "
+                    "its owner in: a cluster's --authorized-keys, a remote iothread's --server-key) and "
+                    "DIR/NAME.key_secret (mode 0600, for its owner alone: --curve-keys). DIR is made mode "
+                    "0700 if missing; existing key files are never overwritten.")
+    keygen.add_argument("name", metavar="NAME", help="the key's name: letters, digits, '_', '.', '-'")
+    keygen.add_argument("--dir", default=".", metavar="DIR", help="where to write the files (default: here)")
+    _add_log_arguments(keygen)
+    sub.add_parser(
+        "worker", help="run an iothread that joins a cluster from this host", add_help=False,
+        description="Run an iothread process that joins a launched cluster over tcp:// "
+                    "(see 'iothreads worker --help').").add_argument("worker_args", nargs=argparse.REMAINDER)
     return parser
 
 
@@ -672,11 +697,39 @@ def cleanup(args: argparse.Namespace) -> int:
     return status
 
 
-def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str) -> Cluster:
+def keygen(args: argparse.Namespace) -> int:
+    try:
+        public, secret = generate_key_pair(args.dir, args.name)
+    except FileExistsError as exc:
+        raise OptionError(str(exc)) from None
+    print(f"{public}\n{secret}")
+    return EXIT_OK
+
+
+def _cluster_keys(args: argparse.Namespace) -> ClusterKeys | None:
+    """The CURVE keys of a --control tcp:// cluster (errors name the option)."""
+    if args.control is None:
+        for option, value in (("--curve-keys", args.curve_keys), ("--authorized-keys", args.authorized_keys)):
+            if value is not None:
+                raise OptionError(f"{option} {value}: only with --control tcp://HOST:PORT")
+        return None
+    try:
+        server = load_key_pair(args.curve_keys) if args.curve_keys else KeyPair.generate()
+    except (ValueError, OSError) as exc:  # (UnsafePathError is a ValueError)
+        raise OptionError(f"--curve-keys {args.curve_keys}: {exc}") from None
+    try:
+        authorized = load_authorized_keys(args.authorized_keys) if args.authorized_keys else {}
+    except (ValueError, OSError) as exc:
+        raise OptionError(f"--authorized-keys {args.authorized_keys}: {exc}") from None
+    return ClusterKeys(server=server, authorized=authorized)
+
+
+def _new_cluster(loop: MainLoop, args: argparse.Namespace, runtime_dir: str,
+                 keys: ClusterKeys | None) -> Cluster:
     """A cluster whose control socket is bound; an error names --control or
     the runtime directory (the socket path is in ZeroMQ's message)."""
     try:
-        return Cluster(loop, runtime_dir=runtime_dir, tcp=args.control)
+        return Cluster(loop, runtime_dir=runtime_dir, tcp=args.control, keys=keys)
     except zmq.ZMQError as exc:
         where = f"--control {args.control}" if args.control is not None else _dir_option(args, runtime_dir)
         raise OptionError(f"{where}: {exc}") from None
@@ -692,6 +745,7 @@ def launch(args: argparse.Namespace) -> int:
         raise OptionError(f"--export {args.export[0]}: NBD server not running")
     if args.control is not None and not args.control.startswith("tcp://"):
         raise OptionError(f"--control {args.control}: expected tcp://HOST:PORT")
+    keys = _cluster_keys(args)
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
         raise OptionError(f"--runtime-dir {args.runtime_dir}: path too long for socket files (max 90 bytes)")
     raise_fd_limit()  # the headroom the system grants; peers get what the reserve leaves (FdBudget)
@@ -719,7 +773,7 @@ def launch(args: argparse.Namespace) -> int:
         if janitor is not None:
             held.callback(_stop_janitor, janitor)
         with bql():
-            cluster = _new_cluster(loop, args, runtime_dir)
+            cluster = _new_cluster(loop, args, runtime_dir, keys)
             try:
                 cluster.add_listener(_emit)
                 for config in configs:
@@ -787,6 +841,9 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["worker"]:  # its options are the iothread process's own (one declaration of them)
+        return worker_main(argv[1:], prog=f"{PROG} worker")
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -800,6 +857,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(args)
         if args.command == "cleanup":
             return cleanup(args)
+        if args.command == "keygen":
+            return keygen(args)
         return launch(args)
     except (ValueError, OSError, StateError, RuntimeError) as exc:  # OptionError is a ValueError
         print(f"{PROG}: {exc}", file=sys.stderr)

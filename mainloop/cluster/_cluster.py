@@ -70,6 +70,7 @@ Everything here runs in the main-loop thread with the BQL held.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import functools
@@ -100,6 +101,7 @@ from protocol import (
     FdBudget,
     Heartbeat,
     Hello,
+    IOTHREAD_LEFT,
     IOThreadEntry,
     Message,
     NbdCloseExport,
@@ -129,7 +131,7 @@ from protocol import (
     replace_file,
     send_connection,
 )
-from protocol.schema import IothreadProperties, members
+from protocol.schema import IothreadProperties, id_wellformed, members
 
 from ..loop._bql import bql_locked
 from ..glib._channel_source import ChannelSource
@@ -137,6 +139,7 @@ from ..loop._loop import MainLoop
 from ..glib._source import IO_IN, IO_OUT
 from ..glib._standard import ChildWatchSource, FdWatchSource
 from ._guard import Continuation, bind, on_failure
+from ._security import ClusterKeys, Gatekeeper
 from ._spawn import spawn
 
 __all__ = ["Cluster", "ConnectionOwner", "IOThread", "IOThreadConfig", "IOThreadState", "NodeInfo"]
@@ -154,8 +157,11 @@ SPAWN_FDS = 5  # what an iothread costs the main loop: its pidfd, its connection
 HANDOFF_FD = 3  # the iothread's end of its handoff socket, in the iothread
 HANDOFF_BATCH = 64  # connections taken from one handoff socket per wake-up
 NBD_CONNECTION_CLOSED = "NBD_CONNECTION_CLOSED"  # an iothread's event: for the connection owner, not listeners
+MAX_REMOTE_ID = 64  # characters of a remote iothread's id (a local one's is bounded by its socket paths)
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
+REMOTE_SILENCE_PERIODS = 3  # heartbeat periods without a word from a remote iothread: it is gone
+EXIT_SILENT = 3  # the exit code reported for a remote iothread taken for gone (what it exits with, silent)
 
 EventCallback = Callable[[str, dict[str, Any]], object]
 ReplyCallback = Callable[[QueryReply | ErrorReply], object]
@@ -198,6 +204,13 @@ class IOThread:
     quick_exits: int = 0  # unexpected exits in a row, each soon after its start: restarts back off
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
+    curve_key: str = ""
+    """The CURVE public key its data endpoint serves with (on tcp://)."""
+    remote: bool = False
+    """Joined over tcp:// from elsewhere (``iothreads worker``): not started,
+    watched or killed here; silence is its end (see ``_on_heartbeat_timer``)."""
+    host: str = ""
+    heard_ns: int = 0  # a remote one's last message, on the cluster's loop time
     _pending: PendingRequests[ReplyCallback] = field(default_factory=PendingRequests)  # deadlines: loop time
     _watch: ChildWatchSource | None = None
     _exit_callbacks: list[Callable[[], object]] = field(default_factory=list)
@@ -269,7 +282,8 @@ class Cluster:
     def __init__(self, loop: MainLoop, *, runtime_dir: str | None = None, tcp: str | None = None,
                  heartbeat_interval_ms: int = HEARTBEAT_INTERVAL_MS, handshake_timeout_ms: int = 15_000,
                  stop_timeout_ms: int = 5_000, request_timeout_ms: int = 60_000,
-                 max_iothreads: int = MAX_IOTHREADS, clock_ns: Callable[[], int] = time.monotonic_ns) -> None:
+                 max_iothreads: int = MAX_IOTHREADS, clock_ns: Callable[[], int] = time.monotonic_ns,
+                 keys: ClusterKeys | None = None) -> None:
         self.loop = loop
         self._clock_ns = clock_ns  # the monotonic clock of the deadlines (see _loop_time_ns)
         self.max_iothreads = max_iothreads
@@ -289,8 +303,17 @@ class Cluster:
         self._listeners: list[Continuation[[str, dict[str, Any]]]] = []
         self._socket_files: list[str] = []
         self.zmq = zmq.Context()
+        # On tcp://, CURVE only: the ZAP handler first (unbound, libzmq lets everyone in), then the socket.
+        self.keys = (keys or ClusterKeys()) if tcp else None
+        self.gatekeeper: Gatekeeper | None = None
+        self._local_keys: tuple[str, str] | None = None  # the files this host's iothreads and clients read
         sock = channel_socket(self.zmq, zmq.ROUTER)
         try:
+            if self.keys is not None:
+                self._local_keys = self.keys.write_local(self.runtime_dir)
+                self._socket_files.extend(self._local_keys)
+                self.gatekeeper = Gatekeeper(loop, self.zmq, self.keys, self._emit)
+                self.gatekeeper.secure(sock)
             if tcp:
                 sock.bind(tcp)
                 self.endpoint = sock.getsockopt_string(zmq.LAST_ENDPOINT)
@@ -299,8 +322,13 @@ class Cluster:
                 bind_owner_only(sock, self.endpoint)
                 self._socket_files.append(self.endpoint.removeprefix("ipc://"))
         except BaseException:
+            if self.gatekeeper is not None:
+                self.gatekeeper.close(sock)
             sock.close(linger=0)
             self.zmq.term()
+            for path in self._socket_files:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
             self._remove_runtime_dir()
             raise
         self._bad_input = ThrottledLog(log)  # what iothreads send wrong: a few lines each, then counts
@@ -374,6 +402,8 @@ class Cluster:
                 "--data-endpoint", data,
                 "--handoff-fd", str(HANDOFF_FD),
                 "--parent-pid", str(os.getpid()),
+                *(("--curve-keys", self._local_keys[0], "--server-key", self._local_keys[1])
+                  if self._local_keys is not None else ()),
                 *(arg for m in members(IothreadProperties) for arg in (f"--{m.name}", str(getattr(c, m.attr)))),
                 "--handshake-timeout-ms", str(self.handshake_timeout_ms),
                 "--log-level", str(log.getEffectiveLevel())]  # the iothreads log as this process does
@@ -460,6 +490,10 @@ class Cluster:
         self._kill(t)
 
     def _kill(self, t: IOThread) -> None:
+        if t.remote:  # not ours to kill: it is gone as far as this cluster is concerned
+            if t.state is not IOThreadState.EXITED:
+                self._exited(t, -signal.SIGKILL)
+            return
         if t.pid <= 0:
             return  # never started: kill(0) would be this whole process group
         try:
@@ -468,9 +502,14 @@ class Cluster:
             pass
 
     def _on_exit(self, t: IOThread, pid: int, status: int) -> None:
-        if pid != t.pid:
-            return
-        code = os.waitstatus_to_exitcode(status)
+        if pid == t.pid:
+            self._exited(t, os.waitstatus_to_exitcode(status))
+
+    def _exited(self, t: IOThread, code: int) -> None:
+        """``t``'s process is gone: reaped (a local one), or a remote one that
+        left (its last word) or fell silent.  The nodes of one that will come
+        back (restarted here, or a remote one that may rejoin) stay, inactive."""
+        pid = t.pid
         expected = t.state is IOThreadState.STOPPING
         t.state = IOThreadState.EXITED
         t.exit_status = code
@@ -486,7 +525,7 @@ class Cluster:
         for on_exit in callbacks:
             self._call(on_exit)
         held = [n for n in self.nodes.values() if n.iothread == t.id and not n.detached]
-        restarting = t.config.restart and not expected and not self._closed
+        restarting = (t.config.restart or t.remote) and not expected and not self._closed
         for n in held:
             if restarting:
                 n.active = False  # reopened once it is back (_reopen_nodes)
@@ -502,14 +541,14 @@ class Cluster:
             log.info("iothread %s (pid %d) stopped", t.id, pid)
             return
         if held and restarting:
-            log.warning("block nodes of iothread %s, reopened when it restarts: %s", t.id,
-                        ", ".join(n.name for n in held))
+            log.warning("block nodes of iothread %s, reopened when it %s: %s", t.id,
+                        "joins again" if t.remote else "restarts", ", ".join(n.name for n in held))
         elif held:
             log.error("block nodes lost with iothread %s: %s", t.id, ", ".join(n.name for n in held))
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
         log.error("iothread %s (pid %d) exited unexpectedly (%s)", t.id, pid, how)
         self._emit("IOTHREAD_EXITED", {"id": t.id, "pid": pid, "exit-code": code, "expected": False})
-        if t.config.restart and not self._closed:
+        if t.config.restart and not t.remote and not self._closed:
             # One that keeps dying at once is restarted less and less often:
             # at once, then after 0.1 s, 0.2 s ... up to 10 s.
             quick = time.monotonic_ns() - t.started_ns < RESTART_STABLE_NS
@@ -620,6 +659,8 @@ class Cluster:
             return
         t.state = IOThreadState.STOPPING
         self.channel.send(Stop("requested"), t.id.encode())
+        if t._deadline is None and t.remote:
+            t._deadline = self.loop.timer_new_ms(ClockType.REALTIME, lambda: self._on_deadline(t), f"deadline {t.id}")
         if t._deadline is not None:
             self._arm_deadline(t, self.stop_timeout_ms)
 
@@ -628,8 +669,13 @@ class Cluster:
     def _on_message(self, identity: bytes, msg: Message) -> None:
         t = self.iothreads.get(identity.decode(errors="replace"))
         if t is None or t.state is IOThreadState.EXITED:
-            log.warning("control message %s from unknown peer %r dropped", type(msg).KIND, identity)
+            if isinstance(msg, Hello) and self.keys is not None:
+                self._join(identity, msg, t)
+            else:
+                log.warning("control message %s from unknown peer %r dropped", type(msg).KIND, identity)
             return
+        if t.remote:
+            t.heard_ns = self._loop_time_ns()
         if isinstance(msg, (QueryReply, ErrorReply)):  # the common case first
             cb = t._pending.match(msg.request_id)
             if cb is not None:
@@ -646,6 +692,9 @@ class Cluster:
             # Raised in an iothread, handled here, in the main loop, under the BQL.
             if msg.name == NBD_CONNECTION_CLOSED:
                 self._connection_closed(t, msg.data)
+            elif msg.name == IOTHREAD_LEFT and t.remote:
+                code = msg.data.get("exit-code")
+                self._exited(t, code if isinstance(code, int) and not isinstance(code, bool) else 1)
             else:
                 self._emit(msg.name, {**msg.data, "iothread": t.id})
         else:
@@ -671,8 +720,38 @@ class Cluster:
                 self._call(cb, ErrorReply(exc.request_id, "GenericError",
                                           f"iothread {t.id} sent an unreadable reply: {exc}"))
 
+    def _join(self, identity: bytes, msg: Hello, before: IOThread | None) -> None:
+        """An iothread from elsewhere (``iothreads worker``) says ``Hello``
+        over tcp://, past the CURVE gate: it joins, under the id it chose, if
+        that is free (or was a remote one's that left: its nodes, kept
+        inactive, are reopened there), and the count allows."""
+        iothread_id = identity.decode(errors="replace")
+        problem = ""
+        if msg.iothread_id != iothread_id or msg.version != PROTOCOL_VERSION:
+            problem = f"a bad handshake (version {msg.version}, id {msg.iothread_id!r})"
+        elif before is not None and not before.remote:
+            problem = f"the id {iothread_id!r} is one of this cluster's own iothreads"
+        elif before is not None and before._restart is not None:
+            problem = f"the id {iothread_id!r} is taken"
+        elif sum(1 for t in self.iothreads.values() if t.state is not IOThreadState.EXITED) >= self.max_iothreads:
+            problem = f"a cluster has at most {self.max_iothreads} iothreads"
+        elif not id_wellformed(iothread_id) or len(iothread_id) > MAX_REMOTE_ID:
+            problem = f"{iothread_id[:MAX_REMOTE_ID]!r} is not an id (a letter, then letters, digits, '-', '.', '_')"
+        if problem:
+            self._bad_input.log(("join", identity), logging.ERROR, "iothread %r from %s cannot join: %s",
+                                iothread_id, msg.host or "elsewhere", problem)
+            self.channel.send(Stop(problem[:200]), identity)
+            return
+        t = before or IOThread(IOThreadConfig(iothread_id))
+        t.remote, t.host, t.pid = True, msg.host, msg.pid
+        t.state, t.exit_status, t.started_ns = IOThreadState.STARTING, None, time.monotonic_ns()
+        t.heard_ns = self._loop_time_ns()
+        self.iothreads[iothread_id] = t
+        log.info("iothread %s joins from %s (pid %d there)", iothread_id, msg.host or "elsewhere", msg.pid)
+        self._on_hello(t, msg)
+
     def _on_hello(self, t: IOThread, msg: Hello) -> None:
-        if msg.version != PROTOCOL_VERSION or msg.iothread_id != t.id or msg.pid != t.pid:
+        if msg.version != PROTOCOL_VERSION or msg.iothread_id != t.id or (msg.pid != t.pid and not t.remote):
             log.error("iothread %s: bad handshake (version %d, id %r, pid %d): killing it",
                       t.id, msg.version, msg.iothread_id, msg.pid)
             self._kill(t)
@@ -682,9 +761,11 @@ class Cluster:
         t.state = IOThreadState.RUNNING
         t.capabilities = msg.capabilities
         t.data_endpoint = msg.data_endpoint
+        t.curve_key = msg.curve_key
         if t._deadline is not None:
             t._deadline.delete()
-        self.channel.send(Welcome(PROTOCOL_VERSION, msg.capabilities, self.heartbeat_interval_ms),
+        allowed = tuple(k.decode() for k in self.keys.allowed()) if self.keys is not None else ()
+        self.channel.send(Welcome(PROTOCOL_VERSION, msg.capabilities, self.heartbeat_interval_ms, allowed),
                           t.id.encode())
         self.write_state()
         pid = t.pid
@@ -751,6 +832,9 @@ class Cluster:
         ``StateError`` if the iothread is not running (``conn`` is the caller's
         still)."""
         t = self.iothreads.get(iothread_id)
+        if t is not None and t.remote:
+            raise StateError(f"iothread {iothread_id!r} is on another host ({t.host or '?'}): "
+                             "a connection cannot be handed to it")
         if t is None or t.state is not IOThreadState.RUNNING or t.handoff is None:
             raise StateError(f"iothread {iothread_id!r} is not running")
         t._handoff_queue.append((conn, msg))
@@ -1100,6 +1184,12 @@ class Cluster:
         for t in list(self.iothreads.values()):
             # Not queued behind one it has not taken yet (a stopped iothread):
             # one waiting says all a heartbeat says, and the backlog stays bounded.
+            if t.remote and t.state is IOThreadState.RUNNING \
+                    and loop_now_ns - t.heard_ns > REMOTE_SILENCE_PERIODS * self.heartbeat_interval_ms * 1_000_000:
+                log.error("remote iothread %s (%s) silent for %d ms: taken for gone", t.id, t.host or "?",
+                          (loop_now_ns - t.heard_ns) // 1_000_000)
+                self._exited(t, EXIT_SILENT)
+                continue
             if t.state is IOThreadState.RUNNING and not self.channel.peer_backlog(t.id.encode())[0]:
                 self.channel.send(Heartbeat(0, now), t.id.encode())
             for rid, cb in t._pending.expire(loop_now_ns):
@@ -1169,6 +1259,8 @@ class Cluster:
             self._close_handoff(t)
         self._bad_input.flush()
         self._state_errors.flush()
+        if self.gatekeeper is not None:
+            self.gatekeeper.close(self.channel.socket)
         self._source.destroy()  # closes the channel (LINGER 0)
         self.zmq.term()
         for path in self._socket_files:
@@ -1186,7 +1278,8 @@ class Cluster:
         """The cluster's shape as clients see it (what ``write_state`` publishes)."""
         return ClusterState(
             self.runtime_dir, self.endpoint,
-            tuple(IOThreadEntry(t.id, t.pid, t.state.value, t.data_endpoint) for t in self.iothreads.values()),
+            tuple(IOThreadEntry(t.id, t.pid, t.state.value, t.data_endpoint, t.curve_key, t.host)
+                  for t in self.iothreads.values()),
             {n.name: NodeEntry(n.iothread, n.driver, n.size) for n in self.nodes.values()},
             self.connection_owner.published_exports() if self.connection_owner is not None else {})
 

@@ -7,7 +7,7 @@ source ready at once through its ready time.
 
 from __future__ import annotations
 
-from protocol import Channel
+from protocol.channel import Drainable
 
 from ._source import IO_IN, PRIORITY_DEFAULT, Source
 
@@ -19,7 +19,7 @@ class ChannelSource(Source):
 
     kind = "zmq-channel"
 
-    def __init__(self, channel: Channel, name: str = "channel", priority: int = PRIORITY_DEFAULT,
+    def __init__(self, channel: Drainable, name: str = "channel", priority: int = PRIORITY_DEFAULT,
                  role: str = "") -> None:
         super().__init__(name, priority)
         self.channel = channel

@@ -38,6 +38,7 @@ from importlib import metadata
 from typing import Any
 
 from protocol import (
+    PEER_REFUSED,
     ErrorReply,
     FdBudget,
     QmpCommand,
@@ -396,7 +397,8 @@ class Monitor:
             s.send_event(event)
 
     def _on_cluster_event(self, name: str, data: dict[str, Any]) -> None:
-        if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED", "RESOURCE_LIMIT_REACHED"):
+        if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED", "RESOURCE_LIMIT_REACHED",
+                    PEER_REFUSED):
             self.broadcast(name, data)
 
     def _on_nbd_event(self, name: str, data: dict[str, Any]) -> None:
@@ -487,7 +489,8 @@ class Monitor:
         self.on_quit()
 
     def _query_iothreads(self, args: NoArguments, done: Done) -> None:
-        done([IOThreadInfo(id=t.id, thread_id=t.pid, **vars(_iothread_properties(t.config)))
+        done([IOThreadInfo(id=t.id, thread_id=t.pid, host=t.host if t.remote else None,
+                           **vars(_iothread_properties(t.config)))
               for t in self.cluster.iothreads.values() if t.state is IOThreadState.RUNNING])
 
     def _object_add(self, args: IothreadOptions, done: Done) -> None:

@@ -1,11 +1,28 @@
 """The ZeroMQ channel: batched, non-blocking message exchange over one socket (owns sockets),
-the throttled log of what peers send wrong, and the private runtime directory its sockets live in."""
+the throttled log of what peers send wrong, the private runtime directory its sockets live in,
+and CURVE security for its tcp:// sockets (key files, the ZAP handler)."""
 
 from __future__ import annotations
 
 from ._channel import Channel as Channel
+from ._channel import Drainable as Drainable
 from ._channel import channel_socket as channel_socket
 from ._channel import ipc_endpoint as ipc_endpoint
+from ._curve import HANDSHAKE_FAILURES as HANDSHAKE_FAILURES
+from ._curve import KeyPair as KeyPair
+from ._curve import Refusal as Refusal
+from ._curve import ZapHandler as ZapHandler
+from ._curve import ZapPolicy as ZapPolicy
+from ._curve import ZapRequest as ZapRequest
+from ._curve import curve_client as curve_client
+from ._curve import curve_server as curve_server
+from ._curve import generate_key_pair as generate_key_pair
+from ._curve import handshake_refusal as handshake_refusal
+from ._curve import load_authorized_keys as load_authorized_keys
+from ._curve import load_key_pair as load_key_pair
+from ._curve import load_public_key as load_public_key
+from ._curve import local_key_paths as local_key_paths
+from ._curve import write_key_file as write_key_file
 from ._fds import FD_RESERVE as FD_RESERVE
 from ._fds import FdBudget as FdBudget
 from ._fds import open_fd_count as open_fd_count
@@ -29,8 +46,24 @@ from ._runtime_dir import replace_file as replace_file
 
 __all__ = [
     "Channel",
+    "Drainable",
     "FD_RESERVE",
     "FdBudget",
+    "HANDSHAKE_FAILURES",
+    "KeyPair",
+    "Refusal",
+    "ZapHandler",
+    "ZapPolicy",
+    "ZapRequest",
+    "curve_client",
+    "curve_server",
+    "generate_key_pair",
+    "handshake_refusal",
+    "load_authorized_keys",
+    "load_key_pair",
+    "load_public_key",
+    "local_key_paths",
+    "write_key_file",
     "PAUSED_SUFFIX",
     "ThrottledLog",
     "bind_owner_only",

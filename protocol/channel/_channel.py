@@ -46,7 +46,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from itertools import islice
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import zmq
 
@@ -65,7 +65,7 @@ from ..wire._codec import (
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ..wire._messages import Message
 
-__all__ = ["Channel", "channel_socket", "ipc_endpoint"]
+__all__ = ["Channel", "Drainable", "channel_socket", "ipc_endpoint"]
 
 # Plain ints: zmq's constants are IntFlag/IntEnum members, and ``int & IntFlag``
 # goes through the enum machinery (about 1.5 us a time on a small VM).
@@ -74,6 +74,23 @@ _POLLOUT = int(zmq.POLLOUT)
 _EVENTS = int(zmq.EVENTS)
 _NOBLOCK = int(zmq.NOBLOCK)
 _NOBLOCK_SNDMORE = int(zmq.NOBLOCK) | int(zmq.SNDMORE)
+
+class Drainable(Protocol):
+    """What an event loop serves as it serves a ``Channel``: an edge-triggered
+    ``fileno()`` (ZMQ_FD), ``drain()`` when it may have input, ``pending_input()``
+    for busy polling, ``kick`` (set by the loop: input the fd will not
+    announce), ``close``.  Channels, and the ZAP handler."""
+
+    kick: Callable[[], None]
+
+    def fileno(self) -> int: ...
+
+    def drain(self) -> int: ...
+
+    def pending_input(self) -> bool: ...
+
+    def close(self, linger_ms: int = ...) -> None: ...
+
 
 MAX_IPC_PATH = 107  # sizeof(sockaddr_un.sun_path) - 1
 LINGER_MS = 0
@@ -456,8 +473,10 @@ class Channel:
             self.received += 1
             self.on_message(identity, result)
 
-    def close(self) -> None:
-        """Close the socket (LINGER 0: nothing waits).  Idempotent."""
+    def close(self, linger_ms: int = LINGER_MS) -> None:
+        """Close the socket; what it has not sent is dropped (LINGER 0: nothing
+        waits) unless ``linger_ms`` gives it that long, in ``zmq_ctx_term``,
+        to leave.  Idempotent."""
         if not self._closed:
             self._closed = True
             self._outq.clear()
@@ -465,4 +484,4 @@ class Channel:
             self._peerq_bytes.clear()
             self._queued = 0
             self._unread.clear()
-            self.socket.close(linger=LINGER_MS)
+            self.socket.close(linger=linger_ms)

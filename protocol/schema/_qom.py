@@ -66,4 +66,6 @@ class IOThreadInfo(IothreadProperties):
     """One running iothread, as ``query-iothreads`` describes it."""
 
     id: str = member(doc="its id")
-    thread_id: int = member(doc="its process id")
+    thread_id: int = member(doc="its process id (on its host, for a remote one)")
+    host: str | None = member(default=None, doc="the host of a remote iothread (one that joined over "
+                                                "tcp://), as it names itself; absent for the main loop's own")

@@ -48,24 +48,30 @@ def cluster_state_path(runtime_dir: str) -> str:
 @dataclass(frozen=True, slots=True)
 class IOThreadEntry:
     """One iothread process: its id, pid, state and data endpoint (empty
-    until its handshake has told it)."""
+    until its handshake has told it); on tcp://, the CURVE public key (Z85)
+    its data endpoint serves with; for a remote iothread, its host ("" for
+    one the main loop started, whose pid is of this host)."""
 
     id: str
     pid: int
     state: str
     data: str = ""
+    curve: str = ""
+    host: str = ""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "pid": self.pid, "state": self.state, "data": self.data}
+        return {"id": self.id, "pid": self.pid, "state": self.state, "data": self.data, "curve": self.curve,
+                "host": self.host}
 
     @classmethod
     def from_dict(cls, value: object, where: str) -> IOThreadEntry:
-        fields = _object(value, where, ("id", "pid", "state", "data"))
+        fields = _object(value, where, ("id", "pid", "state", "data", "curve", "host"))
         state = _str(fields, "state", where)
         if state not in IOTHREAD_STATES:
             raise RemoteProtocolError(f"{where}: 'state' is {state!r}, "
                                       f"not one of {', '.join(IOTHREAD_STATES)}")
-        return cls(_str(fields, "id", where), _int(fields, "pid", where), state, _str(fields, "data", where))
+        return cls(_str(fields, "id", where), _int(fields, "pid", where), state, _str(fields, "data", where),
+                   _str(fields, "curve", where), _str(fields, "host", where))
 
 
 @dataclass(frozen=True, slots=True)

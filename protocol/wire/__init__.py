@@ -17,6 +17,8 @@ from ._messages import BlockdevAdd as BlockdevAdd
 from ._messages import BlockdevDel as BlockdevDel
 from ._messages import ErrorReply as ErrorReply
 from ._messages import Event as Event
+from ._messages import IOTHREAD_LEFT as IOTHREAD_LEFT
+from ._messages import PEER_REFUSED as PEER_REFUSED
 from ._messages import Heartbeat as Heartbeat
 from ._messages import NodeStats as NodeStats
 from ._messages import Hello as Hello
@@ -49,6 +51,8 @@ __all__ = [
     "DATA_SNDHWM",
     "ErrorReply",
     "Event",
+    "IOTHREAD_LEFT",
+    "PEER_REFUSED",
     "Heartbeat",
     "Hello",
     "InFlight",

@@ -52,7 +52,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 4  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD
+PROTOCOL_VERSION = 5  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD; 5: CURVE, remote iothreads
 
 
 class BlockOp(enum.StrEnum):
@@ -91,6 +91,10 @@ class Hello(Message):
     capabilities: tuple[str, ...] = ()
     data_endpoint: str = ""
     """Where clients send block requests ("" if the iothread serves none)."""
+    curve_key: str = ""
+    """The CURVE public key (Z85) its data endpoint serves with ("" off tcp://)."""
+    host: str = ""
+    """A remote iothread's host, as it names itself ("" for one the main loop started)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,6 +105,8 @@ class Welcome(Message):
     version: int = PROTOCOL_VERSION
     capabilities: tuple[str, ...] = ()
     heartbeat_interval_ms: int = 1000
+    authorized_keys: tuple[str, ...] = ()
+    """The CURVE public keys (Z85) its data endpoint lets in, on tcp://."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,6 +179,13 @@ class Event(Message):
     KIND: ClassVar[str] = "event"
     name: str
     data: dict[str, str | int | float | bool | None] = field(default_factory=dict)
+
+
+# The events an iothread sends its main loop that are not QMP's.
+IOTHREAD_LEFT = "IOTHREAD_LEFT"
+"""A remote iothread's last word before it exits: ``{"exit-code": N}``."""
+PEER_REFUSED = "PEER_REFUSED"
+"""A peer kept out of a CURVE socket (a QMP event too): ``Refusal.as_event()``."""
 
 
 @dataclass(frozen=True, slots=True)

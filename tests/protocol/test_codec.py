@@ -143,7 +143,7 @@ def _header(kind: str, body: object, version: object = PROTOCOL_VERSION) -> byte
         ([_header("query", [])], "query: expected 2 field(s) (request_id, node), got 0"),
         ([_header("query", ["7", ""])], "field 'request_id' has type str, expected int"),
         ([_header("query", [True, ""])], "field 'request_id' has type bool"),
-        ([_header("hello", ["io0", 1, PROTOCOL_VERSION, [1], ""])], "'capabilities'"),
+        ([_header("hello", ["io0", 1, PROTOCOL_VERSION, [1], "", "", ""])], "'capabilities'"),
         ([_header("query-reply", [1, {"a": "x"}])], "'counters'"),
         ([_header("stop", [""]), b"extra"], "expected 1 frame, got 2"),
         ([_header("block-request", [1, "d", "read", 0, 0, 0]), b"", b""], "expected 1 or 2 frames, got 3"),

@@ -35,7 +35,7 @@ names = st.text(min_size=1, max_size=12)
     ClusterState, runtime_dir=st.text(), control=st.text(),
     iothreads=st.lists(st.builds(IOThreadEntry, id=names, pid=st.integers(0, 2**22),
                                  state=st.sampled_from(["starting", "running", "stopping", "exited"]),
-                                 data=st.text()), unique_by=lambda t: t.id).map(tuple),
+                                 data=st.text(), curve=st.text(), host=st.text()), unique_by=lambda t: t.id).map(tuple),
     nodes=st.dictionaries(names, st.builds(NodeEntry, iothread=names, driver=names,
                                            size=st.integers(0, 2**63))),
     exports=st.dictionaries(names, st.builds(ExportEntry, node=names, uri=st.text()))))
@@ -49,8 +49,9 @@ def test_the_file_shape() -> None:
     assert json.loads(STATE.to_json()) == {
         "runtime_dir": "/run/evl",
         "control": "ipc:///run/evl/control",
-        "iothreads": [{"id": "io0", "pid": 101, "state": "running", "data": "ipc:///run/evl/io0.data"},
-                      {"id": "io1", "pid": 102, "state": "starting", "data": ""}],
+        "iothreads": [{"id": "io0", "pid": 101, "state": "running", "data": "ipc:///run/evl/io0.data",
+                       "curve": "", "host": ""},
+                      {"id": "io1", "pid": 102, "state": "starting", "data": "", "curve": "", "host": ""}],
         "nodes": {"disk0": {"iothread": "io0", "driver": "file", "size": 1 << 30},
                   "null0": {"iothread": "io0", "driver": "null-co", "size": 0}},
         "exports": {"exp0": {"node": "disk0", "uri": "nbd+unix:///disk0?socket=/run/evl/nbd.sock"}},
@@ -71,7 +72,8 @@ def _with(change: dict[str, Any]) -> str:
 
 
 def _iothread(**change: object) -> str:
-    return _with({"iothreads": [{"id": "io0", "pid": 1, "state": "running", "data": "", **change}]})
+    return _with({"iothreads": [{"id": "io0", "pid": 1, "state": "running", "data": "", "curve": "", "host": "",
+                                 **change}]})
 
 
 def _node(**change: object) -> str:
@@ -102,8 +104,9 @@ def _node(**change: object) -> str:
     (_iothread(pid=1.5), "'pid' must be a non-negative integer, not a number"),
     (_iothread(state="asleep"), "iothreads[0]: 'state' is 'asleep', not one of starting, running"),
     (_iothread(data=None), "iothreads[0]: 'data' must be a string, not null"),
-    (_with({"iothreads": [{"id": "io0"}]}), "iothreads[0]: missing 'pid', 'state', 'data'"),
-    (_with({"iothreads": [{"id": "a", "pid": 1, "state": "running", "data": ""}] * 2}),
+    (_with({"iothreads": [{"id": "io0"}]}), "iothreads[0]: missing 'pid', 'state', 'data', 'curve', 'host'"),
+    (_iothread(host=7), "iothreads[0]: 'host' must be a string, not an integer"),
+    (_with({"iothreads": [{"id": "a", "pid": 1, "state": "running", "data": "", "curve": "", "host": ""}] * 2}),
      "an iothread id appears twice"),
     (_node(size="1G"), "node 'd': 'size' must be a non-negative integer, not a string"),
     (_node(iothread=["io0"]), "node 'd': 'iothread' must be a string, not a list"),
