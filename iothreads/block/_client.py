@@ -61,7 +61,7 @@ from typing import Any, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from protocol.channel import KeyPair, curve_client, load_key_pair, local_key_paths
+from protocol.channel import HANDSHAKE_FAILURES, KeyPair, curve_client, load_key_pair, local_key_paths
 from protocol import (
     CLIENT_CREDIT,
     CLUSTER_STATE_FILE,
@@ -153,6 +153,8 @@ class _Connection:
     requests: int = 0  # sent and not completed, and their bytes
     nbytes: int = 0
     endpoint: str = ""  # the iothread's data endpoint it connected to
+    curve: bool = False  # a tcp:// connection with CURVE
+    refused: str = ""  # why the iothread keeps this client out (CURVE), while it does
 
     def fits(self, nbytes: int) -> bool:
         """Whether a request of ``nbytes`` may be sent now (one may always be)."""
@@ -243,14 +245,16 @@ class BlockClient:
             sock.setsockopt(zmq.IMMEDIATE, 1)
             # Told when the connection drops (the iothread died): its requests
             # in flight will never complete, so they fail then.
-            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+            monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED
+                                              | (HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                                                 | zmq.EVENT_HANDSHAKE_SUCCEEDED if entry.curve else 0))
             sock.connect(entry.data)
             pending: PendingRequests[_Request] = PendingRequests()
             channel = Channel(sock, lambda _identity, msg: self._on_message(iothread, pending, msg),
                               on_error=lambda _identity, exc: self._on_bad_message(iothread, pending, exc))
             handler = ChannelHandler(self.ctx, channel, f"data-{iothread}")
             try:  # (interrupted, a Ctrl-C too: what is registered goes; close() destroys the sockets)
-                conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data)
+                conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data, curve=bool(entry.curve))
                 self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
                                         io_read=lambda: self._on_monitor(iothread, conn),
                                         io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
@@ -294,6 +298,9 @@ class BlockClient:
             self._lost.discard(iothread)
             self._close_connection(dropped)  # a new one to where it listens now
         elif iothread in self._lost:
+            refused = self._connections[iothread].refused
+            if refused:
+                raise BlockIOError(errno.EACCES, refused)
             raise BlockIOError(errno.ENOTCONN, f"iothread {iothread} is not connected (it exited?)")
         return iothread
 
@@ -301,8 +308,17 @@ class BlockClient:
         """Connection events of a data channel (its monitor's fd is edge-triggered: read them all)."""
         while cast(int, conn.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(conn.monitor.recv_multipart(zmq.NOBLOCK))["event"]
-            if event == zmq.EVENT_CONNECTED:
-                self._lost.discard(iothread)
+            if event == (zmq.EVENT_HANDSHAKE_SUCCEEDED if conn.curve else zmq.EVENT_CONNECTED):
+                self._lost.discard(iothread)  # (over CURVE: once let in, not at the TCP connect)
+                conn.refused = ""
+            elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH or event & HANDSHAKE_FAILURES:
+                # Kept out (ZeroMQ tries again: still out): what waits fails now, not at its deadline.
+                self._lost.add(iothread)
+                why = ("refused this client's key" if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH
+                       else "failed the CURVE handshake with this client (the wrong server key?)")
+                conn.refused = f"iothread {iothread} {why}"
+                self._fail(conn.pending.take_all(), -errno.EACCES, conn.refused)
+                conn.waiting.clear()
             elif event == zmq.EVENT_DISCONNECTED:
                 self._lost.add(iothread)
                 self._fail(conn.pending.take_all(), -errno.EIO,

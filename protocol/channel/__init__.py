@@ -22,6 +22,7 @@ from ._curve import load_authorized_keys as load_authorized_keys
 from ._curve import load_key_pair as load_key_pair
 from ._curve import load_public_key as load_public_key
 from ._curve import local_key_paths as local_key_paths
+from ._curve import tcp_heartbeats as tcp_heartbeats
 from ._curve import write_key_file as write_key_file
 from ._fds import FD_RESERVE as FD_RESERVE
 from ._fds import FdBudget as FdBudget
@@ -63,6 +64,7 @@ __all__ = [
     "load_key_pair",
     "load_public_key",
     "local_key_paths",
+    "tcp_heartbeats",
     "write_key_file",
     "PAUSED_SUFFIX",
     "ThrottledLog",

@@ -63,6 +63,7 @@ __all__ = [
     "ZapRequest",
     "curve_client",
     "curve_server",
+    "tcp_heartbeats",
     "generate_key_pair",
     "handshake_refusal",
     "load_authorized_keys",
@@ -244,7 +245,9 @@ def load_authorized_keys(directory: str) -> dict[bytes, str]:
 
 
 def curve_server(sock: zmq.Socket[Any], keys: KeyPair, channel: str) -> None:
-    """Make ``sock`` a CURVE server (before it binds) whose refusals name ``channel``."""
+    """Make ``sock`` a CURVE server (before it binds) whose refusals name
+    ``channel``, with ``tcp_heartbeats``."""
+    tcp_heartbeats(sock)
     sock.setsockopt(zmq.ZAP_DOMAIN, channel.encode())
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
@@ -253,10 +256,27 @@ def curve_server(sock: zmq.Socket[Any], keys: KeyPair, channel: str) -> None:
 
 def curve_client(sock: zmq.Socket[Any], keys: KeyPair, server_key: bytes) -> None:
     """Make ``sock`` a CURVE client of the server whose public key is
-    ``server_key`` (Z85; before it connects)."""
+    ``server_key`` (Z85; before it connects), with ``tcp_heartbeats``."""
+    tcp_heartbeats(sock)
     sock.setsockopt(zmq.CURVE_SECRETKEY, keys.secret)
     sock.setsockopt(zmq.CURVE_PUBLICKEY, keys.public)
     sock.setsockopt(zmq.CURVE_SERVERKEY, server_key)
+
+
+TCP_HEARTBEAT_IVL_MS = 1_000  # ZMTP pings on a tcp:// connection ...
+TCP_HEARTBEAT_TIMEOUT_MS = 3_000  # ... and the silence after which libzmq drops it (a link down, a host gone)
+
+
+def tcp_heartbeats(sock: zmq.Socket[Any]) -> None:
+    """ZMTP heartbeats on ``sock``'s tcp:// connections (before it binds or
+    connects): a connection whose peer is unreachable (a link down, a host
+    gone: TCP itself would wait minutes) is dropped after
+    ``TCP_HEARTBEAT_TIMEOUT_MS`` of silence, which its socket monitor reports
+    (``EVENT_DISCONNECTED``).  libzmq's I/O threads answer the pings, so a
+    peer busy in Python is not taken for dead."""
+    sock.setsockopt(zmq.HEARTBEAT_IVL, TCP_HEARTBEAT_IVL_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TIMEOUT, TCP_HEARTBEAT_TIMEOUT_MS)
+    sock.setsockopt(zmq.HEARTBEAT_TTL, TCP_HEARTBEAT_TIMEOUT_MS)
 
 
 # -- who may come in (pure) -----------------------------------------------------

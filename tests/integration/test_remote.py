@@ -1,0 +1,298 @@
+"""Remote iothreads: an ``iothreads worker`` on another host joins a launched
+cluster over tcp:// with CURVE.  The other host is a network namespace made
+for each test (a veth pair, addresses of 192.0.2.0/24, the documentation
+range, never routed), as root; the launcher listens on the host's side."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import select
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from iothreads import BlockClient, BlockIOError
+from protocol.channel import generate_key_pair, load_public_key
+
+from .support import Clusters
+
+BS = 4096
+WAIT_S = 20.0
+NETNS_LOCK = "/tmp/iothreads-test-netns.lock"
+WORKER = [sys.executable, "-m", "mainloop", "worker"]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
+                                reason="network namespaces need root and iproute2 (CI runs as root)")
+
+
+@dataclass
+class Host:
+    """The other host: a network namespace joined to this one by a veth pair."""
+
+    name: str
+    veth: str  # this side's end
+    address: str  # its address
+    gateway: str  # this side's address
+
+    def run(self, argv: list[str], **kw: Any) -> subprocess.Popen[str]:
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], text=True, **kw)
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture
+def host() -> Iterator[Host]:
+    """A namespace with its own /30 of 192.0.2.0/24; several tests (xdist
+    workers) at once take different ones, under a lock."""
+    with open(NETNS_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
+        slot = next(n for n in range(1, 63) if f" 192.0.2.{4 * n + 1}/30 " not in used)
+        name = f"evt{os.getpid()}s{slot}"
+        h = Host(name, f"evh{os.getpid() % 100000}s{slot}"[:15], f"192.0.2.{4 * slot + 2}", f"192.0.2.{4 * slot + 1}")
+        _ip("netns", "add", name)
+        try:
+            _ip("link", "add", h.veth, "type", "veth", "peer", "name", "eth0", "netns", name)
+            _ip("addr", "add", f"{h.gateway}/30", "dev", h.veth)
+            _ip("link", "set", h.veth, "up")
+            for args in (("addr", "add", f"{h.address}/30", "dev", "eth0"), ("link", "set", "eth0", "up"),
+                         ("link", "set", "lo", "up")):
+                _ip("netns", "exec", name, "ip", *args)
+        except BaseException:
+            _ip("netns", "del", name)
+            raise
+    try:
+        yield h
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        subprocess.run(["ip", "link", "del", h.veth], capture_output=True)  # (gone with the namespace, as a rule)
+        assert not pids, f"processes left in the namespace: {pids}"
+
+
+@dataclass
+class Keys:
+    dir: str
+    auth: str
+
+    def secret(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return os.path.join(self.dir, f"{name}.key")
+
+
+@pytest.fixture
+def keys(clusters: Clusters) -> Keys:
+    """Key pairs for the cluster, a remote iothread r0 and a stranger; r0's
+    public key authorised."""
+    k = Keys(os.path.join(clusters.scratch_dir, "keys"), os.path.join(clusters.scratch_dir, "auth"))
+    for name in ("cluster", "r0", "stranger"):
+        generate_key_pair(k.dir, name)
+    os.mkdir(k.auth, 0o700)
+    shutil.copy(k.public("r0"), os.path.join(k.auth, "r0.key"))
+    return k
+
+
+class Events:
+    """The launcher's event lines, read with a bound."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.seen: list[dict[str, Any]] = []
+
+    def wait(self, match: Callable[[dict[str, Any]], bool], timeout_s: float = WAIT_S) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for event in self.seen:
+                if match(event):
+                    self.seen.remove(event)
+                    return event
+            left = deadline - time.monotonic()
+            assert left > 0, f"no such event in {timeout_s:g} s; seen: {self.seen}"
+            if select.select([self.proc.stdout], [], [], left)[0]:
+                line = self.proc.stdout.readline()
+                assert line, "the launcher exited"
+                self.seen.append(json.loads(line))
+
+
+def _launch(clusters: Clusters, keys: Keys, address: str, *extra: str) -> tuple[dict[str, Any], Events]:
+    proc, ready = clusters.launch("--iothreads", "1", "--control", f"tcp://{address}:0",
+                                  "--curve-keys", keys.secret("cluster"), "--authorized-keys", keys.auth,
+                                  "--runtime-dir", os.path.join(clusters.scratch_dir, "run"), *extra)
+    return ready, Events(proc)
+
+
+def _worker(host: Host, control: str, keys: Keys, name: str, *extra: str) -> subprocess.Popen[str]:
+    return host.run([*WORKER, "--connect", control, "--id", "r0", "--curve-keys", keys.secret(name),
+                     "--server-key", keys.public("cluster"), *extra], stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE)
+
+
+def _qmp(ready: dict[str, Any]) -> QEMUMonitorProtocol:
+    qmp = QEMUMonitorProtocol(ready["qmp"][0])
+    qmp.connect()
+    return qmp
+
+
+def _event(qmp: QEMUMonitorProtocol, name: str, timeout_s: float = WAIT_S) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while (left := deadline - time.monotonic()) > 0:
+        event = qmp.pull_event(wait=left)
+        if event is not None and event["event"] == name:
+            return event
+    raise AssertionError(f"no {name} event in {timeout_s:g} s")
+
+
+def test_a_remote_iothread_serves_a_node_over_curve(clusters: Clusters, keys: Keys, host: Host) -> None:
+    """r0, in the other namespace, joins; QMP sees it with its host, places a
+    node on it; the block client writes and reads it over tcp:// with CURVE
+    (CURVE-encrypted)."""
+    ready, events = _launch(clusters, keys, host.gateway)
+    image = clusters.image(1 << 20, "remote.img")
+    worker = _worker(host, ready["control"], keys, "r0")
+    qmp = _qmp(ready)
+    try:
+        joined = events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        assert joined["data"]["pid"] > 0
+        remote = [t for t in qmp.cmd("query-iothreads") if t["id"] == "r0"]
+        assert remote and remote[0]["host"] == host.address
+        assert "host" not in next(t for t in qmp.cmd("query-iothreads") if t["id"] == "io0")
+        assert qmp.cmd("blockdev-add", driver="file", **{"node-name": "far"}, filename=image,
+                       iothread="r0") == {}
+        with open(os.path.join(ready["runtime_dir"], "cluster.json")) as f:
+            entry = next(t for t in json.load(f)["iothreads"] if t["id"] == "r0")
+        assert entry["data"].startswith(f"tcp://{host.address}:")
+        assert entry["curve"] == load_public_key(keys.public("r0")).decode() and entry["host"] == host.address
+        block = os.urandom(BS)
+        with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S) as client:
+            client.write("far", BS, block)
+            client.flush("far")
+            assert client.read("far", BS, BS) == block
+        with open(image, "rb") as f:
+            f.seek(BS)
+            assert f.read(BS) == block  # it is the remote iothread that wrote the file
+        stats = {s["node-name"]: s for s in qmp.cmd("query-blockstats", **{"query-nodes": True})}
+        assert stats["far"]["stats"]["wr_operations"] >= 1
+        # It leaves in order when the cluster stops: no process of it is left (the fixture checks the namespace).
+    finally:
+        qmp.close()
+    events.proc.terminate()
+    events.proc.communicate(timeout=WAIT_S)
+    assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""
+
+
+def test_unauthorised_peers_are_refused_and_reported(clusters: Clusters, keys: Keys, host: Host) -> None:
+    """A worker with a key the cluster was not given exits at once with a
+    clear error; one with the wrong server key too; QMP gets PEER_REFUSED
+    with the stranger's address and key.  A client with a key r0 was not
+    told of fails with EACCES, and r0 reports it."""
+    ready, events = _launch(clusters, keys, host.gateway)
+    qmp = _qmp(ready)
+    try:
+        stranger = _worker(host, ready["control"], keys, "stranger")
+        _, err = stranger.communicate(timeout=WAIT_S)
+        assert stranger.returncode == 1 and "refused this iothread's key" in err, err
+        event = _event(qmp, "PEER_REFUSED")["data"]
+        assert event == {"channel": "control", "address": host.address,
+                         "key": load_public_key(keys.public("stranger")).decode(),
+                         "reason": "its key is not authorised"}
+        wrong_server = host.run([*WORKER, "--connect", ready["control"], "--id", "r0", "--curve-keys",
+                                 keys.secret("r0"), "--server-key", keys.public("r0")],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = wrong_server.communicate(timeout=WAIT_S)
+        assert wrong_server.returncode == 1 and "is --server-key the main loop's public key?" in err, err
+        assert "wrong server key" in _event(qmp, "PEER_REFUSED")["data"]["reason"]
+        no_keys = host.run([*WORKER, "--connect", ready["control"], "--id", "r0"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE)
+        _, err = no_keys.communicate(timeout=WAIT_S)
+        assert no_keys.returncode == 2 and "CURVE is mandatory" in err
+        # The good one joins; a client whose key is not the cluster's is kept out of its data socket.
+        worker = _worker(host, ready["control"], keys, "r0")
+        events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "n0"}, size=1 << 20, iothread="r0")
+        from protocol.channel import load_key_pair
+        with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S,
+                         curve_keys=load_key_pair(keys.secret("stranger"))) as client:
+            started = time.monotonic()
+            with pytest.raises(BlockIOError) as info:
+                client.read("n0", 0, BS)
+            assert info.value.errno == 13 and "refused this client's key" in str(info.value)
+            assert time.monotonic() - started < WAIT_S / 2
+        refused = _event(qmp, "PEER_REFUSED")["data"]
+        assert (refused["channel"], refused["iothread"], refused["address"]) == ("data", "r0", host.gateway)
+    finally:
+        qmp.close()
+    events.proc.terminate()
+    events.proc.communicate(timeout=WAIT_S)
+    assert worker.wait(timeout=WAIT_S) == 0
+
+
+def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clusters, keys: Keys,
+                                                                    host: Host) -> None:
+    """The link goes down in the middle of I/O: requests in flight fail with
+    EIO within seconds (ZMTP heartbeats), the main loop takes r0 for gone
+    (IOTHREAD_EXITED; its node stays, inactive), r0 gives up on a silent main
+    loop (exit 3).  Link up, r0 started again: it joins, its node is reopened
+    there and served, with the data written before."""
+    ready, events = _launch(clusters, keys, host.gateway)
+    image = clusters.image(1 << 20, "remote.img")
+    worker = _worker(host, ready["control"], keys, "r0")
+    qmp = _qmp(ready)
+    try:
+        events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        qmp.cmd("blockdev-add", driver="file", **{"node-name": "far"}, filename=image, iothread="r0")
+        block = os.urandom(BS)
+        with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S) as client:
+            client.write("far", 0, block)
+            client.flush("far")
+            results: list[int] = []
+            _ip("link", "set", host.veth, "down")
+            started = time.monotonic()
+            for i in range(32):
+                client.submit("far", "read", i * BS % (1 << 20), BS,
+                              callback=lambda status, message, data: results.append(status))
+            while len(results) < 32 and time.monotonic() - started < WAIT_S:
+                client.ctx.poll(True, timeout_ns=100_000_000)
+            assert len(results) == 32 and set(results) <= {0, -5}, results  # completed before, or EIO
+            assert -5 in results
+            assert time.monotonic() - started < 10
+            gone = events.wait(lambda e: e["event"] == "IOTHREAD_EXITED" and e["data"]["id"] == "r0")
+            assert gone["data"]["expected"] is False
+            assert worker.wait(timeout=WAIT_S) == 3
+            assert [n["active"] for n in qmp.cmd("query-named-block-nodes")
+                    if n["node-name"] == "far"] == [False]
+            _ip("link", "set", host.veth, "up")
+            worker = _worker(host, ready["control"], keys, "r0")
+            events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+            assert [n["active"] for n in qmp.cmd("query-named-block-nodes")
+                    if n["node-name"] == "far"] == [True]
+            deadline = time.monotonic() + WAIT_S
+            while True:  # the client connects anew to where r0 listens now
+                try:
+                    assert client.read("far", 0, BS) == block
+                    break
+                except BlockIOError as exc:
+                    assert exc.errno in (107, 5) and time.monotonic() < deadline, exc  # ENOTCONN, EIO
+                    client.ctx.poll(True, timeout_ns=100_000_000)
+    finally:
+        qmp.close()
+    events.proc.terminate()
+    events.proc.communicate(timeout=WAIT_S)
+    assert worker.wait(timeout=WAIT_S) == 0
