@@ -731,8 +731,6 @@ class Cluster:
             problem = f"a bad handshake (version {msg.version}, id {msg.iothread_id!r})"
         elif before is not None and not before.remote:
             problem = f"the id {iothread_id!r} is one of this cluster's own iothreads"
-        elif before is not None and before._restart is not None:
-            problem = f"the id {iothread_id!r} is taken"
         elif sum(1 for t in self.iothreads.values() if t.state is not IOThreadState.EXITED) >= self.max_iothreads:
             problem = f"a cluster has at most {self.max_iothreads} iothreads"
         elif not id_wellformed(iothread_id) or len(iothread_id) > MAX_REMOTE_ID:
@@ -746,6 +744,7 @@ class Cluster:
         t.remote, t.host, t.pid = True, msg.host, msg.pid
         t.state, t.exit_status, t.started_ns = IOThreadState.STARTING, None, time.monotonic_ns()
         t.heard_ns = self._loop_time_ns()
+        t._deadline = None  # (a stop's, deleted when it left: made again by the next stop)
         self.iothreads[iothread_id] = t
         log.info("iothread %s joins from %s (pid %d there)", iothread_id, msg.host or "elsewhere", msg.pid)
         self._on_hello(t, msg)

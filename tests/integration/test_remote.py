@@ -22,7 +22,7 @@ import pytest
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from iothreads import BlockClient, BlockIOError
-from protocol.channel import generate_key_pair, load_public_key
+from protocol.channel import generate_key_pair, load_key_pair, load_public_key
 
 from .support import Clusters
 
@@ -31,8 +31,6 @@ WAIT_S = 20.0
 NETNS_LOCK = "/tmp/iothreads-test-netns.lock"
 WORKER = [sys.executable, "-m", "mainloop", "worker"]
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
-                                reason="network namespaces need root and iproute2 (CI runs as root)")
 
 
 @dataclass
@@ -56,6 +54,8 @@ def _ip(*args: str) -> None:
 def host() -> Iterator[Host]:
     """A namespace with its own /30 of 192.0.2.0/24; several tests (xdist
     workers) at once take different ones, under a lock."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("network namespaces need root and iproute2 (CI runs as root)")
     with open(NETNS_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
@@ -227,7 +227,6 @@ def test_unauthorised_peers_are_refused_and_reported(clusters: Clusters, keys: K
         worker = _worker(host, ready["control"], keys, "r0")
         events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
         qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "n0"}, size=1 << 20, iothread="r0")
-        from protocol.channel import load_key_pair
         with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S,
                          curve_keys=load_key_pair(keys.secret("stranger"))) as client:
             started = time.monotonic()
@@ -296,3 +295,35 @@ def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clu
     events.proc.terminate()
     events.proc.communicate(timeout=WAIT_S)
     assert worker.wait(timeout=WAIT_S) == 0
+
+
+def _run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "mainloop", *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_bad_keys_and_key_options_get_one_clear_line(keys: Keys) -> None:
+    """Keys that are not safe or not there, options that do not go together:
+    one line naming the file or option, status 1, no traceback."""
+    out = _run("keygen", "r0", "--dir", keys.dir)
+    assert out.returncode == 1 and out.stderr == f"iothreads: {keys.public('r0')} exists: remove it first, " \
+                                                 "or choose another name\n"
+    out = _run("keygen", "../up", "--dir", keys.dir)
+    assert out.returncode == 1 and "is not a key name" in out.stderr
+    out = _run("launch", "--curve-keys", keys.secret("cluster"))
+    assert out.returncode == 1 and "--curve-keys" in out.stderr and "only with --control" in out.stderr
+    os.chmod(keys.secret("cluster"), 0o644)
+    out = _run("launch", "--control", "tcp://127.0.0.1:0", "--curve-keys", keys.secret("cluster"))
+    assert out.returncode == 1 and out.stderr.count("\n") == 1 and "chmod 600" in out.stderr
+    os.chmod(keys.auth, 0o777)
+    out = _run("launch", "--control", "tcp://127.0.0.1:0", "--authorized-keys", keys.auth)
+    assert out.returncode == 1 and f"--authorized-keys {keys.auth}" in out.stderr and "writable by others" in out.stderr
+    os.chmod(keys.auth, 0o700)
+    os.symlink(keys.public("stranger"), os.path.join(keys.auth, "planted.key"))
+    out = _run("launch", "--control", "tcp://127.0.0.1:0", "--authorized-keys", keys.auth)
+    assert out.returncode == 1 and "planted.key: is a symbolic link" in out.stderr
+    out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--curve-keys", keys.secret("cluster"),
+               "--server-key", keys.public("cluster"))
+    assert out.returncode == 1 and "chmod 600" in out.stderr and "Traceback" not in out.stderr
+    out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--curve-keys",
+               os.path.join(keys.dir, "missing.key_secret"), "--server-key", keys.public("cluster"))
+    assert out.returncode == 1 and "missing.key_secret" in out.stderr and "Traceback" not in out.stderr
