@@ -99,6 +99,7 @@ from .wire import Query as Query
 from .wire import QueryReply as QueryReply
 from .wire import SetLatencyHistogram as SetLatencyHistogram
 from .wire import SetPollParams as SetPollParams
+from .wire import Resume as Resume
 from .wire import Stop as Stop
 from .wire import Welcome as Welcome
 from .wire import NbdCloseExport as NbdCloseExport
@@ -158,6 +159,7 @@ __all__ = [
     "Query",
     "QueryReply",
     "RemoteProtocolError",
+    "Resume",
     "SetLatencyHistogram",
     "SetPollParams",
     "StateError",

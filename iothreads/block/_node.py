@@ -68,7 +68,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from protocol import BlockOp
-from protocol.schema import BlockdevOptionsBase, BlockdevOptionsFile, BlockdevOptionsNull
+from protocol.schema import BlockdevOnError, BlockdevOptionsBase, BlockdevOptionsFile, BlockdevOptionsNull
 
 from ..aio._context import AioContext
 from ..aio._threadpool import ThreadPoolRequest
@@ -77,10 +77,12 @@ log = logging.getLogger("iothreads.block")
 
 __all__ = ["BDRV_BLOCK_DATA", "BDRV_BLOCK_ZERO", "BDRV_REQ_FUA", "BDRV_REQ_MAY_UNMAP", "BDRV_REQ_NO_FALLBACK",
            "BlockDriver", "BlockNode", "Buffer", "FileDriver", "NullDriver", "OpStats", "make_driver",
-           "merge_extents", "open_node", "request_problem"]
+           "merge_extents", "request_problem"]
 
 Buffer = bytes | bytearray | memoryview  # a write's data, a read's (a memoryview: of bytes, format "B")
 Completion = Callable[[int, str, Buffer], object]  # (status, message, data)
+# (operation, errno, message, action): a request failed with an I/O error, and its policy said what it does
+ErrorListener = Callable[[str, int, str, str], object]
 Extents = list[tuple[int, int]]  # (length, BDRV_BLOCK_* flags), consecutive
 
 # Request flags (QEMU's BdrvRequestFlags, same values).
@@ -488,11 +490,20 @@ class OpStats:
 class BlockNode:
     """A named block node served by one AioContext.  Home thread only."""
 
-    def __init__(self, ctx: AioContext, name: str, driver: BlockDriver, *, read_only: bool = False) -> None:
+    def __init__(self, ctx: AioContext, name: str, driver: BlockDriver, *, read_only: bool = False,
+                 werror: BlockdevOnError = BlockdevOnError.REPORT,
+                 rerror: BlockdevOnError = BlockdevOnError.REPORT) -> None:
         self.ctx = ctx
         self.name = name
         self.driver = driver
         self.read_only = read_only
+        self.werror = werror
+        self.rerror = rerror
+        self.error_listener: ErrorListener | None = None
+        # Requests a 'stop' policy holds, each as (retry, fail): ``resume`` runs
+        # the first of each, ``close`` the second.
+        self.held: list[tuple[Callable[[], None], Callable[[], None]]] = []
+        self.parents: set[str] = set()  # the nodes layered over this one (blkdebug's image)
         self.in_flight = 0
         self.stats: dict[str, OpStats] = {op.value: OpStats() for op in BlockOp}
         self._drain_waiters: list[Callable[[], object]] = []
@@ -546,7 +557,8 @@ class BlockNode:
                 self.in_flight -= 1
                 err = exc.errno if isinstance(exc, OSError) and exc.errno else (
                     errno.ENOMEM if isinstance(exc, MemoryError) else errno.EIO)
-                self._complete(op, start, 0, -err, str(exc) or type(exc).__name__, b"", callback)
+                self._failed(op, start, length, -err, str(exc) or type(exc).__name__, callback,
+                             lambda: self.submit(op, offset, length, data, callback, flags))
                 self._maybe_drained()
                 return
             if cached is not None:
@@ -574,7 +586,12 @@ class BlockNode:
             try:
                 value = req.result()  # type: ignore[attr-defined]
             except Exception as exc:
-                self._complete(op, start, 0, *_failure(exc), b"", callback)
+                status, message = _failure(exc)
+                if status == -errno.ENOTSUP and flags & BDRV_REQ_NO_FALLBACK:  # a refusal asked for
+                    self._complete(op, start, 0, status, message, b"", callback)
+                else:
+                    self._failed(op, start, length, status, message, callback,
+                                 lambda: self.submit(op, offset, length, data, callback, flags))
             else:
                 nbytes = length if op in (BlockOp.READ, BlockOp.WRITE) else 0
                 self._complete(op, start, nbytes, 0, "", value if op == BlockOp.READ else b"", callback)
@@ -591,7 +608,7 @@ class BlockNode:
         hand-off to a worker and one completion for all of them.  Elsewhere
         (where writes wait for the device, and are best run side by side)
         each is ``submit``ted."""
-        if not self.driver.buffered_writes or len(writes) == 1:
+        if not self.driver.buffered_writes or len(writes) == 1 or self.werror is not BlockdevOnError.REPORT:
             for offset, data, callback in writes:
                 self.submit(_WRITE, offset, len(data), data, callback)
             return
@@ -629,8 +646,8 @@ class BlockNode:
             for (offset, data, callback), error in zip(batch, errors):
                 if error is None:
                     self._complete(_WRITE, start, len(data), 0, "", b"", callback)
-                else:
-                    self._complete(_WRITE, start, 0, *_failure(error), b"", callback)
+                else:  # (werror=report here: see above)
+                    self._failed(_WRITE, start, len(data), *_failure(error), callback, lambda: None)
             self._maybe_drained()
 
         self.ctx.thread_pool.submit(run, callback=done)
@@ -736,6 +753,41 @@ class BlockNode:
         except Exception as exc:
             self.ctx.report_exception(exc, f"completion callback of node {self.name!r}")
 
+    def _failed(self, op: str, start: int, length: int, status: int, message: str, callback: Completion,
+                retry: Callable[[], None]) -> None:
+        """A request failed with an I/O error: what ``werror`` (``rerror`` for
+        a read) says it does, and the error listener told.  ``report``: it
+        completes with the error; ``ignore``: it succeeds (a read with zeroes),
+        counted as failed; ``stop`` (``enospc``, for ENOSPC): it is held, not
+        completed, until ``resume`` runs ``retry`` (submits it again) or
+        ``close`` fails it."""
+        policy = self.rerror if op == _READ else self.werror
+        if policy is BlockdevOnError.ENOSPC:
+            policy = BlockdevOnError.STOP if status == -errno.ENOSPC else BlockdevOnError.REPORT
+        if self.error_listener is not None:
+            try:
+                self.error_listener(op, -status, message, policy.value)
+            except Exception as exc:
+                self.ctx.report_exception(exc, f"error listener of node {self.name!r}")
+        if policy is BlockdevOnError.STOP:
+            self.held.append((retry, lambda: self._complete(op, start, 0, status, message, b"", callback)))
+        elif policy is BlockdevOnError.IGNORE:
+            self.stats[op].record(0, time.monotonic_ns() - start, False)
+            try:
+                callback(0, "", bytes(length) if op == _READ else b"")
+            except Exception as exc:
+                self.ctx.report_exception(exc, f"completion callback of node {self.name!r}")
+        else:
+            self._complete(op, start, 0, status, message, b"", callback)
+
+    def resume(self) -> int:
+        """Submit again the requests a 'stop' policy holds (QMP's ``cont``);
+        how many."""
+        held, self.held = self.held, []
+        for retry, _fail in held:
+            retry()
+        return len(held)
+
     def drain(self, callback: Callable[[], object]) -> None:
         """``callback()`` once no request is in flight (at once if none is)."""
         if self.in_flight == 0:
@@ -750,6 +802,10 @@ class BlockNode:
                 cb()
 
     def close(self) -> None:
+        """Fail the requests a 'stop' policy holds, with their errors, and close the driver."""
+        held, self.held = self.held, []
+        for _retry, fail in held:
+            fail()
         self.driver.close()
 
 
@@ -772,8 +828,3 @@ def make_driver(options: BlockdevOptionsBase) -> BlockDriver:
     if isinstance(options, BlockdevOptionsNull):
         return NullDriver(options.size, read_zeroes=options.read_zeroes)
     raise ValueError(f"the driver '{options.driver}' is not served here")
-
-
-def open_node(ctx: AioContext, options: BlockdevOptionsBase) -> BlockNode:
-    """A node of ``ctx`` as validated ``BlockdevOptions`` describe it.  Home thread."""
-    return BlockNode(ctx, options.node_name, make_driver(options), read_only=options.read_only)

@@ -78,6 +78,7 @@ import argparse
 import collections
 import ctypes
 import errno
+import functools
 import logging
 import os
 import signal
@@ -91,6 +92,7 @@ import zmq
 from zmq.utils.monitor import parse_monitor_message
 
 from protocol import (
+    BlockOp,
     DATA_RCVHWM,
     DATA_SNDHWM,
     BadRequestError,
@@ -114,6 +116,7 @@ from protocol import (
     NodeStats,
     PROTOCOL_VERSION,
     Query,
+    Resume,
     QueryReply,
     RemoteProtocolError,
     SetLatencyHistogram,
@@ -142,7 +145,8 @@ from protocol.channel import (
 from protocol.schema import IothreadProperties, SchemaError, blockdev_from_wire, members
 
 from ..aio._context import AioContext
-from ..block._node import BlockNode, Buffer, open_node
+from ..block._node import BlockNode, Buffer
+from ..block._open import open_node
 from ..nbd._server import MAX_CONNECTIONS as MAX_NBD_CONNECTIONS
 from ..nbd._server import HandedBack, NbdServer
 from ..aio._channel_handler import ChannelHandler
@@ -214,7 +218,7 @@ class IOThreadWorker:
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
             Welcome: self._on_welcome, Heartbeat: self._on_heartbeat, Query: self._on_query,
             SetLatencyHistogram: self._on_set_latency_histogram, SetPollParams: self._on_set_poll_params,
-            Stop: self._on_stop, BlockRequest: self._on_control_block_request,
+            Stop: self._on_stop, Resume: self._on_resume, BlockRequest: self._on_control_block_request,
             BlockdevAdd: self._on_blockdev_add, BlockdevDel: self._on_blockdev_del,
             NbdCloseExport: self._on_nbd_close_export,
         }
@@ -468,14 +472,6 @@ class IOThreadWorker:
             if not channel.closed:  # a client gone meanwhile: ROUTER drops it
                 # Deferred: completions that finish together leave in one batch.
                 channel.send(_completion(request_id, status, message, data), to, defer=True)
-            # Refused requests (invalid, read-only node, moved, no node) are not I/O errors.
-            if status < 0 and -status not in (errno.EINVAL, errno.EPERM, errno.ESTALE, errno.ENODEV):
-                # What the main loop must know (and handle under its BQL) goes
-                # to it as a message: QEMU's BLOCK_IO_ERROR event.
-                self.channel.send(Event("BLOCK_IO_ERROR", {
-                    "node-name": msg.node, "operation": msg.op, "errno": -status,
-                    "nospace": status == -errno.ENOSPC, "reason": message,
-                }))
 
         node.submit(msg.op, msg.offset, msg.length, msg.data, done)
 
@@ -493,7 +489,7 @@ class IOThreadWorker:
             problem = _histogram_problem(msg.boundaries_ns)
             if problem:
                 raise ValueError(problem)
-            node = open_node(self.ctx, blockdev_from_wire(msg.node_name, msg.driver, msg.options))
+            node = open_node(self.ctx, blockdev_from_wire(msg.node_name, msg.driver, msg.options), self.nodes)
         except SchemaError as exc:
             self.channel.send(ErrorReply(msg.request_id, exc.error_class, _bounded(exc.desc)))
             return
@@ -504,15 +500,34 @@ class IOThreadWorker:
                                          getattr(exc, "errno", 0) or 0))
             return
         restore_statistics(node, msg.stats, msg.boundaries_ns)  # moved, or reopened after a restart
+        node.error_listener = functools.partial(self._on_io_error, msg.node_name)
         self.nodes[msg.node_name] = node
         self.moved.discard(msg.node_name)  # it may come back
         self.channel.send(QueryReply(msg.request_id, {"size": node.size}))
+
+    def _on_io_error(self, node_name: str, op: str, err: int, message: str, action: str) -> None:
+        """A request failed with an I/O error (not a refusal: invalid, read-only,
+        moved, no node): the main loop must know, and handle it under its BQL,
+        as QEMU's BLOCK_IO_ERROR event (``operation``: read, or write for any
+        other request; ``errno`` and ``request`` are this project's)."""
+        self.channel.send(Event("BLOCK_IO_ERROR", {
+            "device": "", "node-name": node_name, "operation": "read" if op == BlockOp.READ else "write",
+            "request": op, "action": action, "errno": err, "nospace": err == errno.ENOSPC, "reason": message,
+        }))
+
+    def _on_resume(self, identity: bytes, msg: Resume) -> None:
+        resumed = sum(node.resume() for name, node in self.nodes.items() if name not in self.moved)
+        self.channel.send(QueryReply(msg.request_id, {"resumed": resumed}))
 
     def _on_blockdev_del(self, identity: bytes, msg: BlockdevDel) -> None:
         node = self.nodes.get(msg.node_name)
         if node is None:
             self.channel.send(ErrorReply(msg.request_id, "GenericError",
                                          f"Failed to find node with node-name='{msg.node_name}'"))
+            return
+        if node.parents:  # (the main loop refuses first: this is its peer's word)
+            self.channel.send(ErrorReply(msg.request_id, "GenericError",
+                                         f"Block device {msg.node_name} is in use"))
             return
 
         # From now on, new requests for it are answered at once ("ask

@@ -269,7 +269,7 @@ def _blockdevs(args: argparse.Namespace, configs: list[IOThreadConfig]) -> list[
             return f"Duplicate nodes with node-name='{spec.node_name}'"
         if spec.iothread is not None and spec.iothread not in ids:
             return f"Cannot find iothread {spec.iothread}"
-        return None
+        return None  # (a node over another one, given before it, is the cluster's to check: as QMP's)
 
     return _parse_each("--blockdev", args.blockdev, parse_blockdev, check)
 
@@ -279,8 +279,11 @@ def _add_blockdevs(cluster: Cluster, specs: list[BlockdevSpec]) -> str | None:
     parallel); the first error in the options' order, naming its node, or None."""
     replies: dict[str, QueryReply | ErrorReply] = {}  # by node name: the answers come in any order
     for spec in specs:
-        cluster.blockdev_add(spec.node_name, spec.driver, spec.options,
-                             functools.partial(replies.__setitem__, spec.node_name), spec.iothread)
+        try:
+            cluster.blockdev_add(spec.node_name, spec.driver, spec.options,
+                                 functools.partial(replies.__setitem__, spec.node_name), spec.iothread)
+        except StateError as exc:  # a node over one not given before it, or in another iothread
+            replies[spec.node_name] = ErrorReply(0, "GenericError", str(exc))
     if not cluster.wait_for(lambda: len(replies) == len(specs), 30):
         return "block nodes were not created in time"
     for spec in specs:

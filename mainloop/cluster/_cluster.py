@@ -112,6 +112,7 @@ from protocol import (
     PROTOCOL_VERSION,
     PendingRequests,
     Query,
+    Resume,
     QueryReply,
     RemoteProtocolError,
     SetLatencyHistogram,
@@ -151,6 +152,16 @@ def data_endpoint(runtime_dir: str, iothread_id: str) -> str:
     """Where an iothread serves its clients: ``ipc://RUNTIME_DIR/ID.data``
     (``ValueError`` if the path is too long for AF_UNIX)."""
     return ipc_endpoint(runtime_dir, f"{iothread_id}.data")
+
+RUN_STATE_RUNNING = "running"  # QEMU's RunState values that happen here
+RUN_STATE_IO_ERROR = "io-error"
+
+
+def _image_of(options: Mapping[str, object]) -> str | None:
+    """The node a node's (wire) options layer it over (blkdebug's ``image``), if any."""
+    image = options.get("image")
+    return image if isinstance(image, str) else None
+
 
 HEARTBEAT_INTERVAL_MS = 500  # the default period of the heartbeats (and of the checks of request deadlines)
 SPAWN_FDS = 5  # what an iothread costs the main loop: its pidfd, its connection, its handoff socket, some slack
@@ -298,6 +309,9 @@ class Cluster:
         self.request_timeout_ms = request_timeout_ms
         self.iothreads: dict[str, IOThread] = {}
         self.nodes: dict[str, NodeInfo] = {}
+        # QEMU's run state, as far as it goes here: 'io-error' once a node's
+        # 'stop' error policy held a request, 'running' again after 'cont'.
+        self.run_state = RUN_STATE_RUNNING
         self._adding: dict[str, str] = {}  # node name: iothread, for a blockdev-add not answered yet
         self._tcp_host = tcp.removeprefix("tcp://").rsplit(":", 1)[0] if tcp else None
         self._listeners: list[Continuation[[str, dict[str, Any]]]] = []
@@ -591,6 +605,7 @@ class Cluster:
         that cannot be reopened (its file was removed ...) is dropped.
         ``then()`` once every one was answered (not if ``t`` dies meanwhile)."""
         nodes = [n for n in self.nodes.values() if n.iothread == t.id and not n.active]
+        nodes.sort(key=lambda n: _image_of(n.options) is not None)  # images before the nodes over them
         left = len(nodes)
 
         def one_done() -> None:
@@ -697,8 +712,40 @@ class Cluster:
                 self._exited(t, code if isinstance(code, int) and not isinstance(code, bool) else 1)
             else:
                 self._emit(msg.name, {**msg.data, "iothread": t.id})
+                if msg.name == "BLOCK_IO_ERROR" and msg.data.get("action") == "stop":
+                    self._stopped(RUN_STATE_IO_ERROR)
         else:
             log.warning("iothread %s sent an unexpected %s", t.id, type(msg).KIND)
+
+    def _stopped(self, state: str) -> None:
+        if self.run_state == RUN_STATE_RUNNING:
+            self.run_state = state
+            log.warning("the cluster is stopped (%s): 'cont' resumes it", state)
+            self._emit("STOP", {})
+
+    def resume(self, callback: Callable[[], object]) -> None:
+        """QMP's ``cont``: running again, and every iothread submits again the
+        requests its nodes' 'stop' policies hold (a request that fails again
+        stops the cluster again).  ``callback()`` once every running iothread
+        answered (or failed to)."""
+        if self.run_state != RUN_STATE_RUNNING:
+            self.run_state = RUN_STATE_RUNNING
+            self._emit("RESUME", {})
+        running = [t.id for t in self.iothreads.values() if t.state is IOThreadState.RUNNING]
+        left = len(running)
+
+        def answered(reply: QueryReply | ErrorReply) -> None:
+            nonlocal left
+            if isinstance(reply, QueryReply) and reply.counters.get("resumed"):
+                log.info("%d held request(s) submitted again", reply.counters["resumed"])
+            left -= 1
+            if not left:
+                callback()
+
+        if not running:
+            callback()
+        for iothread_id in running:
+            self._ask(iothread_id, Resume, answered)
 
     def _connection_closed(self, t: IOThread, data: dict[str, Any]) -> None:
         connection, export = data.get("connection"), data.get("export")
@@ -943,6 +990,17 @@ class Cluster:
         in a row are spread); ``callback(reply)`` once it exists or failed."""
         if node_name in self.nodes or node_name in self._adding:
             raise StateError(f"Duplicate nodes with node-name='{node_name}'")
+        image = _image_of(options)
+        if image is not None:  # a node over another one: in that one's iothread (after it, on one channel)
+            child = self.nodes.get(image)
+            if child is None and image not in self._adding:
+                raise StateError(f"Cannot find device={image} nor node-name={image}")
+            if child is not None and child.moving_to is not None:
+                raise StateError(f"node '{image}' is moving to {child.moving_to}")
+            child_home = child.iothread if child is not None else self._adding[image]
+            if iothread not in (None, child_home):
+                raise StateError(f"node '{image}' is in iothread {child_home}: a node over it must be there too")
+            iothread = child_home
         if iothread is None:
             running = [t for t in self.iothreads.values() if t.state is IOThreadState.RUNNING]
             if not running:
@@ -981,6 +1039,8 @@ class Cluster:
         info = self.nodes.get(node_name)
         if info is None:
             raise StateError(f"Failed to find node with node-name='{node_name}'")
+        if self.parents_of(node_name):
+            raise StateError(f"Block device {node_name} is in use")  # QEMU's words (a child's refcnt)
         t = self.iothreads.get(info.iothread)
         if not info.active and (t is None or t.state is not IOThreadState.RUNNING):
             # Its iothread is down, to be restarted: the node is open nowhere.
@@ -1067,6 +1127,11 @@ class Cluster:
             return
         if info.moving_to is not None:
             raise StateError(f"node '{node_name}' is already moving to {info.moving_to}")
+        if self.parents_of(node_name):
+            raise StateError(f"Node {node_name} is not a root node")  # QEMU's words
+        if _image_of(info.options) is not None:
+            raise StateError(f"node '{node_name}' is layered over node '{_image_of(info.options)}': a graph "
+                             f"of nodes does not move here (blockdev-del it, move its image, add it again)")
         old = info.iothread
         info.moving_to = iothread
         log.debug("moving node %s from %s to %s: draining it in %s", node_name, old, iothread, old)
@@ -1113,6 +1178,10 @@ class Cluster:
             info.moving_to = None
             raise
         on_failure(lambda then: self._restore_node(info, old, iothread, then))
+
+    def parents_of(self, node_name: str) -> list[str]:
+        """The nodes layered over ``node_name`` (blkdebug nodes whose image it is)."""
+        return [n.name for n in self.nodes.values() if _image_of(n.options) == node_name]
 
     def nodes_of(self, iothread_id: str) -> list[str]:
         """The nodes an iothread holds or is about to: its own, those moving

@@ -87,7 +87,7 @@ from protocol.schema import (
 )
 from protocol.schema import Command as CommandDeclaration
 
-from ..cluster._cluster import Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
+from ..cluster._cluster import RUN_STATE_RUNNING, Cluster, IOThread, IOThreadConfig, IOThreadState, NodeInfo
 from ..cluster._guard import Guard, on_failure
 from ..glib._source import IO_IN
 from ..glib._output import SocketInput, SocketOutput
@@ -398,7 +398,7 @@ class Monitor:
 
     def _on_cluster_event(self, name: str, data: dict[str, Any]) -> None:
         if name in ("IOTHREAD_EXITED", "BLOCK_IO_ERROR", "IOTHREAD_RESTARTED", "RESOURCE_LIMIT_REACHED",
-                    PEER_REFUSED):
+                    PEER_REFUSED, "STOP", "RESUME"):
             self.broadcast(name, data)
 
     def _on_nbd_event(self, name: str, data: dict[str, Any]) -> None:
@@ -448,8 +448,10 @@ class Monitor:
             "qmp_capabilities": lambda a, d: d(None),  # the session itself negotiates
             "query-version": lambda a, d: d(parse(VersionInfo, VERSION)),
             "query-commands": lambda a, d: d([CommandInfo(name=n) for n in sorted(COMMANDS)]),
-            "query-status": lambda a, d: d(StatusInfo(running=True, status="running")),
+            "query-status": lambda a, d: d(StatusInfo(running=self.cluster.run_state == RUN_STATE_RUNNING,
+                                                      status=self.cluster.run_state)),
             "quit": self._quit,
+            "cont": lambda a, d: self.cluster.resume(lambda: d(None)),
             "query-iothreads": self._query_iothreads,
             "object-add": self._object_add,
             "object-del": self._object_del,

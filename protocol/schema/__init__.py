@@ -25,11 +25,17 @@ server), ``_commands`` (QMP commands).
 
 from __future__ import annotations
 
+from ._block import BlkdebugEvent as BlkdebugEvent
+from ._block import BlkdebugInjectErrorOptions as BlkdebugInjectErrorOptions
+from ._block import BlkdebugIOType as BlkdebugIOType
+from ._block import BlkdebugSetStateOptions as BlkdebugSetStateOptions
 from ._block import BlockDeviceInfo as BlockDeviceInfo
 from ._block import BlockdevCacheOptions as BlockdevCacheOptions
 from ._block import BlockdevDriver as BlockdevDriver
 from ._block import BlockdevOptions as BlockdevOptions
+from ._block import BlockdevOnError as BlockdevOnError
 from ._block import BlockdevOptionsBase as BlockdevOptionsBase
+from ._block import BlockdevOptionsBlkdebug as BlockdevOptionsBlkdebug
 from ._block import BlockdevOptionsFile as BlockdevOptionsFile
 from ._block import BlockdevOptionsNull as BlockdevOptionsNull
 from ._block import ImageInfo as ImageInfo
@@ -95,6 +101,10 @@ from ._types import type_name as type_name
 from ._types import unflatten as unflatten
 
 __all__ = [
+    "BlkdebugEvent",
+    "BlkdebugIOType",
+    "BlkdebugInjectErrorOptions",
+    "BlkdebugSetStateOptions",
     "BlockDeviceInfo",
     "BlockExportDelArguments",
     "BlockExportDeleted",
@@ -109,7 +119,9 @@ __all__ = [
     "BlockdevDelArguments",
     "BlockdevDriver",
     "BlockdevOptions",
+    "BlockdevOnError",
     "BlockdevOptionsBase",
+    "BlockdevOptionsBlkdebug",
     "BlockdevOptionsFile",
     "BlockdevOptionsNull",
     "COMMANDS",

@@ -13,8 +13,10 @@ from collections.abc import Mapping
 from typing import Annotated
 
 from ._types import (
+    INT64_MAX,
     Check,
     FlatUnion,
+    Range,
     SchemaError,
     Size,
     dump,
@@ -28,10 +30,16 @@ from ._types import (
 
 __all__ = [
     "BlockDeviceInfo",
+    "BlkdebugEvent",
+    "BlkdebugInjectErrorOptions",
+    "BlkdebugIOType",
+    "BlkdebugSetStateOptions",
     "BlockdevCacheOptions",
     "BlockdevDriver",
     "BlockdevOptions",
+    "BlockdevOnError",
     "BlockdevOptionsBase",
+    "BlockdevOptionsBlkdebug",
     "BlockdevOptionsFile",
     "BlockdevOptionsNull",
     "ImageInfo",
@@ -46,8 +54,18 @@ NodeName = Annotated[str, Check(id_wellformed, "Invalid node-name: '{value}'")]
 class BlockdevDriver(enum.StrEnum):
     """The block drivers (QEMU has many more; these are the ones served here)."""
 
+    BLKDEBUG = "blkdebug"
     FILE = "file"
     NULL_CO = "null-co"
+
+
+class BlockdevOnError(enum.StrEnum):
+    """What a failed request does (QEMU's BlockdevOnError, ``werror``/``rerror``)."""
+
+    REPORT = "report"  # the request fails with its errno
+    IGNORE = "ignore"  # the request succeeds anyway (a read's data: zeroes)
+    ENOSPC = "enospc"  # stop on ENOSPC, report the others
+    STOP = "stop"  # the request is held, the cluster stops (io-error) until 'cont' retries it
 
 
 @struct
@@ -67,7 +85,11 @@ class BlockdevOptionsBase:
     read_only: bool = member(default=False, doc="refuse writes, discards and write-zeroes (EPERM); a file "
                                                 "is opened read-only")
     iothread: str | None = member(default=None, doc="the iothread that serves the node (default: the "
-                                                    "running iothread with the fewest nodes)")
+                                                    "running iothread with the fewest nodes; a node over "
+                                                    "another one: that one's)")
+    werror: BlockdevOnError = member(default=BlockdevOnError.REPORT,
+                                     doc="what a failed write, write-zeroes, discard or flush does")
+    rerror: BlockdevOnError = member(default=BlockdevOnError.REPORT, doc="what a failed read does")
 
 
 @struct
@@ -86,9 +108,84 @@ class BlockdevOptionsNull(BlockdevOptionsBase):
     read_zeroes: bool = member(default=False, doc="reads return zeroes (they return zeroes here either way)")
 
 
+class BlkdebugEvent(enum.StrEnum):
+    """The events of QEMU's BlkdebugEvent that requests raise here, as a
+    ``raw`` node over ``blkdebug`` raises them in QEMU: a read raises
+    ``read_aio``; a write ``write_aio``, then ``pwritev`` and, once it
+    completed, ``pwritev_done``; write-zeroes ``pwritev_zero`` (and
+    ``pwritev_done``); a flush ``flush_to_os``, then ``flush_to_disk``.
+    Discard and block status raise none."""
+
+    READ_AIO = "read_aio"
+    WRITE_AIO = "write_aio"
+    PWRITEV = "pwritev"
+    PWRITEV_ZERO = "pwritev_zero"
+    PWRITEV_DONE = "pwritev_done"
+    FLUSH_TO_OS = "flush_to_os"
+    FLUSH_TO_DISK = "flush_to_disk"
+
+
+class BlkdebugIOType(enum.StrEnum):
+    """The requests a rule applies to (QEMU's BlkdebugIOType)."""
+
+    READ = "read"
+    WRITE = "write"
+    WRITE_ZEROES = "write-zeroes"
+    DISCARD = "discard"
+    FLUSH = "flush"
+    BLOCK_STATUS = "block-status"
+
+
+@struct
+class BlkdebugInjectErrorOptions:
+    """A rule that fails (or delays) requests: made active by its ``event``
+    (in its ``state``), it then applies to the requests of its ``iotype``
+    that cover its ``sector``, until another event activates other rules."""
+
+    event: BlkdebugEvent = member(doc="the event that activates the rule")
+    state: Annotated[int, Range(0, INT64_MAX)] | None = member(
+        default=None, doc="the state in which the event activates it (default: any)")
+    iotype: BlkdebugIOType | None = member(default=None, doc="the requests it applies to (default: all)")
+    errno: Annotated[int, Range(0, 4095)] = member(
+        default=5, doc="the errno the request fails with (EIO); 0: none (a delay only)")
+    sector: int = member(default=-1, doc="a request applies only if it covers this 512-byte sector's first "
+                                         "byte (-1: any request; a flush covers none)")
+    length: Annotated[int, Range(1, INT64_MAX)] = member(
+        default=1, doc="(not in QEMU) the bytes from the sector's first on that a request must touch "
+                       "one of: a range, where QEMU has a byte")
+    once: bool = member(default=False, doc="the rule is removed after its first failure")
+    immediately: bool = member(default=False, doc="fail at once, not after a turn of the event loop")
+    after: Annotated[int, Range(0, INT64_MAX)] = member(
+        default=0, doc="(not in QEMU) the first N requests it applies to go through")
+    delay_ns: Annotated[int, Range(0, 3_600_000_000_000)] = member(
+        default=0, doc="(not in QEMU) the request waits this long (other requests do not) before it "
+                       "fails, or goes on if errno is 0")
+
+
+@struct
+class BlkdebugSetStateOptions:
+    """A rule that changes the node's state (which selects the rules an event activates)."""
+
+    event: BlkdebugEvent = member(doc="the event that triggers it")
+    state: Annotated[int, Range(0, INT64_MAX)] | None = member(
+        default=None, doc="the state in which it triggers (default: any)")
+    new_state: Annotated[int, Range(1, INT64_MAX)] = member(doc="the state after it (the first is 1)",
+                                                            name="new_state")
+
+
+@struct
+class BlockdevOptionsBlkdebug(BlockdevOptionsBase):
+    """``driver=blkdebug``: QEMU's fault injection, over another node of the same iothread."""
+
+    image: NodeName = member(doc="the node it passes requests to (by name; it must exist)")
+    inject_error: tuple[BlkdebugInjectErrorOptions, ...] = member(default=(), doc="the error rules")
+    set_state: tuple[BlkdebugSetStateOptions, ...] = member(default=(), doc="the state rules")
+
+
 BlockdevOptions = FlatUnion(
     "BlockdevOptions", BlockdevOptionsBase, "driver",
-    {BlockdevDriver.FILE: BlockdevOptionsFile, BlockdevDriver.NULL_CO: BlockdevOptionsNull},
+    {BlockdevDriver.BLKDEBUG: BlockdevOptionsBlkdebug, BlockdevDriver.FILE: BlockdevOptionsFile,
+     BlockdevDriver.NULL_CO: BlockdevOptionsNull},
     doc="a block node to create (blockdev-add, --blockdev)")
 
 
@@ -131,7 +228,7 @@ def blockdev_to_wire(options: BlockdevOptionsBase) -> dict[str, str | int | bool
 def blockdev_from_wire(node_name: str, driver: str, options: Mapping[str, object]) -> BlockdevOptionsBase:
     """A ``BlockdevAdd`` message's node back as ``BlockdevOptions``, checked as
     strictly as QMP's arguments are (``SchemaError``)."""
-    nested = unflatten(options)
+    nested = unflatten(options, lists=True)
     for key in _WIRE_FIELDS[:2]:
         if key in nested:  # the message's own fields say it
             raise SchemaError(f"Parameter '{key}' is unexpected")

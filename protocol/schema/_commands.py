@@ -124,8 +124,9 @@ class VersionInfo:
 class StatusInfo:
     """The run state."""
 
-    running: bool = member(doc="always true: nothing here pauses")
-    status: str = member(doc="'running'")
+    running: bool = member(doc="false while the cluster is stopped")
+    status: str = member(doc="'running', or 'io-error' once a node's 'stop' error policy held a request "
+                             "(until 'cont')")
 
 
 @struct
@@ -163,6 +164,7 @@ COMMANDS: Mapping[str, Command] = {c.name: c for c in (
     Command("query-commands", "the commands", returns=tuple[CommandInfo, ...]),
     Command("query-status", "the run state", returns=StatusInfo),
     Command("quit", "stop every iothread and exit"),
+    Command("cont", "resume: requests held by a 'stop' error policy are submitted again"),
     Command("query-iothreads", "the running iothreads", returns=tuple[IOThreadInfo, ...]),
     Command("object-add", "start an iothread", ObjectOptions),
     Command("object-del", "stop an iothread that serves no node", ObjectDelArguments),

@@ -549,9 +549,12 @@ Scalar = str | int | bool
 
 def flatten(value: Mapping[str, Any]) -> dict[str, Scalar]:
     """Nested objects as dotted keys: ``{"cache": {"direct": True}}`` ->
-    ``{"cache.direct": True}`` (QEMU's flat option dictionaries)."""
+    ``{"cache.direct": True}`` (QEMU's flat option dictionaries); a list's
+    items keyed by their index (``{"a": [{"b": 1}]}`` -> ``{"a.0.b": 1}``)."""
     flat: dict[str, Scalar] = {}
     for key, v in value.items():
+        if isinstance(v, list | tuple):
+            v = {str(i): x for i, x in enumerate(v)}
         if isinstance(v, Mapping):
             flat.update({f"{key}.{k}": x for k, x in flatten(v).items()})
         elif isinstance(v, str | int | bool):
@@ -561,10 +564,13 @@ def flatten(value: Mapping[str, Any]) -> dict[str, Scalar]:
     return flat
 
 
-def unflatten(flat: Mapping[str, T]) -> dict[str, Any]:
+def unflatten(flat: Mapping[str, T], *, lists: bool = False) -> dict[str, Any]:
     """Dotted keys as nested objects (QEMU's keyval): ``{"cache.direct": "on"}``
     -> ``{"cache": {"direct": "on"}}``.  Raises ``SchemaError`` for an empty
-    key part or a key that is both a value and an object."""
+    key part or a key that is both a value and an object.  ``lists``: an
+    object whose keys are ``0``, ``1``, ... in order is a list (``flatten``'s
+    inverse, for JSON-typed values; keyval input keeps them objects, which
+    the list type takes there)."""
     root: dict[str, Any] = {}
     for key, value in flat.items():
         parts = key.split(".")
@@ -579,4 +585,13 @@ def unflatten(flat: Mapping[str, T]) -> dict[str, Any]:
         if parts[-1] in node:
             raise SchemaError(f"Parameter '{key}' used inconsistently")
         node[parts[-1]] = value
-    return root
+    return _relist(root) if lists else root
+
+
+def _relist(value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    items = {k: _relist(v) for k, v in value.items()}
+    if items and list(items) == [str(i) for i in range(len(items))]:
+        return list(items.values())
+    return items

@@ -29,6 +29,7 @@ from ._messages import Query as Query
 from ._messages import QueryReply as QueryReply
 from ._messages import SetLatencyHistogram as SetLatencyHistogram
 from ._messages import SetPollParams as SetPollParams
+from ._messages import Resume as Resume
 from ._messages import Stop as Stop
 from ._messages import Welcome as Welcome
 from ._pending import PendingRequests as PendingRequests
@@ -67,6 +68,7 @@ __all__ = [
     "QueryReply",
     "SetLatencyHistogram",
     "SetPollParams",
+    "Resume",
     "Stop",
     "Welcome",
     "decode",

@@ -52,7 +52,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 5  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD; 5: CURVE, remote iothreads
+PROTOCOL_VERSION = 6  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD; 5: CURVE, remote iothreads; 6: Resume
 
 
 class BlockOp(enum.StrEnum):
@@ -127,6 +127,15 @@ class Stop(Message):
 
     KIND: ClassVar[str] = "stop"
     reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume(Message):
+    """Submit again the requests a 'stop' error policy holds, in every node
+    (QMP's ``cont``); answered with a ``QueryReply`` counting them ("resumed")."""
+
+    KIND: ClassVar[str] = "resume"
+    request_id: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +333,7 @@ class NbdCloseExport(Message):
 
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
-    for cls in (Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event,
+    for cls in (Hello, Welcome, SetPollParams, Stop, Resume, Query, QueryReply, Heartbeat, NodeStats, Event,
                 ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
                 NbdConnection, NbdCloseExport)
 }

@@ -284,6 +284,7 @@ SCENARIOS: dict[str, Scenario] = {
     "query-commands": Scenario({}, 1),
     "query-status": Scenario({}, 1),
     "quit": Scenario({}, 1),
+    "cont": Scenario({}, 3),  # then each iothread's answer (nothing held: nothing to undo)
     "query-iothreads": Scenario({}, 1),
     "object-add": Scenario({"qom-type": "iothread", "id": "io9"}, 2),  # then its IOTHREAD_READY
     "object-del": Scenario({"id": "io9"}, 2, add_io9, without_io9),  # then its exit

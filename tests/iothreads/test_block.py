@@ -22,8 +22,8 @@ from iothreads.block._node import (
     FileDriver,
     NullDriver,
     OpStats,
-    open_node,
 )
+from iothreads.block._open import open_node
 from protocol.schema import BlockdevOptions, parse
 from iothreads.testing import poll_until
 

@@ -43,6 +43,7 @@ The rule (QEMU's):
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import re
 from collections.abc import Callable, Iterator
@@ -68,6 +69,7 @@ from protocol.schema import (
     BlockExportType,
     BlockdevCacheOptions,
     BlockdevDriver,
+    BlockdevOnError,
     BlockdevOptions,
     BlockdevOptionsFile,
     BlockdevOptionsNull,
@@ -286,6 +288,12 @@ BLOCKDEV_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
     "cache": caches,
     "size": sizes,
     "read-zeroes": bools,
+    "werror": lambda: enums([p.value for p in BlockdevOnError]),
+    "rerror": lambda: enums([p.value for p in BlockdevOnError]),
+    "image": identifiers,
+    # Lists of rules (their forms: tests/iothreads/test_blkdebug.py); here, a scalar in their place.
+    "inject-error": lambda: st.just(Mistyped("x", "x")),
+    "set-state": lambda: st.just(Mistyped("x", "x")),
 }
 CACHE_MEMBERS = {"direct"}
 OBJECT_MEMBERS: dict[str, Callable[[], st.SearchStrategy[Node]]] = {
@@ -554,13 +562,16 @@ def test_blockdev_forms_accept_and_refuse_alike(options: dict[str, Node]) -> Non
         given_options["node-name"], given_options["driver"], given_options.get("iothread"))
     carried = flatten(_without(given_options, "driver", "node-name", "iothread"))
     assert {k: json.dumps(spec.options[k]) for k in carried} == {k: json.dumps(v) for k, v in carried.items()}
-    branch = BlockdevOptionsFile if spec.driver == BlockdevDriver.FILE else BlockdevOptionsNull
+    branch = BlockdevOptions.branches[spec.driver]
     defaults = {m.name: m.default() for m in members(branch) if m.name not in given_options and not m.required}
     assert spec.options["read-only"] is given_options.get("read-only", False)
     for name, default in defaults.items():
         if name == "cache":
             assert spec.options["cache.direct"] is default.direct
+        elif default == ():
+            assert not any(key.startswith(f"{name}.") for key in spec.options)  # an empty list: no keys
         elif name != "iothread":
+            default = default.value if isinstance(default, enum.Enum) else default  # (an enum: its name)
             assert spec.options[name] == default and type(spec.options[name]) is type(default)
     # The iothread reads the message back as the same options.
     assert blockdev_from_wire(spec.node_name, spec.driver, spec.options) == parse(
@@ -627,7 +638,7 @@ def test_export_forms_accept_and_refuse_alike(options: dict[str, Node]) -> None:
 def test_every_member_is_generated() -> None:
     """The generators know every member the declarations have (a new member
     is then part of the properties above)."""
-    declared = {m.name for cls in (BlockdevOptionsFile, BlockdevOptionsNull) for m in members(cls)}
+    declared = {m.name for cls in BlockdevOptions.branches.values() for m in members(cls)}
     assert set(BLOCKDEV_MEMBERS) == declared
     assert {m.name for m in members(BlockdevCacheOptions)} == CACHE_MEMBERS
     assert set(OBJECT_MEMBERS) == {m.name for m in members(IothreadOptions)}

@@ -75,13 +75,16 @@ def test_parse_blockdev_forms_and_errors() -> None:
 
     spec = parse_blockdev("driver=file,node-name=disk0,filename=/x.img,cache.direct=on,read-only=off,iothread=io1")
     assert (spec.node_name, spec.driver, spec.iothread) == ("disk0", "file", "io1")
-    assert spec.options == {"filename": "/x.img", "cache.direct": True, "read-only": False}
+    assert spec.options == {"filename": "/x.img", "cache.direct": True, "read-only": False, "werror": "report",
+                            "rerror": "report"}
     j = parse_blockdev('{"driver": "file", "node-name": "d", "filename": "/y", "cache": {"direct": true}}')
     assert j.options["cache.direct"] is True
     n = parse_blockdev("driver=null-co,node-name=null0,size=1G,read-zeroes=off,read-only=on")
-    assert n.options == {"size": 1 << 30, "read-zeroes": False, "read-only": True}  # read-only kept for null-co
+    assert n.options == {"size": 1 << 30, "read-zeroes": False, "read-only": True,  # read-only kept for null-co
+                         "werror": "report", "rerror": "report"}
     assert parse_blockdev("driver=null-co,node-name=n").options == {"size": 1 << 30, "read-zeroes": False,
-                                                                    "read-only": False}  # the defaults
+                                                                    "read-only": False, "werror": "report",
+                                                                    "rerror": "report"}  # the defaults
     assert parse_size("s", "512K") == 512 * 1024 and parse_size("s", "4096") == 4096
     for text, message in [
         ("driver=file,node-name=d", "Parameter 'filename' is missing"),

@@ -35,6 +35,7 @@ from protocol import (
     RemoteProtocolError,
     SetLatencyHistogram,
     SetPollParams,
+    Resume,
     Stop,
     Welcome,
     decode,
@@ -56,6 +57,7 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
     st.builds(SetPollParams, request_id=ints, poll_max_ns=ints, poll_grow=ints, poll_shrink=ints,
               aio_max_batch=ints),
     st.builds(Stop, reason=text),
+    st.builds(Resume, request_id=ints),
     st.builds(Query, request_id=ints, node=text),
     st.builds(SetLatencyHistogram, request_id=ints, node_name=text,
               boundaries_ns=st.lists(ints, max_size=6).map(tuple)),
@@ -95,7 +97,7 @@ def test_all_message_types_are_covered() -> None:
     from protocol.wire._messages import MESSAGE_TYPES
 
     assert set(MESSAGE_TYPES.values()) == {
-        Hello, Welcome, SetPollParams, Stop, Query, QueryReply, Heartbeat, NodeStats, Event, ErrorReply,
+        Hello, Welcome, SetPollParams, Stop, Resume, Query, QueryReply, Heartbeat, NodeStats, Event, ErrorReply,
         BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion, NbdConnection,
         NbdCloseExport,
     }
@@ -372,7 +374,7 @@ def test_messages_keep_the_dataclass_constructor(cls: type[Message]) -> None:
 
 
 _SAMPLES: dict[type[Message], Message] = {type(m): m for m in [
-    Hello("io0", 1, 2, ("a",), "ipc://x"), Welcome(2, ("a",), 5), SetPollParams(1, 2, 3, 4, 5), Stop("bye"),
+    Hello("io0", 1, 2, ("a",), "ipc://x"), Welcome(2, ("a",), 5), SetPollParams(1, 2, 3, 4, 5), Stop("bye"), Resume(7),
     Query(1, "n"), QueryReply(1, {"a": 1}), Heartbeat(1, 2), NodeStats("n", {"rd_operations": 3}),
     Event("E", {"k": 1}), ErrorReply(1, "C", "m", 5),
     BlockdevAdd(1, "n", "file", {"filename": "f"}, {"wr_bytes": 4}, (10, 20)), BlockdevDel(1, "n", True),

@@ -16,9 +16,12 @@ from protocol.schema import (
     BlockExportRemoveMode,
     BlockExportType,
     BlockdevCacheOptions,
+    BlkdebugInjectErrorOptions,
+    BlkdebugSetStateOptions,
     BlockdevDriver,
     BlockdevOptions,
     BlockdevOptionsFile,
+    BlockdevOptionsBlkdebug,
     BlockdevOptionsNull,
     FlatUnion,
     IOThreadInfo,
@@ -234,7 +237,8 @@ def test_the_blockdev_message_carries_the_validated_options_and_back() -> None:
         back = blockdev_from_wire(options.node_name, options.driver.value, wire)
         assert back == parse(BlockdevOptions, {k: v for k, v in value.items() if k != "iothread"})
     assert blockdev_to_wire(parse(BlockdevOptions, {"driver": "file", "node-name": "d", "filename": "/x"})) == {
-        "read-only": False, "filename": "/x", "cache.direct": False}  # defaults filled in, flattened
+        "read-only": False, "werror": "report", "rerror": "report", "filename": "/x",
+        "cache.direct": False}  # defaults filled in, flattened
     # A peer's message is checked as strictly as QMP's arguments.
     for driver, options, message in [
         ("qcow2", {}, "Parameter 'driver' does not accept value 'qcow2'"),
@@ -257,20 +261,28 @@ def test_flatten_and_unflatten() -> None:
         with pytest.raises(SchemaError) as info:
             unflatten(flat)
         assert info.value.desc == message
+    # Lists: their items keyed by index, and back (``lists=True``, for JSON-typed values).
+    listed = {"a": [{"b": 1}, {"b": 2, "c": [True]}], "d": []}
+    assert flatten(listed) == {"a.0.b": 1, "a.1.b": 2, "a.1.c.0": True}
+    assert unflatten(flatten(listed), lists=True) == {"a": [{"b": 1}, {"b": 2, "c": [True]}]}  # ([]: no keys)
+    assert unflatten(flatten(listed)) == {"a": {"0": {"b": 1}, "1": {"b": 2, "c": {"0": True}}}}  # keyval's way
+    assert unflatten({"a.1": 1, "a.0": 2}, lists=True) == {"a": {"1": 1, "0": 2}}  # out of order: not a list
     with pytest.raises(TypeError):
-        flatten({"a": [1]})
+        flatten({"a": {1.5}})
 
 
 def test_every_member_is_documented_and_named_for_the_wire() -> None:
-    declared: list[Any] = [BlockdevOptionsFile, BlockdevOptionsNull, IothreadOptions, IOThreadInfo,
+    declared: list[Any] = [BlockdevOptionsFile, BlockdevOptionsNull, BlockdevOptionsBlkdebug,
+                           BlkdebugInjectErrorOptions, BlkdebugSetStateOptions, IothreadOptions, IOThreadInfo,
                            BlockExportOptionsNbd, BlockExportInfo, NbdServerOptions, SocketAddressInet,
                            SocketAddressUnix]
     declared += [c.arguments for c in COMMANDS.values()]
     for tp in declared:
         for m in members(tp):
             assert m.doc, f"{tp}: {m.name}"
-            assert "_" not in m.name, m.name
-    assert [m.name for m in members(BlockdevOptions)] == ["driver", "node-name", "read-only", "iothread"]
+            assert "_" not in m.name or m.name == "new_state", m.name  # (QEMU spells that one so)
+    assert [m.name for m in members(BlockdevOptions)] == ["driver", "node-name", "read-only", "iothread",
+                                                          "werror", "rerror"]
     assert type_name(BlockdevOptions) == "BlockdevOptions" and type_name(tuple[UInt64, ...]) == "[uint64]"
     assert type_name(Size) == "size"
 
