@@ -90,6 +90,8 @@ from .wire import BlockRequest as BlockRequest
 from .wire import ErrorReply as ErrorReply
 from .wire import Event as Event
 from .wire import IOTHREAD_LEFT as IOTHREAD_LEFT
+from .wire import NBD_CONNECTION_CLOSED as NBD_CONNECTION_CLOSED
+from .wire import NBD_CONNECTION_OPENED as NBD_CONNECTION_OPENED
 from .wire import PEER_REFUSED as PEER_REFUSED
 from .wire import Heartbeat as Heartbeat
 from .wire import NodeStats as NodeStats
@@ -104,6 +106,7 @@ from .wire import Stop as Stop
 from .wire import Welcome as Welcome
 from .wire import NbdCloseExport as NbdCloseExport
 from .wire import NbdConnection as NbdConnection
+from .wire import NbdOffer as NbdOffer
 
 __all__ = [
     "BadRequestError",
@@ -135,12 +138,15 @@ __all__ = [
     "Limits",
     "LocalProtocolError",
     "Message",
+    "NBD_CONNECTION_CLOSED",
+    "NBD_CONNECTION_OPENED",
     "NbdCloseExport",
     "NbdConnection",
     "NbdExport",
     "NbdHandshakeState",
     "NbdMetaContext",
     "NbdNegotiated",
+    "NbdOffer",
     "NbdRequest",
     "NbdRequestDecoder",
     "NbdServerHandshake",

@@ -1,4 +1,5 @@
-"""NBD's transmission phase, served in an iothread: the connections the main loop hands over."""
+"""NBD's transmission phase, served in an iothread: the connections the main loop hands over
+(and, in a remote iothread, those its own listener negotiated)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from ._client import NbdClient as NbdClient
 from ._client import NbdCredit as NbdCredit
 from ._client import allocation_depth as allocation_depth
 from ._client import base_allocation as base_allocation
+from ._listener import NbdListener as NbdListener
+from ._listener import parse_listen_address as parse_listen_address
 from ._server import MAX_CONNECTIONS as MAX_CONNECTIONS
 from ._server import HandedBack as HandedBack
 from ._server import NbdServer as NbdServer
@@ -17,7 +20,9 @@ __all__ = [
     "MAX_CONNECTIONS",
     "NbdClient",
     "NbdCredit",
+    "NbdListener",
     "NbdServer",
     "allocation_depth",
     "base_allocation",
+    "parse_listen_address",
 ]

@@ -61,10 +61,17 @@ main loop is slow.  The rule:
   iothread whose handshake it did not get in time).  It sends no heartbeats.
 * An iothread with no main-loop process to watch (no ``--parent-pid``: a
   remote one, reached over tcp://) has only the main loop's silence to go by:
-  it sends a heartbeat every period the ``Welcome`` gave and stops (exit 3)
-  when nothing came for ``3 x`` that period, or when the ``Welcome`` did not
-  come within the handshake timeout.  Time this process itself was stopped
-  is not counted as the main loop's silence.
+  it sends a heartbeat every period the ``Welcome`` gave, and when nothing
+  came for ``3 x`` that period it *detaches*: its nodes are quiesced (their
+  NBD connections closed, requests in flight completed, each node flushed
+  and closed: no I/O reaches them), and it says ``Hello`` again, of a new
+  session (queued on the control socket, which ZeroMQ reconnects by itself,
+  and sent again on each new connection); once the main loop answers, it has
+  joined again and the main loop reopens its nodes there.  With ``rejoin=False``
+  (``--no-rejoin``: for a supervisor that restarts it) it stops instead
+  (exit 3).  It stops (exit 3) too when the first ``Welcome`` did not come
+  within the handshake timeout.  Time this process itself was stopped is
+  not counted as the main loop's silence.
 
 Whoever started it, it starts with an empty signal mask (``main`` clears the
 one it inherited: a main loop blocks SIGINT and SIGTERM for its signalfd,
@@ -77,6 +84,7 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
+import dataclasses
 import errno
 import functools
 import logging
@@ -85,7 +93,8 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, cast
 
 import zmq
@@ -112,7 +121,12 @@ from protocol import (
     LocalProtocolError,
     Message,
     NbdCloseExport,
+    NBD_CONNECTION_CLOSED,
+    NBD_CONNECTION_OPENED,
     NbdConnection,
+    NbdExport,
+    NbdNegotiated,
+    NbdOffer,
     NodeStats,
     PROTOCOL_VERSION,
     Query,
@@ -148,6 +162,7 @@ from ..aio._context import AioContext
 from ..block._node import BlockNode, Buffer
 from ..block._open import open_node
 from ..nbd._server import MAX_CONNECTIONS as MAX_NBD_CONNECTIONS
+from ..nbd._listener import NbdListener, parse_listen_address
 from ..nbd._server import HandedBack, NbdServer
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
@@ -201,7 +216,7 @@ class IOThreadWorker:
                  poll_grow: int = 0, poll_shrink: int = 0, aio_max_batch: int = 0,
                  handshake_timeout_ms: int = 10_000, data_endpoint: str | None = None,
                  handoff_fd: int | None = None, keys: KeyPair | None = None, server_key: bytes = b"",
-                 host: str = "") -> None:
+                 host: str = "", nbd_listen: tuple[str, int] | None = None, rejoin: bool = True) -> None:
         self.id = iothread_id
         self.pid = os.getpid()
         self.ctx = AioContext(name=iothread_id)
@@ -213,6 +228,8 @@ class IOThreadWorker:
         self.heartbeat_interval_ms = 0
         self.last_heard_ns = time.monotonic_ns()
         self.welcomed = False
+        self.rejoin = rejoin
+        self.detached = False  # a remote one that lost its main loop, waiting to join again
         self._bad_input = ThrottledLog(log)  # what peers send wrong: a few lines each, then counts
         # The control messages, by type: one lookup instead of a chain of isinstance tests.
         self._handlers: dict[type[Message], Callable[[bytes, Any], None]] = {
@@ -220,7 +237,7 @@ class IOThreadWorker:
             SetLatencyHistogram: self._on_set_latency_histogram, SetPollParams: self._on_set_poll_params,
             Stop: self._on_stop, Resume: self._on_resume, BlockRequest: self._on_control_block_request,
             BlockdevAdd: self._on_blockdev_add, BlockdevDel: self._on_blockdev_del,
-            NbdCloseExport: self._on_nbd_close_export,
+            NbdCloseExport: self._on_nbd_close_export, NbdOffer: self._on_nbd_offer,
         }
         self.zmq = zmq.Context()
         # CURVE on tcp://: the ZAP handler first (its data socket lets in the
@@ -238,7 +255,8 @@ class IOThreadWorker:
         if keys is not None:
             curve_client(sock, keys, server_key)
             # Told at once when the main loop refuses this key, or this is not its server key.
-            self._control_monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+            self._control_monitor = sock.get_monitor_socket(
+                HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             monitor_fd = cast(int, self._control_monitor.getsockopt(zmq.FD))
             self.ctx.set_fd_handler(monitor_fd, io_read=self._on_control_monitor)
             self._on_control_monitor()  # its fd is signalled only once a read has found the queue empty
@@ -292,7 +310,15 @@ class IOThreadWorker:
             self.listener = DataListener(self.ctx, self.data.socket, bound, on_limit=self._on_listener_limit,
                                          on_refused=self._on_refused if keys is not None else None)
         curve_key = keys.public.decode() if keys is not None and bound else ""
-        self.channel.send(Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound, curve_key, host))
+        # A remote iothread's own NBD listener, for the exports the main loop offers it.
+        self.offers: dict[str, NbdOffer] = {}  # by export name
+        self._nbd_ids = itertools.count(1)
+        self.nbd_listener: NbdListener | None = None
+        if nbd_listen is not None:
+            self.nbd_listener = NbdListener(self.ctx, nbd_listen, _OfferTable(self), self._on_nbd_negotiated)
+        self._hello = Hello(iothread_id, os.getpid(), PROTOCOL_VERSION, CAPABILITIES, bound, curve_key, host,
+                            self.nbd_listener.address if self.nbd_listener is not None else "")
+        self.channel.send(self._hello)
 
     # -- messages ---------------------------------------------------------
 
@@ -318,6 +344,10 @@ class IOThreadWorker:
         monitor = self._control_monitor
         while monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                if self.detached:  # a new connection: the Hello again (one queued on a dead one is lost)
+                    self.channel.send(self._hello)
+                continue
             if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                 problem = f"the main loop refused this iothread's key (not among its authorised keys; ZAP {event['value']})"
             elif event["event"] & HANDSHAKE_FAILURES:
@@ -392,7 +422,7 @@ class IOThreadWorker:
         self.channel.send(QueryReply(msg.request_id, {}))
 
     def _on_stop(self, identity: bytes, msg: Stop) -> None:
-        if not self.welcomed:  # its Hello was refused (a remote one that cannot join)
+        if not self.welcomed and not self.detached:  # its Hello was refused (a remote one that cannot join)
             log.error("the main loop refused this iothread: %s", msg.reason)
             self.shutdown(EXIT_ERROR)
             return
@@ -627,8 +657,29 @@ class IOThreadWorker:
         self.nbd.adopt(sock, conn, node)
 
     def _on_nbd_closed(self, conn: NbdConnection) -> None:
-        self.channel.send(Event("NBD_CONNECTION_CLOSED", {"connection": conn.connection_id,
+        self.channel.send(Event(NBD_CONNECTION_CLOSED, {"connection": conn.connection_id,
                                                           "export": conn.export_id}))
+
+    def _on_nbd_offer(self, identity: bytes, msg: NbdOffer) -> None:
+        if msg.withdraw:
+            if self.offers.get(msg.name, msg).export_id == msg.export_id:
+                self.offers.pop(msg.name, None)
+        else:
+            self.offers[msg.name] = msg
+
+    def _on_nbd_negotiated(self, sock: socket.socket, negotiated: NbdNegotiated, pending: bytes) -> None:
+        """A client of this iothread's own listener past its handshake: served
+        as a connection the main loop handed over, which is told of it."""
+        offer = self.offers.get(negotiated.export.name)
+        if offer is None or offer.node_name not in self.nodes or self.shutting_down:
+            sock.close()  # withdrawn, or its node left, meanwhile
+            return
+        conn = NbdConnection(next(self._nbd_ids), offer.export_id, offer.node_name, negotiated.transmission_flags,
+                             negotiated.structured_replies,
+                             {c.name: c.context_id for c in negotiated.meta_contexts}, pending)
+        self.channel.send(Event(NBD_CONNECTION_OPENED, {"connection": conn.connection_id,
+                                                        "export": conn.export_id}))
+        self._adopt(sock.detach(), conn)
 
     def _on_nbd_close_export(self, identity: bytes, msg: NbdCloseExport) -> None:
         # The main loop handed over every connection of the export before it
@@ -679,6 +730,9 @@ class IOThreadWorker:
                       msg.version, PROTOCOL_VERSION)
             self.stop(EXIT_ERROR)
             return
+        if self.detached:
+            log.warning("joined the main loop again")
+            self.detached = False
         self.welcomed = True
         self.heartbeat_interval_ms = max(msg.heartbeat_interval_ms, 0)
         if self.zap is not None:
@@ -762,6 +816,8 @@ class IOThreadWorker:
             self._watchdog.mod(self._watchdog.now() + self.heartbeat_interval_ms)
 
     def _on_watchdog(self) -> None:
+        if self.detached:
+            return  # waiting for the Welcome, however long: the main loop's restart, the link's repair
         if not self.welcomed:
             log.error("no answer from the main loop: giving up")
             self.shutdown(EXIT_ORPHANED)
@@ -775,12 +831,45 @@ class IOThreadWorker:
             self.last_heard_ns += late_ns
         silent_ms = (now - self.last_heard_ns) // 1_000_000
         if silent_ms > 3 * self.heartbeat_interval_ms:
+            if self.rejoin:
+                self._detach(silent_ms)
+                return
             log.error("main loop silent for %d ms: exiting", silent_ms)
             self.shutdown(EXIT_ORPHANED)
             return
         self._heartbeat_seq += 1
         self.channel.send(Heartbeat(self._heartbeat_seq, time.monotonic_ns()))
         self._arm_watchdog()
+
+    def _detach(self, silent_ms: int) -> None:
+        """The main loop is silent: quiesce and close every node (as a
+        blockdev-del would: NBD connections closed, requests in flight
+        completed, the node flushed), then leave and say Hello again, both
+        queued until the control connection is back.  The main loop reopens
+        the nodes once it has taken the Hello."""
+        log.warning("main loop silent for %d ms: %d node(s) quiesced and closed; joining again once it answers",
+                    silent_ms, len(self.nodes))
+        self.welcomed = False
+        self.detached = True
+        self.offers.clear()
+        # A new session: the main loop takes its Hello for a join even if it did
+        # not notice the silence (it drops repeats of one session's Hello).
+        self._hello = dataclasses.replace(self._hello, session=self._hello.session + 1)
+        for name, node in list(self.nodes.items()):
+            del self.nodes[name]
+            self.moved.discard(name)
+            self._stats_sent.pop(name, None)
+            self.deleting.add(node)
+
+            def drained(node: BlockNode = node) -> None:
+                self.deleting.discard(node)
+                node.close()
+
+            def closed(_count: int, node: BlockNode = node, drained: Callable[[], None] = drained) -> None:
+                node.drain(drained)
+
+            self.nbd.close_node(name, closed)
+        self.channel.send(self._hello)
 
     # -- running ------------------------------------------------------------
 
@@ -792,6 +881,8 @@ class IOThreadWorker:
         if self.shutting_down:
             return
         self.shutting_down = True
+        if self.nbd_listener is not None:
+            self.nbd_listener.close()  # no new NBD clients
         self.nbd.close_all()  # once their requests in flight are answered
         nodes = {*self.nodes.values(), *self.deleting}
         log.debug("exit requested: draining %d node(s)", len(nodes))
@@ -848,6 +939,8 @@ class IOThreadWorker:
             self.zap_handler.close()
         if self.listener is not None:
             self.listener.close()
+        if self.nbd_listener is not None:
+            self.nbd_listener.close()
         if self.data_handler is not None:
             self.data_handler.close()
             if self.data_endpoint and self.data_endpoint.startswith("ipc://"):
@@ -933,6 +1026,31 @@ def _stats_mark(node: BlockNode) -> tuple[object, ...]:
     return tuple((st.ops, st.errors, st.invalid, st.boundaries_ns) for st in node.stats.values())
 
 
+class _OfferTable(Mapping[str, NbdExport]):
+    """The exports this iothread's listener offers, by name, as a handshake
+    sees them at each option: those offered whose node is here (not moving away)."""
+
+    def __init__(self, worker: IOThreadWorker) -> None:
+        self._worker = worker
+
+    def _here(self, offer: NbdOffer) -> bool:
+        return offer.node_name in self._worker.nodes and offer.node_name not in self._worker.moved
+
+    def __getitem__(self, name: str) -> NbdExport:
+        offer = self._worker.offers[name]
+        if not self._here(offer):
+            raise KeyError(name)
+        return NbdExport(offer.name, offer.size_bytes, offer.description if offer.has_description else None,
+                         read_only=offer.read_only, multi_conn=offer.multi_conn,
+                         min_block_bytes=offer.min_block_bytes, allocation_depth=offer.allocation_depth)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([name for name, offer in self._worker.offers.items() if self._here(offer)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
 def _histogram_problem(boundaries_ns: tuple[int, ...]) -> str:
     """Why these cannot be a latency histogram's boundaries ('' if they can)."""
     return "" if list(boundaries_ns) == sorted(set(boundaries_ns)) else "unsorted boundaries"
@@ -959,6 +1077,12 @@ def parse_args(argv: list[str] | None, prog: str = "python -m iothreads.worker")
     p.add_argument("--data-endpoint", metavar="ENDPOINT",
                    help="bind the data plane (clients) here (default with tcp:// and no --parent-pid: "
                         "tcp://ADDRESS:* on the address this host reaches the main loop from)")
+    p.add_argument("--nbd-listen", metavar="HOST:PORT", type=_nbd_listen,
+                   help="serve the NBD exports of this iothread's nodes here, from this host (a remote "
+                        "iothread: NBD has no authentication here; bind to an address only your clients reach)")
+    p.add_argument("--no-rejoin", dest="rejoin", action="store_false",
+                   help="exit (status 3) when the main loop is silent, instead of closing the nodes and joining "
+                        "again once it answers (for a supervisor that restarts it)")
     p.add_argument("--handoff-fd", type=int, metavar="FD",
                    help="the handoff socket: NBD connections from and back to the main loop")
     p.add_argument("--log-level", type=_log_level, default=logging.INFO, metavar="LEVEL",
@@ -986,6 +1110,13 @@ def _address_toward(endpoint: str) -> str:
             return str(probe.getsockname()[0])
     except (OSError, ValueError):
         return "127.0.0.1"
+
+
+def _nbd_listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _log_level(text: str) -> int:
@@ -1032,6 +1163,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iothreads.worker"
             poll_shrink=args.poll_shrink, aio_max_batch=args.aio_max_batch,
             handshake_timeout_ms=args.handshake_timeout_ms, data_endpoint=args.data_endpoint,
             handoff_fd=args.handoff_fd, keys=keys, server_key=server_key, host=args.host,
+            nbd_listen=args.nbd_listen, rejoin=args.rejoin,
         )
     except (ValueError, OSError, zmq.ZMQError) as exc:  # (OSError: a --handoff-fd that is no socket)
         print(f"iothread {args.id}: {exc}", file=sys.stderr)

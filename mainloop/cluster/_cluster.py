@@ -89,6 +89,7 @@ from typing import Any, Protocol
 import zmq
 
 from iothreads import ClockType, Timer
+from iothreads.nbd import parse_listen_address
 from protocol import (
     BadRequestError,
     BlockdevAdd,
@@ -113,6 +114,9 @@ from protocol import (
     PendingRequests,
     Query,
     Resume,
+    NBD_CONNECTION_CLOSED,
+    NBD_CONNECTION_OPENED,
+    NbdOffer,
     QueryReply,
     RemoteProtocolError,
     SetLatencyHistogram,
@@ -167,7 +171,6 @@ HEARTBEAT_INTERVAL_MS = 500  # the default period of the heartbeats (and of the 
 SPAWN_FDS = 5  # what an iothread costs the main loop: its pidfd, its connection, its handoff socket, some slack
 HANDOFF_FD = 3  # the iothread's end of its handoff socket, in the iothread
 HANDOFF_BATCH = 64  # connections taken from one handoff socket per wake-up
-NBD_CONNECTION_CLOSED = "NBD_CONNECTION_CLOSED"  # an iothread's event: for the connection owner, not listeners
 MAX_REMOTE_ID = 64  # characters of a remote iothread's id (a local one's is bounded by its socket paths)
 RESTART_STABLE_NS = 10_000_000_000  # an iothread that ran this long before dying is restarted at once
 RESTART_DELAY_MAX_MS = 10_000
@@ -221,6 +224,9 @@ class IOThread:
     """Joined over tcp:// from elsewhere (``iothreads worker``): not started,
     watched or killed here; silence is its end (see ``_on_heartbeat_timer``)."""
     host: str = ""
+    nbd_address: str = ""
+    """Where a remote one serves the NBD exports of its nodes itself (HOST:PORT), if it does."""
+    session: int = 0  # a remote one's join (its Hello's ``session``)
     heard_ns: int = 0  # a remote one's last message, on the cluster's loop time
     _pending: PendingRequests[ReplyCallback] = field(default_factory=PendingRequests)  # deadlines: loop time
     _watch: ChildWatchSource | None = None
@@ -249,6 +255,9 @@ class ConnectionOwner(Protocol):
 
     def connection_closed(self, iothread_id: str, connection_id: int, export_id: str) -> None:
         """An iothread says a connection it served has ended."""
+
+    def connection_opened(self, iothread_id: str, connection_id: int, export_id: str) -> None:
+        """A remote iothread's own NBD listener took a client of an export (its own connection id)."""
 
     def node_placed(self, node_name: str) -> None:
         """A node's move ended (in its new home, or back in its old one), or a
@@ -696,7 +705,13 @@ class Cluster:
             if cb is not None:
                 self._call(cb, msg)
         elif isinstance(msg, Hello):
-            self._on_hello(t, msg)
+            if t.remote and t.state is IOThreadState.RUNNING and msg.session > t.session:
+                # It lost this main loop (which did not notice) and closed its nodes: a new join.
+                log.warning("iothread %s joins again (session %d): it had lost this main loop", t.id, msg.session)
+                self._exited(t, EXIT_SILENT)
+                self._join(identity, msg, self.iothreads.get(t.id))
+            else:
+                self._on_hello(t, msg)  # (a repeat of its session's: ignored)
         elif isinstance(msg, NodeStats):
             info = self.nodes.get(msg.node_name)
             if info is not None and info.iothread == t.id and info.active and not info.detached:
@@ -705,8 +720,8 @@ class Cluster:
             pass
         elif isinstance(msg, Event):
             # Raised in an iothread, handled here, in the main loop, under the BQL.
-            if msg.name == NBD_CONNECTION_CLOSED:
-                self._connection_closed(t, msg.data)
+            if msg.name in (NBD_CONNECTION_CLOSED, NBD_CONNECTION_OPENED):
+                self._connection_event(t, msg.name, msg.data)
             elif msg.name == IOTHREAD_LEFT and t.remote:
                 code = msg.data.get("exit-code")
                 self._exited(t, code if isinstance(code, int) and not isinstance(code, bool) else 1)
@@ -747,14 +762,24 @@ class Cluster:
         for iothread_id in running:
             self._ask(iothread_id, Resume, answered)
 
-    def _connection_closed(self, t: IOThread, data: dict[str, Any]) -> None:
+    def _connection_event(self, t: IOThread, name: str, data: dict[str, Any]) -> None:
         connection, export = data.get("connection"), data.get("export")
-        if not isinstance(connection, int) or isinstance(connection, bool) or not isinstance(export, str):
-            self._bad_input.log((t.id, NBD_CONNECTION_CLOSED), logging.ERROR,
-                                "iothread %s: a bad %s event: %r", t.id, NBD_CONNECTION_CLOSED, data)
+        if not isinstance(connection, int) or isinstance(connection, bool) or not isinstance(export, str) or (
+                name == NBD_CONNECTION_OPENED and not t.remote):
+            self._bad_input.log((t.id, name), logging.ERROR, "iothread %s: a bad %s event: %r", t.id, name, data)
             return
         if self.connection_owner is not None:
-            self._call(self.connection_owner.connection_closed, t.id, connection, export)
+            handler = (self.connection_owner.connection_closed if name == NBD_CONNECTION_CLOSED
+                       else self.connection_owner.connection_opened)
+            self._call(handler, t.id, connection, export)
+
+    def offer_nbd_export(self, iothread_id: str, offer: NbdOffer) -> None:
+        """Tell a remote iothread with an NBD listener of its own what to offer
+        (or withdraw); nothing if it is not running (it is told again when its
+        nodes are placed there)."""
+        t = self.iothreads.get(iothread_id)
+        if t is not None and t.remote and t.state is IOThreadState.RUNNING:
+            self.channel.send(offer, t.id.encode())
 
     def _on_bad_message(self, identity: bytes, exc: RemoteProtocolError) -> None:
         self._bad_input.log((identity, type(exc)), logging.ERROR,
@@ -788,7 +813,7 @@ class Cluster:
             self.channel.send(Stop(problem[:200]), identity)
             return
         t = before or IOThread(IOThreadConfig(iothread_id))
-        t.remote, t.host, t.pid = True, msg.host, msg.pid
+        t.remote, t.host, t.pid, t.session = True, msg.host, msg.pid, msg.session
         t.state, t.exit_status, t.started_ns = IOThreadState.STARTING, None, time.monotonic_ns()
         t.heard_ns = self._loop_time_ns()
         t._deadline = None  # (a stop's, deleted when it left: made again by the next stop)
@@ -808,6 +833,14 @@ class Cluster:
         t.capabilities = msg.capabilities
         t.data_endpoint = msg.data_endpoint
         t.curve_key = msg.curve_key
+        t.nbd_address = ""
+        if t.remote and msg.nbd_address:
+            try:
+                parse_listen_address(msg.nbd_address)
+                t.nbd_address = msg.nbd_address
+            except ValueError:
+                log.error("iothread %s: a bad NBD address %r: its nodes' exports are not served", t.id,
+                          msg.nbd_address)
         if t._deadline is not None:
             t._deadline.delete()
         allowed = tuple(k.decode() for k in self.keys.allowed()) if self.keys is not None else ()

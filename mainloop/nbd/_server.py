@@ -64,6 +64,7 @@ from protocol import (
     NbdConnection,
     NbdExport,
     NbdNegotiated,
+    NbdOffer,
     QueryReply,
     StateError,
     ThrottledLog,
@@ -82,7 +83,7 @@ from protocol.schema import (
     SocketAddressUnix,
 )
 
-from ..cluster._cluster import Cluster, IOThreadState
+from ..cluster._cluster import Cluster, IOThread, IOThreadState
 from ..cluster._guard import detached
 from ..glib._source import IO_IN
 from ..glib._standard import FdWatchSource
@@ -130,21 +131,23 @@ class _Client:
 
 
 class _ExportTable(Mapping[str, NbdExport]):
-    """The exports by name, as a handshake sees them: made at each look from
-    the registry and the node as they are then (an export whose node is gone
-    is not offered)."""
+    """The exports by name, as a handshake here sees them: made at each look
+    from the registry and the node as they are then (an export whose node is
+    gone is not offered, nor one a remote iothread serves from its host)."""
 
     def __init__(self, server: NbdServer) -> None:
         self._server = server
 
     def __getitem__(self, name: str) -> NbdExport:
-        found = self._server.nbd_export(self._server.by_name[name])
+        e = self._server.by_name[name]
+        found = None if self._server.remote_home(e) is not None else self._server.nbd_export(e)
         if found is None:
             raise KeyError(name)
         return found
 
     def __iter__(self) -> Iterator[str]:
-        return iter([name for name, e in self._server.by_name.items() if self._server.nbd_export(e) is not None])
+        return iter([name for name, e in self._server.by_name.items()
+                     if self._server.remote_home(e) is None and self._server.nbd_export(e) is not None])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -188,6 +191,8 @@ class NbdServer:
         self._unix_path: str | None = None
         self._negotiations: set[Negotiation] = set()
         self._clients: dict[int, _Client] = {}
+        # The connections remote iothreads' own listeners took: (iothread, its id) -> export id.
+        self._remote_clients: dict[tuple[str, int], str] = {}
         self._ids = itertools.count(1)
         self._listeners: list[EventCallback] = []
         self._stopped: list[Callable[[], None]] = []  # waiting for the exports to be gone (nbd-server-stop)
@@ -439,6 +444,10 @@ class NbdServer:
             raise StateError(f"description '{options.description}' too long")
         if name in self.by_name:
             raise StateError(f"NBD server already has export named '{name}'")
+        home = self.cluster.iothreads.get(info.iothread)
+        if home is not None and home.remote and not home.nbd_address:
+            raise StateError(f"node '{options.node_name}' is in remote iothread {home.id}, which serves no NBD "
+                             f"clients (start it with --nbd-listen HOST:PORT)")
         e = Export(options.id, options.node_name, name, options.description, options.writable,
                    options.allocation_depth)
         try:
@@ -447,6 +456,7 @@ class NbdServer:
             raise StateError(str(exc)) from None
         self.exports[e.id] = e
         self.by_name[e.name] = e
+        self._offer(e)
         self.cluster.write_state()
         log.info("NBD export %s: node %s as '%s'%s", e.id, e.node_name, e.name, "" if e.writable else " (read-only)")
         return e
@@ -465,8 +475,26 @@ class NbdServer:
         self._shut_down(e)
 
     def clients_of(self, export_id: str) -> int:
-        """The connections of an export past their handshake (handed over or parked)."""
-        return sum(1 for c in self._clients.values() if c.export_id == export_id)
+        """The connections of an export past their handshake (handed over or
+        parked, or taken by a remote iothread's own listener)."""
+        return (sum(1 for c in self._clients.values() if c.export_id == export_id)
+                + sum(1 for e in self._remote_clients.values() if e == export_id))
+
+    def remote_home(self, e: Export) -> IOThread | None:
+        """The remote iothread that holds ``e``'s node (and serves it from its host), if one does."""
+        info = self.cluster.nodes.get(e.node_name)
+        home = self.cluster.iothreads.get(info.iothread) if info is not None else None
+        return home if home is not None and home.remote else None
+
+    def _offer(self, e: Export, withdraw: bool = False) -> None:
+        """Tell ``e``'s remote home, if it has one, to offer it (or no longer)."""
+        home = self.remote_home(e)
+        found = self.nbd_export(e) if home is not None else None
+        if home is None or found is None:
+            return
+        self.cluster.offer_nbd_export(home.id, NbdOffer(
+            e.id, e.node_name, e.name, found.size_bytes, e.description or "", e.description is not None,
+            found.read_only, found.multi_conn, found.min_block_bytes, found.allocation_depth, withdraw))
 
     def exports_of_node(self, node_name: str) -> list[str]:
         """The ids of the exports of a node (shutting down or not)."""
@@ -474,8 +502,9 @@ class NbdServer:
 
     def query(self) -> list[BlockExportInfo]:
         """QEMU's ``query-block-exports``."""
+        uris = self.uris()
         return [BlockExportInfo(id=e.id, type=BlockExportType.NBD, node_name=e.node_name,
-                                shutting_down=e.shutting_down) for e in self.exports.values()]
+                                shutting_down=e.shutting_down, uri=uris.get(e.id)) for e in self.exports.values()]
 
     def uris(self) -> dict[str, str]:
         """Each export's NBD URI, by id (those not shutting down)."""
@@ -486,9 +515,17 @@ class NbdServer:
         as the cluster's state file publishes them."""
         if self.address is None:
             return {}
-        address = self.address
-        return {e.id: ExportEntry(e.node_name, nbd_uri(e.name, address))
-                for e in self.exports.values() if not e.shutting_down}
+        entries = {}
+        for e in self.exports.values():
+            if e.shutting_down:
+                continue
+            home = self.remote_home(e)
+            if home is None:
+                entries[e.id] = ExportEntry(e.node_name, nbd_uri(e.name, self.address))
+            elif home.nbd_address:  # served from its host
+                host, _, port = home.nbd_address.rpartition(":")
+                entries[e.id] = ExportEntry(e.node_name, nbd_uri(e.name, ("inet", host.strip("[]"), int(port))))
+        return entries
 
     def _shut_down(self, e: Export) -> None:
         """No longer offered; its parked connections closed, its iothreads asked
@@ -496,8 +533,9 @@ class NbdServer:
         e.shutting_down = True
         if self.by_name.get(e.name) is e:
             del self.by_name[e.name]
+        self._offer(e, withdraw=True)
         self.cluster.write_state()
-        holders: set[str] = set()
+        holders = {iothread for (iothread, _), export_id in self._remote_clients.items() if export_id == e.id}
         for client in [c for c in self._clients.values() if c.export_id == e.id]:
             if client.iothread is None:
                 self._forget(client)
@@ -522,6 +560,8 @@ class NbdServer:
                         reply.message)
         for client in [c for c in self._clients.values() if c.export_id == e.id and c.iothread == iothread_id]:
             self._forget(client)
+        for key in [k for k, export_id in self._remote_clients.items() if k[0] == iothread_id and export_id == e.id]:
+            del self._remote_clients[key]
         e.closing = e.closing - {iothread_id}
         if not e.closing and self.exports.get(e.id) is e:
             self._deleted(e)
@@ -593,14 +633,28 @@ class NbdServer:
 
     def connection_closed(self, iothread_id: str, connection_id: int, export_id: str) -> None:
         client = self._clients.get(connection_id)
-        if client is not None and client.iothread == iothread_id:
+        t = self.cluster.iothreads.get(iothread_id)
+        if t is not None and t.remote:
+            self._remote_clients.pop((iothread_id, connection_id), None)
+        elif client is not None and client.iothread == iothread_id:
             self._forget(client)
 
+    def connection_opened(self, iothread_id: str, connection_id: int, export_id: str) -> None:
+        e = self.exports.get(export_id)
+        if e is not None and len(self._remote_clients) < 1 << 20:  # (bounded, whatever a peer says)
+            self._remote_clients[(iothread_id, connection_id)] = export_id
+
     def node_placed(self, node_name: str) -> None:
+        for e in self.exports.values():
+            if e.node_name == node_name and not e.shutting_down:
+                self._offer(e)  # its home is remote now (moved there, or it joined again)
+        self.cluster.write_state()  # (its URI may have changed with its home)
         for client in [c for c in self._clients.values() if c.iothread is None and c.msg.node_name == node_name]:
             self._route(client)
 
     def iothread_exited(self, iothread_id: str) -> None:
+        for key in [k for k in self._remote_clients if k[0] == iothread_id]:
+            del self._remote_clients[key]
         gone = [c for c in self._clients.values() if c.iothread == iothread_id]
         for client in gone:
             self._forget(client)

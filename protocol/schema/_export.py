@@ -115,6 +115,8 @@ class BlockExportInfo:
     type: BlockExportType = member(doc="its kind")
     node_name: str = member(doc="the node it exports")
     shutting_down: bool = member(doc="it is being removed: its clients are being disconnected")
+    uri: str | None = member(default=None, doc="(not in QEMU) where NBD clients reach it: the NBD server's "
+                                               "address, or its remote iothread's own")
 
 
 @struct

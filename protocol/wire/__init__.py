@@ -18,6 +18,8 @@ from ._messages import BlockdevDel as BlockdevDel
 from ._messages import ErrorReply as ErrorReply
 from ._messages import Event as Event
 from ._messages import IOTHREAD_LEFT as IOTHREAD_LEFT
+from ._messages import NBD_CONNECTION_CLOSED as NBD_CONNECTION_CLOSED
+from ._messages import NBD_CONNECTION_OPENED as NBD_CONNECTION_OPENED
 from ._messages import PEER_REFUSED as PEER_REFUSED
 from ._messages import Heartbeat as Heartbeat
 from ._messages import NodeStats as NodeStats
@@ -25,6 +27,7 @@ from ._messages import Hello as Hello
 from ._messages import Message as Message
 from ._messages import NbdCloseExport as NbdCloseExport
 from ._messages import NbdConnection as NbdConnection
+from ._messages import NbdOffer as NbdOffer
 from ._messages import Query as Query
 from ._messages import QueryReply as QueryReply
 from ._messages import SetLatencyHistogram as SetLatencyHistogram
@@ -52,23 +55,26 @@ __all__ = [
     "DATA_SNDHWM",
     "ErrorReply",
     "Event",
-    "IOTHREAD_LEFT",
-    "PEER_REFUSED",
     "Heartbeat",
     "Hello",
+    "IOTHREAD_LEFT",
     "InFlight",
     "Limits",
     "Message",
+    "NBD_CONNECTION_CLOSED",
+    "NBD_CONNECTION_OPENED",
     "NbdCloseExport",
     "NbdConnection",
+    "NbdOffer",
     "NodeStats",
+    "PEER_REFUSED",
     "PROTOCOL_VERSION",
     "PendingRequests",
     "Query",
     "QueryReply",
+    "Resume",
     "SetLatencyHistogram",
     "SetPollParams",
-    "Resume",
     "Stop",
     "Welcome",
     "decode",

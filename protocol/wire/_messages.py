@@ -52,7 +52,7 @@ __all__ = [
     "Welcome",
 ]
 
-PROTOCOL_VERSION = 6  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD; 5: CURVE, remote iothreads; 6: Resume
+PROTOCOL_VERSION = 6  # 2: fields as a list, batches; 3: node statistics (NodeStats, BlockdevAdd.stats); 4: NBD; 5: CURVE, remote iothreads; 6: Resume, NbdOffer
 
 
 class BlockOp(enum.StrEnum):
@@ -95,6 +95,10 @@ class Hello(Message):
     """The CURVE public key (Z85) its data endpoint serves with ("" off tcp://)."""
     host: str = ""
     """A remote iothread's host, as it names itself ("" for one the main loop started)."""
+    nbd_address: str = ""
+    """Where a remote iothread listens for NBD clients itself, HOST:PORT ("" if it does not)."""
+    session: int = 1
+    """A remote iothread's join: one more each time it lost its main loop and joins again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +199,10 @@ IOTHREAD_LEFT = "IOTHREAD_LEFT"
 """A remote iothread's last word before it exits: ``{"exit-code": N}``."""
 PEER_REFUSED = "PEER_REFUSED"
 """A peer kept out of a CURVE socket (a QMP event too): ``Refusal.as_event()``."""
+NBD_CONNECTION_OPENED = "NBD_CONNECTION_OPENED"
+"""A remote iothread's own NBD listener took a client: ``{"connection": ID, "export": EXPORT_ID}``."""
+NBD_CONNECTION_CLOSED = "NBD_CONNECTION_CLOSED"
+"""An NBD connection an iothread served ended: ``{"connection": ID, "export": EXPORT_ID}``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -331,11 +339,31 @@ class NbdCloseExport(Message):
     export_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class NbdOffer(Message):
+    """To a remote iothread that listens for NBD itself: offer (or, with
+    ``withdraw``, no longer offer) an export of one of its nodes, as its
+    handshake shows it (``protocol.nbd.NbdExport``'s fields)."""
+
+    KIND: ClassVar[str] = "nbd-offer"
+    export_id: str
+    node_name: str
+    name: str
+    size_bytes: int = 0
+    description: str = ""
+    has_description: bool = False
+    read_only: bool = True
+    multi_conn: bool = True
+    min_block_bytes: int = 1
+    allocation_depth: bool = False
+    withdraw: bool = False
+
+
 MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.KIND: cls
     for cls in (Hello, Welcome, SetPollParams, Stop, Resume, Query, QueryReply, Heartbeat, NodeStats, Event,
                 ErrorReply, BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion,
-                NbdConnection, NbdCloseExport)
+                NbdConnection, NbdCloseExport, NbdOffer)
 }
 
 

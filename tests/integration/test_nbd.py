@@ -307,7 +307,9 @@ def test_qmp_commands_and_their_errors(clusters: Clusters, qmp_of: Any) -> None:
     assert q("block-export-add", type="nbd", id="e1", **{"node-name": "null0", "name": "disk0"}) == (
         "error", "NBD server already has export named 'disk0'")
     assert q("block-export-add", type="nbd", id="e1", **{"node-name": "disk0", "name": "again"}) == {}
-    assert q("query-block-exports") == [
+    exports = q("query-block-exports")
+    assert [e.pop("uri").partition("?")[0] for e in exports] == ["nbd+unix:///disk0", "nbd+unix:///again"]
+    assert exports == [
         {"id": "e0", "type": "nbd", "node-name": "disk0", "shutting-down": False},
         {"id": "e1", "type": "nbd", "node-name": "disk0", "shutting-down": False}]
     assert {e["export-name"] for e in json.loads(run_tool(
@@ -571,7 +573,8 @@ def test_an_iothread_that_dies_takes_its_connections_and_the_export_stays(cluste
     new.sock.sendall(encode_request(NBD_CMD_READ, 1, 0, 4096))
     replies, _ = read_replies(new.recv_exactly(16 + 4096), {1: 4096})
     assert [(r.cookie, r.error) for r in replies] == [(1, 0)]
-    assert q("query-block-exports") == [{"id": "e0", "type": "nbd", "node-name": "disk0", "shutting-down": False}]
+    assert q("query-block-exports") == [{"id": "e0", "type": "nbd", "node-name": "disk0", "shutting-down": False,
+                                         "uri": ready["exports"]["e0"]}]
     new.sock.sendall(encode_request(NBD_CMD_DISC, 2, 0, 0))
     assert new.closed()
     # The dead connection is not counted: once the live one is closed, the export is free.

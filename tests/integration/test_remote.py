@@ -11,6 +11,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -243,16 +244,19 @@ def test_unauthorised_peers_are_refused_and_reported(clusters: Clusters, keys: K
     assert worker.wait(timeout=WAIT_S) == 0
 
 
+@pytest.mark.parametrize("rejoin", [True, False], ids=["rejoins", "no-rejoin"])
 def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clusters, keys: Keys,
-                                                                    host: Host) -> None:
+                                                                    host: Host, rejoin: bool) -> None:
     """The link goes down in the middle of I/O: requests in flight fail with
     EIO within seconds (ZMTP heartbeats), the main loop takes r0 for gone
-    (IOTHREAD_EXITED; its node stays, inactive), r0 gives up on a silent main
-    loop (exit 3).  Link up, r0 started again: it joins, its node is reopened
-    there and served, with the data written before."""
+    (IOTHREAD_EXITED; its node stays, inactive), r0 quiesces and closes its
+    node and waits (with --no-rejoin: exits 3).  Link up: r0 joins again by
+    itself (started again, with --no-rejoin), its node is reopened there and
+    served, with the data written before."""
     ready, events = _launch(clusters, keys, host.gateway)
     image = clusters.image(1 << 20, "remote.img")
-    worker = _worker(host, ready["control"], keys, "r0")
+    options = () if rejoin else ("--no-rejoin",)
+    worker = _worker(host, ready["control"], keys, "r0", *options)
     qmp = _qmp(ready)
     try:
         events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
@@ -274,11 +278,15 @@ def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clu
             assert time.monotonic() - started < 10
             gone = events.wait(lambda e: e["event"] == "IOTHREAD_EXITED" and e["data"]["id"] == "r0")
             assert gone["data"]["expected"] is False
-            assert worker.wait(timeout=WAIT_S) == 3
+            if rejoin:
+                assert worker.poll() is None  # waiting for its main loop
+            else:
+                assert worker.wait(timeout=WAIT_S) == 3
             assert [n["active"] for n in qmp.cmd("query-named-block-nodes")
                     if n["node-name"] == "far"] == [False]
             _ip("link", "set", host.veth, "up")
-            worker = _worker(host, ready["control"], keys, "r0")
+            if not rejoin:
+                worker = _worker(host, ready["control"], keys, "r0", *options)
             events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
             assert [n["active"] for n in qmp.cmd("query-named-block-nodes")
                     if n["node-name"] == "far"] == [True]
@@ -327,3 +335,53 @@ def test_bad_keys_and_key_options_get_one_clear_line(keys: Keys) -> None:
     out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--curve-keys",
                os.path.join(keys.dir, "missing.key_secret"), "--server-key", keys.public("cluster"))
     assert out.returncode == 1 and "missing.key_secret" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters, keys: Keys, host: Host) -> None:
+    """r0 listens for NBD clients itself (``--nbd-listen``): an export of its
+    node is served from its host, at the URI QMP gives; qemu-io writes and
+    reads it there; the main loop's own NBD server does not offer it; removed,
+    it is offered nowhere."""
+    nbd_sock = os.path.join(clusters.scratch_dir, "nbd.sock")
+    ready, events = _launch(clusters, keys, host.gateway, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}")
+    image = clusters.image(4 << 20, "remote.img")
+    worker = _worker(host, ready["control"], keys, "r0", "--nbd-listen", f"{host.address}:10809")
+    qmp = _qmp(ready)
+    qemu_io = shutil.which("qemu-io")
+    if qemu_io is None:
+        pytest.skip("qemu-io is not installed (CI installs it)")
+    try:
+        events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        assert qmp.cmd("blockdev-add", driver="file", **{"node-name": "far"}, filename=image, iothread="r0") == {}
+        assert qmp.cmd("block-export-add", type="nbd", id="e1", writable=True, **{"node-name": "far"}) == {}
+        [export] = qmp.cmd("query-block-exports")
+        uri = f"nbd://{host.address}:10809/far"
+        assert export["uri"] == uri
+        with open(os.path.join(ready["runtime_dir"], "cluster.json")) as f:
+            assert json.load(f)["exports"]["e1"]["uri"] == uri
+        # A hostile client of its listener: the protocol's error, a closed connection, the others unharmed.
+        with socket.create_connection((host.address, 10809), timeout=WAIT_S) as bad:
+            assert len(bad.recv(18)) == 18  # the greeting (NBDMAGIC, IHAVEOPT, flags)
+            bad.sendall(b"\xff" * 4096)  # client flags with unknown bits, then garbage
+            while bad.recv(4096):
+                pass  # until it closes
+        io = subprocess.run([qemu_io, "-f", "raw", "-c", "write -P 0x3c 64k 64k", "-c", "flush",
+                             "-c", "read -P 0x3c 64k 64k", "-c", "read -P 0 0 64k", uri],
+                            capture_output=True, text=True, timeout=WAIT_S)
+        assert io.returncode == 0 and "failed" not in io.stdout + io.stderr, io.stdout + io.stderr
+        with open(image, "rb") as f:
+            f.seek(64 << 10)
+            assert f.read(64 << 10) == b"\x3c" * (64 << 10)  # written by the remote iothread, from its host
+        here = subprocess.run([qemu_io, "-f", "raw", "-c", "read 0 4k", f"nbd+unix:///far?socket={nbd_sock}"],
+                              capture_output=True, text=True, timeout=WAIT_S)
+        assert "far" in here.stdout + here.stderr and "read 4096/4096" not in here.stdout  # not offered here
+        assert qmp.cmd("block-export-del", id="e1") == {}
+        _event(qmp, "BLOCK_EXPORT_DELETED")
+        gone = subprocess.run([qemu_io, "-f", "raw", "-c", "read 0 4k", uri], capture_output=True, text=True,
+                              timeout=WAIT_S)
+        assert "read 4096/4096" not in gone.stdout  # withdrawn there too
+    finally:
+        qmp.close()
+    events.proc.terminate()
+    events.proc.communicate(timeout=WAIT_S)
+    assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""

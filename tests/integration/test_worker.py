@@ -135,12 +135,30 @@ def test_handshake_query_poll_params_block_request_and_stop(fake: FakeMainLoop) 
         assert b"bad message from the main loop" in (proc.stderr.read() if proc.stderr else b"")
 
 
-def test_a_remote_iothread_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
-    """With no main-loop process to watch, silence is all it has to go by."""
+def test_a_remote_iothread_joins_again_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
+    """With no main-loop process to watch, silence is all it has to go by:
+    after three silent periods it closes its nodes and says Hello again, of
+    a new session, and goes on once welcomed."""
     with spawn(fake, local=False) as proc:
         identity, hello = fake.recv()
+        assert isinstance(hello, Hello) and hello.session == 1
         fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))  # heartbeats every 100 ms
-        # ...and then never a word: gone after three silent periods.
+        # ...and then never a word: a new join after three silent periods.
+        again = fake.recv_kind(Hello)
+        assert isinstance(again, Hello) and again.session == 2 and proc.poll() is None
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))
+        fake.send(identity, Query(1))
+        reply = fake.recv_kind(QueryReply)
+        assert isinstance(reply, QueryReply) and reply.request_id == 1
+        fake.send(identity, Stop("test"))
+        assert proc.wait(WAIT_MS / 1000) == 0
+        assert b"silent" in (proc.stderr.read() if proc.stderr else b"")
+
+
+def test_a_remote_iothread_with_no_rejoin_exits_when_the_main_loop_goes_silent(fake: FakeMainLoop) -> None:
+    with spawn(fake, "--no-rejoin", local=False) as proc:
+        identity, hello = fake.recv()
+        fake.send(identity, Welcome(PROTOCOL_VERSION, (), 100))
         assert proc.wait(WAIT_MS / 1000) == 3
         assert b"silent" in (proc.stderr.read() if proc.stderr else b"")
 

@@ -28,6 +28,7 @@ from protocol import (
     Message,
     NbdCloseExport,
     NbdConnection,
+    NbdOffer,
     NodeStats,
     ProtocolError,
     Query,
@@ -58,6 +59,9 @@ MESSAGES: st.SearchStrategy[Message] = st.one_of(
               aio_max_batch=ints),
     st.builds(Stop, reason=text),
     st.builds(Resume, request_id=ints),
+    st.builds(NbdOffer, export_id=text, node_name=text, name=text, size_bytes=ints, description=text,
+              has_description=st.booleans(), read_only=st.booleans(), multi_conn=st.booleans(),
+              min_block_bytes=ints, allocation_depth=st.booleans(), withdraw=st.booleans()),
     st.builds(Query, request_id=ints, node=text),
     st.builds(SetLatencyHistogram, request_id=ints, node_name=text,
               boundaries_ns=st.lists(ints, max_size=6).map(tuple)),
@@ -99,7 +103,7 @@ def test_all_message_types_are_covered() -> None:
     assert set(MESSAGE_TYPES.values()) == {
         Hello, Welcome, SetPollParams, Stop, Resume, Query, QueryReply, Heartbeat, NodeStats, Event, ErrorReply,
         BlockdevAdd, BlockdevDel, SetLatencyHistogram, BlockRequest, BlockCompletion, NbdConnection,
-        NbdCloseExport,
+        NbdCloseExport, NbdOffer,
     }
 
 
@@ -145,7 +149,7 @@ def _header(kind: str, body: object, version: object = PROTOCOL_VERSION) -> byte
         ([_header("query", [])], "query: expected 2 field(s) (request_id, node), got 0"),
         ([_header("query", ["7", ""])], "field 'request_id' has type str, expected int"),
         ([_header("query", [True, ""])], "field 'request_id' has type bool"),
-        ([_header("hello", ["io0", 1, PROTOCOL_VERSION, [1], "", "", ""])], "'capabilities'"),
+        ([_header("hello", ["io0", 1, PROTOCOL_VERSION, [1], "", "", "", "", 1])], "'capabilities'"),
         ([_header("query-reply", [1, {"a": "x"}])], "'counters'"),
         ([_header("stop", [""]), b"extra"], "expected 1 frame, got 2"),
         ([_header("block-request", [1, "d", "read", 0, 0, 0]), b"", b""], "expected 1 or 2 frames, got 3"),
@@ -381,6 +385,7 @@ _SAMPLES: dict[type[Message], Message] = {type(m): m for m in [
     SetLatencyHistogram(1, "n", (1, 2)),
     BlockRequest(1, "n", "write", 512, 3, 0, b"abc"), BlockCompletion(1, -5, "m", b"x"),
     NbdConnection(3, "e", "n", 0x4d, True, {"base:allocation": 0}, b"\x25"), NbdCloseExport(1, "e"),
+    NbdOffer("e", "n", "name", 4096, "d", True, False, True, 512, True, False),
 ]}
 
 
