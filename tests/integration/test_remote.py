@@ -385,3 +385,50 @@ def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters
     events.proc.terminate()
     events.proc.communicate(timeout=WAIT_S)
     assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""
+
+
+def test_a_remote_iothread_killed_mid_io(clusters: Clusters, keys: Keys, host: Host) -> None:
+    """SIGKILL of r0 under 32 writes in flight: every one completes (written
+    or EIO) within seconds, the main loop takes r0 for gone (its node stays,
+    inactive); a new r0 joins, the node is reopened there, and what was
+    flushed before the kill reads back."""
+    ready, events = _launch(clusters, keys, host.gateway)
+    image = clusters.image(1 << 20, "remote.img")
+    worker = _worker(host, ready["control"], keys, "r0")
+    qmp = _qmp(ready)
+    try:
+        events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        assert qmp.cmd("blockdev-add", driver="file", **{"node-name": "far"}, filename=image, iothread="r0") == {}
+        flushed = os.urandom(BS)
+        with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S) as client:
+            client.write("far", 0, flushed)
+            client.flush("far")
+            results: list[int] = []
+            for i in range(1, 33):
+                client.submit("far", "write", i * BS, BS, os.urandom(BS),
+                              callback=lambda status, message, data: results.append(status))
+            worker.kill()
+            started = time.monotonic()
+            while len(results) < 32 and time.monotonic() - started < WAIT_S:
+                client.ctx.poll(True, timeout_ns=100_000_000)
+            assert len(results) == 32 and set(results) <= {0, -5}, results  # written, or EIO
+            assert time.monotonic() - started < 10
+            gone = events.wait(lambda e: e["event"] == "IOTHREAD_EXITED" and e["data"]["id"] == "r0")
+            assert gone["data"]["expected"] is False
+            assert [n["active"] for n in qmp.cmd("query-named-block-nodes") if n["node-name"] == "far"] == [False]
+            worker.wait(timeout=WAIT_S)
+            worker = _worker(host, ready["control"], keys, "r0")
+            events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+            deadline = time.monotonic() + WAIT_S
+            while True:  # the client connects anew to where r0 listens now
+                try:
+                    assert client.read("far", 0, BS) == flushed
+                    break
+                except BlockIOError as exc:
+                    assert exc.errno in (107, 5) and time.monotonic() < deadline, exc  # ENOTCONN, EIO
+                    client.ctx.poll(True, timeout_ns=100_000_000)
+    finally:
+        qmp.close()
+    events.proc.terminate()
+    events.proc.communicate(timeout=WAIT_S)
+    assert worker.wait(timeout=WAIT_S) == 0
