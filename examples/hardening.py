@@ -1353,7 +1353,7 @@ NBD_PROBE_EXPORT = "probe"
 """A read-only export of another node of the same iothread: what the other peers read (the fuzzing
 client may write anywhere in ``NBD_EXPORT``, validly too)."""
 NBD_GREETING_BYTES = 18  # NBDMAGIC, IHAVEOPT, the handshake flags
-NBD_READ_S = 0.05
+NBD_READ_S = 0.01
 """How long a fuzzing connection waits for what the server says back before it hangs up."""
 NBD_OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
 
