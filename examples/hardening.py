@@ -58,8 +58,8 @@ findings (with each input's index, mutation and bytes) follow it.
 ``--json PATH`` writes the same as JSON.  Exit status 1 when any of those
 counts is not zero.
 
-The default counts finish in seconds; ``--full`` runs about 10^4 QMP inputs,
-2,000 data-plane frames and each fault five times.  The seed (printed) makes
+The default counts finish in seconds; ``--full`` runs 10^4 QMP inputs,
+10^6 data-plane frames, 10^5 NBD inputs and each fault five times.  The seed (printed) makes
 a run reproducible: ``--seed N`` runs the same inputs again.  Ctrl-C stops
 it: one line, exit status 130, nothing left behind.
 """
@@ -180,7 +180,7 @@ SMALL = Counts(qmp_inputs=100, max_burst=1000, data_frames=100, nbd_inputs=100, 
                pause_s=2 * HEARTBEAT_INTERVAL_MS / 1000, blocks=128, warm_acks=32, nofile=128,
                over_limit=64, unread_qmp_bytes=2 * MiB, unread_reads=8, unread_read_bytes=4 * MiB,
                watch_s=0.5)
-FULL = Counts(qmp_inputs=10_000, max_burst=10_000, data_frames=2_000, nbd_inputs=100_000, fault_rounds=5,
+FULL = Counts(qmp_inputs=10_000, max_burst=10_000, data_frames=1_000_000, nbd_inputs=100_000, fault_rounds=5,
               pause_s=8 * HEARTBEAT_INTERVAL_MS / 1000, blocks=1024, warm_acks=256, nofile=128,
               over_limit=256, unread_qmp_bytes=24 * MiB, unread_reads=48, unread_read_bytes=32 * MiB,
               watch_s=3.0)
@@ -2346,7 +2346,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                                      "crashes, hangs, deaf sessions and lost writes.")
     parser.add_argument("--seed", type=_count, help="the seed of the inputs (default: a new one, printed)")
     parser.add_argument("--full", action="store_true",
-                        help="the full counts: 10,000 QMP inputs, 2,000 data-plane frames, each fault 5 times")
+                        help="the full counts: 10,000 QMP inputs, 1,000,000 data-plane frames, 100,000 NBD "
+                             "inputs, each fault 5 times")
     parser.add_argument("--planes", type=_planes, default=list(PLANES),
                         help=f"which planes, comma-separated (default: {','.join(PLANES)})")
     parser.add_argument("--qmp-inputs", type=_count, help="QMP inputs (instead of the default's or --full's)")

@@ -707,8 +707,8 @@ class IOThreadWorker:
                 continue
             sock, conn = entry
             try:
-                if self.handoff is None:
-                    raise BrokenPipeError(errno.EPIPE, "no handoff socket")
+                if self.handoff is None:  # (a remote iothread: its connections cannot follow a node across hosts)
+                    raise BrokenPipeError(errno.EPIPE, "no handoff socket to the main loop (a remote iothread)")
                 send_connection(self.handoff, sock.fileno(), conn)
             except BlockingIOError:
                 if not self._handoff_blocked:

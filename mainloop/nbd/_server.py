@@ -600,6 +600,13 @@ class NbdServer:
             self._forget(client)
             return
         home = self.cluster.iothreads.get(info.iothread)
+        if home is not None and home.remote and info.moving_to is None:
+            # Its node went to a remote iothread, which serves its exports from its host: a socket
+            # does not cross hosts, so the connection ends (its client reconnects there).
+            self._complaints.log(("remote", e.id), logging.INFO, "NBD export %s: node %s is served from %s now; "
+                                 "a connection made here is closed", e.id, e.node_name, home.host or home.id)
+            self._forget(client)
+            return
         if (info.moving_to is not None or not info.active or home is None
                 or home.state is not IOThreadState.RUNNING or client.sock is None):
             return  # parked: handed over once the node is placed

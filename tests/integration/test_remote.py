@@ -375,6 +375,18 @@ def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters
         here = subprocess.run([qemu_io, "-f", "raw", "-c", "read 0 4k", f"nbd+unix:///far?socket={nbd_sock}"],
                               capture_output=True, text=True, timeout=WAIT_S)
         assert "far" in here.stdout + here.stderr and "read 4096/4096" not in here.stdout  # not offered here
+        # Moved home, it is served by the main loop's server; moved back, from r0's host again.
+        assert qmp.cmd("x-blockdev-set-iothread", **{"node-name": "far", "iothread": "io0"}) == {}
+        [export] = qmp.cmd("query-block-exports")
+        assert export["uri"] == f"nbd+unix:///far?socket={nbd_sock}"
+        io = subprocess.run([qemu_io, "-f", "raw", "-c", "read -P 0x3c 64k 64k", export["uri"]],
+                            capture_output=True, text=True, timeout=WAIT_S)
+        assert io.returncode == 0 and "read 65536/65536" in io.stdout, io.stdout + io.stderr
+        assert qmp.cmd("x-blockdev-set-iothread", **{"node-name": "far", "iothread": "r0"}) == {}
+        assert qmp.cmd("query-block-exports")[0]["uri"] == uri
+        io = subprocess.run([qemu_io, "-f", "raw", "-c", "read -P 0x3c 64k 64k", uri],
+                            capture_output=True, text=True, timeout=WAIT_S)
+        assert io.returncode == 0 and "read 65536/65536" in io.stdout, io.stdout + io.stderr
         assert qmp.cmd("block-export-del", id="e1") == {}
         _event(qmp, "BLOCK_EXPORT_DELETED")
         gone = subprocess.run([qemu_io, "-f", "raw", "-c", "read 0 4k", uri], capture_output=True, text=True,
