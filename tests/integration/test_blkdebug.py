@@ -146,3 +146,34 @@ def test_werror_stop_holds_a_write_until_cont(cluster: tuple[dict[str, Any], str
         loop.stop()
         qmp.close()
 
+
+
+def test_a_delayed_request_does_not_hold_up_the_others(cluster: tuple[dict[str, Any], str, str]) -> None:
+    """A read delayed by a rule (2 s, then served) and reads behind it: those
+    complete first, each on its own; the delayed one then reads its data."""
+    ready, image, run_dir = cluster
+    qmp = QEMUMonitorProtocol(ready["qmp"][0])
+    qmp.connect()
+    loop = LoopThread("client")
+    try:
+        reply = cmd(qmp, "blockdev-add", driver="blkdebug", **{
+            "node-name": "slow", "image": "disk0",
+            "inject-error": [{"event": "read_aio", "sector": 0, "errno": 0, "delay-ns": 2_000_000_000}]})
+        assert reply == {"return": {}}, reply
+        client = loop.run_sync(lambda: BlockClient(run_dir, loop.ctx, timeout_s=BOUND_S))
+        order: list[str] = []
+
+        def submit() -> None:
+            client.submit("slow", "read", 0, 512, callback=lambda s, m, d: order.append(f"delayed {s}"))
+            for i in range(8):
+                client.submit("slow", "read", (i + 1) * 4096, 512, callback=lambda s, m, d: order.append(f"other {s}"))
+
+        loop.run_sync(submit)
+        wait_until(lambda: len(order) == 9, "the nine reads to complete", BOUND_S)
+        assert order == ["other 0"] * 8 + ["delayed 0"]
+        stats = {s["node-name"]: s["stats"] for s in cmd(qmp, "query-blockstats", **{"query-nodes": True})["return"]}
+        assert stats["slow"]["rd_operations"] == 9 and stats["slow"]["failed_rd_operations"] == 0
+        loop.run_sync(client.close)
+    finally:
+        loop.stop()
+        qmp.close()
