@@ -156,9 +156,10 @@ class NbdListener:
             self.sock.bind(address)
             self.sock.listen(128)
             self.sock.setblocking(False)
-        except OSError:
+        except OSError as exc:
             self.sock.close()
-            raise
+            raise OSError(exc.errno, f"cannot listen for NBD clients on {address[0]}:{address[1]}: "
+                                     f"{exc.strerror or exc}") from None
         host, port = self.sock.getsockname()[:2]
         self.address = f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
         self._update()

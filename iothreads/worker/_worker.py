@@ -1166,7 +1166,8 @@ def main(argv: list[str] | None = None, prog: str = "python -m iothreads.worker"
             nbd_listen=args.nbd_listen, rejoin=args.rejoin,
         )
     except (ValueError, OSError, zmq.ZMQError) as exc:  # (OSError: a --handoff-fd that is no socket)
-        print(f"iothread {args.id}: {exc}", file=sys.stderr)
+        own_words = isinstance(exc, OSError) and exc.filename is None and exc.strerror  # ours: no "[Errno N]"
+        print(f"iothread {args.id}: {exc.strerror if own_words else exc}", file=sys.stderr)
         stop_request.close()
         return EXIT_ERROR
     if args.parent_pid and not worker.watch_main_loop(args.parent_pid):

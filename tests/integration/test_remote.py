@@ -335,6 +335,17 @@ def test_bad_keys_and_key_options_get_one_clear_line(keys: Keys) -> None:
     out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--curve-keys",
                os.path.join(keys.dir, "missing.key_secret"), "--server-key", keys.public("cluster"))
     assert out.returncode == 1 and "missing.key_secret" in out.stderr and "Traceback" not in out.stderr
+    os.chmod(keys.secret("cluster"), 0o600)
+    with socket.socket() as busy:  # --nbd-listen on a port taken, or no address at all
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--curve-keys", keys.secret("cluster"),
+                   "--server-key", keys.public("cluster"), "--nbd-listen", f"127.0.0.1:{port}")
+    assert out.returncode == 1 and out.stderr == (
+        f"iothread r0: cannot listen for NBD clients on 127.0.0.1:{port}: Address already in use\n"), out.stderr
+    out = _run("worker", "--connect", "tcp://127.0.0.1:1", "--id", "r0", "--nbd-listen", "10809")
+    assert out.returncode == 2 and "expected HOST:PORT" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters, keys: Keys, host: Host) -> None:
