@@ -31,6 +31,13 @@ driver read into, not a copy of it).  A short read or write is never passed
 off as success: the driver loops until the whole range is done and reports
 EIO if the file ends first.
 
+A request that fails with an I/O error (not a refusal: invalid, read-only)
+goes through the node's error policy, QEMU's ``werror`` (writes, write-zeroes,
+discards, flushes) and ``rerror`` (reads): ``report`` completes it with the
+error, ``ignore`` with success, ``stop`` (and ``enospc`` for ENOSPC) holds it
+until ``resume`` submits it again (or ``close`` fails it); the error
+listener hears of each (the worker's BLOCK_IO_ERROR event).
+
 Request flags, QEMU's ``BDRV_REQ_*``: ``BDRV_REQ_FUA`` makes a write durable
 before it completes (the driver's own way, ``RWF_DSYNC`` for a file, or a
 flush after it); ``BDRV_REQ_MAY_UNMAP`` lets write-zeroes punch a hole and
