@@ -22,6 +22,7 @@ from .channel import PAUSED_SUFFIX as PAUSED_SUFFIX
 from .channel import FdBudget as FdBudget
 from .channel import open_fd_count as open_fd_count
 from .channel import raise_fd_limit as raise_fd_limit
+from .channel import bound_heap_retention as bound_heap_retention
 from .channel import channel_socket as channel_socket
 from .channel import ipc_endpoint as ipc_endpoint
 from .channel import make_runtime_dir as make_runtime_dir
@@ -176,6 +177,7 @@ __all__ = [
     "Welcome",
     "bind_owner_only",
     "bind_unix_owner_only",
+    "bound_heap_retention",
     "channel_socket",
     "check_runtime_dir",
     "cluster_state_path",

@@ -139,6 +139,7 @@ from protocol import (
     ThrottledLog,
     Welcome,
     bind_owner_only,
+    bound_heap_retention,
     channel_socket,
     raise_fd_limit,
     receive_connection,
@@ -1135,6 +1136,7 @@ def main(argv: list[str] | None = None, prog: str = "python -m iothreads.worker"
     signal.pthread_sigmask(signal.SIG_SETMASK, ())
     args = parse_args(argv, prog)
     logging.basicConfig(level=args.log_level, format=f"iothread {args.id}: %(message)s")
+    bound_heap_retention()  # large buffers given back when freed (see protocol/channel/_memory.py)
     raise_fd_limit()  # the headroom the system grants; clients get what the reserve leaves (FdBudget)
     if args.parent_pid:
         die_with_parent(args.parent_pid)
@@ -1166,8 +1168,9 @@ def main(argv: list[str] | None = None, prog: str = "python -m iothreads.worker"
             nbd_listen=args.nbd_listen, rejoin=args.rejoin,
         )
     except (ValueError, OSError, zmq.ZMQError) as exc:  # (OSError: a --handoff-fd that is no socket)
-        own_words = isinstance(exc, OSError) and exc.filename is None and exc.strerror  # ours: no "[Errno N]"
-        print(f"iothread {args.id}: {exc.strerror if own_words else exc}", file=sys.stderr)
+        # An OSError of our own words says them alone, not "[Errno N] ...".
+        text = exc.strerror if isinstance(exc, OSError) and exc.filename is None and exc.strerror else str(exc)
+        print(f"iothread {args.id}: {text}", file=sys.stderr)
         stop_request.close()
         return EXIT_ERROR
     if args.parent_pid and not worker.watch_main_loop(args.parent_pid):

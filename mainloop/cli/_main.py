@@ -59,6 +59,7 @@ from protocol import (
     make_runtime_dir,
     open_own_file,
     remove_stale_socket,
+    bound_heap_retention,
     raise_fd_limit,
     prepare_runtime_dir,
 )
@@ -751,6 +752,7 @@ def launch(args: argparse.Namespace) -> int:
     keys = _cluster_keys(args)
     if args.runtime_dir is not None and len(os.path.abspath(args.runtime_dir)) > 90:
         raise OptionError(f"--runtime-dir {args.runtime_dir}: path too long for socket files (max 90 bytes)")
+    bound_heap_retention()  # large buffers given back when freed (see protocol/channel/_memory.py)
     raise_fd_limit()  # the headroom the system grants; peers get what the reserve leaves (FdBudget)
     loop = MainLoop(name=PROG)
     stop = {"requested": False}

@@ -28,6 +28,7 @@ from ._fds import FD_RESERVE as FD_RESERVE
 from ._fds import FdBudget as FdBudget
 from ._fds import open_fd_count as open_fd_count
 from ._fds import raise_fd_limit as raise_fd_limit
+from ._memory import bound_heap_retention as bound_heap_retention
 from ._handoff import handoff_pair as handoff_pair
 from ._handoff import receive_connection as receive_connection
 from ._handoff import send_connection as send_connection
@@ -52,29 +53,28 @@ __all__ = [
     "FdBudget",
     "HANDSHAKE_FAILURES",
     "KeyPair",
+    "PAUSED_SUFFIX",
     "Refusal",
+    "ThrottledLog",
     "ZapHandler",
     "ZapPolicy",
     "ZapRequest",
+    "bind_owner_only",
+    "bind_unix_owner_only",
+    "bound_heap_retention",
+    "channel_socket",
+    "check_runtime_dir",
     "curve_client",
     "curve_server",
+    "default_runtime_parent",
     "generate_key_pair",
+    "handoff_pair",
     "handshake_refusal",
+    "ipc_endpoint",
     "load_authorized_keys",
     "load_key_pair",
     "load_public_key",
     "local_key_paths",
-    "tcp_heartbeats",
-    "write_key_file",
-    "PAUSED_SUFFIX",
-    "ThrottledLog",
-    "bind_owner_only",
-    "bind_unix_owner_only",
-    "channel_socket",
-    "check_runtime_dir",
-    "default_runtime_parent",
-    "handoff_pair",
-    "ipc_endpoint",
     "made_runtime_dirs",
     "make_runtime_dir",
     "open_fd_count",
@@ -86,4 +86,6 @@ __all__ = [
     "remove_stale_socket",
     "replace_file",
     "send_connection",
+    "tcp_heartbeats",
+    "write_key_file",
 ]
