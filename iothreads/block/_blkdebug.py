@@ -49,7 +49,7 @@ from protocol.schema import (
 )
 
 from ..aio._clock import ClockType
-from ._node import _WRITING_OPS, BlockDriver, BlockNode, Buffer, Completion, Extents
+from ._node import BlockDriver, BlockNode, Buffer, Completion, Extents
 
 __all__ = ["BlkdebugNode", "BlkdebugRules", "SECTOR_BYTES"]
 
@@ -181,12 +181,7 @@ class BlkdebugNode(BlockNode):
     def submit(self, op: str, offset: int, length: int, data: Buffer, callback: Completion,
                flags: int = 0, *, nowait: bool = True) -> None:
         start = time.monotonic_ns()
-        problem = self._check(op, offset, length, data)
-        if problem is not None:
-            self._complete(op, start, 0, -errno_.EINVAL, problem, b"", callback, invalid=True)
-            return
-        if self.read_only and op in _WRITING_OPS:
-            self._complete(op, start, 0, -errno_.EPERM, "Block node is read-only", b"", callback)
+        if self._refused(op, start, offset, length, data, callback):
             return
         for event in _EVENTS_BEFORE[op]:
             self.rules.event(event)

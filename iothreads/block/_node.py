@@ -541,6 +541,18 @@ class BlockNode:
             return f"offset and length must be multiples of {align} (cache.direct=on)"
         return None
 
+    def _refused(self, op: str, start: int, offset: int, length: int, data: Buffer, callback: Completion) -> bool:
+        """Whether a request is refused before any I/O (invalid: EINVAL; a
+        write to a read-only node: EPERM), completed so."""
+        problem = self._check(op, offset, length, data)
+        if problem is not None:
+            self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
+            return True
+        if self.read_only and op in _WRITING_OPS:
+            self._complete(op, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
+            return True
+        return False
+
     def submit(self, op: str, offset: int, length: int, data: Buffer, callback: Completion,
                flags: int = 0, *, nowait: bool = True) -> None:
         """Run one request; ``callback(status, message, data)`` exactly once.
@@ -549,12 +561,7 @@ class BlockNode:
         ``nowait=False``: a read goes to the thread pool without trying
         ``read_nowait`` first (its caller's ``cached_reader`` just did)."""
         start = time.monotonic_ns()
-        problem = self._check(op, offset, length, data)
-        if problem is not None:
-            self._complete(op, start, 0, -errno.EINVAL, problem, b"", callback, invalid=True)
-            return
-        if self.read_only and op in _WRITING_OPS:
-            self._complete(op, start, 0, -errno.EPERM, "Block node is read-only", b"", callback)
+        if self._refused(op, start, offset, length, data, callback):
             return
         self.in_flight += 1
         if op == BlockOp.READ:

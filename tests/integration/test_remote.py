@@ -290,19 +290,24 @@ def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clu
             events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
             assert [n["active"] for n in qmp.cmd("query-named-block-nodes")
                     if n["node-name"] == "far"] == [True]
-            deadline = time.monotonic() + WAIT_S
-            while True:  # the client connects anew to where r0 listens now
-                try:
-                    assert client.read("far", 0, BS) == block
-                    break
-                except BlockIOError as exc:
-                    assert exc.errno in (107, 5) and time.monotonic() < deadline, exc  # ENOTCONN, EIO
-                    client.ctx.poll(True, timeout_ns=100_000_000)
+            assert _read_again(client, "far", 0) == block
     finally:
         qmp.close()
     events.proc.terminate()
     events.proc.communicate(timeout=WAIT_S)
     assert worker.wait(timeout=WAIT_S) == 0
+
+
+def _read_again(client: BlockClient, node: str, offset: int) -> bytes:
+    """A block read once the client has reached the node's iothread anew
+    (it joined again: ENOTCONN or EIO until the client connects there)."""
+    deadline = time.monotonic() + WAIT_S
+    while True:
+        try:
+            return client.read(node, offset, BS)
+        except BlockIOError as exc:
+            assert exc.errno in (107, 5) and time.monotonic() < deadline, exc  # ENOTCONN, EIO
+            client.ctx.poll(True, timeout_ns=100_000_000)
 
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
@@ -442,14 +447,7 @@ def test_a_remote_iothread_killed_mid_io(clusters: Clusters, keys: Keys, host: H
             worker.wait(timeout=WAIT_S)
             worker = _worker(host, ready["control"], keys, "r0")
             events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
-            deadline = time.monotonic() + WAIT_S
-            while True:  # the client connects anew to where r0 listens now
-                try:
-                    assert client.read("far", 0, BS) == flushed
-                    break
-                except BlockIOError as exc:
-                    assert exc.errno in (107, 5) and time.monotonic() < deadline, exc  # ENOTCONN, EIO
-                    client.ctx.poll(True, timeout_ns=100_000_000)
+            assert _read_again(client, "far", 0) == flushed
     finally:
         qmp.close()
     events.proc.terminate()
