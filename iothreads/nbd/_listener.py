@@ -42,6 +42,7 @@ READ_BYTES = 16 * 1024
 SEND_BYTES = 256 * 1024
 MAX_HANDSHAKES = 64
 HANDSHAKE_DEADLINE_NS = 10_000_000_000
+ACCEPT_RETRY_MS = 200  # out of descriptors: the listener is watched again after this
 
 Negotiated = Callable[[socket.socket, NbdNegotiated, bytes], None]  # socket, agreement, bytes read past it
 
@@ -149,6 +150,7 @@ class NbdListener:
         self.complaints = ThrottledLog(log)
         self.on_negotiated = on_negotiated
         self._handshakes: set[_Handshake] = set()
+        self._retry = ctx.timer_new_ms(ClockType.REALTIME, self._update, "NBD listener back-off")
         family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -157,6 +159,7 @@ class NbdListener:
             self.sock.listen(128)
             self.sock.setblocking(False)
         except OSError as exc:
+            self._retry.delete()
             self.sock.close()
             raise OSError(exc.errno, f"cannot listen for NBD clients on {address[0]}:{address[1]}: "
                                      f"{exc.strerror or exc}") from None
@@ -177,7 +180,11 @@ class NbdListener:
                 return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.complaints.log("accept", logging.ERROR, "NBD listener: %s", exc.strerror)
+                    # The listener stays readable: not watched for a while (no spinning), then again.
+                    self.complaints.log("accept", logging.ERROR, "NBD listener: %s; retrying in %d ms",
+                                        exc.strerror, ACCEPT_RETRY_MS)
+                    self.ctx.set_fd_handler(self.sock.fileno())
+                    self._retry.mod(self._retry.now() + ACCEPT_RETRY_MS)
                     return
                 continue  # (ECONNABORTED and the like: that client is gone)
             conn.setblocking(False)
@@ -190,6 +197,7 @@ class NbdListener:
         self._update()
 
     def close(self) -> None:
+        self._retry.delete()
         for handshake in list(self._handshakes):
             handshake.close()
         if self.sock.fileno() >= 0:

@@ -655,7 +655,6 @@ class NbdServer:
         for e in self.exports.values():
             if e.node_name == node_name and not e.shutting_down:
                 self._offer(e)  # its home is remote now (moved there, or it joined again)
-        self.cluster.write_state()  # (its URI may have changed with its home)
         for client in [c for c in self._clients.values() if c.iothread is None and c.msg.node_name == node_name]:
             self._route(client)
 

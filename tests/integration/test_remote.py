@@ -194,9 +194,7 @@ def test_a_remote_iothread_serves_a_node_over_curve(clusters: Clusters, keys: Ke
         # It leaves in order when the cluster stops: no process of it is left (the fixture checks the namespace).
     finally:
         qmp.close()
-    events.proc.terminate()
-    events.proc.communicate(timeout=WAIT_S)
-    assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""
+    _stop_in_order(events, worker)
 
 
 def test_unauthorised_peers_are_refused_and_reported(clusters: Clusters, keys: Keys, host: Host) -> None:
@@ -239,9 +237,7 @@ def test_unauthorised_peers_are_refused_and_reported(clusters: Clusters, keys: K
         assert (refused["channel"], refused["iothread"], refused["address"]) == ("data", "r0", host.gateway)
     finally:
         qmp.close()
-    events.proc.terminate()
-    events.proc.communicate(timeout=WAIT_S)
-    assert worker.wait(timeout=WAIT_S) == 0
+    _stop_in_order(events, worker)
 
 
 @pytest.mark.parametrize("rejoin", [True, False], ids=["rejoins", "no-rejoin"])
@@ -293,9 +289,14 @@ def test_a_link_that_drops_fails_requests_and_the_iothread_rejoins(clusters: Clu
             assert _read_again(client, "far", 0) == block
     finally:
         qmp.close()
+    _stop_in_order(events, worker)
+
+
+def _stop_in_order(events: Events, worker: subprocess.Popen[str]) -> None:
+    """Stop the launcher; the remote iothread leaves with it, in order (status 0)."""
     events.proc.terminate()
     events.proc.communicate(timeout=WAIT_S)
-    assert worker.wait(timeout=WAIT_S) == 0
+    assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""
 
 
 def _read_again(client: BlockClient, node: str, offset: int) -> bytes:
@@ -358,14 +359,14 @@ def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters
     node is served from its host, at the URI QMP gives; qemu-io writes and
     reads it there; the main loop's own NBD server does not offer it; removed,
     it is offered nowhere."""
+    qemu_io = shutil.which("qemu-io")
+    if qemu_io is None:
+        pytest.skip("qemu-io is not installed (CI installs it)")
     nbd_sock = os.path.join(clusters.scratch_dir, "nbd.sock")
     ready, events = _launch(clusters, keys, host.gateway, "--nbd-server", f"addr.type=unix,addr.path={nbd_sock}")
     image = clusters.image(4 << 20, "remote.img")
     worker = _worker(host, ready["control"], keys, "r0", "--nbd-listen", f"{host.address}:10809")
     qmp = _qmp(ready)
-    qemu_io = shutil.which("qemu-io")
-    if qemu_io is None:
-        pytest.skip("qemu-io is not installed (CI installs it)")
     try:
         events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
         assert qmp.cmd("blockdev-add", driver="file", **{"node-name": "far"}, filename=image, iothread="r0") == {}
@@ -410,9 +411,7 @@ def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters
         assert "read 4096/4096" not in gone.stdout  # withdrawn there too
     finally:
         qmp.close()
-    events.proc.terminate()
-    events.proc.communicate(timeout=WAIT_S)
-    assert worker.wait(timeout=WAIT_S) == 0, worker.stderr.read() if worker.stderr else ""
+    _stop_in_order(events, worker)
 
 
 def test_a_remote_iothread_killed_mid_io(clusters: Clusters, keys: Keys, host: Host) -> None:
@@ -450,6 +449,4 @@ def test_a_remote_iothread_killed_mid_io(clusters: Clusters, keys: Keys, host: H
             assert _read_again(client, "far", 0) == flushed
     finally:
         qmp.close()
-    events.proc.terminate()
-    events.proc.communicate(timeout=WAIT_S)
-    assert worker.wait(timeout=WAIT_S) == 0
+    _stop_in_order(events, worker)
