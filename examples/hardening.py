@@ -203,6 +203,8 @@ class Row:
     nodes_lost: int = 0
     launcher_rss_mib: list[float | None] = dataclasses.field(default_factory=lambda: [None, None])
     iothread_rss_mib: list[float | None] = dataclasses.field(default_factory=lambda: [None, None])
+    iothread_rss_trace: list[tuple[int, float | None]] = dataclasses.field(default_factory=list)
+    """(inputs so far, the largest iothread's VmRSS in MiB), RSS_SAMPLES times along a plane."""
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def failures(self) -> int:
@@ -214,7 +216,14 @@ class Row:
     def rss_after(self, rss: tuple[float | None, float | None]) -> None:
         self.launcher_rss_mib[1], self.iothread_rss_mib[1] = rss
 
+    def rss_along(self, total: int, cluster: LaunchedCluster) -> None:
+        """After each input: every ``total / RSS_SAMPLES`` inputs, note the
+        iothread's RSS, to tell memory that levels off from memory that grows."""
+        if self.inputs % max(1, total // RSS_SAMPLES) == 0:
+            self.iothread_rss_trace.append((self.inputs, cluster.rss()[1]))
 
+
+RSS_SAMPLES = 10
 MUST_BE_ZERO = ("crashes", "hangs", "deaf", "writes_lost", "nodes_lost")
 MAX_FINDINGS = 200
 
@@ -1099,6 +1108,7 @@ def qmp_plane(clusters: Clusters, counts: Counts, seed: int, findings: Findings)
             elif outcome is not Outcome.ANSWERED:
                 row.deaf += 1
                 findings.add("qmp", "deaf session", why, qinput.data, **where)
+            row.rss_along(counts.qmp_inputs, target.cluster)
             problem = target.check(row, fresh_session_answers)
             if problem is not None:
                 findings.add("qmp", *problem, qinput.data, **where)
@@ -1319,6 +1329,7 @@ def data_plane(clusters: Clusters, counts: Counts, seed: int, findings: Findings
             if why is not None:
                 row.deaf += 1
                 findings.add("data", "deaf socket", why, b"|".join(frames), **where)
+            row.rss_along(counts.data_frames, target.cluster)
             problem = target.check(row, lambda cluster: fresh_socket_answers(zctx, cluster.data_endpoint("io0"),
                                                                              probes))
             if problem is not None:
@@ -1539,6 +1550,7 @@ def nbd_plane(clusters: Clusters, counts: Counts, seed: int, findings: Findings)
             if why is not None:
                 row.deaf += 1
                 findings.add("nbd", "other peer harmed", why, data, **where)
+            row.rss_along(counts.nbd_inputs, target.cluster)
             problem = target.check(row, lambda cluster: nbd_answers(cluster, expected, FRESH_S))
             if problem is not None:
                 findings.add("nbd", *problem, data, **where)
@@ -2279,6 +2291,9 @@ def print_table(rows: Sequence[Row]) -> None:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     notes = [(r, note) for r in rows for note in r.notes]
+    notes += [(r, "iothread MiB along the run: " + ", ".join(
+        f"{'-' if mib is None else f'{mib:.0f}'} after {n:,}" for n, mib in r.iothread_rss_trace))
+        for r in rows if r.iothread_rss_trace]
     if notes:
         print()
     for r, note in notes:

@@ -67,6 +67,10 @@ def callable_name(cb: object) -> str:
     return name if isinstance(name, str) else repr(cb)
 
 
+def _freed() -> None:
+    """The callback of a freed BH (never run)."""
+
+
 class BottomHalf:
     """A callback run by its context's home thread when scheduled.
 
@@ -269,6 +273,10 @@ class BottomHalfQueue:
         with self.lock:
             bh._flags |= BH_FREED
             self._live.pop(id(bh), None)
+        # A freed BH holds nothing: an owner that keeps it (and that its
+        # callback refers to) is then freed by reference counting, not left to
+        # the cyclic collector with whatever buffers it holds.
+        bh._cb = _freed
 
     def leaked(self) -> list[BottomHalf]:
         """BHs never deleted, and oneshots still queued: what close refuses."""

@@ -787,7 +787,9 @@ class NbdClient:
         self._send_bh.delete()
         if self._deadline is not None:
             self._deadline.delete()
+            self._deadline = None  # (its callback refers to this connection: no cycle left)
         self._out.clear()
         self._deferred.clear()
+        self._slab = None
         if close_socket:
             self.sock.close()
