@@ -652,6 +652,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--size-mib", type=positive(int), default=1024,
                         help="the image's size; nbdcopy copies all of it (1024)")
     parser.add_argument("--json", metavar="PATH", help="also write the rows as JSON to PATH")
+    parser.add_argument("--only", metavar="TEXT", action="append", default=[],
+                        help="measure only the rows whose name contains TEXT (may be repeated)")
     parser.add_argument("--bare-loop", nargs=3, metavar=("SOCKET", "IMAGE", "NAME"), help=argparse.SUPPRESS)
     return parser.parse_args()
 
@@ -691,7 +693,11 @@ def main() -> None:
             except BenchError as exc:
                 print(f"{QSD_URING}: left out: {exc}")
                 del sides[2]
-            for case in cases(work, args.seconds):
+            chosen = [c for c in cases(work, args.seconds)
+                      if not args.only or any(text in c.metric for text in args.only)]
+            if not chosen:
+                raise BenchError(f"no row's name contains {' or '.join(map(repr, args.only))}")
+            for case in chosen:
                 if shutil.which(case.tool) is None:
                     print(f"{case.tool} is not installed: row left out: {case.metric}")
                     continue
