@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from ._client import DRAIN_TIMEOUT_MS as DRAIN_TIMEOUT_MS
+from ._client import LONE_READS_TO_POLL as LONE_READS_TO_POLL
 from ._client import NbdClient as NbdClient
 from ._client import NbdCredit as NbdCredit
 from ._client import allocation_depth as allocation_depth
@@ -17,6 +18,7 @@ from ._server import NbdServer as NbdServer
 __all__ = [
     "DRAIN_TIMEOUT_MS",
     "HandedBack",
+    "LONE_READS_TO_POLL",
     "MAX_CONNECTIONS",
     "NbdClient",
     "NbdCredit",

@@ -29,14 +29,17 @@ AioContext, with no main loop in the way:
   or structured ones when negotiated, as QEMU's ``nbd_co_send_*`` build
   them; errors are QEMU's errno mapping (``system_errno_to_nbd_errno``)
   with its messages.
-* **Busy polling.**  While the socket is read, its ``io_poll`` is a
-  ``poll(2)`` of it with no timeout (about 0.7 us): with it, the context
-  busy-polls before it sleeps (QEMU's poll-max-ns window, adaptive), and a
-  client that sends its next request soon after its reply (``qemu-img
-  bench`` at depth 1) finds the iothread awake instead of paying a
-  wake-up.  (QEMU's NBD server has no poll handler: its sockets turn
-  polling off.)  A connection waiting for POLLOUT has none: polling stops
-  meanwhile.
+* **Busy polling.**  A client that sends one request at a time (each
+  read of the socket held one request, ``LONE_READS_TO_POLL`` reads in a
+  row: ``qemu-img bench`` or fio at depth 1) gets an ``io_poll``, a
+  ``poll(2)`` of its socket with no timeout (about 0.7 us): with it, the
+  context busy-polls before it sleeps (QEMU's poll-max-ns window,
+  adaptive), and the next request finds the iothread awake instead of
+  paying a wake-up.  A client that pipelines gets none (which turns busy
+  polling off, as QEMU's NBD sockets, which have no poll handler, always
+  do): while the iothread sleeps its requests gather, and one read takes
+  many; spinning instead cost such clients 5-10% of their IOPS.  Nor does a
+  connection waiting for POLLOUT, which the check does not see.
 * **Back-pressure.**  What a connection has in flight (requests started
   and not answered, and replies not yet taken by the socket) is admitted
   within a credit, ``protocol``'s ``InFlight`` (as the data plane's
@@ -124,7 +127,7 @@ from ..block._node import (
     merge_extents,
 )
 
-__all__ = ["DRAIN_TIMEOUT_MS", "NbdClient", "NbdCredit", "RECV_BYTES", "allocation_depth", "base_allocation"]
+__all__ = ["DRAIN_TIMEOUT_MS", "LONE_READS_TO_POLL", "NbdClient", "NbdCredit", "RECV_BYTES", "allocation_depth", "base_allocation"]
 
 log = logging.getLogger("iothreads.nbd")
 
@@ -134,6 +137,7 @@ CARRY_MAX_BYTES = RECV_INTO_MIN_BYTES  # a cut request up to this long is kept w
 DRAIN_TIMEOUT_MS = 10_000  # the longest a closing or quiescing connection waits for its client
 IOV_MAX = 1024  # buffers in one sendmsg (Linux's UIO_MAXIOV)
 READ_SLAB_BYTES = 128 * 1024  # a connection's buffer that the reads served inline read into
+LONE_READS_TO_POLL = 16  # reads in a row of one request each before the socket is busy-polled
 SECTOR_BYTES = 512  # an export's size: its node's, rounded down to this (QEMU's nbd_export_create; the main loop's)
 _HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 
@@ -253,6 +257,8 @@ class NbdClient:
         self._writing = False
         self._deadline: Timer | None = None
         self._poller: select.poll | None = None  # busy polling's (``_readable_now``)
+        self._lone_reads = 0  # reads in a row that held one request at most: busy polling pays
+        self._polled = False  # the handler has its io_poll
         self._send_bh = ctx.bh_new(self._send, "nbd-send")
         self._send_scheduled = False  # _send_bh is (cheaper to ask here than the bottom half)
         if conn.pending:
@@ -349,6 +355,7 @@ class NbdClient:
         to it), else after what the queued ones use; a read that does not
         fit gets a buffer of its own."""
         self._nest += 1
+        before = len(self._ends) + self.in_flight + len(self._deferred)
         slab = self._slab
         if slab is None:
             slab = self._slab = memoryview(bytearray(READ_SLAB_BYTES))
@@ -470,6 +477,17 @@ class NbdClient:
         finally:
             self._slab_used = slab_used
             self._nest -= 1
+        # How many requests this read held (answered, started or waiting: a
+        # completion meanwhile only moves one from started to answered).
+        if len(self._ends) + self.in_flight + len(self._deferred) - before <= 1:
+            self._lone_reads += 1
+            if self._lone_reads == LONE_READS_TO_POLL and not self.closed:
+                self._watch(self._reading, self._writing)
+        elif self._lone_reads:
+            polled = self._lone_reads >= LONE_READS_TO_POLL
+            self._lone_reads = 0
+            if polled and not self.closed:
+                self._watch(self._reading, self._writing)
 
     def _begin_all(self, requests: list[NbdRequest]) -> None:
         """Start the requests the decoder completed, in order (``_begin``)."""
@@ -735,13 +753,13 @@ class NbdClient:
                     self._blocked)
 
     def _watch(self, read: bool, write: bool) -> None:
-        if (read, write) != (self._reading, self._writing):
-            self._reading, self._writing = read, write
-            # Busy polling checks for a request with poll(2) and no timeout:
-            # only while reading and not waiting for POLLOUT, which it does
-            # not check (a handler without io_poll turns polling off).
+        polled = read and not write and self._lone_reads >= LONE_READS_TO_POLL
+        if (read, write, polled) != (self._reading, self._writing, self._polled):
+            self._reading, self._writing, self._polled = read, write, polled
+            # Busy polling (see the module's docstring): while reading, not
+            # waiting for POLLOUT, and the client sends one request at a time.
             self.ctx.set_fd_handler(self.fd, self._on_readable if read else None, self._send if write else None,
-                                    self._readable_now if read and not write else None)
+                                    self._readable_now if polled else None)
 
     def _readable_now(self) -> bool:
         """Busy polling's check (``io_poll``): input (or its end) is waiting."""

@@ -27,7 +27,7 @@ from iothreads.block._node import (
     FileDriver,
     NullDriver,
 )
-from iothreads.nbd import DRAIN_TIMEOUT_MS, NbdClient, NbdServer, allocation_depth, base_allocation
+from iothreads.nbd import DRAIN_TIMEOUT_MS, LONE_READS_TO_POLL, NbdClient, NbdServer, allocation_depth, base_allocation
 from iothreads.testing import FakeClock, poll_until
 from protocol import CLIENT_CREDIT, NbdConnection, NbdRequestDecoder
 from protocol.nbd import (
@@ -353,6 +353,30 @@ def test_a_closed_connection_is_freed_at_once_not_left_to_the_cyclic_collector(c
         peer.wait(lambda: peer.eof and client() is None, "the connection to close and be freed")
     finally:
         gc.enable()
+
+
+def test_a_client_that_sends_one_request_at_a_time_is_busy_polled_one_that_pipelines_is_not(
+        ctx: AioContext, file_node: BlockNode) -> None:
+    ctx.set_poll_params(32_768, 0, 0)
+    peer = Peer(ctx, file_node)
+
+    def io_poll() -> object:
+        [handler] = [h for h in ctx.describe_handlers() if h["fd"] == peer.client.fd]
+        return handler["io_poll"]
+
+    for cookie in range(LONE_READS_TO_POLL):
+        assert io_poll() is None, cookie
+        assert read_data(peer, cookie, cookie * 4096, 4096) == bytes(4096)
+    assert io_poll() == "NbdClient._readable_now"
+    before = ctx.stats().busy_poll_runs
+    for cookie in (100, 101):  # (the first one opens the handler's polling window)
+        assert read_data(peer, cookie, 0, 4096) == bytes(4096)
+    assert ctx.stats().busy_poll_runs > before
+    # Pipelined: four reads sent before the context polls, read at once: no more polling.
+    for i in range(4):
+        peer.request(NBD_CMD_READ, 200 + i, i * 4096, 4096)
+    peer.wait(lambda: len(peer.final()) == LONE_READS_TO_POLL + 6, "the four replies")
+    assert io_poll() is None
 
 
 def test_trim_write_zeroes_and_block_status_of_a_sparse_file(ctx: AioContext, file_node: BlockNode,
