@@ -9,6 +9,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import select
 import shutil
 import socket
@@ -33,7 +34,6 @@ NETNS_LOCK = "/tmp/iothreads-test-netns.lock"
 WORKER = [sys.executable, "-m", "mainloop", "worker"]
 
 
-
 @dataclass
 class Host:
     """The other host: a network namespace joined to this one by a veth pair."""
@@ -51,6 +51,34 @@ def _ip(*args: str) -> None:
     subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
 
 
+def _remove_namespace(name: str) -> list[str]:
+    """Kill what runs in namespace ``name``, delete it (its veth pair goes
+    with it); return the pids that were left in it."""
+    pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), 9)
+    subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    return pids
+
+
+def _sweep_stale_namespaces() -> None:
+    """The namespaces of a test run killed before its clean-up (the pytest
+    process that made each, named in it, is gone): removed, their addresses
+    free again.  Under NETNS_LOCK."""
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    for line in listed.splitlines():
+        found = re.match(r"(evt(\d+)s\d+)\b", line)
+        if found is None:
+            continue
+        try:
+            os.kill(int(found.group(2)), 0)
+        except ProcessLookupError:
+            _remove_namespace(found.group(1))
+        except PermissionError:
+            pass  # alive
+
+
 @pytest.fixture
 def host() -> Iterator[Host]:
     """A namespace with its own /30 of 192.0.2.0/24; several tests (xdist
@@ -59,6 +87,7 @@ def host() -> Iterator[Host]:
         pytest.skip("network namespaces need root and iproute2 (CI runs as root)")
     with open(NETNS_LOCK, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        _sweep_stale_namespaces()
         used = subprocess.run(["ip", "-o", "-4", "addr"], capture_output=True, text=True, check=True).stdout
         slot = next(n for n in range(1, 63) if f" 192.0.2.{4 * n + 1}/30 " not in used)
         name = f"evt{os.getpid()}s{slot}"
@@ -77,11 +106,7 @@ def host() -> Iterator[Host]:
     try:
         yield h
     finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(pid), 9)
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+        pids = _remove_namespace(name)
         subprocess.run(["ip", "link", "del", h.veth], capture_output=True)  # (gone with the namespace, as a rule)
         assert not pids, f"processes left in the namespace: {pids}"
 
