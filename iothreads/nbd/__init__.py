@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from ._client import DRAIN_TIMEOUT_MS as DRAIN_TIMEOUT_MS
 from ._client import LONE_READS_TO_POLL as LONE_READS_TO_POLL
+from ._client import MAX_POLLED as MAX_POLLED
 from ._client import NbdClient as NbdClient
 from ._client import NbdCredit as NbdCredit
 from ._client import allocation_depth as allocation_depth
@@ -20,6 +21,7 @@ __all__ = [
     "HandedBack",
     "LONE_READS_TO_POLL",
     "MAX_CONNECTIONS",
+    "MAX_POLLED",
     "NbdClient",
     "NbdCredit",
     "NbdListener",

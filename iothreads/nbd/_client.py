@@ -39,7 +39,10 @@ AioContext, with no main loop in the way:
   polling off, as QEMU's NBD sockets, which have no poll handler, always
   do): while the iothread sleeps its requests gather, and one read takes
   many; spinning instead cost such clients 5-10% of their IOPS.  Nor does a
-  connection waiting for POLLOUT, which the check does not see.
+  connection waiting for POLLOUT, which the check does not see.  Every
+  check is a system call, so an iothread polls ``MAX_POLLED`` connections at
+  most (``NbdCredit.may_poll``): many idle ones must not make each of its
+  turns spin through them.
 * **Back-pressure.**  What a connection has in flight (requests started
   and not answered, and replies not yet taken by the socket) is admitted
   within a credit, ``protocol``'s ``InFlight`` (as the data plane's
@@ -127,7 +130,16 @@ from ..block._node import (
     merge_extents,
 )
 
-__all__ = ["DRAIN_TIMEOUT_MS", "LONE_READS_TO_POLL", "NbdClient", "NbdCredit", "RECV_BYTES", "allocation_depth", "base_allocation"]
+__all__ = [
+    "DRAIN_TIMEOUT_MS",
+    "LONE_READS_TO_POLL",
+    "MAX_POLLED",
+    "NbdClient",
+    "NbdCredit",
+    "RECV_BYTES",
+    "allocation_depth",
+    "base_allocation",
+]
 
 log = logging.getLogger("iothreads.nbd")
 
@@ -138,6 +150,7 @@ DRAIN_TIMEOUT_MS = 10_000  # the longest a closing or quiescing connection waits
 IOV_MAX = 1024  # buffers in one sendmsg (Linux's UIO_MAXIOV)
 READ_SLAB_BYTES = 128 * 1024  # a connection's buffer that the reads served inline read into
 LONE_READS_TO_POLL = 16  # reads in a row of one request each before the socket is busy-polled
+MAX_POLLED = 8  # connections busy-polled at once in one iothread (each check is a system call)
 SECTOR_BYTES = 512  # an export's size: its node's, rounded down to this (QEMU's nbd_export_create; the main loop's)
 _HEADER = struct.Struct(">IHHQQI")  # magic, flags, type, cookie, offset, length
 
@@ -169,15 +182,28 @@ class NbdCredit:
     """What an iothread's NBD connections may have in flight, each one and
     all together (``protocol``'s ``InFlight``).  A connection that waits for
     credit with nothing of its own in flight (the others hold the total) is
-    woken, by a bottom half, when some is released.  Home thread only."""
+    woken, by a bottom half, when some is released.  Which of them busy
+    polling checks (``may_poll``) is kept here too.  Home thread only."""
 
     def __init__(self, ctx: AioContext, in_flight: InFlight | None = None) -> None:
         self.in_flight = in_flight if in_flight is not None else InFlight()
         self.waiting: set[NbdClient] = set()
+        self.polled: set[NbdClient] = set()  # the connections busy polling checks (MAX_POLLED at most)
         self._wake_bh = ctx.bh_new(self._wake, "nbd-credit")
 
     def admit(self, key: bytes, nbytes: int, backlog: tuple[int, int]) -> bool:
         return self.in_flight.admit(key, nbytes, backlog) is None
+
+    def may_poll(self, client: NbdClient) -> bool:
+        """Whether ``client`` may be busy-polled (and is, from now on): each
+        polled socket costs every polling pass a system call, so only a few
+        are, the first that asked (idle ones as long as they stay open)."""
+        if client in self.polled:
+            return True
+        if len(self.polled) >= MAX_POLLED:
+            return False
+        self.polled.add(client)
+        return True
 
     def release(self, key: bytes, nbytes: int) -> None:
         self.in_flight.release(key, nbytes)
@@ -753,9 +779,11 @@ class NbdClient:
                     self._blocked)
 
     def _watch(self, read: bool, write: bool) -> None:
-        polled = read and not write and self._lone_reads >= LONE_READS_TO_POLL
+        polled = read and not write and self._lone_reads >= LONE_READS_TO_POLL and self.credit.may_poll(self)
         if (read, write, polled) != (self._reading, self._writing, self._polled):
             self._reading, self._writing, self._polled = read, write, polled
+            if not polled:
+                self.credit.polled.discard(self)
             # Busy polling (see the module's docstring): while reading, not
             # waiting for POLLOUT, and the client sends one request at a time.
             self.ctx.set_fd_handler(self.fd, self._on_readable if read else None, self._send if write else None,
@@ -821,6 +849,7 @@ class NbdClient:
         ``on_end`` is not called (``close`` and ``quiesce`` end with it)."""
         self.closed = True
         self.credit.waiting.discard(self)
+        self.credit.polled.discard(self)
         if self._reading or self._writing:
             self.ctx.set_fd_handler(self.fd)
             self._reading = self._writing = False

@@ -27,7 +27,15 @@ from iothreads.block._node import (
     FileDriver,
     NullDriver,
 )
-from iothreads.nbd import DRAIN_TIMEOUT_MS, LONE_READS_TO_POLL, NbdClient, NbdServer, allocation_depth, base_allocation
+from iothreads.nbd import (
+    DRAIN_TIMEOUT_MS,
+    LONE_READS_TO_POLL,
+    MAX_POLLED,
+    NbdClient,
+    NbdServer,
+    allocation_depth,
+    base_allocation,
+)
 from iothreads.testing import FakeClock, poll_until
 from protocol import CLIENT_CREDIT, NbdConnection, NbdRequestDecoder
 from protocol.nbd import (
@@ -377,6 +385,25 @@ def test_a_client_that_sends_one_request_at_a_time_is_busy_polled_one_that_pipel
         peer.request(NBD_CMD_READ, 200 + i, i * 4096, 4096)
     peer.wait(lambda: len(peer.final()) == LONE_READS_TO_POLL + 6, "the four replies")
     assert io_poll() is None
+
+
+def test_an_iothread_busy_polls_a_few_connections_at_most(ctx: AioContext, file_node: BlockNode) -> None:
+    """Each polled socket costs every polling pass a system call: many idle
+    clients that once sent one request at a time must not multiply it."""
+    first = Peer(ctx, file_node)
+    peers = [first] + [Peer(ctx, file_node, server=first.server, connection_id=2 + i) for i in range(MAX_POLLED + 2)]
+    for cookie in range(LONE_READS_TO_POLL):
+        for peer in peers:
+            assert read_data(peer, cookie, cookie * 4096, 4096) == bytes(4096)
+    polled_fds = {h["fd"] for h in ctx.describe_handlers() if h["io_poll"] == "NbdClient._readable_now"}
+    assert polled_fds == {p.client.fd for p in peers[:MAX_POLLED]}
+    first.send(encode_request(NBD_CMD_DISC, 99, 0, 0))  # one polled closes: its place is free
+    first.wait(lambda: first.eof, "the first connection to close")
+    late = Peer(ctx, file_node, server=first.server, connection_id=100)
+    for cookie in range(LONE_READS_TO_POLL):
+        assert read_data(late, cookie, 0, 4096) == bytes(4096)
+    polled_fds = {h["fd"] for h in ctx.describe_handlers() if h["io_poll"] == "NbdClient._readable_now"}
+    assert len(polled_fds) == MAX_POLLED and late.client.fd in polled_fds
 
 
 def test_trim_write_zeroes_and_block_status_of_a_sparse_file(ctx: AioContext, file_node: BlockNode,
