@@ -253,6 +253,7 @@ class IOThreadWorker:
         sock = channel_socket(self.zmq, zmq.DEALER)
         sock.setsockopt(zmq.IDENTITY, iothread_id.encode())
         self._control_monitor: zmq.Socket[Any] | None = None
+        self._key_accepted = False  # a CURVE handshake with the main loop succeeded
         if keys is not None:
             curve_client(sock, keys, server_key)
             # Told at once when the main loop refuses this key, or this is not its server key.
@@ -346,6 +347,7 @@ class IOThreadWorker:
         while monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._key_accepted = True
                 if self.detached:  # a new connection: the Hello again (one queued on a dead one is lost)
                     self.channel.send(self._hello)
                 continue
@@ -820,7 +822,11 @@ class IOThreadWorker:
         if self.detached:
             return  # waiting for the Welcome, however long: the main loop's restart, the link's repair
         if not self.welcomed:
-            log.error("no answer from the main loop: giving up")
+            if self._key_accepted:  # (its ROUTER drops the Hello of a second peer with a joined id)
+                log.error("no answer from the main loop, though it accepted this iothread's key: is an iothread "
+                          "with id %r joined already? giving up", self.id)
+            else:
+                log.error("no answer from the main loop: giving up")
             self.shutdown(EXIT_ORPHANED)
             return
         now = time.monotonic_ns()

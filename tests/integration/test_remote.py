@@ -475,3 +475,26 @@ def test_a_remote_iothread_killed_mid_io(clusters: Clusters, keys: Keys, host: H
     finally:
         qmp.close()
     _stop_in_order(events, worker)
+
+
+def test_a_second_worker_with_a_joined_id_is_refused_and_the_first_serves_on(clusters: Clusters, keys: Keys,
+                                                                              host: Host) -> None:
+    """Its Hello is dropped by the main loop's socket (an identity in use):
+    it gives up after its watchdog period, saying the likely cause; r0 is not
+    disturbed."""
+    ready, events = _launch(clusters, keys, host.gateway)
+    worker = _worker(host, ready["control"], keys, "r0")
+    qmp = _qmp(ready)
+    try:
+        events.wait(lambda e: e["event"] == "IOTHREAD_READY" and e["data"]["id"] == "r0")
+        qmp.cmd("blockdev-add", driver="null-co", **{"node-name": "n0"}, size=1 << 20, iothread="r0")
+        second = _worker(host, ready["control"], keys, "r0")
+        _, err = second.communicate(timeout=WAIT_S)
+        assert second.returncode == 3 and "is an iothread with id 'r0' joined already?" in err, err
+        assert "Traceback" not in err
+        with BlockClient(ready["runtime_dir"], timeout_s=WAIT_S) as client:
+            assert client.read("n0", 0, BS) == bytes(BS)
+        assert [t["id"] for t in qmp.cmd("query-iothreads")].count("r0") == 1
+    finally:
+        qmp.close()
+    _stop_in_order(events, worker)
