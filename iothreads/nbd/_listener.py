@@ -134,6 +134,10 @@ class _Handshake:
             self.sock.close()
 
 
+def _never() -> bool:
+    return False
+
+
 class NbdListener:
     """A TCP listener that negotiates NBD for the exports in ``exports``
     (a mapping its owner keeps: it is read at each option) and passes each
@@ -170,7 +174,9 @@ class NbdListener:
     def _update(self) -> None:
         if self.sock.fileno() >= 0:
             watching = len(self._handshakes) < self.max_handshakes
-            self.ctx.set_fd_handler(self.sock.fileno(), self._on_accept if watching else None)
+            # (Never ready in busy polling, which then stays on: a new client waits for epoll.)
+            self.ctx.set_fd_handler(self.sock.fileno(), self._on_accept if watching else None,
+                                    io_poll=_never if watching else None)
 
     def _on_accept(self) -> None:
         while len(self._handshakes) < self.max_handshakes:

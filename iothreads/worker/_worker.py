@@ -259,8 +259,12 @@ class IOThreadWorker:
             # Told at once when the main loop refuses this key, or this is not its server key.
             self._control_monitor = sock.get_monitor_socket(
                 HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
-            monitor_fd = cast(int, self._control_monitor.getsockopt(zmq.FD))
-            self.ctx.set_fd_handler(monitor_fd, io_read=self._on_control_monitor)
+            monitor = self._control_monitor
+            monitor_fd = cast(int, monitor.getsockopt(zmq.FD))
+            # With an io_poll (a ZMQ_EVENTS read, no system call): without one, busy polling
+            # would be off in every remote iothread.
+            self.ctx.set_fd_handler(monitor_fd, io_read=self._on_control_monitor,
+                                    io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
             self._on_control_monitor()  # its fd is signalled only once a read has found the queue empty
         sock.connect(endpoint)
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
