@@ -203,8 +203,8 @@ class Row:
     nodes_lost: int = 0
     launcher_rss_mib: list[float | None] = dataclasses.field(default_factory=lambda: [None, None])
     iothread_rss_mib: list[float | None] = dataclasses.field(default_factory=lambda: [None, None])
-    iothread_rss_trace: list[tuple[int, float | None]] = dataclasses.field(default_factory=list)
-    """(inputs so far, the largest iothread's VmRSS in MiB), RSS_SAMPLES times along a plane."""
+    rss_trace: list[tuple[int, float | None, float | None]] = dataclasses.field(default_factory=list)
+    """(inputs so far, the launcher's VmRSS, the largest iothread's, in MiB), RSS_SAMPLES times along a plane."""
     notes: list[str] = dataclasses.field(default_factory=list)
 
     def failures(self) -> int:
@@ -218,9 +218,10 @@ class Row:
 
     def rss_along(self, total: int, cluster: LaunchedCluster) -> None:
         """After each input: every ``total / RSS_SAMPLES`` inputs, note the
-        iothread's RSS, to tell memory that levels off from memory that grows."""
+        launcher's and the iothread's RSS, to tell memory that levels off
+        from memory that grows."""
         if self.inputs % max(1, total // RSS_SAMPLES) == 0:
-            self.iothread_rss_trace.append((self.inputs, cluster.rss()[1]))
+            self.rss_trace.append((self.inputs, *cluster.rss()))
 
 
 RSS_SAMPLES = 10
@@ -1462,10 +1463,10 @@ def nbd_input(rng: random.Random) -> tuple[str, bool, bytes]:
             0x49484156454F5054, rng.choice([NBD_OPT_GO, NBD_OPT_INFO, NBD_OPT_LIST, NBD_OPT_SET_META_CONTEXT]),
             length) + body
     if kind == 4:
-        option = rng.choice([0, 11, 99, rng.getrandbits(32)])
+        code = rng.choice([0, 11, 99, rng.getrandbits(32)])
         body = rng.randbytes(rng.randrange(0, 64))
         return "negotiation: unknown or malformed option", False, flags + NBD_OPTION.pack(
-            0x49484156454F5054, option, len(body)) + body
+            0x49484156454F5054, code, len(body)) + body
     # After a valid NBD_OPT_GO: transmission requests.
     size = DATA_IMAGE_BYTES
     if kind == 5:
@@ -2271,8 +2272,8 @@ COLUMNS = ("plane", "case", "inputs", "crashes", "hangs", "deaf", "writes lost",
            "launcher MiB", "iothread MiB")
 
 
-def _rss_cell(pair: Sequence[float | None]) -> str:
-    return " -> ".join("-" if v is None else f"{v:.0f}" for v in pair)
+def _rss_cell(pair: Sequence[float | None], between: str = " -> ") -> str:
+    return between.join("-" if v is None else f"{v:.0f}" for v in pair)
 
 
 def table_cells(rows: Sequence[Row]) -> list[tuple[str, ...]]:
@@ -2291,9 +2292,8 @@ def print_table(rows: Sequence[Row]) -> None:
         if n == 0:
             print("  ".join("-" * w for w in widths))
     notes = [(r, note) for r in rows for note in r.notes]
-    notes += [(r, "iothread MiB along the run: " + ", ".join(
-        f"{'-' if mib is None else f'{mib:.0f}'} after {n:,}" for n, mib in r.iothread_rss_trace))
-        for r in rows if r.iothread_rss_trace]
+    notes += [(r, "launcher / iothread MiB along the run: " + ", ".join(
+        f"{_rss_cell(mib, ' / ')} after {n:,}" for n, *mib in r.rss_trace)) for r in rows if r.rss_trace]
     if notes:
         print()
     for r, note in notes:
