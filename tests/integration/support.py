@@ -146,7 +146,7 @@ def interrupt_at(argv: list[str], point: str, name: str, *, cwd: str | os.PathLi
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.communicate()
-    assert proc.returncode == 130 and err == f"{name}: interrupted\n", err
+    assert proc.returncode == 130 and err == f"{name}: interrupted\n", f"status {proc.returncode}, stderr {err!r}"
     wait_gone(started, 30, f"what {name} started")
     return started
 

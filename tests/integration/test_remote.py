@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+from qemu.qmp import ExecuteError
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from iothreads import BlockClient, BlockIOError
+from iothreads.testing import poll_until
 from protocol.channel import generate_key_pair, load_key_pair, load_public_key
 
 from .support import Clusters
@@ -175,6 +177,16 @@ def _qmp(ready: dict[str, Any]) -> QEMUMonitorProtocol:
     qmp = QEMUMonitorProtocol(ready["qmp"][0])
     qmp.connect()
     return qmp
+
+
+def _deleted(qmp: QEMUMonitorProtocol, export_id: str) -> bool:
+    """``block-export-del`` (safe mode): True once it succeeded, False while the export is in use."""
+    try:
+        assert qmp.cmd("block-export-del", id=export_id) == {}
+    except ExecuteError as exc:
+        assert f"export '{export_id}' still in use" in str(exc), exc
+        return False
+    return True
 
 
 def _event(qmp: QEMUMonitorProtocol, name: str, timeout_s: float = WAIT_S) -> dict[str, Any]:
@@ -429,7 +441,10 @@ def test_a_remote_iothread_serves_an_nbd_export_from_its_host(clusters: Clusters
         io = subprocess.run([qemu_io, "-f", "raw", "-c", "read -P 0x3c 64k 64k", uri],
                             capture_output=True, text=True, timeout=WAIT_S)
         assert io.returncode == 0 and "read 65536/65536" in io.stdout, io.stdout + io.stderr
-        assert qmp.cmd("block-export-del", id="e1") == {}
+        # qemu-io has gone; its connection is counted out when r0's NBD_CONNECTION_CLOSED comes (as
+        # QEMU counts a client out when its server notices the close): until then the export is in use.
+        poll_until(lambda: qmp.pull_event(wait=0.05), lambda: _deleted(qmp, "e1"), "block-export-del of e1",
+                   WAIT_S)
         _event(qmp, "BLOCK_EXPORT_DELETED")
         gone = subprocess.run([qemu_io, "-f", "raw", "-c", "read 0 4k", uri], capture_output=True, text=True,
                               timeout=WAIT_S)
