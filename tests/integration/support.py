@@ -124,6 +124,14 @@ def _processes(match: Callable[[list[str], str], bool]) -> list[int]:
     return found
 
 
+def _as_at_a_terminal() -> None:
+    """In the child, before it runs: SIGINT's default action, as a command
+    started at a terminal has it.  A test run started in the background
+    (``cmd &`` in a script, ``nohup``) passes SIGINT on ignored, and Python
+    then leaves it ignored: Ctrl-C would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def interrupt_at(argv: list[str], point: str, name: str, *, cwd: str | os.PathLike[str],
                  env: dict[str, str] | None = None, timeout_s: float = 60) -> list[int]:
     """Run ``argv`` in a session of its own until it prints a line starting
@@ -131,7 +139,7 @@ def interrupt_at(argv: list[str], point: str, name: str, *, cwd: str | os.PathLi
     group): it must end with one line, ``NAME: interrupted``, and status
     130, and every process it had started must be gone.  Those processes."""
     proc = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_at_a_terminal)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:  # bounded: it ends by itself
