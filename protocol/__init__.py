@@ -24,6 +24,7 @@ from .channel import open_fd_count as open_fd_count
 from .channel import raise_fd_limit as raise_fd_limit
 from .channel import bound_heap_retention as bound_heap_retention
 from .channel import channel_socket as channel_socket
+from .channel import has_input as has_input
 from .channel import ipc_endpoint as ipc_endpoint
 from .channel import make_runtime_dir as make_runtime_dir
 from .channel import bind_owner_only as bind_owner_only
@@ -187,6 +188,7 @@ __all__ = [
     "encode",
     "encode_batch",
     "handoff_pair",
+    "has_input",
     "ipc_endpoint",
     "made_runtime_dirs",
     "make_runtime_dir",

@@ -32,6 +32,7 @@ from ._handlers import Handler as Handler
 from ._handlers import soonest_timeout as soonest_timeout
 from ._notifier import EventNotifier as EventNotifier
 from ._polling import PollParams as PollParams
+from ._polling import never_ready as never_ready
 from ._polling import adjust_poll_ns as adjust_poll_ns
 from ._threadpool import RequestState as RequestState
 from ._threadpool import ThreadPool as ThreadPool
@@ -73,6 +74,7 @@ __all__ = [
     "adjust_poll_ns",
     "current_coroutine",
     "get_current_aio_context",
+    "never_ready",
     "reschedule",
     "sleep_ns",
     "soonest_timeout",

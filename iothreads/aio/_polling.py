@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["PollParams", "adjust_poll_ns"]
+__all__ = ["PollParams", "adjust_poll_ns", "never_ready"]
 
 POLL_START_NS = 4_000
 
@@ -39,6 +39,13 @@ class PollParams:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"poll parameter {name} must be an integer >= 0, not {value!r}")
+
+
+def never_ready() -> bool:
+    """The ``io_poll`` of a handler whose fd busy polling need not see at
+    once: it never reports work, so polling stays on for the others, and
+    the fd is seen at the next wait in epoll (up to a window later)."""
+    return False
 
 
 def adjust_poll_ns(poll_ns: int, block_ns: int, params: PollParams) -> int:

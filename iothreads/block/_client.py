@@ -78,6 +78,7 @@ from protocol import (
     StateError,
     ThrottledLog,
     channel_socket,
+    has_input,
     cluster_state_path,
     request_bytes,
 )
@@ -257,7 +258,7 @@ class BlockClient:
                 conn = _Connection(channel, handler, monitor, pending, endpoint=entry.data, curve=bool(entry.curve))
                 self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)),
                                         io_read=lambda: self._on_monitor(iothread, conn),
-                                        io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
+                                        io_poll=lambda: has_input(monitor))
                 self._connections[iothread] = conn
             except BaseException:
                 self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)))
@@ -306,7 +307,7 @@ class BlockClient:
 
     def _on_monitor(self, iothread: str, conn: _Connection) -> None:
         """Connection events of a data channel (its monitor's fd is edge-triggered: read them all)."""
-        while cast(int, conn.monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while has_input(conn.monitor):
             event = parse_monitor_message(conn.monitor.recv_multipart(zmq.NOBLOCK))["event"]
             if event == (zmq.EVENT_HANDSHAKE_SUCCEEDED if conn.curve else zmq.EVENT_CONNECTED):
                 self._lost.discard(iothread)  # (over CURVE: once let in, not at the TCP connect)

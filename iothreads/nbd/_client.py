@@ -505,15 +505,11 @@ class NbdClient:
             self._nest -= 1
         # How many requests this read held (answered, started or waiting: a
         # completion meanwhile only moves one from started to answered).
-        if len(self._ends) + self.in_flight + len(self._deferred) - before <= 1:
-            self._lone_reads += 1
-            if self._lone_reads == LONE_READS_TO_POLL and not self.closed:
-                self._watch(self._reading, self._writing)
-        elif self._lone_reads:
-            polled = self._lone_reads >= LONE_READS_TO_POLL
-            self._lone_reads = 0
-            if polled and not self.closed:
-                self._watch(self._reading, self._writing)
+        was_lone = self._lone_reads >= LONE_READS_TO_POLL
+        lone = len(self._ends) + self.in_flight + len(self._deferred) - before <= 1
+        self._lone_reads = self._lone_reads + 1 if lone else 0
+        if (self._lone_reads >= LONE_READS_TO_POLL) != was_lone and not self.closed:
+            self._watch(self._reading, self._writing)
 
     def _begin_all(self, requests: list[NbdRequest]) -> None:
         """Start the requests the decoder completed, in order (``_begin``)."""

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from protocol import NbdExport, NbdHandshakeState, NbdNegotiated, NbdServerHandshake, ThrottledLog
 
 from ..aio._clock import ClockType
+from ..aio._polling import never_ready
 from ..aio._context import AioContext
 
 __all__ = ["HANDSHAKE_DEADLINE_NS", "MAX_HANDSHAKES", "NbdListener", "parse_listen_address"]
@@ -134,10 +135,6 @@ class _Handshake:
             self.sock.close()
 
 
-def _never() -> bool:
-    return False
-
-
 class NbdListener:
     """A TCP listener that negotiates NBD for the exports in ``exports``
     (a mapping its owner keeps: it is read at each option) and passes each
@@ -174,9 +171,8 @@ class NbdListener:
     def _update(self) -> None:
         if self.sock.fileno() >= 0:
             watching = len(self._handshakes) < self.max_handshakes
-            # (Never ready in busy polling, which then stays on: a new client waits for epoll.)
             self.ctx.set_fd_handler(self.sock.fileno(), self._on_accept if watching else None,
-                                    io_poll=_never if watching else None)
+                                    io_poll=never_ready if watching else None)
 
     def _on_accept(self) -> None:
         while len(self._handshakes) < self.max_handshakes:

@@ -42,7 +42,7 @@ from typing import Any, cast
 import zmq
 from zmq.utils.monitor import parse_monitor_message
 
-from protocol import PAUSED_SUFFIX, FdBudget
+from protocol import PAUSED_SUFFIX, FdBudget, has_input
 from protocol.channel import HANDSHAKE_FAILURES, Refusal, handshake_refusal
 
 from ..aio._context import AioContext
@@ -81,13 +81,13 @@ class DataListener:
         # busy polling too, or libzmq accepts past the margin and aborts the
         # process (an io_poll that never found them let a flood of clients do it).
         ctx.set_fd_handler(self._monitor_fd, io_read=self._on_events,
-                           io_poll=lambda: bool(cast(int, self._monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
+                           io_poll=lambda: has_input(self._monitor))
         self._on_events()  # its fd is signalled only once a read has found the queue empty
 
     def _on_events(self) -> None:
         """Count the connections (the monitor's fd is edge-triggered: read every event)."""
         monitor = self._monitor
-        while cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while has_input(monitor):
             message = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             event = message["event"]
             if event == zmq.EVENT_ACCEPTED:

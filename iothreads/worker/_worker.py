@@ -141,6 +141,7 @@ from protocol import (
     bind_owner_only,
     bound_heap_retention,
     channel_socket,
+    has_input,
     raise_fd_limit,
     receive_connection,
     request_bytes,
@@ -168,6 +169,7 @@ from ..nbd._server import HandedBack, NbdServer
 from ..aio._channel_handler import ChannelHandler
 from ..aio._clock import ClockType
 from ..aio._notifier import EventNotifier
+from ..aio._polling import never_ready
 from ._listener import BACKLOG as LISTEN_BACKLOG
 from ._listener import MAX_CLIENTS, DataListener
 
@@ -260,11 +262,9 @@ class IOThreadWorker:
             self._control_monitor = sock.get_monitor_socket(
                 HANDSHAKE_FAILURES | zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_SUCCEEDED)
             monitor = self._control_monitor
-            monitor_fd = cast(int, monitor.getsockopt(zmq.FD))
-            # With an io_poll (a ZMQ_EVENTS read, no system call): without one, busy polling
-            # would be off in every remote iothread.
-            self.ctx.set_fd_handler(monitor_fd, io_read=self._on_control_monitor,
-                                    io_poll=lambda: bool(cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN))
+            # With an io_poll: without one, busy polling would be off in every remote iothread.
+            self.ctx.set_fd_handler(cast(int, monitor.getsockopt(zmq.FD)), io_read=self._on_control_monitor,
+                                    io_poll=lambda: has_input(monitor))
             self._on_control_monitor()  # its fd is signalled only once a read has found the queue empty
         sock.connect(endpoint)
         self.channel = Channel(sock, self._on_message, on_error=self._on_bad_message)
@@ -348,7 +348,7 @@ class IOThreadWorker:
         """The control connection's failed handshakes: before the Welcome,
         a reason to give up at once, said plainly."""
         monitor = self._control_monitor
-        while monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while monitor is not None and has_input(monitor):
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
                 self._key_accepted = True
@@ -607,7 +607,7 @@ class IOThreadWorker:
         # With an io_poll that never finds it (the fd does, at the next real poll):
         # a handler without one would turn busy polling off for the whole context.
         self.ctx.set_fd_handler(self.handoff.fileno(), self._on_handoff,
-                                self._send_handoffs if self._handoff_blocked else None, io_poll=lambda: False)
+                                self._send_handoffs if self._handoff_blocked else None, io_poll=never_ready)
 
     def _on_handoff(self, limit: int = HANDOFFS_PER_WAKEUP) -> None:
         """Take the connections the main loop handed over (``limit`` at the most)."""
@@ -791,7 +791,7 @@ class IOThreadWorker:
         self._watchdog.delete()
         # With an io_poll that never finds it (the fd does, at the next real
         # poll): a handler without one would turn busy polling off.
-        self.ctx.set_fd_handler(pidfd, self._on_main_loop_exit, io_poll=lambda: False)
+        self.ctx.set_fd_handler(pidfd, self._on_main_loop_exit, io_poll=never_ready)
         return True
 
     def _on_main_loop_exit(self) -> None:

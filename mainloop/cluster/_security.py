@@ -47,6 +47,7 @@ from protocol.channel import (
     ZapPolicy,
     curve_server,
     handshake_refusal,
+    has_input,
     local_key_paths,
     write_key_file,
 )
@@ -115,7 +116,7 @@ class Gatekeeper:
 
     def _on_monitor(self, fd: int, cond: int) -> bool:
         monitor = self._monitor
-        while monitor is not None and cast(int, monitor.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
+        while monitor is not None and has_input(monitor):
             event = parse_monitor_message(monitor.recv_multipart(zmq.NOBLOCK))
             refusal = handshake_refusal(event["event"], event["value"], CONTROL_CHANNEL)
             if refusal is not None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from ._channel import Channel as Channel
 from ._channel import Drainable as Drainable
 from ._channel import channel_socket as channel_socket
+from ._channel import has_input as has_input
 from ._channel import ipc_endpoint as ipc_endpoint
 from ._curve import HANDSHAKE_FAILURES as HANDSHAKE_FAILURES
 from ._curve import KeyPair as KeyPair
@@ -69,6 +70,7 @@ __all__ = [
     "default_runtime_parent",
     "generate_key_pair",
     "handoff_pair",
+    "has_input",
     "handshake_refusal",
     "ipc_endpoint",
     "load_authorized_keys",

@@ -65,7 +65,7 @@ from ..wire._codec import (
 from .._errors import LocalProtocolError, RemoteProtocolError
 from ..wire._messages import Message
 
-__all__ = ["Channel", "Drainable", "channel_socket", "ipc_endpoint"]
+__all__ = ["Channel", "Drainable", "channel_socket", "has_input", "ipc_endpoint"]
 
 # Plain ints: zmq's constants are IntFlag/IntEnum members, and ``int & IntFlag``
 # goes through the enum machinery (about 1.5 us a time on a small VM).
@@ -113,6 +113,12 @@ def ipc_endpoint(runtime_dir: str, name: str) -> str:
             " (choose a shorter runtime directory)"
         )
     return "ipc://" + path
+
+
+def has_input(sock: zmq.Socket[Any]) -> bool:
+    """Whether a ZeroMQ socket has a message to receive (ZMQ_EVENTS, no system
+    call): a monitor socket's io_poll, and the loop that drains one."""
+    return bool(cast(int, sock.getsockopt(_EVENTS)) & _POLLIN)
 
 
 def channel_socket(zctx: zmq.Context[Any], socket_type: int, limits: Limits = DEFAULT_LIMITS, *,

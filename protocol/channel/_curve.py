@@ -51,6 +51,8 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from ._channel import has_input
+
 from .._errors import RemoteProtocolError, UnsafePathError
 from ._runtime_dir import _check_owner, open_own_file, prepare_runtime_dir
 
@@ -395,7 +397,7 @@ class ZapHandler:
         return bool(self.socket.closed)
 
     def pending_input(self) -> bool:
-        return not self.socket.closed and bool(cast(int, self.socket.getsockopt(zmq.EVENTS)) & zmq.POLLIN)
+        return not self.socket.closed and has_input(self.socket)
 
     def drain(self) -> int:
         """Answer every request queued (the fd is edge-triggered).  Returns how many."""
